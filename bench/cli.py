@@ -1,0 +1,188 @@
+"""The ``mergebench`` command line.
+
+    mergebench list-methods [PATTERN] [--needs KIND] [-v]
+    mergebench build [mini8|micro]
+    mergebench run METHOD_SPEC... [--suite mini8] [--all] [--set k=v] [--tune k=v1,v2] [--seed N] [--force]
+    mergebench leaderboard [--suite mini8] [--format md|csv|latex] [--write]
+    mergebench demo [--suite mini8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mergebench.registry import HyperparameterError, UnknownMethodError
+
+
+def _kv(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise HyperparameterError(f"expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_list_methods(args) -> int:
+    from mergebench.registry import discover_plugins, get_method, list_methods
+
+    errors = discover_plugins()
+    names = list_methods(args.pattern or "*", needs=args.needs)
+    if args.json:
+        print(json.dumps([get_method(n).summary() for n in names], indent=1))
+        return 0
+    from tabulate import tabulate
+
+    rows = []
+    for n in names:
+        s = get_method(n)
+        hp = ", ".join(f"{k}={v.default!r}" for k, v in s.hyperparameters.items())
+        row = [n, s.display_name, s.needs, "yes" if s.adds_params else "no", s.source]
+        if args.verbose:
+            row += [hp, s.paper.cite() if s.paper else ""]
+        rows.append(row)
+    headers = ["name", "display name", "needs", "adds params", "source"] + (["hyperparameters", "paper"] if args.verbose else [])
+    print(tabulate(rows, headers=headers))
+    for name, err in errors.items():
+        print(f"warning: plugin {name!r} failed to load: {err}", file=sys.stderr)
+    if not names:
+        print(f"no method matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_build(args) -> int:
+    from mergebench.suites import get_suite
+
+    suite = get_suite(args.suite)
+    print(f"{suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}), build info {suite.info['build']}")
+    return 0
+
+
+def _suite(args):
+    from mergebench.suites import get_suite
+
+    return get_suite(args.suite)
+
+
+def cmd_run(args) -> int:
+    from mergebench.registry import list_methods
+    from mergebench.run import run_many
+
+    specs = list(args.methods)
+    if args.all:
+        specs += [m for m in list_methods() if m not in specs]
+    if not specs:
+        print("name at least one method (or --all); `mergebench list-methods` lists them", file=sys.stderr)
+        return 2
+    overrides = _kv(args.set)
+    tune = {k: v.split(",") for k, v in _kv(args.tune).items()} or None
+    if overrides and len(specs) != 1:
+        print("--set applies to one method; write name(key=value) for several", file=sys.stderr)
+        return 2
+    if overrides:
+        from mergebench.pipeline import MethodCall
+        specs = [str(MethodCall.parse(specs[0]).with_hparams(**overrides))]
+    suite = _suite(args)
+    records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
+                       unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
+                       show_progress=not args.quiet)
+    if args.leaderboard:
+        from mergebench import leaderboard
+        leaderboard.write(args.results, suite.name)
+    return 0 if all(r.get("status") == "ok" for r in records) else 1
+
+
+def cmd_leaderboard(args) -> int:
+    from mergebench import leaderboard
+
+    if args.write:
+        paths = leaderboard.write(args.results, args.suite)
+        print(paths["md"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    else:
+        print(leaderboard.render(args.results, args.suite, args.format), end="")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Build the suite if needed, run every registered method, write and print the leaderboard."""
+    args.methods, args.all, args.set, args.tune, args.leaderboard = [], True, [], [], True
+    status = cmd_run(args)
+    from mergebench import leaderboard
+
+    print()
+    print(leaderboard.render(args.results, _suite_name(args)))
+    print(f"(written to {Path(args.results) / _suite_name(args) / 'LEADERBOARD.md'})")
+    return status
+
+
+def _suite_name(args):
+    return args.suite
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mergebench", description="Benchmark model-merging methods on CLIP ViT encoders.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list-methods", help="list registered methods (built-ins and plugins)")
+    s.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'ada*'")
+    s.add_argument("--needs", choices=["nothing", "unlabeled", "labeled", "sequential"], help="filter by data needs")
+    s.add_argument("-v", "--verbose", action="store_true", help="show hyperparameters and papers")
+    s.add_argument("--json", action="store_true", help="machine-readable metadata")
+    s.set_defaults(fn=cmd_list_methods)
+
+    s = sub.add_parser("build", help="build (or load from cache) a suite")
+    s.add_argument("suite", nargs="?", default="mini8", choices=["mini8", "micro"])
+    s.set_defaults(fn=cmd_build)
+
+    def run_options(s):
+        s.add_argument("--suite", default="mini8", help="mini8 (default) or micro")
+        s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+        s.add_argument("--force", action="store_true", help="rerun configurations that already have an ok record")
+        s.add_argument("--unlabeled-split", default="test", help="split that unlabeled streams draw from")
+        s.add_argument("--data-fraction", type=float, default=1.0, help="fraction of that split a method may see")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("run", help="merge, evaluate and record one or more methods",
+                       description="METHOD_SPEC is a name or a call: 'ties_merging(k=10)', "
+                                   "'surgery(base=task_arithmetic(scaling=0.3))'.")
+    s.add_argument("methods", nargs="*", metavar="METHOD_SPEC")
+    s.add_argument("--all", action="store_true", help="every registered method with its defaults")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a hyperparameter (one method)")
+    s.add_argument("--tune", action="append", metavar="KEY=V1,V2", help="select on the validation split")
+    s.add_argument("--leaderboard", action="store_true", help="rewrite the suite's leaderboard files afterwards")
+    run_options(s)
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("leaderboard", help="render the leaderboard from the records")
+    s.add_argument("--suite", default="mini8")
+    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
+    s.add_argument("--format", choices=["md", "csv", "latex"], default="md")
+    s.add_argument("--write", action="store_true", help="write LEADERBOARD.md, leaderboard.csv and .tex")
+    s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("demo", help="build mini8 if needed, run every method, write and print the leaderboard")
+    run_options(s)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (UnknownMethodError, HyperparameterError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

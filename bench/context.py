@@ -1,0 +1,151 @@
+"""MergeContext: everything a method may use, and nothing it did not declare.
+
+The harness builds one context per run. A method reads the pretrained weights, the experts,
+the task names and heads from it, and asks it for data only of the kind it declared
+(``needs``). Every data access is counted so that the record says what the method used.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from mergebench.models import MergedModel, SharedModel, freeze
+from mergebench.progress import progress as _progress
+from mergebench.suites.base import Suite
+from mergebench.weights import Weights
+
+
+class DataNotDeclaredError(PermissionError):
+    """A method asked for data of a kind it did not declare in ``register_method(needs=...)``."""
+
+
+class MergeContext:
+    def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
+                 seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
+                 show_progress: bool = True):
+        self.suite = suite
+        self.tasks: list[str] = list(suite.tasks)
+        self.needs = {needs} if isinstance(needs, str) else set(needs)
+        self.device = torch.device(device)
+        self.seed = seed
+        self.unlabeled_split = unlabeled_split
+        self.data_fraction = data_fraction
+        self.show_progress = show_progress
+        self.logs: dict[str, list] = defaultdict(list)
+        self.data_used: dict[str, dict] = {}
+        self._pretrained: Weights | None = None
+
+    # ------------------------------------------------------------ weights and models
+    @property
+    def pretrained_weights(self) -> Weights:
+        """theta_0 (floating-point tensors of the encoder), on the context's device. Do not modify in place."""
+        if self._pretrained is None:
+            self._pretrained = Weights({k: v for k, v in self.suite.pretrained.items() if v.is_floating_point()}).to(self.device)
+        return self._pretrained
+
+    def expert_weights(self, task: str) -> Weights:
+        """theta_t, the expert fine-tuned on ``task``, on the context's device."""
+        w = self.suite.expert_weights(task)
+        return Weights({k: w[k] for k in self.pretrained_weights}).to(self.device)
+
+    def task_vector(self, task: str) -> Weights:
+        """tau_t = theta_t - theta_0."""
+        return self.expert_weights(task) - self.pretrained_weights
+
+    def task_vectors(self) -> dict[str, Weights]:
+        """{task: tau_t} in task order."""
+        return {t: self.task_vector(t) for t in self.tasks}
+
+    def encoder(self, weights: Weights | None = None) -> torch.nn.Module:
+        """A fresh encoder (an ordinary nn.Module) holding ``weights`` (pretrained by default), on the device."""
+        full = dict(self.suite.pretrained)
+        if weights is not None:
+            full.update(weights)
+        return self.suite.build_encoder(full).to(self.device).eval()
+
+    def expert_encoder(self, task: str) -> torch.nn.Module:
+        return freeze(self.encoder(self.expert_weights(task)))
+
+    def shared_model(self, weights: Weights) -> MergedModel:
+        """The usual result: one merged encoder for every task."""
+        return SharedModel(freeze(self.encoder(weights)))
+
+    def head(self, task: str) -> torch.nn.Module:
+        """The frozen classification head of ``task`` (features -> logits), on the device."""
+        return freeze(self.suite.head(task).to(self.device))
+
+    # ------------------------------------------------------------ data (only what was declared)
+    def _require(self, kind: str):
+        allowed = {"unlabeled": {"unlabeled", "labeled"}, "labeled": {"labeled"}}[kind]
+        if not (self.needs & allowed):
+            raise DataNotDeclaredError(
+                f"this method asked for {kind} data but declared needs={sorted(self.needs)}; "
+                f"declare needs={kind!r} in register_method to use it")
+
+    def _indices(self, split: str, task: str, n: int | None) -> Tensor:
+        data = self.suite.split(split, task)
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.tasks.index(task))
+        order = torch.randperm(len(data), generator=g)
+        limit = max(1, int(len(data) * self.data_fraction))
+        order = order[:limit] if n is None else order[: min(n, limit)]
+        return order
+
+    def _count(self, kind: str, split: str, task: str, images: int):
+        entry = self.data_used.setdefault(f"{kind}/{split}", {"kind": kind, "split": split, "images": {}})
+        entry["images"][task] = entry["images"].get(task, 0) + images
+
+    def exemplars(self, task: str, n: int, split: str = "train", labels: bool = False):
+        """``n`` fixed, shuffled images of ``task`` (normalized, on device), e.g. LOT/RegMean exemplars.
+
+        With ``labels=True`` (needs ``labeled``) returns ``(images, labels)``.
+        """
+        self._require("labeled" if labels else "unlabeled")
+        idx = self._indices(split, task, n)
+        data = self.suite.split(split, task)
+        images = self.suite.normalize(data.images[idx].to(self.device))
+        self._count("labeled" if labels else "unlabeled", split, task, len(idx))
+        return (images, data.labels[idx].to(self.device)) if labels else images
+
+    def unlabeled(self, task: str, batch_size: int = 16, split: str | None = None) -> Iterator[Tensor]:
+        """An endless stream of shuffled unlabeled batches of ``task`` (the test split by default, as the papers do)."""
+        self._require("unlabeled")
+        return self._stream(task, batch_size, split or self.unlabeled_split, labels=False)
+
+    def labeled(self, task: str, batch_size: int = 32, split: str = "train") -> Iterator[tuple[Tensor, Tensor]]:
+        """An endless stream of shuffled ``(images, labels)`` batches of ``task``."""
+        self._require("labeled")
+        return self._stream(task, batch_size, split, labels=True)
+
+    def _stream(self, task, batch_size, split, labels):
+        data = self.suite.split(split, task)
+        idx = self._indices(split, task, None)
+        g = torch.Generator().manual_seed(self.seed * 104729 + self.tasks.index(task))
+        kind = "labeled" if labels else "unlabeled"
+        while True:
+            for batch in idx[torch.randperm(len(idx), generator=g)].split(batch_size):
+                self._count(kind, split, task, len(batch))
+                images = self.suite.normalize(data.images[batch].to(self.device))
+                yield (images, data.labels[batch].to(self.device)) if labels else images
+
+    # ------------------------------------------------------------ reporting
+    def progress(self, iterable=None, total=None, desc=None):
+        """A progress bar for an optimization loop: ``for step in ctx.progress(range(500), desc=...)``."""
+        bar = _progress(total=total if total is not None else (len(iterable) if iterable is not None else None),
+                        desc=desc, disable=not self.show_progress)
+        if iterable is None:
+            return bar
+
+        def gen():
+            with bar:
+                for item in iterable:
+                    yield item
+                    bar.update(1)
+        return gen()
+
+    def log(self, key: str, value: float):
+        """Record a scalar series (e.g. the loss per step); it is stored in the run's record."""
+        self.logs[key].append(float(value))

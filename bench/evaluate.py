@@ -1,0 +1,41 @@
+"""Evaluation: top-1 accuracy of a merged model with each task's frozen head."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from mergebench.models import MergedModel
+from mergebench.suites.base import Suite
+
+
+@torch.no_grad()
+def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu", batch_size: int = 512,
+             tasks: list[str] | None = None, bf16: bool | None = None) -> dict:
+    """Per-task top-1 accuracy (%) on ``split``, and images/s of the whole pass.
+
+    Images are stored as uint8 and normalized on the device in batches. On CUDA the forward
+    runs under bf16 autocast unless ``bf16=False``.
+    """
+    device = torch.device(device)
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    model = model.to(device).eval()
+    per_task, images = {}, 0
+    start = time.perf_counter()
+    for task in tasks or suite.tasks:
+        data = suite.split(split, task)
+        head = suite.head(task).to(device)
+        correct = 0
+        for i in range(0, len(data), batch_size):
+            x = suite.normalize(data.images[i:i + batch_size].to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                logits = head(model(x, task).float())
+            correct += (logits.argmax(-1).cpu() == data.labels[i:i + batch_size]).sum().item()
+        per_task[task] = 100.0 * correct / len(data)
+        images += len(data)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"accuracy": per_task, "images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}

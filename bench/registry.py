@@ -1,0 +1,248 @@
+"""The method registry: ``@register_method`` on a plain function, lookup, wildcards, plugins.
+
+Built-in methods live in ``mergebench.methods`` and register on import. External plugins
+declare an entry point in the group ``mergebench.methods`` (value: a module, or
+``module:object``); loading it imports the module, whose ``@register_method`` calls register.
+
+A method is ``fn(ctx: MergeContext, **hyperparameters) -> MergedModel``. Its hyperparameters
+are its keyword arguments: the defaults are the paper's and the annotations give the types the
+CLI parses. A parameter named ``base`` makes it an add-on: the harness runs the base method
+first (a method spec such as ``"task_arithmetic(scaling=0.3)"``) and passes the merged model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import typing
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+ENTRY_POINT_GROUP = "mergebench.methods"
+
+# What data a method may ask its context for. "labeled" implies the unlabeled images too.
+NEEDS = {
+    "nothing": "weights only (data-free)",
+    "unlabeled": "unlabeled images of each task (test-time or exemplars)",
+    "labeled": "labeled images of each task (training or validation split)",
+    "sequential": "experts arrive one at a time (continual merging)",
+}
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self):  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+class HyperparameterError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    year: int | None = None
+    arxiv: str | None = None
+    venue: str | None = None
+    code: str | None = None
+
+    def cite(self) -> str:
+        bits = [self.title]
+        if self.venue or self.year:
+            bits.append(" ".join(str(b) for b in (self.venue, self.year) if b))
+        if self.arxiv:
+            bits.append(f"arXiv {self.arxiv}")
+        return ", ".join(bits)
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    default: Any
+    type: Any
+    help: str = ""
+
+    def parse(self, text: Any) -> Any:
+        """Coerce a CLI string (or a Python value) to this hyperparameter's type."""
+        if not isinstance(text, str):
+            if self.type is float and isinstance(text, int) and not isinstance(text, bool):
+                return float(text)  # 20 and 20.0 are one configuration
+            return text
+        if self.type is str:
+            return text
+        target = self.type
+        origin = typing.get_origin(target)
+        if origin is typing.Literal:
+            choices = typing.get_args(target)
+            for c in choices:
+                if str(c) == text:
+                    return c
+            raise HyperparameterError(f"{self.name} must be one of {list(choices)}, got {text!r}")
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(target) if a is not type(None)]
+            if text.lower() == "none":
+                return None
+            target = args[0]
+        if target is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise HyperparameterError(f"{self.name} is a bool; got {text!r}")
+        try:
+            return target(text)
+        except (TypeError, ValueError) as e:
+            raise HyperparameterError(f"{self.name} expects {getattr(target, '__name__', target)}, got {text!r}") from e
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable
+    display_name: str
+    paper: Paper | None
+    needs: str
+    adds_params: bool
+    hyperparameters: dict = field(default_factory=dict)  # name -> Hyperparameter
+    defaults_source: str = ""
+    family: str = ""
+    source: str = "built-in"
+
+    @property
+    def is_addon(self) -> bool:
+        return "base" in self.hyperparameters
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.fn) or ""
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name, "display_name": self.display_name,
+            "paper": self.paper.cite() if self.paper else None, "needs": self.needs,
+            "adds_params": self.adds_params, "family": self.family, "source": self.source,
+            "hyperparameters": {k: h.default for k, h in self.hyperparameters.items()},
+            "defaults_source": self.defaults_source,
+        }
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_PLUGIN_ERRORS: dict[str, str] = {}
+_discovered = False
+
+
+def register_method(name: str, *, display_name: str | None = None, paper: Paper | dict | None = None,
+                    needs: str = "nothing", adds_params: bool = False, defaults_source: str = "",
+                    family: str = "", hyperparameter_help: dict | None = None):
+    """Register a merging method (a plain function of ``(ctx, **hyperparameters)``).
+
+    Example::
+
+        @register_method("task_arithmetic", paper=Paper("Editing Models with Task Arithmetic", 2023, "2212.04089"))
+        def task_arithmetic(ctx, scaling: float = 0.3):
+            return ctx.shared_model(ctx.pretrained_weights + scaling * sum(ctx.task_vectors().values()))
+    """
+    if needs not in NEEDS:
+        raise ValueError(f"needs={needs!r} is not one of {list(NEEDS)}")
+    if isinstance(paper, dict):
+        paper = Paper(**paper)
+
+    def decorator(fn: Callable) -> Callable:
+        hyper = _hyperparameters(fn, hyperparameter_help or {})
+        spec = MethodSpec(
+            name=name, fn=fn, display_name=display_name or name, paper=paper, needs=needs,
+            adds_params=adds_params, hyperparameters=hyper, defaults_source=defaults_source,
+            family=family, source=_source_of(fn),
+        )
+        previous = _REGISTRY.get(name)
+        if previous is not None and previous.fn is not fn and _qualname(previous.fn) != _qualname(fn):
+            raise ValueError(f"method {name!r} is already registered by {_qualname(previous.fn)}")
+        _REGISTRY[name] = spec
+        fn.method_spec = spec
+        return fn
+
+    return decorator
+
+
+def _qualname(fn):
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def _source_of(fn) -> str:
+    module = getattr(fn, "__module__", "") or ""
+    return "built-in" if module.startswith("mergebench.") else f"plugin ({module.split('.')[0]})"
+
+
+def _hyperparameters(fn: Callable, help_text: dict) -> dict:
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    if not params:
+        raise TypeError(f"{_qualname(fn)} must take the merge context as its first argument")
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        hints = {}
+    out = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"hyperparameter {p.name!r} of {_qualname(fn)} needs a default (the paper's value)")
+        typ = hints.get(p.name, type(p.default) if p.default is not None else str)
+        out[p.name] = Hyperparameter(p.name, p.default, typ, help_text.get(p.name, ""))
+    return out
+
+
+def discover_plugins(force: bool = False) -> dict[str, str]:
+    """Import the built-ins and every entry point of the group; returns plugin load errors."""
+    global _discovered
+    if _discovered and not force:
+        return dict(_PLUGIN_ERRORS)
+    _discovered = True
+    import mergebench.methods  # noqa: F401  (built-ins register on import)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not take the harness down
+            _PLUGIN_ERRORS[ep.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"mergebench plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+            continue
+        if callable(obj) and not hasattr(obj, "method_spec") and not inspect.ismodule(obj):
+            # ``module:function`` pointing at an unregistered function: register it under the entry name
+            register_method(ep.name)(obj)
+    return dict(_PLUGIN_ERRORS)
+
+
+def close_matches(name: str, candidates) -> str:
+    """'; did you mean: a, b?' for error messages (empty if nothing is close)."""
+    found = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    if not found:
+        found = [c for c in candidates if name.lower() in c.lower()][:3]
+    return f"; did you mean: {', '.join(found)}?" if found else ""
+
+
+def get_method(name: str) -> MethodSpec:
+    discover_plugins()
+    if name not in _REGISTRY:
+        raise UnknownMethodError(
+            f"unknown method {name!r}{close_matches(name, _REGISTRY)} (`mergebench list-methods` lists them all)")
+    return _REGISTRY[name]
+
+
+def list_methods(pattern: str | list[str] = "*", needs: str | None = None) -> list[str]:
+    """Registered method names matching shell-style wildcards (like ``timm.list_models('vit_*')``)."""
+    discover_plugins()
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    names = [n for n in _REGISTRY if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if needs is not None:
+        names = [n for n in names if _REGISTRY[n].needs == needs]
+    return sorted(names)
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method (tests and plugin development)."""
+    _REGISTRY.pop(name, None)

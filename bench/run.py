@@ -1,0 +1,221 @@
+"""The runner: one method spec on one suite -> one record. Failures are records too.
+
+The harness does devices, seeds, data, timing, counting and the record; the method only merges.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import resource
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from mergebench.context import MergeContext
+from mergebench.evaluate import evaluate
+from mergebench.io import atomic_write_text, cache_root
+from mergebench.metrics import model_macs, parameter_counts, tensor_bytes
+from mergebench.models import MergedModel
+from mergebench.pipeline import MethodCall
+from mergebench.records import config_hash, environment, find_ok, now, record_path, write_record
+from mergebench.registry import get_method
+from mergebench.suites.base import Suite
+
+DEFAULT_RESULTS = Path("results")
+
+
+class MethodFailed(RuntimeError):
+    pass
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:  # numpy is optional
+        pass
+
+
+def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None) -> MergedModel:
+    """Run a resolved pipeline: bases first, then each add-on on the model its base returned."""
+    spec = get_method(call.name)
+    kwargs = dict(call.hparams)
+    if "base" in kwargs:
+        kwargs["base"] = execute(kwargs["base"], ctx, timings)
+    start = time.perf_counter()
+    model = spec.fn(ctx, **kwargs)
+    if timings is not None:
+        timings[str(call.name)] = round(time.perf_counter() - start, 4)
+    if not isinstance(model, MergedModel):
+        raise MethodFailed(f"{call.name} returned {type(model).__name__}; a method must return a MergedModel "
+                           f"(e.g. ctx.shared_model(weights))")
+    return model
+
+
+def _check_finite(model: MergedModel):
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MethodFailed(f"the merged model has non-finite values in {name!r}")
+
+
+def reference_accuracy(suite: Suite, device="cpu", split: str = "test") -> dict[str, float]:
+    """Each expert's accuracy on its own task (the denominator of normalized accuracy), cached."""
+    key = config_hash({"suite": suite.info.get("checkpoints"), "split": split, "name": suite.name})
+    path = cache_root() / "reference" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from mergebench.models import SharedModel
+
+    acc = {}
+    for task in suite.tasks:
+        expert = SharedModel(suite.build_encoder({**suite.pretrained, **suite.expert_weights(task)}))
+        acc[task] = evaluate(expert, suite, split, device, tasks=[task])["accuracy"][task]
+    atomic_write_text(path, json.dumps(acc))
+    return acc
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    # ru_maxrss is in KiB on Linux: the process's high-water mark, not this run's alone
+    return {"peak_rss_mb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESULTS, seed: int = 0,
+               device="auto", force: bool = False, unlabeled_split: str = "test", data_fraction: float = 1.0,
+               tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
+               write: bool = True) -> dict:
+    """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
+
+    ``tune`` ({hyperparameter: [values]}) selects those values on the validation split (the
+    task-vectors protocol) before the test evaluation; otherwise hyperparameters are fixed.
+    A configuration that already has an ok record is returned as is unless ``force``.
+    Exceptions inside the method become a record with ``status: failed``.
+    """
+    device = resolve_device(device)
+    call = MethodCall.parse(method).resolve()
+    for name in (tune or {}):  # unknown names are errors before any work
+        call.with_hparams(**{name: tune[name][0]}).resolve()
+    config = {"pipeline": str(call), "suite": suite.info.get("cache_key") or suite.info.get("checkpoints"),
+              "checkpoints": suite.info.get("checkpoints"), "seed": seed,
+              "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
+              "tune": {k: list(v) for k, v in (tune or {}).items()}}
+    chash = config_hash(config)
+    path = record_path(results_dir, suite.name, str(call), chash)
+    if not force and write:
+        done = find_ok(results_dir, suite.name, chash)
+        if done is not None:
+            done["skipped"] = True
+            return done
+
+    spec = get_method(call.name)
+    record = {
+        "config_hash": chash, "status": "running", "created": now(),
+        "method": {"name": call.name, "display_name": spec.display_name, "pipeline": str(call),
+                   "hparams": call.plain_hparams(), "needs": sorted(call.needs()),
+                   "adds_params": any(get_method(s.name).adds_params for s in call.stages()),
+                   "paper": spec.paper.cite() if spec.paper else None, "source": spec.source,
+                   "family": spec.family},
+        "suite": {"name": suite.name, "tasks": suite.tasks, **suite.info}, "seed": seed, "device": str(device),
+        "config": config, "env": environment(),
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        selection = {"protocol": "fixed"}
+        if tune:
+            call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
+                                                    data_fraction, show_progress)
+            record["method"]["pipeline"], record["method"]["hparams"] = str(call), call.plain_hparams()
+        record["selection"] = selection
+        seed_everything(seed)
+        ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
+        stage_s: dict = {}
+        start = time.perf_counter()
+        model = execute(call, ctx, stage_s)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        merge_s = time.perf_counter() - start
+        _check_finite(model)
+        result = evaluate(model, suite, "test", device)
+        acc = result["accuracy"]
+        bad = [t for t, a in acc.items() if not (0.0 <= a <= 100.0)]
+        if bad:
+            raise MethodFailed(f"non-finite or out-of-range accuracy on {bad}")
+        ref = reference_accuracy(suite, device)
+        norm = {t: 100.0 * acc[t] / ref[t] if ref[t] > 0 else float("nan") for t in acc}
+        backbone = [v for v in suite.pretrained.values()]
+        params = parameter_counts(model, sum(v.numel() for v in backbone), sum(tensor_bytes(v) for v in backbone))
+        image_shape = (3, suite.encoder_config["image_size"], suite.encoder_config["image_size"])
+        flops = model_macs(model.cpu(), suite.tasks, image_shape) if count_flops else None
+        record.update({
+            "status": "ok",
+            "metrics": {"accuracy": acc, "normalized_accuracy": norm,
+                        "avg_accuracy": sum(acc.values()) / len(acc),
+                        "avg_normalized_accuracy": sum(norm.values()) / len(norm),
+                        "reference_accuracy": ref},
+            "params": params, "flops": flops,
+            "timing": {"merge_s": round(merge_s, 3), "stages_s": stage_s, "eval_s": round(result["seconds"], 3),
+                       "eval_images_per_s": round(result["images_per_s"], 1), **_peak_memory_mb(device)},
+            "data_used": list(ctx.data_used.values()),
+            "logs": {k: v for k, v in ctx.logs.items()},
+        })
+    except Exception as e:  # a failing method is a result, and the suite goes on
+        record.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(limit=8)})
+    record["finished"] = now()
+    if write:
+        write_record(record, path)
+        record["_path"] = str(path)
+    return record
+
+
+def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress):
+    names = list(tune)
+    grid = []
+    for values in itertools.product(*(tune[n] for n in names)):
+        candidate = call.with_hparams(**dict(zip(names, values))).resolve()
+        seed_everything(seed)
+        ctx = MergeContext(suite, candidate.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
+        acc = evaluate(execute(candidate, ctx), suite, "val", device)["accuracy"]
+        grid.append({"hparams": dict(zip(names, values)), "val_avg_accuracy": sum(acc.values()) / len(acc)})
+    best = max(grid, key=lambda g: g["val_avg_accuracy"])
+    chosen = call.with_hparams(**best["hparams"]).resolve()
+    return chosen, {"protocol": "validation grid (average accuracy on the val split)", "grid": grid,
+                    "chosen": best["hparams"]}
+
+
+def run_many(methods: list[str], suite: Suite, **kwargs) -> list[dict]:
+    """Run several methods; each failure is recorded and the rest go on."""
+    out = []
+    for m in methods:
+        try:
+            rec = run_method(m, suite, **kwargs)
+        except Exception as e:  # bad spec (unknown method / hyperparameter): report, continue
+            rec = {"status": "failed", "method": {"pipeline": m}, "error": f"{type(e).__name__}: {e}"}
+        out.append(rec)
+        yield_line = _summary_line(rec)
+        print(yield_line, flush=True)
+    return out
+
+
+def _summary_line(rec: dict) -> str:
+    name = rec.get("method", {}).get("pipeline", "?")
+    if rec.get("status") != "ok":
+        return f"FAILED  {name}: {rec.get('error')}"
+    m = rec["metrics"]
+    tag = "cached " if rec.get("skipped") else "ok     "
+    return (f"{tag} {name}: avg {m['avg_accuracy']:.1f}  norm {m['avg_normalized_accuracy']:.1f}  "
+            f"added {rec['params']['added']:,} params  merge {rec['timing']['merge_s']:.1f}s")

@@ -1,0 +1,19 @@
+"""Suites: ``get_suite('mini8' | 'micro')`` returns the Suite every method runs on."""
+
+from __future__ import annotations
+
+from mergebench.suites.base import Suite, TaskData
+
+SUITES = ("mini8", "micro")
+
+
+def get_suite(name: str, build: bool = True, verbose: bool = True, **kwargs) -> Suite:
+    from mergebench.registry import close_matches
+
+    if name in ("mini8", "micro"):
+        from mergebench.suites.mini8 import load_mini8
+        return load_mini8(name, build=build, verbose=verbose, **kwargs)
+    raise KeyError(f"unknown suite {name!r}{close_matches(name, SUITES)} (suites: {', '.join(SUITES)})")
+
+
+__all__ = ["Suite", "TaskData", "get_suite", "SUITES"]

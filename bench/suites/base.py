@@ -1,0 +1,76 @@
+"""The Suite: what is merged (backbone, experts, heads) and the data it is judged on.
+
+Both suites (mini8 and real) return this one object, so every method and measurement runs
+through the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from mergebench.models import ClassificationHead, build_encoder, load_weights
+from mergebench.weights import Weights
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TaskData:
+    """Images stored once, preprocessed to uint8 (N, 3, H, W), and their integer labels."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclass
+class Suite:
+    name: str
+    tasks: list[str]
+    encoder_config: dict
+    pretrained: Weights
+    heads: dict[str, Tensor]                       # task -> (classes, embed_dim) class embeddings
+    data: dict[str, dict[str, TaskData]]           # split -> task -> data
+    load_expert: Callable[[str], Weights]
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+    info: dict = field(default_factory=dict)       # ids and hashes that go into every record
+
+    def __post_init__(self):
+        self._expert = lru_cache(maxsize=None)(self.load_expert)
+
+    def expert_weights(self, task: str) -> Weights:
+        self._check_task(task)
+        return self._expert(task)
+
+    def build_encoder(self, weights: Mapping[str, Tensor] | None = None):
+        """A fresh encoder holding ``weights`` (the pretrained ones by default)."""
+        return load_weights(build_encoder(self.encoder_config), self.pretrained if weights is None else weights)
+
+    def head(self, task: str) -> ClassificationHead:
+        self._check_task(task)
+        return ClassificationHead(self.heads[task])
+
+    def split(self, split: str, task: str) -> TaskData:
+        if split not in self.data:
+            raise KeyError(f"suite {self.name!r} has no split {split!r}; it has {sorted(self.data)}")
+        self._check_task(task)
+        return self.data[split][task]
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 images -> float, normalized on the images' device (batched, no per-image work)."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def _check_task(self, task: str):
+        if task not in self.tasks:
+            from mergebench.registry import close_matches
+            raise KeyError(f"suite {self.name!r} has no task {task!r}{close_matches(task, self.tasks)}")

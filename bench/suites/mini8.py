@@ -1,0 +1,210 @@
+"""mini8: the embedded offline benchmark, built on a CPU and cached.
+
+The protocol mirrors the real eight-task CLIP benchmark:
+
+1. *Pretraining* (the analogue of CLIP's web-scale pretraining): a tiny open_clip
+   VisionTransformer is trained with a cosine classifier on a broad mixture: a generic
+   shape/color task plus samples drawn from each task's generator with a seed disjoint from
+   the benchmark splits, labels offset into one joint label space. Its classifier is dropped.
+2. *Heads* (the analogue of zero-shot text heads): per task, one class embedding per class,
+   the pretrained encoder's embedding of ``head_shots`` training images of that class. Like
+   text heads they are imperfect, and they stay frozen and shared by every method.
+3. *Experts*: the whole encoder is fine-tuned per task with its head frozen (as in the
+   task-vectors paper), AdamW with weight decay 0.1 and a cosine schedule.
+
+Everything is deterministic given the config's seed and stored under a content-addressed
+key (config + generator code) in ``$MERGEBENCH_CACHE`` (default ``~/.cache/mergebench``),
+so a second run builds nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mergebench.io import atomic_write_text, cache_root, file_sha256
+from mergebench.models import LOGIT_SCALE, build_encoder, encoder_weights
+from mergebench.progress import progress
+from mergebench.suites import mini8_tasks
+from mergebench.suites.base import SPLITS, Suite, TaskData
+from mergebench.weights import Weights
+
+
+@dataclass(frozen=True)
+class Mini8Config:
+    seed: int = 0
+    encoder: dict = field(default_factory=lambda: dict(
+        image_size=32, patch_size=8, width=128, layers=6, heads=4, mlp_ratio=4.0, output_dim=128))
+    tasks: tuple = tuple(t.name for t in mini8_tasks.TASKS)
+    n_train: int = 2000
+    n_val: int = 500
+    n_test: int = 1000
+    pretrain_per_task: int = 1500
+    pretrain_generic: int = 6000
+    pretrain_epochs: int = 6
+    pretrain_lr: float = 1e-3
+    head_shots: int = 1
+    finetune_epochs: int = 6
+    finetune_lr: float = 3e-4
+    batch_size: int = 128
+    weight_decay: float = 0.1
+
+    def key(self) -> str:
+        """Content address: this config and the source of the generators and the builder."""
+        h = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
+        for module in (mini8_tasks, __import__(__name__, fromlist=["_"])):
+            h.update(Path(module.__file__).read_bytes())
+        return h.hexdigest()[:16]
+
+
+CONFIGS = {
+    "mini8": Mini8Config(),
+    # Seconds-fast build for tests: the same code path with fewer, smaller everything.
+    "micro": Mini8Config(
+        encoder=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=32),
+        tasks=("digits", "textures", "signs"), n_train=96, n_val=32, n_test=64,
+        pretrain_per_task=64, pretrain_generic=64, pretrain_epochs=1, finetune_epochs=2,
+        finetune_lr=1e-3, batch_size=32),
+}
+
+
+def load_mini8(config: str | Mini8Config = "mini8", cache_dir: str | os.PathLike | None = None,
+               build: bool = True, verbose: bool = True) -> Suite:
+    """The mini8 suite (or its micro configuration), built on first use and cached."""
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+    name = config if isinstance(config, str) else "mini8-custom"
+    root = Path(cache_dir or cache_root()) / "mini8" / cfg.key()
+    if not (root / "meta.json").exists():
+        if not build:
+            raise FileNotFoundError(f"mini8 ({name}) is not built in {root}; run `mergebench build {name}` first")
+        _build(cfg, root, verbose)
+    return _load(cfg, name, root)
+
+
+def _load(cfg: Mini8Config, name: str, root: Path) -> Suite:
+    meta = json.loads((root / "meta.json").read_text())
+    data_file = load_file(root / "data.safetensors")
+    data = {s: {t: TaskData(data_file[f"{s}/{t}/images"], data_file[f"{s}/{t}/labels"]) for t in cfg.tasks}
+            for s in SPLITS}
+    heads = load_file(root / "heads.safetensors")
+    return Suite(
+        name=name, tasks=list(cfg.tasks), encoder_config=dict(cfg.encoder),
+        pretrained=Weights(load_file(root / "pretrained.safetensors")),
+        heads=dict(heads), data=data,
+        load_expert=lambda task: Weights(load_file(root / "experts" / f"{task}.safetensors")),
+        info={"suite": name, "backbone": "open_clip VisionTransformer " + json.dumps(cfg.encoder, sort_keys=True),
+              "cache_key": cfg.key(), "checkpoints": meta["sha256"], "build": meta["build"]},
+    )
+
+
+# ------------------------------------------------------------------ build
+def _specs(cfg):
+    by_name = {t.name: t for t in mini8_tasks.TASKS}
+    return [by_name[t] for t in cfg.tasks]
+
+
+def _build(cfg: Mini8Config, root: Path, verbose: bool):
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    specs = _specs(cfg)
+    log = print if verbose else (lambda *a, **k: None)
+    log(f"building mini8 into {root} (once; cached afterwards)")
+
+    # Splits: disjoint seeds per task and split; pretraining samples use yet other seeds.
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    data = {}
+    for i, spec in enumerate(specs):
+        for j, split in enumerate(SPLITS):
+            x, y = mini8_tasks.generate(spec, sizes[split], seed=cfg.seed * 1000 + 10 * i + j)
+            data[f"{split}/{spec.name}/images"], data[f"{split}/{spec.name}/labels"] = x, y
+
+    encoder = build_encoder(cfg.encoder)
+    t0 = time.perf_counter()
+    _pretrain(cfg, encoder, specs, log)
+    pretrain_s = time.perf_counter() - t0
+    pretrained = encoder_weights(encoder)
+
+    heads = {}
+    with torch.no_grad():
+        encoder.eval()
+        for spec in specs:
+            x, y = data[f"train/{spec.name}/images"], data[f"train/{spec.name}/labels"]
+            protos = []
+            for c in range(spec.num_classes):
+                idx = (y == c).nonzero()[: cfg.head_shots, 0]
+                protos.append(F.normalize(encoder(_normalize(x[idx])), dim=-1).mean(0))
+            heads[spec.name] = F.normalize(torch.stack(protos), dim=-1)
+
+    (root / "experts").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for spec in specs:
+        expert = build_encoder(cfg.encoder)
+        expert.load_state_dict(pretrained)
+        x, y = data[f"train/{spec.name}/images"], data[f"train/{spec.name}/labels"]
+        _train(expert, heads[spec.name], x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, f"fine-tune {spec.name}", verbose)
+        save_file(dict(encoder_weights(expert)), root / "experts" / f"{spec.name}.safetensors")
+    finetune_s = time.perf_counter() - t0
+
+    save_file(dict(pretrained), root / "pretrained.safetensors")
+    save_file(heads, root / "heads.safetensors")
+    save_file(data, root / "data.safetensors")
+    files = ["pretrained.safetensors", "heads.safetensors", "data.safetensors"] + [f"experts/{s.name}.safetensors" for s in specs]
+    meta = {"config": dataclasses.asdict(cfg), "sha256": {f: file_sha256(root / f) for f in files},
+            "build": {"pretrain_s": round(pretrain_s, 1), "finetune_s": round(finetune_s, 1),
+                      "total_s": round(time.perf_counter() - t_start, 1), "torch": torch.__version__,
+                      "threads": torch.get_num_threads()}}
+    atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))  # written last: marks the build complete
+    log(f"mini8 built in {meta['build']['total_s']} s")
+
+
+def _normalize(x):
+    return (x.float() / 255.0 - 0.5) / 0.5
+
+
+def _pretrain(cfg, encoder, specs, log):
+    xs, ys, offset = [], [], 0
+    for i, spec in enumerate(specs + [mini8_tasks.GENERIC]):
+        n = cfg.pretrain_generic if spec is mini8_tasks.GENERIC else cfg.pretrain_per_task
+        x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 500 + i)
+        xs.append(x)
+        ys.append(y + offset)
+        offset += spec.num_classes
+    classifier = torch.nn.Parameter(torch.randn(offset, cfg.encoder["output_dim"]) * 0.02)
+    _train(encoder, classifier, torch.cat(xs), torch.cat(ys), cfg.pretrain_epochs, cfg.pretrain_lr, cfg,
+           "pretrain", log is not None and log is print)
+
+
+def _train(encoder, head_weight, x, y, epochs, lr, cfg, desc, verbose):
+    """Cross-entropy with a cosine classifier; ``head_weight`` trains only if it is a Parameter."""
+    params = list(encoder.parameters()) + ([head_weight] if isinstance(head_weight, torch.nn.Parameter) else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    steps = epochs * math.ceil(len(y) / cfg.batch_size)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(cfg.seed)
+    encoder.train()
+    bar = progress(total=steps, desc=desc, disable=not verbose)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(cfg.batch_size):
+            feats = F.normalize(encoder(_normalize(x[idx])), dim=-1)
+            logits = LOGIT_SCALE * feats @ F.normalize(head_weight, dim=-1).t()
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    encoder.eval()

@@ -1,0 +1,68 @@
+"""TIES-Merging: trim, elect sign, disjoint merge."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from mergebench.registry import Paper, register_method
+from mergebench.weights import Weights
+
+TIES = Paper("TIES-Merging: Resolving Interference When Merging Models", 2023, "2306.01708", "NeurIPS",
+             "https://github.com/prateeky2806/ties-merging")
+
+
+def trim_top_k(vectors: torch.Tensor, k: float) -> torch.Tensor:
+    """Keep the top-``k`` % entries by magnitude of each row (a flattened task vector), zero the rest."""
+    n = vectors.shape[1]
+    keep = max(1, int(n * k / 100))
+    # kthvalue of |v| at rank n - keep + 1 is the smallest kept magnitude (ties kept as in the official code)
+    threshold = vectors.abs().kthvalue(n - keep + 1, dim=1, keepdim=True).values
+    return vectors * (vectors.abs() >= threshold)
+
+
+def elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
+    """sgn(sum_t trimmed_t), with zeros resolved to the sign of the total mass (official code)."""
+    sign = torch.sign(trimmed.sum(0))
+    majority = torch.sign(sign.sum())
+    return torch.where(sign == 0, majority, sign)
+
+
+def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge: str = "sum") -> torch.Tensor:
+    """Combine only the entries that agree with the elected sign: their sum or their mean."""
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    selected = trimmed * agree
+    if merge == "sum":
+        return selected.sum(0)
+    return selected.sum(0) / agree.sum(0).clamp(min=1)
+
+
+def ties_task_vectors(task_vectors: list[Weights], k: float = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trimmed task vectors (rows) that agree with the elected sign; shared by TIES and AdaMerging++."""
+    flat = torch.stack([tv.flatten() for tv in task_vectors])
+    trimmed = trim_top_k(flat, k)
+    sign = elect_sign(trimmed)
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    return trimmed * agree, sign
+
+
+@register_method("ties_merging", display_name="TIES-Merging", family="data-free", paper=TIES,
+                 defaults_source="k=20 and merge='sum' with scaling 0.3: the ViT-B/32 setting of the AdaMerging "
+                                 "repository (main_ties_merging.py) and fusion_bench; the TIES paper's 'dis-mean' "
+                                 "is available as merge='mean' (then tune scaling near 1)",
+                 hyperparameter_help={"k": "percent of each task vector kept (by magnitude, over the whole model)",
+                                      "scaling": "lambda applied to the merged task vector",
+                                      "merge": "disjoint 'sum' or 'mean' of sign-agreeing entries"})
+def ties_merging(ctx, k: float = 20.0, scaling: float = 0.3, merge: Literal["sum", "mean"] = "sum"):
+    """theta = theta_0 + lambda * disjoint_merge(elect_sign(trim_k(tau_1..tau_T))).
+
+    Trimming keeps the top-k % of each task vector over the whole flattened model, as the
+    official implementation does (not per layer).
+    """
+    tvs = list(ctx.task_vectors().values())
+    selected, _ = ties_task_vectors(tvs, k)
+    merged = selected.sum(0)
+    if merge == "mean":
+        merged = merged / (selected != 0).sum(0).clamp(min=1)
+    return ctx.shared_model(ctx.pretrained_weights + scaling * tvs[0].unflatten(merged))
