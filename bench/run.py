@@ -190,7 +190,8 @@ def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data
         seed_everything(seed)
         ctx = MergeContext(suite, candidate.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
         acc = evaluate(execute(candidate, ctx), suite, "val", device)["accuracy"]
-        grid.append({"hparams": dict(zip(names, values)), "val_avg_accuracy": sum(acc.values()) / len(acc)})
+        chosen_values = {n: candidate.plain_hparams()[n] for n in names}
+        grid.append({"hparams": chosen_values, "val_avg_accuracy": sum(acc.values()) / len(acc)})
     best = max(grid, key=lambda g: g["val_avg_accuracy"])
     chosen = call.with_hparams(**best["hparams"]).resolve()
     return chosen, {"protocol": "validation grid (average accuracy on the val split)", "grid": grid,

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mergebench.io import atomic_write_text, cache_root, file_sha256
+from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
 from mergebench.models import LOGIT_SCALE, build_encoder, encoder_weights
 from mergebench.progress import progress
 from mergebench.suites import mini8_tasks
@@ -60,11 +60,23 @@ class Mini8Config:
     weight_decay: float = 0.1
 
     def key(self) -> str:
-        """Content address: this config and the source of the generators and the builder."""
+        """Content address of the whole suite: this config and the source of the generators and the builder."""
         h = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
         for module in (mini8_tasks, __import__(__name__, fromlist=["_"])):
             h.update(Path(module.__file__).read_bytes())
         return h.hexdigest()[:16]
+
+    def pretrain_key(self) -> str:
+        """Content address of the pretrained backbone alone (reused when only fine-tuning settings change)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k in ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
+                           "pretrain_lr", "batch_size", "weight_decay")}
+        h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
+        h.update(Path(mini8_tasks.__file__).read_bytes())
+        return h.hexdigest()[:16]
+
+
+PRETRAIN_VERSION = 1  # bump when the pretraining code changes
 
 
 CONFIGS = {
@@ -130,7 +142,12 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool):
 
     encoder = build_encoder(cfg.encoder)
     t0 = time.perf_counter()
-    _pretrain(cfg, encoder, specs, log)
+    pretrained_file = root.parent.parent / "pretrain" / f"{cfg.pretrain_key()}.safetensors"
+    if pretrained_file.exists():
+        encoder.load_state_dict(load_file(pretrained_file))
+    else:
+        _pretrain(cfg, encoder, specs, log)
+        atomic_save_tensors(encoder_weights(encoder), pretrained_file)
     pretrain_s = time.perf_counter() - t0
     pretrained = encoder_weights(encoder)
 
@@ -152,12 +169,12 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool):
         expert.load_state_dict(pretrained)
         x, y = data[f"train/{spec.name}/images"], data[f"train/{spec.name}/labels"]
         _train(expert, heads[spec.name], x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, f"fine-tune {spec.name}", verbose)
-        save_file(dict(encoder_weights(expert)), root / "experts" / f"{spec.name}.safetensors")
+        atomic_save_tensors(encoder_weights(expert), root / "experts" / f"{spec.name}.safetensors")
     finetune_s = time.perf_counter() - t0
 
-    save_file(dict(pretrained), root / "pretrained.safetensors")
-    save_file(heads, root / "heads.safetensors")
-    save_file(data, root / "data.safetensors")
+    atomic_save_tensors(pretrained, root / "pretrained.safetensors")
+    atomic_save_tensors(heads, root / "heads.safetensors")
+    atomic_save_tensors(data, root / "data.safetensors")
     files = ["pretrained.safetensors", "heads.safetensors", "data.safetensors"] + [f"experts/{s.name}.safetensors" for s in specs]
     meta = {"config": dataclasses.asdict(cfg), "sha256": {f: file_sha256(root / f) for f in files},
             "build": {"pretrain_s": round(pretrain_s, 1), "finetune_s": round(finetune_s, 1),

@@ -143,10 +143,10 @@ def house_numbers(n, g):
     bg, fg = _colors(g, n), _colors(g, n)
     fg = torch.where((fg - bg).abs().sum(1, keepdim=True) < 0.8, 1 - bg, fg)
     img = _fill(bg) * (0.75 + 0.5 * _smooth_noise(g, n, 4))
-    h = _u(g, n, 16, 22)
+    h = _u(g, n, 18, 24)
     cy = _u(g, n, 14, 18)
     for offset in (-1, 1):
-        cx = 16 + offset * h * _u(g, n, 0.75, 0.95)
+        cx = 16 + offset * h * _u(g, n, 0.85, 1.05)
         img = _paint(img, _digit_coverage(g, _randint(g, n, 10), cx, cy, h), fg)
     img = _paint(img, _digit_coverage(g, y, _u(g, n, 14.5, 17.5), cy, h), fg)
     return _to_uint8(img, g, 0.06), y
@@ -168,7 +168,7 @@ def signs(n, g):
     pick = F.one_hot(shape, 4).float().view(n, 4, 1, 1)
     img = _paint(img, (outer * pick).sum(1), rim)
     img = _paint(img, (inner * pick).sum(1), _colors(g, n, 0.85, 1.0))
-    s = r * 0.3
+    s = r * 0.45
     bar = _box(cx, cy + r * 0.1, s, s * 0.3)
     dot = _circle(cx, cy + r * 0.1, s * 0.6)
     cross = torch.maximum(_box(cx, cy + r * 0.1, s, s * 0.25), _box(cx, cy + r * 0.1, s * 0.25, s))

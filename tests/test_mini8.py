@@ -1,0 +1,54 @@
+"""mini8's generators and its content-addressed cache."""
+
+import dataclasses
+import time
+
+import torch
+
+from mergebench.suites import mini8_tasks
+from mergebench.suites.mini8 import CONFIGS, load_mini8
+
+
+def test_generators_are_deterministic_and_well_formed():
+    for spec in mini8_tasks.TASKS + [mini8_tasks.GENERIC]:
+        x1, y1 = mini8_tasks.generate(spec, 64, seed=5)
+        x2, y2 = mini8_tasks.generate(spec, 64, seed=5)
+        x3, _ = mini8_tasks.generate(spec, 64, seed=6)
+        assert x1.shape == (64, 3, 32, 32) and x1.dtype == torch.uint8, spec.name
+        assert torch.equal(x1, x2) and torch.equal(y1, y2), spec.name
+        assert not torch.equal(x1, x3), spec.name
+        assert 0 <= y1.min() and y1.max() < spec.num_classes, spec.name
+        assert x1.float().std() > 5, f"{spec.name} images are nearly constant"
+
+
+def test_eight_tasks_with_distinct_analogues():
+    assert len(mini8_tasks.TASKS) == 8
+    assert {t.analogue for t in mini8_tasks.TASKS} == {
+        "SUN397", "StanfordCars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"}
+
+
+def test_micro_suite_is_cached_and_uses_open_clip_names(micro, tmp_path):
+    assert "transformer.resblocks.0.attn.in_proj_weight" in micro.pretrained
+    assert {"ln_post.weight", "proj", "conv1.weight"} <= set(micro.pretrained)
+    assert set(micro.heads) == set(micro.tasks)
+    start = time.perf_counter()
+    again = load_mini8("micro", verbose=False)
+    assert time.perf_counter() - start < 5, "a cached suite loads without building"
+    assert again.info["checkpoints"] == micro.info["checkpoints"]
+    for task in micro.tasks:  # experts differ from the pretrained backbone
+        diff = sum((micro.expert_weights(task)[k] - micro.pretrained[k]).abs().sum() for k in micro.pretrained)
+        assert diff > 0
+
+
+def test_build_is_reproducible(tmp_path):
+    cfg = dataclasses.replace(CONFIGS["micro"], tasks=("digits",), n_train=32, n_val=8, n_test=8,
+                              pretrain_per_task=32, pretrain_generic=32)
+    a = load_mini8(cfg, cache_dir=tmp_path / "a", verbose=False)
+    b = load_mini8(cfg, cache_dir=tmp_path / "b", verbose=False)
+    assert a.info["checkpoints"] == b.info["checkpoints"], "same seed, same bytes"
+
+
+def test_missing_cache_without_build_is_a_clear_error(tmp_path):
+    import pytest
+    with pytest.raises(FileNotFoundError, match="mergebench build"):
+        load_mini8("micro", cache_dir=tmp_path, build=False)

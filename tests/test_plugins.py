@@ -1,0 +1,63 @@
+"""External plugins register through the `mergebench.methods` entry-point group."""
+
+import subprocess
+import sys
+import textwrap
+
+from mergebench import registry
+
+PLUGIN = '''
+from mergebench import register_method, Paper
+
+@register_method("halfway_probe", display_name="Halfway (plugin)", paper=Paper("A plugin", 2026), needs="nothing")
+def halfway(ctx, scaling: float = 0.5):
+    """theta_0 + scaling * mean_t tau_t."""
+    tvs = list(ctx.task_vectors().values())
+    return ctx.shared_model(ctx.pretrained_weights + scaling * sum(tvs) / len(tvs))
+'''
+
+
+def _install_fake_dist(root, module="mb_probe_plugin", entry="mb_probe_plugin"):
+    (root / f"{module}.py").write_text(PLUGIN)
+    dist = root / "mb_probe_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mb-probe-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[mergebench.methods]\nhalfway_probe = {entry}\n")
+
+
+def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, micro, results_dir):
+    _install_fake_dist(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.discover_plugins(force=True)
+    try:
+        spec = registry.get_method("halfway_probe")
+        assert spec.source.startswith("plugin") and spec.display_name == "Halfway (plugin)"
+        assert "halfway_probe" in registry.list_methods("halfway*")
+        from mergebench.run import run_method
+        rec = run_method("halfway_probe", micro, results_dir=results_dir)
+        assert rec["status"] == "ok" and rec["method"]["source"].startswith("plugin")
+    finally:
+        registry.unregister_method("halfway_probe")
+
+
+def test_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch):
+    dist = tmp_path / "broken_probe-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-probe\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mergebench.methods]\nbroken = no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    errors = registry.discover_plugins(force=True)
+    assert "broken" in errors and "no_such_module_xyz" in errors["broken"]
+    assert "task_arithmetic" in registry.list_methods()
+
+
+def test_cli_lists_plugin_methods(tmp_path):
+    _install_fake_dist(tmp_path)
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        from mergebench.cli import main
+        sys.exit(main(["list-methods", "halfway*"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "halfway_probe" in out.stdout and "plugin" in out.stdout

@@ -1,0 +1,114 @@
+"""The runner, records, resume and failure handling, on the micro suite."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mergebench import leaderboard, registry
+from mergebench.context import DataNotDeclaredError, MergeContext
+from mergebench.records import load_records
+from mergebench.run import run_many, run_method
+
+BASELINES = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging"]
+
+
+def test_record_has_every_measurement(micro, results_dir):
+    rec = run_method("task_arithmetic", micro, results_dir=results_dir)
+    assert rec["status"] == "ok"
+    saved = json.loads(open(rec["_path"]).read())
+    for key in ["schema", "config_hash", "method", "suite", "seed", "metrics", "params", "flops", "timing", "env"]:
+        assert key in saved, key
+    assert saved["method"]["pipeline"] == "task_arithmetic(scaling=0.3)"
+    assert saved["suite"]["checkpoints"], "checkpoint hashes are recorded"
+    assert set(saved["metrics"]["accuracy"]) == set(micro.tasks)
+    assert saved["flops"]["mean"] > 0 and saved["params"]["added"] == 0
+    assert saved["selection"]["protocol"] == "fixed"
+    assert not list(results_dir.rglob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_individual_is_the_normalization_reference(micro, results_dir):
+    rec = run_method("individual", micro, results_dir=results_dir)
+    assert all(math.isclose(v, 100.0) for v in rec["metrics"]["normalized_accuracy"].values())
+    n_backbone = rec["params"]["backbone"]
+    assert rec["params"]["added"] == (len(micro.tasks) - 1) * n_backbone
+
+
+def test_resume_skips_finished_configurations(micro, results_dir):
+    first = run_method("weight_averaging", micro, results_dir=results_dir)
+    again = run_method("weight_averaging", micro, results_dir=results_dir)
+    assert again.get("skipped") and again["config_hash"] == first["config_hash"]
+    forced = run_method("weight_averaging", micro, results_dir=results_dir, force=True)
+    assert not forced.get("skipped")
+    other_seed = run_method("weight_averaging", micro, results_dir=results_dir, seed=1)
+    assert other_seed["config_hash"] != first["config_hash"]
+
+
+def test_failures_are_recorded_and_the_suite_goes_on(micro, results_dir):
+    @registry.register_method("raises_probe")
+    def raises(ctx):
+        raise RuntimeError("boom")
+
+    @registry.register_method("nan_probe")
+    def nan(ctx):
+        return ctx.shared_model(ctx.pretrained_weights * float("nan"))
+
+    @registry.register_method("undeclared_data_probe", needs="nothing")
+    def undeclared(ctx):
+        next(ctx.unlabeled(ctx.tasks[0]))
+        return ctx.shared_model(ctx.pretrained_weights)
+
+    try:
+        recs = run_many(["raises_probe", "nan_probe", "undeclared_data_probe", "no_such_method", "pretrained"],
+                        micro, results_dir=results_dir)
+    finally:
+        for name in ["raises_probe", "nan_probe", "undeclared_data_probe"]:
+            registry.unregister_method(name)
+    status = [r["status"] for r in recs]
+    assert status == ["failed", "failed", "failed", "failed", "ok"]
+    assert "boom" in recs[0]["error"]
+    assert "non-finite" in recs[1]["error"]
+    assert "DataNotDeclaredError" in recs[2]["error"]
+    assert "unknown method" in recs[3]["error"]
+    md = leaderboard.render(results_dir, micro.name)
+    assert "## Failed runs" in md and "raises_probe" in md
+
+
+def test_context_serves_only_declared_data(micro):
+    ctx = MergeContext(micro, needs="nothing")
+    with pytest.raises(DataNotDeclaredError):
+        ctx.exemplars(micro.tasks[0], 4)
+    ctx = MergeContext(micro, needs="unlabeled", seed=3)
+    batch = next(ctx.unlabeled(micro.tasks[0], batch_size=8))
+    assert batch.shape == (8, 3, 32, 32) and batch.dtype == torch.float32
+    with pytest.raises(DataNotDeclaredError):
+        ctx.labeled(micro.tasks[0])
+    again = next(MergeContext(micro, needs="unlabeled", seed=3).unlabeled(micro.tasks[0], batch_size=8))
+    assert torch.equal(batch, again), "streams are deterministic under a seed"
+    assert ctx.data_used["unlabeled/test"]["images"][micro.tasks[0]] == 8
+
+
+def test_validation_selection_is_recorded(micro, results_dir):
+    rec = run_method("task_arithmetic", micro, results_dir=results_dir, tune={"scaling": ["0.1", "0.5"]})
+    assert rec["status"] == "ok"
+    sel = rec["selection"]
+    assert sel["protocol"].startswith("validation") and len(sel["grid"]) == 2
+    assert rec["method"]["hparams"]["scaling"] == sel["chosen"]["scaling"]
+
+
+def test_leaderboard_formats_and_corrupt_records(micro, results_dir):
+    run_many(BASELINES, micro, results_dir=results_dir)
+    (results_dir / micro.name / "corrupt.json").write_text("{not json")
+    md = leaderboard.render(results_dir, micro.name, "md")
+    for name in ["Task Arithmetic", "TIES-Merging", "Individual", "Pretrained", "Weight Averaging"]:
+        assert name in md
+    assert "Unreadable record files" in md and "corrupt.json" in md
+    csv = leaderboard.render(results_dir, micro.name, "csv")
+    assert csv.splitlines()[0].startswith("Method,Pipeline") and len(csv.splitlines()) == 6
+    tex = leaderboard.render(results_dir, micro.name, "latex")
+    assert "\\toprule" in tex and "\\bottomrule" in tex
+    loaded = load_records(results_dir, micro.name)
+    assert len(loaded.unreadable) == 1 and len(loaded.records) == 5
+    paths = leaderboard.write(results_dir, micro.name)
+    assert paths["md"].exists() and paths["csv"].exists() and paths["latex"].exists()
