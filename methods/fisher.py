@@ -1,0 +1,80 @@
+"""Fisher merging: parameter averaging weighted by each expert's diagonal Fisher information."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from mergebench.registry import Paper, register_method
+from mergebench.weights import Weights
+
+FISHER = Paper("Merging Models with Fisher-Weighted Averaging", 2022, "2111.09832", "NeurIPS",
+               "https://github.com/mmatena/model_merging")
+
+
+def diagonal_fisher(encoder: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
+                    generator: torch.Generator, batch_size: int = 32, chunk_size: int = 8) -> Weights:
+    """E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta)^2 per parameter, from per-example gradients.
+
+    One label is sampled per example from the model's own predictive distribution (an unbiased estimate of
+    the expected Fisher; no true labels). Per-example gradients come from ``torch.func.vmap(grad(...))``, so
+    the squares are of single-example gradients, not of a batch-summed gradient.
+    """
+    params = {k: v.detach() for k, v in encoder.named_parameters()}
+
+    def log_prob(p, x, onehot):
+        logits = head(functional_call(encoder, p, (x.unsqueeze(0),)))
+        return (torch.log_softmax(logits, dim=-1)[0] * onehot).sum()
+
+    per_example = vmap(grad(log_prob), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    fisher = {k: torch.zeros_like(v) for k, v in params.items()}
+    for batch in images.split(batch_size):
+        with torch.no_grad():
+            probs = torch.softmax(head(encoder(batch)), dim=-1)
+        labels = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(batch.device)
+        onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).to(probs.dtype)
+        grads = per_example(params, batch, onehot)
+        for k in fisher:
+            fisher[k] += grads[k].pow(2).sum(0)
+    return Weights({k: v / len(images) for k, v in fisher.items()})
+
+
+@register_method(
+    "fisher_merging", display_name="Fisher Merging", family="data-based closed form", paper=FISHER, needs="unlabeled",
+    defaults_source="256 training examples per task, minimal Fisher weight 1e-6 and per-model normalization by the "
+                    "global norm of the Fisher: fusion_bench config/method/fisher_merging/clip_fisher_merging.yaml "
+                    "(num_fisher_examples 256, minimal_fisher_weight 1e-6, normalize_fisher_weight true)",
+    hyperparameter_help={"n_exemplars": "unlabeled training images per task for the Fisher estimate",
+                         "eps": "added to every Fisher entry (minimal_fisher_weight)",
+                         "normalize": "weight each model by 1/||F_k|| (normalized to sum 1)"})
+def fisher_merging(ctx, n_exemplars: int = 256, eps: float = 1e-6, normalize: bool = True):
+    """theta = sum_k c_k F_k theta_k / sum_k c_k F_k, F_k the diagonal Fisher of expert k on task k.
+
+    F_k = mean over task-k training images x of (d log p_k(y|x)/d theta)^2 with y sampled from the expert's
+    prediction p_k(.|x) (its head: the suite's frozen cosine classifier of task k), plus ``eps``. With
+    ``normalize``, c_k = (1/||F_k||) / sum_j (1/||F_j||) (fusion_bench); otherwise c_k = 1/K. Applied to every
+    parameter of the encoder, computed as theta_0 + sum_k c_k F_k tau_k / sum_k c_k F_k (the same average, with
+    less cancellation).
+
+    Deviation: the Fisher is the sampled-label expected Fisher from per-example gradients. fusion_bench squares
+    the gradient of a batch-summed, sqrt(p)-weighted loss, which is not a sum of per-example squares.
+    """
+    fishers, tvs = [], []
+    for i, task in enumerate(ctx.tasks):
+        generator = torch.Generator().manual_seed(ctx.seed * 1000 + i)
+        images = ctx.exemplars(task, n=n_exemplars, split="train")
+        f = diagonal_fisher(ctx.expert_encoder(task), ctx.head(task), images, generator)
+        keys = ctx.pretrained_weights.keys()
+        fishers.append(Weights({k: f[k] + eps for k in keys}))
+        tvs.append(ctx.task_vector(task))
+    if normalize:
+        inv_norms = torch.stack([1.0 / f.flatten().norm() for f in fishers])
+        coefs = (inv_norms / inv_norms.sum()).tolist()
+    else:
+        coefs = [1.0 / len(fishers)] * len(fishers)
+    merged = Weights()
+    for k in ctx.pretrained_weights:
+        num = sum(c * f[k] * tv[k] for c, f, tv in zip(coefs, fishers, tvs))
+        den = sum(c * f[k] for c, f in zip(coefs, fishers))
+        merged[k] = num / den
+    return ctx.shared_model(ctx.pretrained_weights + merged)

@@ -1,0 +1,165 @@
+"""TALL masks and Consensus merging: per-task masks over the multi-task vector, and consensus pruning."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import copy
+
+import torch
+
+from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
+from mergebench.models import MergedModel, freeze
+from mergebench.registry import Paper, register_method
+from mergebench.weights import Weights
+
+TALL = Paper("Localizing Task Information for Improved Model Merging and Compression", 2024, "2405.07813", "ICML",
+             "https://github.com/nik-dim/tall_masks")
+LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def multitask_vector(flat_tvs: torch.Tensor, base: str) -> torch.Tensor:
+    """tau_MTL: the unscaled sum of the task vectors ('ta') or TIES' merged vector (k=20, disjoint sum)."""
+    if base == "ta":
+        return flat_tvs.sum(0)
+    trimmed = trim_top_k(flat_tvs, 20)
+    sign = elect_sign(trimmed)
+    return disjoint_merge(trimmed, sign, "sum")
+
+
+def tall_mask(flat_tv: torch.Tensor, mtl: torch.Tensor, lam: float) -> torch.Tensor:
+    """m_t = |tau_t| > lam * |tau_MTL - tau_t| (elementwise): where task t dominates the other tasks' sum."""
+    return flat_tv.abs() > lam * (mtl - flat_tv).abs()
+
+
+def _val_accuracy(ctx, encoder, task: str, n: int) -> float:
+    images, labels = ctx.exemplars(task, n=n, split="val", labels=True)
+    head = ctx.head(task)
+    correct = 0
+    with torch.no_grad():
+        for x, y in zip(images.split(256), labels.split(256)):
+            correct += (head(encoder(x)).argmax(-1) == y).sum().item()
+    return correct / len(labels)
+
+
+def _masks(ctx, base: str, lam: float | None, val_images: int):
+    """(tau_MTL flat, {task: bool mask}, {task: lambda}, template Weights); lam=None selects lambda_t on val."""
+    tvs = ctx.task_vectors()
+    template = next(iter(tvs.values()))
+    flat = torch.stack([tv.flatten() for tv in tvs.values()])
+    mtl = multitask_vector(flat, base)
+    masks, chosen = {}, {}
+    encoder = ctx.encoder()
+    theta0 = ctx.pretrained_weights
+    for i, task in enumerate(ctx.tasks):
+        if lam is not None:
+            chosen[task] = lam
+        else:
+            scores = {}
+            for candidate in LAMBDA_GRID:
+                m = tall_mask(flat[i], mtl, candidate)
+                weights = theta0 + template.unflatten(torch.where(m, mtl, torch.zeros_like(mtl)))
+                encoder.load_state_dict(weights, strict=False)
+                scores[candidate] = _val_accuracy(ctx, encoder, task, val_images)
+            chosen[task] = max(LAMBDA_GRID, key=lambda c: (scores[c], c))
+            ctx.log(f"tall_lambda/{task}", chosen[task])
+        masks[task] = tall_mask(flat[i], mtl, chosen[task])
+    return mtl, masks, chosen, template
+
+
+class TallMaskModel(MergedModel):
+    """theta_0 (the backbone), tau_MTL (one float vector) and one bit-packed bool mask per task.
+
+    ``forward(images, task)`` runs theta_0 + m_task ⊙ tau_MTL. Those weights are decompressed into a working
+    copy of the encoder that is kept outside the module's state (a cache, rebuilt when the task changes; it is
+    not stored model state, so it is not counted as parameters).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, template: Weights, mtl: torch.Tensor, masks: dict):
+        super().__init__()
+        self.encoder = freeze(encoder)
+        self.tasks = list(masks)
+        self._layout = [(k, tuple(v.shape), v.numel()) for k, v in template.items()]  # python ints
+        self.register_buffer("tau_mtl", mtl.detach().clone())
+        for i, task in enumerate(self.tasks):
+            self.register_buffer(f"mask_{i}", masks[task].detach().clone())
+        object.__setattr__(self, "_work", None)      # not a submodule: a decompression cache
+        object.__setattr__(self, "_work_task", None)
+
+    def task_encoder(self, task: str) -> torch.nn.Module:
+        device = self.tau_mtl.device
+        if self._work is None or next(self._work.parameters()).device != device:
+            object.__setattr__(self, "_work", freeze(copy.deepcopy(self.encoder)).to(device))
+            object.__setattr__(self, "_work_task", None)
+        if self._work_task != task:
+            mask = getattr(self, f"mask_{self.tasks.index(task)}")
+            delta = torch.where(mask, self.tau_mtl, torch.zeros_like(self.tau_mtl))
+            base, work = dict(self.encoder.named_parameters()), dict(self._work.named_parameters())
+            start = 0
+            with torch.no_grad():
+                for k, shape, n in self._layout:
+                    work[k].copy_(base[k] + delta[start:start + n].view(shape))
+                    start += n
+            object.__setattr__(self, "_work_task", task)
+        return self._work
+
+    def forward(self, images, task):
+        return self.task_encoder(task)(images)
+
+
+@register_method(
+    "tall_masks", display_name="TALL masks", family="data-free (masks)", paper=TALL, needs="labeled",
+    adds_params=True,
+    defaults_source="tau_MTL = Task Arithmetic's unscaled sum and lambda_t chosen per task on its validation "
+                    "accuracy from {0.2, ..., 0.6}: nik-dim/tall_masks (config tall_mask, src/utils/"
+                    "tallmask_utils.py); lam=0.6 fixes it without validation data (fusion_bench tall_mask config)",
+    hyperparameter_help={"lam": "lambda_t for every task; None selects it per task on the val split",
+                         "mtl": "'ta': tau_MTL = sum of task vectors; 'ties': TIES(k=20, sum)",
+                         "val_images": "validation images per task used to select lambda_t"})
+def tall_masks(ctx, lam: float | None = None, mtl: Literal["ta", "ties"] = "ta", val_images: int = 1000):
+    """Per-task models theta_0 + m_t ⊙ tau_MTL with m_t = |tau_t| > lambda_t |tau_MTL - tau_t| (all parameters).
+
+    The merged model stores theta_0, tau_MTL and T bool masks (counted as bits) and routes by task in
+    ``forward(images, task)``: a compression of the experts, not a single merged model. lambda_t is chosen per
+    task on that task's validation accuracy (labeled val split) unless ``lam`` fixes it.
+    """
+    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, val_images)
+    return TallMaskModel(ctx.encoder(), template, flat_mtl, masks)
+
+
+def _consensus(ctx, mtl: str, k: int, scaling: float, lam: float | None, val_images: int):
+    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, val_images)
+    votes = torch.stack(list(masks.values())).sum(0)
+    consensus = votes >= k
+    ctx.log("consensus_kept_fraction", consensus.float().mean().item())
+    delta = template.unflatten(torch.where(consensus, flat_mtl, torch.zeros_like(flat_mtl)))
+    return ctx.shared_model(ctx.pretrained_weights + scaling * delta)
+
+
+CONSENSUS_HELP = {"k": "keep weights that at least k TALL masks select (k=2 drops selfish and catastrophic weights)",
+                  "scaling": "alpha applied to the pruned multi-task vector",
+                  "lam": "lambda_t of the TALL masks; None selects it per task on the val split",
+                  "val_images": "validation images per task used to select lambda_t"}
+
+
+@register_method(
+    "consensus_ta", display_name="Consensus Merging (TA)", family="data-free (masks)", paper=TALL, needs="labeled",
+    defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
+                    "config/method/consensus.yaml (prun_thre_k 2); scaling 0.3 is Task Arithmetic's fixed ViT-B/32 "
+                    "value (the paper tunes it on val over {0.1..1.0})",
+    hyperparameter_help=CONSENSUS_HELP)
+def consensus_ta(ctx, k: int = 2, scaling: float = 0.3, lam: float | None = None, val_images: int = 1000):
+    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_MTL), tau_MTL = sum_t tau_t, m_t the TALL masks."""
+    return _consensus(ctx, "ta", k, scaling, lam, val_images)
+
+
+@register_method(
+    "consensus_ties", display_name="Consensus Merging (TIES)", family="data-free (masks)", paper=TALL,
+    needs="labeled",
+    defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
+                    "config/method/consensus.yaml; tau_MTL = TIES (k 20, disjoint sum); scaling 0.3 is TIES' fixed "
+                    "ViT-B/32 value in this project (the paper tunes it on val over {0.1..1.0})",
+    hyperparameter_help=CONSENSUS_HELP)
+def consensus_ties(ctx, k: int = 2, scaling: float = 0.3, lam: float | None = None, val_images: int = 1000):
+    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_TIES), m_t the TALL masks built against tau_TIES."""
+    return _consensus(ctx, "ties", k, scaling, lam, val_images)

@@ -1,0 +1,61 @@
+"""TSV-M: Task Singular Vectors merging (low-rank task matrices, decorrelated by orthogonalization)."""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.registry import Paper, register_method
+from mergebench.weights import Weights
+
+TSV = Paper("Task Singular Vectors: Reducing Task Interference in Model Merging", 2025, "2412.00081", "CVPR",
+            "https://github.com/AntoAndGar/task_singular_vectors")
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest matrix with orthonormal columns (or rows): P Q^T from the SVD P S Q^T."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def tsv_matrix(task_matrices: torch.Tensor, fraction: float | None = None) -> tuple[torch.Tensor, dict]:
+    """TSV-M for one layer: ``[T, m, n]`` task matrices -> merged ``[m, n]`` and the orthogonalized bases.
+
+    Each task keeps its top k = int(min(m, n) * fraction) singular triplets (fraction 1/T by default); the
+    concatenated left and right singular vectors are replaced by their polar factors (the closest orthonormal
+    bases, removing inter-task correlation) and recombined with the original singular values.
+    """
+    t = task_matrices.float()
+    num, m, n = t.shape
+    k = int(min(m, n) * (fraction if fraction is not None else 1.0 / num))
+    if k < 1:
+        return t.mean(0), {}
+    u, s, vh = torch.linalg.svd(t, full_matrices=False)          # batched over tasks
+    u_cat = u[:, :, :k].permute(1, 0, 2).reshape(m, num * k)      # [m, T*k], task blocks in order
+    s_cat = s[:, :k].reshape(num * k)
+    vh_cat = vh[:, :k, :].reshape(num * k, n)                     # [T*k, n]
+    u_orth, vh_orth = polar(u_cat), polar(vh_cat)
+    return (u_orth * s_cat) @ vh_orth, {"u": u_orth, "s": s_cat, "vh": vh_orth}
+
+
+@register_method(
+    "tsv_merging", display_name="TSV-M", family="data-free", paper=TSV,
+    defaults_source="scaling 1.0 and k = min(m, n) / T singular triplets per task: fusion_bench "
+                    "config/method/task_singular_vector (alpha 1.0) and the official TSVM_utils "
+                    "compute_and_sum_svd_mem_reduction (the official repo also tunes alpha on val over 0.1..3.0)",
+    hyperparameter_help={"scaling": "alpha in theta_0 + alpha * merged (applied to every parameter)"})
+def tsv_merging(ctx, scaling: float = 1.0):
+    """Per 2-D weight: SVD of each task matrix, top min(m,n)/T triplets, orthogonalized U and V, merged.
+
+    Delta = polar(U_cat) diag(s_cat) polar(V_cat^T) for every 2-D tensor (attention in/out projections, MLP
+    layers, proj and the positional embedding); the other tensors (biases, LayerNorms, class embedding, the 4-D
+    patch-embedding kernel) take the mean task vector. theta = theta_0 + alpha * Delta. One layer at a time.
+    """
+    tvs = list(ctx.task_vectors().values())
+    merged = Weights()
+    for key, ref in tvs[0].items():
+        stacked = torch.stack([tv[key] for tv in tvs])
+        if ref.dim() == 2:
+            merged[key] = tsv_matrix(stacked)[0].to(ref.dtype)
+        else:
+            merged[key] = stacked.mean(0)
+    return ctx.shared_model(ctx.pretrained_weights + scaling * merged)
