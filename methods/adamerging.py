@@ -42,9 +42,9 @@ def run_adamerging(ctx, granularity: str, ties_k: float | None, steps: int, lr: 
     """The official loop; all tasks' batches go through the merged encoder in one forward pass
     (the encoder is per-image, so this equals one pass per batch) and the loss is the sum of
     each batch's mean entropy."""
+    streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
     fm = functional_merge(ctx, granularity, init, ties_k)
     heads = {t: ctx.head(t) for t in ctx.tasks}
-    streams = unlabeled_streams(ctx, batch_size)
     opt = torch.optim.Adam([fm.lambdas], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     name = f"AdaMerging{'++' if ties_k is not None else ''} ({granularity}-wise)"
     key = f"adamerging_{granularity}wise{'_pp' if ties_k is not None else ''}"

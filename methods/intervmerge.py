@@ -181,6 +181,7 @@ class InterventionModel(MergedModel):
 def train_interventions(ctx, base: MergedModel, kind: str, rank: int, slice_width: int, steps: int, lr: float,
                         batch_size: int, batches_per_task: int, joint: bool, desc: str,
                         name: str) -> InterventionModel:
+    streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
     base = freeze_base(base)
     state = getattr(base, "merge_state", None)
     fm = None
@@ -196,7 +197,6 @@ def train_interventions(ctx, base: MergedModel, kind: str, rank: int, slice_widt
     opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     shared = isinstance(student.base, (SharedModel, FunctionalSharedModel))
     experts = ExpertEmbeddings(ctx)
-    streams = unlabeled_streams(ctx, batch_size)
     for _ in ctx.progress(range(steps), desc=desc):
         batches = {t: [next(streams[t]) for _ in range(batches_per_task)] for t in ctx.tasks}
         with torch.no_grad():

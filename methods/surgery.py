@@ -71,11 +71,11 @@ def surgery(ctx, base="task_arithmetic", rank: int = 16, steps: int = 100, lr: f
     the per-batch Adam steps run in order. The expert is the true fine-tuned encoder for every base, as in the
     official code.
     """
+    streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
     base_model = freeze_base(base)
     dim = int(ctx.suite.encoder_config["output_dim"])
     model = SurgeryModel(base_model, ctx.tasks, dim, rank).to(ctx.device)
     experts = ExpertEmbeddings(ctx)
-    streams = unlabeled_streams(ctx, batch_size)
     opt = torch.optim.Adam(model.adapters.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     for _ in ctx.progress(range(steps), desc="Representation Surgery"):
         losses = []

@@ -1,0 +1,336 @@
+"""Test-time adaptive merging (issue 4): AdaMerging, Representation Surgery, IntervMerge.
+
+Fast tests on the micro suite, plus parameter counts on the real ViT-B/32 architecture (random weights).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergebench
+from mergebench.context import DataNotDeclaredError, MergeContext
+from mergebench.methods.functional import AdaMergedModel, FunctionalMerge, entropy, functional_merge
+from mergebench.methods.intervmerge import (
+    EfficientMini, InterventionModel, MiniNoReFT, NoReFT, _orthonormal_columns, efficient_slice_start,
+    intervention_param_count,
+)
+from mergebench.methods.surgery import SurgeryModel
+from mergebench.metrics import count_macs, model_macs, parameter_counts, tensor_bytes
+from mergebench.models import SharedModel, build_encoder, encoder_weights
+from mergebench.pipeline import MethodCall
+from mergebench.run import execute, run_method, seed_everything
+
+ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "adamerging_taskwise_pp", "adamerging_layerwise_pp",
+            "surgery", "intervmerge", "intervmerge_mini", "intervmerge_efficient_mini"]
+ADDONS = {"surgery", "intervmerge", "intervmerge_mini", "intervmerge_efficient_mini"}
+VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512, act="quick_gelu")
+FAST = {"steps": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The micro models are tiny: one intra-op thread is faster, and on a shared 2-core machine OpenMP
+    contention made 2 threads ~30x slower (measured). Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _ctx(suite, needs="unlabeled", seed=0):
+    seed_everything(seed)
+    return MergeContext(suite, needs, "cpu", seed, show_progress=False)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ registry
+def test_all_variants_registered_with_metadata():
+    for name in ADAPTIVE:
+        spec = mergebench.get_method(name)
+        assert spec.needs == "unlabeled"
+        assert spec.family == "test-time adaptation"
+        assert spec.paper is not None and spec.paper.arxiv and spec.paper.code.startswith("https://github.com/")
+        assert spec.defaults_source and "official" in spec.defaults_source
+        assert "Deviations" in spec.doc
+        assert spec.is_addon == (name in ADDONS)
+        assert spec.adds_params == (name in ADDONS)
+        assert spec.hyperparameters["lr"].default == 1e-3
+        assert spec.hyperparameters["batch_size"].default == 16
+    assert mergebench.get_method("intervmerge").hyperparameters["rank"].default == 1
+    assert mergebench.get_method("intervmerge_mini").hyperparameters["slice_width"].default == 64
+    assert mergebench.get_method("surgery").hyperparameters["rank"].default == 16
+    assert mergebench.get_method("adamerging_layerwise").hyperparameters["init"].default == 0.3
+    assert mergebench.get_method("adamerging_layerwise_pp").hyperparameters["k"].default == 20
+
+
+# ------------------------------------------------------------------ parameter formulas on ViT-B/32
+@pytest.fixture(scope="module")
+def vit_b32():
+    torch.manual_seed(0)
+    encoder = build_encoder(VIT_B_32).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    tensors = list(encoder.state_dict().values())
+    return encoder, sum(t.numel() for t in tensors), sum(tensor_bytes(t) for t in tensors)
+
+
+TASKS8 = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
+
+
+@pytest.mark.parametrize("kind,expected", [("full", 147_648), ("mini", 12_480), ("efficient_mini", 6_240)])
+def test_intervmerge_param_counts_vit_b32(vit_b32, kind, expected):
+    encoder, backbone, nbytes = vit_b32
+    model = InterventionModel(SharedModel(encoder), TASKS8, kind, rank=1, slice_width=64)
+    try:
+        counts = parameter_counts(model, backbone, nbytes)
+        assert counts["added"] == expected
+        assert counts["added_bytes"] == 4 * expected
+        assert intervention_param_count(kind, 8, 12, 768, 1, 64) == expected
+    finally:
+        model.attach(SharedModel(build_encoder(dict(VIT_B_32, layers=1))))  # unhook the shared fixture encoder
+
+
+def test_surgery_param_count_vit_b32(vit_b32):
+    encoder, backbone, nbytes = vit_b32
+    model = SurgeryModel(SharedModel(encoder), TASKS8, dim=512, rank=16)
+    assert parameter_counts(model, backbone, nbytes)["added"] == 131_072 == 8 * 2 * 16 * 512
+
+
+def test_layerwise_coefficients_one_per_tensor_vit_b32(vit_b32):
+    # the official 158 rows = these 152 visual tensors + 6 text-side leftovers that never train
+    assert len(encoder_weights(vit_b32[0])) == 152
+
+
+# ------------------------------------------------------------------ functional merge
+def test_functional_merge_matches_task_arithmetic_and_has_gradients(micro):
+    ctx = _ctx(micro)
+    fm = functional_merge(ctx, "layer", 0.3)
+    assert fm.lambdas.shape == (len(ctx.pretrained_weights), len(ctx.tasks))
+    ta = execute(MethodCall.parse("task_arithmetic(scaling=0.3)").resolve(), ctx)
+    x = next(ctx.unlabeled(ctx.tasks[0], 8))
+    with torch.no_grad():
+        assert torch.allclose(fm(x), ta(x, ctx.tasks[0]), atol=1e-5)
+    loss = entropy(ctx.head(ctx.tasks[0])(fm(x)))
+    loss.backward()
+    assert fm.lambdas.grad is not None and fm.lambdas.grad.abs().sum() > 0
+    # the hard clamp: outside [0, 1] the coefficient gets no gradient
+    fm2 = FunctionalMerge(ctx.encoder(), ctx.pretrained_weights, [ctx.task_vector(t) for t in ctx.tasks], "task", 1.5)
+    entropy(ctx.head(ctx.tasks[0])(fm2(x))).backward()
+    assert torch.all(fm2.lambdas.grad == 0)
+    assert torch.allclose(fm2.coefficients(), torch.ones_like(fm2.lambdas))
+
+
+def test_adamerging_lowers_entropy_and_keeps_coefficients_in_range(micro):
+    ctx = _ctx(micro)
+    model = mergebench.get_method("adamerging_layerwise").fn(ctx, steps=15, lr=0.02)
+    assert isinstance(model, AdaMergedModel)
+    lam = model.merge_state.coefficients
+    assert lam.shape == (len(ctx.pretrained_weights), len(ctx.tasks))
+    assert lam.min() >= 0 and lam.max() <= 1 and not torch.allclose(lam, torch.full_like(lam, 0.3))
+    assert len(ctx.logs["adamerging_layerwise/loss"]) == 15
+    ta = execute(MethodCall.parse("task_arithmetic").resolve(), ctx)
+    before = after = 0.0
+    with torch.no_grad():
+        for t in ctx.tasks:
+            x, head = ctx.exemplars(t, 64, split="test"), ctx.head(t)
+            before += entropy(head(ta(x, t))).item()
+            after += entropy(head(model(x, t))).item()
+    assert after < before
+
+
+def test_adamerging_pp_uses_ties_vectors(micro):
+    ctx = _ctx(micro)
+    model = mergebench.get_method("adamerging_taskwise_pp").fn(ctx, steps=0)
+    assert model.merge_state.ties_k == 20 and model.merge_state.coefficients.shape == (1, len(ctx.tasks))
+    ties = execute(MethodCall.parse("ties_merging(k=20, scaling=0.3)").resolve(), ctx)
+    for k, v in ties.encoder.state_dict().items():  # 0 steps: TIES tvs with lambda 0.3 = the TIES baseline
+        assert torch.allclose(model.encoder.state_dict()[k], v, atol=1e-6), k
+
+
+# ------------------------------------------------------------------ add-ons
+def test_surgery_leaves_base_untouched_and_approaches_the_experts(micro):
+    ctx = _ctx(micro)
+    base = execute(MethodCall.parse("task_arithmetic").resolve(), ctx)
+    before = _state(base)
+    model = mergebench.get_method("surgery").fn(ctx, base=base, steps=10, lr=0.01)
+    assert _same(before, _state(base))
+    assert model.base is base and all(not p.requires_grad for p in base.parameters())
+    gap_base = gap_surgery = 0.0
+    with torch.no_grad():
+        for t in ctx.tasks:
+            x = ctx.exemplars(t, 64, split="test")
+            target = ctx.expert_encoder(t)(x)
+            gap_base += (base(x, t) - target).abs().mean().item()
+            gap_surgery += (model(x, t) - target).abs().mean().item()
+    assert gap_surgery < gap_base
+
+
+def test_surgery_adapter_is_identity_at_init(micro):
+    ctx = _ctx(micro)
+    base = execute(MethodCall.parse("task_arithmetic").resolve(), ctx)
+    model = SurgeryModel(base, ctx.tasks, micro.encoder_config["output_dim"], 16)
+    x = next(ctx.unlabeled(ctx.tasks[1], 4))
+    with torch.no_grad():
+        assert torch.equal(model(x, ctx.tasks[1]), base(x, ctx.tasks[1]))
+
+
+@pytest.mark.parametrize("name,extra", [("intervmerge", {}), ("intervmerge_mini", {"slice_width": 16}),
+                                        ("intervmerge_efficient_mini", {"slice_width": 16})])
+def test_intervmerge_leaves_frozen_base_untouched(micro, name, extra):
+    ctx = _ctx(micro)
+    base = execute(MethodCall.parse("task_arithmetic").resolve(), ctx)
+    before = _state(base)
+    x = next(ctx.unlabeled(ctx.tasks[0], 8))
+    with torch.no_grad():
+        out_before = base(x, ctx.tasks[0])
+    model = mergebench.get_method(name).fn(ctx, base=base, **FAST, **extra)
+    assert _same(before, _state(base))
+    with torch.no_grad():
+        assert torch.equal(base(x, ctx.tasks[0]), out_before)  # the hooks act only inside the add-on's forward
+        assert not torch.allclose(model(x, ctx.tasks[0]), out_before)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_intervention_edits_only_the_cls_attention_output(micro):
+    ctx = _ctx(micro)
+    base = execute(MethodCall.parse("task_arithmetic").resolve(), ctx)
+    model = InterventionModel(base, ctx.tasks, "full", rank=1)
+    seen = []
+    block0 = base.encoder.transformer.resblocks[0]
+    handle = block0.attn.register_forward_hook(lambda m, a, out: seen.append(out[0].detach().clone()))
+    x = next(ctx.unlabeled(ctx.tasks[0], 4))
+    with torch.no_grad():
+        base(x, ctx.tasks[0])
+        model(x, ctx.tasks[0])
+    handle.remove()
+    raw, edited = seen
+    assert raw.shape[1] == (32 // 8) ** 2 + 1  # batch-first (N, L, D): token 0 is CLS
+    assert torch.equal(raw[:, 1:], edited[:, 1:])
+    phi = model.interventions[ctx.tasks[0]][0]
+    assert torch.allclose(edited[:, 0], phi(raw[:, 0]), atol=1e-6)
+    h = raw[:, 0]
+    manual = h + (phi.learned_source(h) - phi.proj_layer(h)) @ phi.proj_layer.weight
+    assert torch.allclose(edited[:, 0], manual, atol=1e-6)
+
+
+def test_intervention_forms():
+    torch.manual_seed(0)
+    h = torch.randn(5, 32)
+    mini = MiniNoReFT(32, 1, 8, 0)
+    out = mini(h)
+    assert torch.equal(out[:, 8:], h[:, 8:]) and not torch.allclose(out[:, :8], h[:, :8])
+    eff = EfficientMini(32, 2, 8, 16)
+    with torch.no_grad():
+        eff.rotate.mul_(3.0).add_(0.1)  # no longer orthonormal: the forward must orthonormalise it
+    r = _orthonormal_columns(eff.rotate)
+    assert torch.allclose(r.T @ r, torch.eye(2), atol=1e-5)
+    q = torch.linalg.qr(eff.rotate)[0]
+    assert torch.allclose((q.T @ r).abs(), torch.eye(2), atol=1e-5)  # same columns as QR, up to sign
+    out = eff(h)
+    assert torch.equal(out[:, :16], h[:, :16]) and torch.equal(out[:, 24:], h[:, 24:])
+    delta = out[:, 16:24] - h[:, 16:24]
+    assert torch.allclose(delta, delta[:1].expand_as(delta))  # input-independent shift
+    assert torch.allclose(delta[0], r @ eff.learned_source, atol=1e-6)
+    assert 0 <= eff.learned_source.min() and eff.learned_source.max() < 1  # U[0, 1) init
+    assert [efficient_slice_start(b, 64, 768) for b in (0, 1, 11)] == [0, 64, 704]
+    assert [efficient_slice_start(b, 64, 128) for b in range(4)] == [0, 64, 0, 64]
+    noreft = NoReFT(32, 1)
+    assert not torch.allclose(noreft(h), h)  # default init: not the identity (official NoReFT)
+    with pytest.raises(ValueError, match="slice"):
+        MiniNoReFT(32, 1, 64)
+
+
+def test_joint_intervmerge_trains_the_adamerging_coefficients(micro):
+    ctx = _ctx(micro)
+    base = mergebench.get_method("adamerging_layerwise").fn(ctx, steps=2)
+    before = _state(base)
+    joint = mergebench.get_method("intervmerge").fn(ctx, base=base, steps=3, lr=0.01, joint=True)
+    assert _same(before, _state(base))
+    assert isinstance(joint.base, AdaMergedModel) and joint.base is not base
+    assert not torch.allclose(joint.base.merge_state.coefficients, base.merge_state.coefficients)
+    assert not _same(_state(joint.base.encoder), before)
+    assert len(ctx.logs["intervmerge/lambda_mean/" + ctx.tasks[0]]) == 1
+    frozen = mergebench.get_method("intervmerge").fn(ctx, base=base, steps=1, joint=False)
+    assert frozen.base is base
+
+
+# ------------------------------------------------------------------ harness integration
+def test_pipeline_record_flops_and_params(micro, results_dir):
+    ta = run_method("task_arithmetic", micro, results_dir=results_dir, show_progress=False)
+    assert ta["status"] == "ok"
+    base_macs = ta["flops"]["mean"]
+    d, r = micro.encoder_config["output_dim"], 16
+    width, blocks = micro.encoder_config["width"], micro.encoder_config["layers"]
+    cases = {
+        "surgery(steps=1)": (2 * d * r, len(micro.tasks) * 2 * r * d),
+        "intervmerge(steps=1)": (blocks * 3 * width, intervention_param_count("full", 3, blocks, width)),
+        "intervmerge_mini(steps=1, slice_width=16)": (blocks * 3 * 16,
+                                                      intervention_param_count("mini", 3, blocks, width, 1, 16)),
+        "intervmerge_efficient_mini(steps=1, slice_width=16)": (
+            blocks * 16, intervention_param_count("efficient_mini", 3, blocks, width, 1, 16)),
+    }
+    for spec, (extra_macs, added) in cases.items():
+        rec = run_method(spec, micro, results_dir=results_dir, show_progress=False)
+        assert rec["status"] == "ok", rec.get("error")
+        assert rec["params"]["added"] == added, spec
+        assert rec["flops"]["mean"] == base_macs + extra_macs, spec  # the added modules' MACs are counted
+        assert rec["method"]["adds_params"] is True
+    rec = run_method("surgery(base=adamerging_layerwise(steps=1), steps=1)", micro, results_dir=results_dir,
+                     show_progress=False)
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["method"]["pipeline"].startswith("surgery(base=adamerging_layerwise(")
+    assert set(rec["timing"]["stages_s"]) >= {"surgery", "adamerging_layerwise"}
+    assert {"adamerging_layerwise/loss", "surgery/loss"} <= set(rec["logs"])
+    assert rec["data_used"] and rec["data_used"][0]["kind"] == "unlabeled"
+
+
+def test_added_macs_per_task_match_model_macs(micro):
+    ctx = _ctx(micro)
+    base = execute(MethodCall.parse("task_arithmetic").resolve(), ctx)
+    model = InterventionModel(base, ctx.tasks, "full", rank=2)
+    shape = (3, 32, 32)
+    with_interv = model_macs(model, ctx.tasks, shape)
+    plain = count_macs(base.encoder, shape)["macs"]
+    width, blocks = micro.encoder_config["width"], micro.encoder_config["layers"]
+    assert all(v == plain + blocks * 3 * 2 * width for v in with_interv["per_task"].values())
+
+
+def test_deterministic_under_a_seed(micro):
+    spec = "intervmerge(base=adamerging_taskwise(steps=2), steps=2)"
+    a = run_method(spec, micro, seed=3, write=False, show_progress=False)
+    b = run_method(spec, micro, seed=3, write=False, show_progress=False)
+    c = run_method(spec, micro, seed=4, write=False, show_progress=False)
+    assert a["status"] == b["status"] == c["status"] == "ok"
+    assert a["logs"] == b["logs"] and a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+    assert a["logs"]["intervmerge/loss"] != c["logs"]["intervmerge/loss"]
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_methods_needing_data_refuse_without_it(micro, name):
+    ctx = _ctx(micro, needs="nothing")
+    kwargs = dict(steps=1)
+    if name in ("intervmerge_mini", "intervmerge_efficient_mini"):
+        kwargs["slice_width"] = 16
+    if name in ADDONS:
+        kwargs["base"] = execute(MethodCall.parse("task_arithmetic").resolve(), ctx)
+    with pytest.raises(DataNotDeclaredError, match="unlabeled"):
+        mergebench.get_method(name).fn(ctx, **kwargs)
+
+
+def test_missing_data_split_is_a_failed_record(micro):
+    rec = run_method("adamerging_taskwise(steps=1)", micro, unlabeled_split="nosuch", write=False,
+                     show_progress=False)
+    assert rec["status"] == "failed" and "nosuch" in rec["error"]
+
+
+def test_intervmerge_needs_a_single_shared_encoder(micro):
+    rec = run_method("intervmerge(base=individual, steps=1)", micro, write=False, show_progress=False)
+    assert rec["status"] == "failed" and "exactly one shared encoder" in rec["error"]
