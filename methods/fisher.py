@@ -39,6 +39,15 @@ def diagonal_fisher(encoder: torch.nn.Module, head: torch.nn.Module, images: tor
     return Weights({k: v / len(images) for k, v in fisher.items()})
 
 
+def fisher_average(task_vectors: list[Weights], fishers: list[Weights], coefs: list[float]) -> Weights:
+    """sum_k c_k F_k tau_k / sum_k c_k F_k, per parameter (elementwise)."""
+    merged = Weights()
+    for k in task_vectors[0]:
+        num = sum(c * f[k] * tv[k] for c, f, tv in zip(coefs, fishers, task_vectors))
+        merged[k] = num / sum(c * f[k] for c, f in zip(coefs, fishers))
+    return merged
+
+
 @register_method(
     "fisher_merging", display_name="Fisher Merging", family="data-based closed form", paper=FISHER, needs="unlabeled",
     defaults_source="256 training examples per task, minimal Fisher weight 1e-6 and per-model normalization by the "
@@ -72,9 +81,4 @@ def fisher_merging(ctx, n_exemplars: int = 256, eps: float = 1e-6, normalize: bo
         coefs = (inv_norms / inv_norms.sum()).tolist()
     else:
         coefs = [1.0 / len(fishers)] * len(fishers)
-    merged = Weights()
-    for k in ctx.pretrained_weights:
-        num = sum(c * f[k] * tv[k] for c, f, tv in zip(coefs, fishers, tvs))
-        den = sum(c * f[k] for c, f in zip(coefs, fishers))
-        merged[k] = num / den
-    return ctx.shared_model(ctx.pretrained_weights + merged)
+    return ctx.shared_model(ctx.pretrained_weights + fisher_average(tvs, fishers, coefs))
