@@ -15,16 +15,24 @@ WUDI = Paper("Whoever Started the Interference Should End It: Guiding Data-Free 
 
 
 def wudi_loss(merged: torch.Tensor, task_matrices: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """sum_t ||(tau_m - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2 (torch [out, in] layout)."""
-    inner = (merged.unsqueeze(0) - task_matrices) @ task_matrices.transpose(1, 2)
-    return (inner.pow(2).sum((1, 2)) / sq_norms).sum()
+    """sum_t ||(tau_m - tau_t) tau_t^T||_F^2 / ||tau_t||_F^2 (torch [out, in] layout).
+
+    Shapes: merged ``[..., out, in]``, task_matrices ``[..., T, out, in]``, sq_norms ``[..., T]``; leading
+    dims (layers of the same shape) are summed.
+    """
+    inner = (merged.unsqueeze(-3) - task_matrices) @ task_matrices.transpose(-1, -2)
+    return (inner.pow(2).sum((-2, -1)) / sq_norms).sum()
 
 
 def wudi_matrix(task_matrices: torch.Tensor, steps: int = 300, lr: float = 1e-5) -> tuple[torch.Tensor, list]:
-    """Adam on the WUDI objective from tau_m = sum_t tau_t; returns the result and the loss per step."""
+    """Adam on the WUDI objective from tau_m = sum_t tau_t; returns the result and the loss per step.
+
+    ``task_matrices`` is ``[T, out, in]`` or ``[L, T, out, in]`` (L layers of one shape). The layers' losses
+    are separable and Adam is elementwise, so optimizing them together gives exactly the per-layer results.
+    """
     t = task_matrices.float()
-    sq = t.flatten(1).pow(2).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
-    merged = torch.nn.Parameter(t.sum(0).clone())
+    sq = t.flatten(-2).pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    merged = torch.nn.Parameter(t.sum(-3).clone())
     opt = torch.optim.Adam([merged], lr=lr, weight_decay=0.0)
     losses = []
     with torch.enable_grad():
@@ -51,20 +59,22 @@ def wudi_merging(ctx, steps: int = 300, lr: float = 1e-5, others: Literal["pretr
     """Per linear weight: tau_m = argmin sum_t ||(tau_m - tau_t) tau_t^T||^2 / ||tau_t||^2 by Adam; theta = theta_0 + tau_m.
 
     The rows of tau_t approximately span the inputs seen by the layer during fine-tuning, so they stand in for
-    data. Initialized at sum_t tau_t, full batch, one layer at a time, float32. With others='pretrained' (the
+    data. Initialized at sum_t tau_t, full batch, float32; the layers of one shape are optimized as one batch
+    (the objective is separable and Adam elementwise, so this equals layer-by-layer optimization). With others='pretrained' (the
     official script) only attn in_proj/out_proj and mlp c_fc/c_proj weights get a task vector; with 'mean' every
     2-D tensor is optimized and the rest takes the mean task vector.
     """
     tvs = list(ctx.task_vectors().values())
-    merged = Weights()
+    merged = Weights({k: torch.zeros_like(v) if others == "pretrained" else sum(tv[k] for tv in tvs) / len(tvs)
+                      for k, v in tvs[0].items()})
+    groups: dict[tuple, list[str]] = {}    # layers of one shape are optimized together (same result, fewer steps)
     for key, ref in tvs[0].items():
-        optimize = is_block_linear_weight(key) if others == "pretrained" else ref.dim() == 2
-        stacked = torch.stack([tv[key] for tv in tvs])
-        if optimize:
-            merged[key], losses = wudi_matrix(stacked, steps, lr)
-            ctx.log("wudi_final_loss_per_layer", losses[-1])
-        elif others == "mean":
-            merged[key] = stacked.mean(0)
-        else:
-            merged[key] = torch.zeros_like(ref)
+        if (is_block_linear_weight(key) if others == "pretrained" else ref.dim() == 2):
+            groups.setdefault(tuple(ref.shape), []).append(key)
+    for shape, keys in groups.items():
+        stacked = torch.stack([torch.stack([tv[k] for tv in tvs]) for k in keys])   # [L, T, out, in]
+        result, losses = wudi_matrix(stacked, steps, lr)
+        ctx.log(f"wudi_loss/{'x'.join(map(str, shape))}", losses[-1])
+        for k, r in zip(keys, result):
+            merged[k] = r.to(tvs[0][k].dtype)
     return ctx.shared_model(ctx.pretrained_weights + merged)

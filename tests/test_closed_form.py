@@ -375,6 +375,10 @@ def test_wudi_descends_towards_its_closed_form():
     assert wudi_loss(merged, t, sq) <= wudi_loss(closed, t, sq) * 1.001
     assert torch.allclose(merged, closed, atol=1e-3)
     assert not torch.allclose(closed, t.sum(0), atol=0.1)     # the start (sum of task vectors) is not optimal
+    other = torch.randn(3, 5, 8) * 10
+    together, _ = wudi_matrix(torch.stack([t, other]), steps=20, lr=1e-2)  # layers of one shape in one batch
+    assert torch.allclose(together[0], wudi_matrix(t, steps=20, lr=1e-2)[0], atol=1e-6)
+    assert torch.allclose(together[1], wudi_matrix(other, steps=20, lr=1e-2)[0], atol=1e-5)
 
 
 def test_wudi_default_touches_only_block_linear_weights(micro):
