@@ -41,7 +41,7 @@ def test_micro_suite_is_cached_and_uses_open_clip_names(micro, tmp_path):
 
 
 def test_build_is_reproducible(tmp_path):
-    cfg = dataclasses.replace(CONFIGS["micro"], tasks=("digits",), n_train=32, n_val=8, n_test=8,
+    cfg = dataclasses.replace(CONFIGS["micro"], tasks=("digits",), n_train=64, n_val=8, n_test=8,
                               pretrain_per_task=32, pretrain_generic=32)
     a = load_mini8(cfg, cache_dir=tmp_path / "a", verbose=False)
     b = load_mini8(cfg, cache_dir=tmp_path / "b", verbose=False)

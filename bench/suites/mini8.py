@@ -159,6 +159,8 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool):
             protos = []
             for c in range(spec.num_classes):
                 idx = (y == c).nonzero()[: cfg.head_shots, 0]
+                if len(idx) == 0:
+                    raise ValueError(f"{spec.name}: class {c} has no training image; raise n_train (now {cfg.n_train})")
                 protos.append(F.normalize(encoder(_normalize(x[idx])), dim=-1).mean(0))
             heads[spec.name] = F.normalize(torch.stack(protos), dim=-1)
 
