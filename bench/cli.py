@@ -5,6 +5,8 @@
     mergebench run METHOD_SPEC... [--suite mini8] [--all] [--set k=v] [--tune k=v1,v2] [--seed N] [--force]
     mergebench leaderboard [--suite mini8] [--format md|csv|latex] [--write]
     mergebench demo [--suite mini8]
+    mergebench sweep METHOD_SPEC... [--config sweep.yaml] [--grid k=v1,v2] [--seeds 0,1] [--executor local|slurm] [--jobs N]
+    mergebench status SWEEP_NAME [-v]
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def cmd_run(args) -> int:
     suite = _suite(args)
     records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
-                       show_progress=not args.quiet)
+                       show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None))
     if args.leaderboard:
         from mergebench import leaderboard
         leaderboard.write(args.results, suite.name)
@@ -126,6 +128,51 @@ def _suite_name(args):
     return args.suite
 
 
+def cmd_sweep(args) -> int:
+    """Expand methods x suites x seeds x grid into jobs and run the missing or failed ones."""
+    from mergebench.executors import make_executor
+    from mergebench.sweep import Sweep, job_status, render_status, run_sweep, summarize
+
+    grid = {k: v.split(",") for k, v in _kv(args.grid).items()}
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    suites = args.suite.split(",") if args.suite else None
+    over = {"methods": list(args.methods), "suites": suites, "seeds": seeds, "grid": grid, "name": args.name,
+            "device": None if args.device == "auto" else args.device, "time_limit_s": args.time_limit,
+            "results_dir": args.results}
+    executor_cfg = {}
+    if args.config:
+        sweep, executor_cfg = Sweep.from_config(args.config, **over)
+    else:
+        sweep = Sweep(**{k: v for k, v in over.items() if v not in (None, [], {})})
+    slurm = dict(executor_cfg.get("slurm") or {})
+    for key in ("partition", "gpus", "time", "mem", "cpus", "account"):
+        if getattr(args, f"slurm_{key}") is not None:
+            slurm[key] = getattr(args, f"slurm_{key}")
+    kind = args.executor or executor_cfg.get("executor", "local")
+    jobs = args.jobs or executor_cfg.get("jobs", 1)
+    try:
+        executor = None if args.dry_run else make_executor(
+            kind, jobs=jobs, folder=Path(sweep.results_dir) / "sweeps" / "submitit" / sweep.name, slurm=slurm,
+            wait=True if args.wait else None)
+    except ValueError as e:  # e.g. no Slurm on this machine
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_sweep(sweep, executor, dry_run=args.dry_run)
+    status = job_status(sweep.jobs(build=False))
+    print(render_status(sweep, status))
+    counts = summarize(status)
+    return 0 if counts["failed"] == counts["missing"] == 0 else 1
+
+
+def cmd_status(args) -> int:
+    from mergebench.sweep import Sweep, job_status, render_status, summarize
+
+    sweep = Sweep.load(args.name, args.results)
+    status = job_status(sweep.jobs(build=False))
+    print(render_status(sweep, status, verbose=args.verbose))
+    return 0 if summarize(status)["done"] == len(status) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergebench", description="Benchmark model-merging methods on CLIP ViT encoders.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--unlabeled-split", default="test", help="split that unlabeled streams draw from")
         s.add_argument("--data-fraction", type=float, default=1.0, help="fraction of that split a method may see")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                       help="record a method as failed when its merge runs longer than this")
 
     s = sub.add_parser("run", help="merge, evaluate and record one or more methods",
                        description="METHOD_SPEC is a name or a call: 'ties_merging(k=10)', "
@@ -168,6 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     s.add_argument("--write", action="store_true", help="write LEADERBOARD.md, leaderboard.csv and .tex")
     s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("sweep", help="methods x suites x seeds x hyperparameter grid as independent jobs",
+                       description="Each job writes its own record; running the same sweep again runs only the "
+                                   "missing or failed jobs. Settings can come from --config (YAML).")
+    s.add_argument("methods", nargs="*", metavar="METHOD_SPEC")
+    s.add_argument("--config", help="YAML with methods, suites, seeds, grid, time_limit, executor, jobs, slurm: {...}")
+    s.add_argument("--name", help="sweep name (default: a hash of its definition); `mergebench status NAME`")
+    s.add_argument("--suite", help="comma-separated suites (backbones), default mini8")
+    s.add_argument("--seeds", help="comma-separated seeds, default 0")
+    s.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="hyperparameter values (KEY or method.KEY)")
+    s.add_argument("--executor", choices=["local", "slurm", "submitit-local"], help="default local")
+    s.add_argument("--jobs", type=int, help="local: processes at a time")
+    s.add_argument("--partition", dest="slurm_partition", help="slurm partition")
+    s.add_argument("--gpus", dest="slurm_gpus", type=int, help="slurm: GPUs per job (default 1)")
+    s.add_argument("--time", dest="slurm_time", type=int, help="slurm: minutes per job (default 60)")
+    s.add_argument("--mem", dest="slurm_mem", help="slurm: memory per job, e.g. 32GB")
+    s.add_argument("--cpus", dest="slurm_cpus", type=int, help="slurm: CPUs per job")
+    s.add_argument("--account", dest="slurm_account", help="slurm account")
+    s.add_argument("--wait", action="store_true", help="slurm: wait for the jobs to finish")
+    s.add_argument("--dry-run", action="store_true", help="list the jobs that would run")
+    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
+    s.add_argument("--device", default="auto")
+    s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="per-job merge time limit")
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("status", help="done, running, failed and missing jobs of a sweep")
+    s.add_argument("name", help="the sweep's name (printed by `mergebench sweep`)")
+    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
+    s.add_argument("-v", "--verbose", action="store_true", help="list done jobs too")
+    s.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("demo", help="build mini8 if needed, run every method, write and print the leaderboard")
     run_options(s)

@@ -9,8 +9,11 @@ import itertools
 import json
 import random
 import resource
+import signal
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +33,69 @@ DEFAULT_RESULTS = Path("results")
 
 class MethodFailed(RuntimeError):
     pass
+
+
+class MethodTimeout(MethodFailed):
+    """The method ran past its time limit (``run_method(time_limit=...)``, ``--time-limit``)."""
+
+
+class ArchitectureMismatchError(ValueError):
+    """An expert does not have the pretrained model's architecture (keys or shapes differ)."""
+
+
+@contextmanager
+def time_limit(seconds: float | None, what: str = "the method"):
+    """Raise :class:`MethodTimeout` inside the block once ``seconds`` have passed.
+
+    In the main thread this is a ``SIGALRM`` timer: the exception is raised at the next Python
+    bytecode after the deadline, so loops, data streams and sleeps are interrupted (a single
+    long C call finishes first). Elsewhere (no signals off the main thread) the limit is checked
+    when the block ends, so an overrun is still recorded as a failure, only later.
+    """
+    if not seconds:
+        yield
+        return
+    message = f"{what} exceeded its time limit of {seconds:g} s"
+    start = time.monotonic()
+    use_signal = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if use_signal:
+        def _expire(signum, frame):
+            raise MethodTimeout(message)
+        previous = signal.signal(signal.SIGALRM, _expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        if use_signal:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    if time.monotonic() - start > seconds:
+        raise MethodTimeout(message)
+
+
+def check_architectures(suite: Suite) -> None:
+    """Every expert must have the pretrained encoder's tensors (same names, same shapes).
+
+    Raises :class:`ArchitectureMismatchError` naming the expert and the first differences.
+    Checked once per suite object.
+    """
+    if getattr(suite, "_architectures_checked", False):
+        return
+    reference = {k: tuple(v.shape) for k, v in suite.pretrained.items()}
+    for task in suite.tasks:
+        expert = suite.expert_weights(task)
+        missing = sorted(set(reference) - set(expert))
+        extra = sorted(set(expert) - set(reference))
+        shapes = [f"{k}: {tuple(expert[k].shape)} vs pretrained {reference[k]}"
+                  for k in reference if k in expert and tuple(expert[k].shape) != reference[k]]
+        if missing or extra or shapes:
+            bits = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {extra[:3]}"] if extra else []) \
+                + ([f"shape {'; '.join(shapes[:3])}"] if shapes else [])
+            raise ArchitectureMismatchError(
+                f"expert {task!r} of suite {suite.name!r} does not match the pretrained encoder ({', '.join(bits)}); "
+                f"every expert must be fine-tuned from the same pretrained backbone: rebuild the suite "
+                f"(`mergebench build {suite.name}`) or replace that checkpoint")
+    suite._architectures_checked = True
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -93,25 +159,33 @@ def _peak_memory_mb(device: torch.device) -> dict:
     return {"peak_rss_mb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: str = "test",
+               data_fraction: float = 1.0, tune: dict[str, list] | None = None) -> dict:
+    """What determines a run's result; its hash (``config_hash``) names the record (sweeps use it too)."""
+    return {"pipeline": str(call), "suite": suite.info.get("cache_key") or suite.info.get("checkpoints"),
+            "checkpoints": suite.info.get("checkpoints"), "seed": seed,
+            "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
+            "tune": {k: list(v) for k, v in (tune or {}).items()}}
+
+
 def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESULTS, seed: int = 0,
                device="auto", force: bool = False, unlabeled_split: str = "test", data_fraction: float = 1.0,
                tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
-               write: bool = True) -> dict:
+               write: bool = True, time_limit_s: float | None = None) -> dict:
     """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
 
     ``tune`` ({hyperparameter: [values]}) selects those values on the validation split (the
     task-vectors protocol) before the test evaluation; otherwise hyperparameters are fixed.
     A configuration that already has an ok record is returned as is unless ``force``.
-    Exceptions inside the method become a record with ``status: failed``.
+    Exceptions inside the method become a record with ``status: failed``; so does a merge
+    (validation selection included) that runs longer than ``time_limit_s`` seconds.
     """
     device = resolve_device(device)
+    check_architectures(suite)
     call = MethodCall.parse(method).resolve()
     for name in (tune or {}):  # unknown names are errors before any work
         call.with_hparams(**{name: tune[name][0]}).resolve()
-    config = {"pipeline": str(call), "suite": suite.info.get("cache_key") or suite.info.get("checkpoints"),
-              "checkpoints": suite.info.get("checkpoints"), "seed": seed,
-              "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
-              "tune": {k: list(v) for k, v in (tune or {}).items()}}
+    config = run_config(call, suite, seed, unlabeled_split, data_fraction, tune)
     chash = config_hash(config)
     path = record_path(results_dir, suite.name, str(call), chash)
     if not force and write:
@@ -131,29 +205,34 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
         "suite": {"name": suite.name, "tasks": suite.tasks, **suite.info}, "seed": seed, "device": str(device),
         "config": config, "env": environment(),
     }
+    if time_limit_s:
+        record["time_limit_s"] = time_limit_s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         selection = {"protocol": "fixed"}
-        if tune:
-            call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
-                                                    data_fraction, show_progress)
-            record["method"]["pipeline"], record["method"]["hparams"] = str(call), call.plain_hparams()
-        record["selection"] = selection
-        seed_everything(seed)
-        ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
         stage_s: dict = {}
-        start = time.perf_counter()
-        model = execute(call, ctx, stage_s)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        merge_s = time.perf_counter() - start
+        with time_limit(time_limit_s, f"{call.name} (merge and selection)"):
+            if tune:
+                call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
+                                                        data_fraction, show_progress)
+                record["method"]["pipeline"], record["method"]["hparams"] = str(call), call.plain_hparams()
+            record["selection"] = selection
+            seed_everything(seed)
+            ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
+            start = time.perf_counter()
+            model = execute(call, ctx, stage_s)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            merge_s = time.perf_counter() - start
         _check_finite(model)
         result = evaluate(model, suite, "test", device)
         acc = result["accuracy"]
         bad = [t for t, a in acc.items() if not (0.0 <= a <= 100.0)]
         if bad:
-            raise MethodFailed(f"non-finite or out-of-range accuracy on {bad}")
+            why = (f"; the merged model gave non-finite outputs for {result['nonfinite']} images"
+                   if result.get("nonfinite") else "")
+            raise MethodFailed(f"non-finite or out-of-range accuracy on {bad}{why}")
         ref = reference_accuracy(suite, device)
         norm = {t: 100.0 * acc[t] / ref[t] if ref[t] > 0 else float("nan") for t in acc}
         backbone = [v for v in suite.pretrained.values()]
