@@ -4,6 +4,8 @@
     mergebench build [mini8|micro]
     mergebench run METHOD_SPEC... [--suite mini8] [--all] [--set k=v] [--tune k=v1,v2] [--seed N] [--force]
     mergebench leaderboard [--suite mini8] [--format md|csv|latex] [--write]
+    mergebench run METHOD_SPEC... --suite real --manifest M.yaml --data-root DIR [--trust-pickle] [--tasks A,B]
+    mergebench data check|prepare --root DIR [--tasks A,B] [--verify] [--image-size 224]
     mergebench demo [--suite mini8]
     mergebench sweep METHOD_SPEC... [--config sweep.yaml] [--grid k=v1,v2] [--seeds 0,1] [--executor local|slurm] [--jobs N]
     mergebench status SWEEP_NAME [-v]
@@ -69,7 +71,29 @@ def cmd_build(args) -> int:
 def _suite(args):
     from mergebench.suites import get_suite
 
+    if args.suite == "real":
+        return get_suite("real", manifest=args.manifest, data_root=args.data_root, trust_pickle=args.trust_pickle,
+                         tasks=args.tasks.split(",") if args.tasks else None, verbose=not args.quiet)
     return get_suite(args.suite)
+
+
+def cmd_data(args) -> int:
+    """``data check``: per dataset, what is present, missing and how to get it (never downloads).
+    ``data prepare``: fill the preprocessing cache (decoded, resized, center-cropped uint8 images)."""
+    from mergebench.suites import cards as cardlib
+
+    all_cards = cardlib.load_cards()
+    chosen = [cardlib.resolve_task(t, all_cards) for t in args.tasks.split(",")] if args.tasks else list(all_cards.values())
+    if args.action == "check":
+        reports = [cardlib.check_dataset(c, args.root, verify=args.verify) for c in chosen]
+        print(cardlib.format_check(reports), end="")
+        return 0 if all(r["status"] == "ok" for r in reports) else 1
+    from mergebench.suites import imagecache
+    for card in chosen:
+        directory = imagecache.cache_dir(card, args.root, args.image_size)
+        imagecache.load_or_build(card, args.root, args.image_size, workers=args.workers)
+        print(f"{card.name}: cached in {directory}")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -199,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                        help="record a method as failed when its merge runs longer than this")
+        s.add_argument("--manifest", help="real suite: the model-zoo manifest (YAML) of backbone and experts")
+        s.add_argument("--data-root", help="real suite: the folder holding the datasets (see `mergebench data check`)")
+        s.add_argument("--trust-pickle", action="store_true",
+                       help="real suite: allow reading pickled checkpoints (task-vectors format); converted once")
+        s.add_argument("--tasks", help="real suite: comma-separated subset of tasks (default: every expert)")
 
     s = sub.add_parser("run", help="merge, evaluate and record one or more methods",
                        description="METHOD_SPEC is a name or a call: 'ties_merging(k=10)', "
@@ -217,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     s.add_argument("--write", action="store_true", help="write LEADERBOARD.md, leaderboard.csv and .tex")
     s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("data", help="real-suite datasets: check what is on disk, or prepare the preprocessing cache")
+    s.add_argument("action", choices=["check", "prepare"])
+    s.add_argument("--root", required=True, help="the data root (layouts in datasets/*.yaml)")
+    s.add_argument("--tasks", help="comma-separated datasets (default: all eight)")
+    s.add_argument("--verify", action="store_true", help="check: also verify md5 checksums of files stored as published")
+    s.add_argument("--image-size", type=int, default=224, help="prepare: the model's input size")
+    s.add_argument("--workers", type=int, default=None, help="prepare: decoding threads")
+    s.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("sweep", help="methods x suites x seeds x hyperparameter grid as independent jobs",
                        description="Each job writes its own record; running the same sweep again runs only the "
@@ -261,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownMethodError, HyperparameterError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # a bad checkpoint, manifest or dataset card of the real suite
+        from mergebench.suites.zoo import CheckpointError
+        if isinstance(e, CheckpointError) or "manifest" in str(e) or "dataset card" in str(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""The real benchmark: open_clip ViT-B/32, B/16, L/14 on the eight datasets, from local files.
+
+``load_real(manifest, data_root)`` returns the same ``Suite`` as mini8, so every method and
+measurement runs the same code path:
+
+- the backbone (full CLIP) and the experts come from a model-zoo manifest (``zoo.py``), every
+  file checked against its sha256 and against the architecture's keys and shapes;
+- the encoder is the CLIP image tower (an open_clip ``VisionTransformer``, built by
+  ``mergebench.models.build_encoder`` from the open_clip model config);
+- the heads are zero-shot heads: for each class, the normalized mean of the normalized text
+  embeddings of the card's templates (the task-vectors recipe), computed once and cached;
+- the data come from the dataset cards (``datasets/*.yaml``) and the preprocessing cache
+  (``imagecache.py``), built per dataset on first use, memory-mapped afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mergebench.io import atomic_save_tensors, cache_root
+from mergebench.models import build_encoder, encoder_weights
+from mergebench.suites import cards as cardlib
+from mergebench.suites import imagecache, zoo
+from mergebench.suites.base import SPLITS, Suite
+from mergebench.weights import Weights
+
+HEADS_VERSION = 1
+
+
+@torch.no_grad()
+def zero_shot_heads(clip, card: cardlib.Card, context_length: int, device="cpu", batch: int = 256) -> torch.Tensor:
+    """(classes, embed_dim): per class, normalize(mean over templates of normalize(text embedding))."""
+    import open_clip
+
+    clip = clip.to(device).eval()
+    prompts = [p for name in card.classnames for p in card.prompts(name)]  # class-major, templates inner
+    emb = []
+    for i in range(0, len(prompts), batch):
+        tokens = open_clip.tokenize(prompts[i:i + batch], context_length=context_length).to(device)
+        emb.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
+    emb = torch.cat(emb).view(card.num_classes, len(card.templates), -1)
+    return F.normalize(emb.mean(1), dim=-1)
+
+def _heads_key(backbone_sha: str, card: cardlib.Card, cfg: dict) -> str:
+    payload = {"backbone": backbone_sha, "card": card.digest(), "v": HEADS_VERSION,
+               "text_cfg": cfg.get("text_cfg"), "quick_gelu": cfg.get("quick_gelu")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.PathLike | None = None,
+              tasks: list[str] | None = None, trust_pickle: bool = False, cards_dir=None, verbose: bool = True,
+              workers: int | None = None, device: str | None = None) -> Suite:
+    """The real suite from ``manifest`` (backbone + experts) and the datasets under ``data_root``."""
+    m = manifest if isinstance(manifest, zoo.Manifest) else zoo.Manifest.load(manifest)
+    root = Path(data_root) if data_root else m.data_root
+    if root is None:
+        raise ValueError("no data root: pass --data-root DIR (or data_root: in the manifest)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist; `mergebench data check --root DIR` lists what each "
+                                f"dataset needs")
+    all_cards = cardlib.load_cards(cards_dir)
+    by_card: dict[str, str] = {}  # card name -> the manifest's key for it (which may be an alias)
+    for key in m.experts:
+        by_card.setdefault(cardlib.resolve_task(key, all_cards).name, key)
+    names = list(tasks) if tasks else [t for t in cardlib.REAL_TASKS if t in by_card] + \
+        [t for t in by_card if t not in cardlib.REAL_TASKS]
+    task_cards = {}
+    for t in names:
+        card = cardlib.resolve_task(t, all_cards)
+        if card.name not in by_card:
+            raise KeyError(f"manifest {m.path} has no expert for task {card.name!r} (it has {', '.join(m.experts)})")
+        task_cards[card.name] = card
+    expert_name = {c: by_card[c] for c in task_cards}
+    log = print if verbose else (lambda *a, **k: None)
+
+    cfg = m.clip_config()
+    enc_cfg = zoo.encoder_config(cfg)
+    clip, backbone_sha = zoo.build_clip(m, trust_pickle)
+    # The encoder mergebench builds must be exactly open_clip's image tower (same keys and shapes).
+    reference = build_encoder(enc_cfg).state_dict()
+    zoo.check_fits(clip.visual.state_dict(), reference, f"image tower of {m.model or 'model_config'}")
+    pretrained = encoder_weights(clip.visual)
+
+    heads = {}
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for name, card in task_cards.items():
+        path = cache_root() / "real" / "heads" / f"{_heads_key(backbone_sha, card, cfg)}.safetensors"
+        if path.exists():
+            from safetensors.torch import load_file
+            heads[name] = load_file(path)["head"]
+        else:
+            log(f"zero-shot head for {name}: {card.num_classes} classes x {len(card.templates)} templates")
+            heads[name] = zero_shot_heads(clip, card, cfg["text_cfg"].get("context_length", 77), dev)
+            atomic_save_tensors({"head": heads[name]}, path)
+        if heads[name].shape != (card.num_classes, cfg["embed_dim"]):
+            raise ValueError(f"head of {name} has shape {tuple(heads[name].shape)}")
+    clip.cpu()
+    del clip
+
+    checkpoints = {"backbone": backbone_sha}
+    notes: list[str] = []
+    expert_sha: dict[str, str] = {}
+    for name in task_cards:  # verify every file up front: a bad expert fails before any merging
+        entry = m.experts[expert_name[name]]
+        expert_sha[name] = zoo.verify(entry, f"expert {name}")
+        checkpoints[f"expert/{name}"] = expert_sha[name]
+
+    def load_expert(task: str) -> Weights:
+        state, _, n = zoo.load_expert(m, expert_name[task], reference, pretrained, trust_pickle)
+        notes.extend(n)
+        return Weights(state)
+
+    @lru_cache(maxsize=None)
+    def task_data(task: str):
+        return imagecache.load_or_build(task_cards[task], root, enc_cfg["image_size"], workers, verbose)
+
+    data = {s: imagecache.LazyTasks(s, list(task_cards), task_data) for s in SPLITS}
+    data_id = {name: imagecache.cache_key(card, root, enc_cfg["image_size"]) for name, card in task_cards.items()}
+    # What the expert accuracies depend on beyond the weights (the data) joins the checkpoint ids, so the
+    # cached reference accuracies are keyed by both.
+    checkpoints["data"] = hashlib.sha256(json.dumps(data_id, sort_keys=True).encode()).hexdigest()[:16]
+    suite_id = hashlib.sha256(json.dumps({"ck": checkpoints, "cfg": enc_cfg}, sort_keys=True).encode()).hexdigest()[:16]
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return Suite(
+        name=f"real-{m.name}", tasks=list(task_cards), encoder_config=enc_cfg, pretrained=pretrained,
+        heads=heads, data=data, load_expert=load_expert, mean=tuple(OPENAI_DATASET_MEAN), std=tuple(OPENAI_DATASET_STD),
+        info={"suite": f"real-{m.name}", "backbone": f"open_clip {m.model or 'custom'} "
+              f"({'QuickGELU' if cfg['quick_gelu'] else 'GELU'}) " + json.dumps(enc_cfg, sort_keys=True),
+              "cache_key": suite_id, "checkpoints": checkpoints, "manifest": str(m.path), "data_root": str(root),
+              "cards": {n: {"digest": c.digest(), "templates": c.template_set} for n, c in task_cards.items()},
+              "notes": notes},
+    )

@@ -1,0 +1,328 @@
+"""The model zoo manifest: backbone and expert files with their sha256, and how to read each.
+
+A manifest (YAML) names an open_clip architecture and local files::
+
+    model: ViT-B-32               # an open_clip model config name (read from the installed package)
+    quick_gelu: true              # OpenAI weights use QuickGELU (the default here)
+    backbone:                     # the full CLIP (image and text towers: the text tower makes the heads)
+      path: ViT-B-32.pt           # relative to the manifest's folder
+      sha256: 1a2b...             # checked; a mismatch is an error naming the file
+    experts:
+      SUN397: {path: finetuned/SUN397.safetensors, sha256: ...}
+      Cars:   {path: hf/cars, format: hf}                       # a CLIPVisionModel folder
+      DTD:    {path: task_vectors/DTD/finetuned.pt, format: task_vectors_pickle}
+
+Formats (``format: auto`` guesses from the path): ``safetensors``; ``torch`` (a state dict read
+with ``torch.load(weights_only=True)``, keys ``visual.*``, ``model.visual.*`` or bare
+VisionTransformer keys); ``openai_jit`` (OpenAI's TorchScript archive, backbone only); ``hf`` (a
+Hugging Face CLIP folder, keys mapped to open_clip); ``task_vectors_pickle`` (the task-vectors
+repository's pickled ``ImageEncoder`` objects: only with ``trust_pickle=True``, converted once to
+safetensors in the cache). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
+
+FORMATS = ("auto", "safetensors", "torch", "openai_jit", "hf", "task_vectors_pickle")
+_OPENAI_EXTRA = ("input_resolution", "context_length", "vocab_size")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, unsafe to read without consent, or does not fit the model."""
+
+
+@dataclass
+class Entry:
+    path: Path
+    sha256: str | None = None
+    format: str = "auto"
+
+
+@dataclass
+class Manifest:
+    path: Path
+    model: str | None
+    model_config: dict | None
+    quick_gelu: bool
+    backbone: Entry
+    experts: dict[str, Entry]
+    name: str
+    data_root: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"manifest {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"manifest {path} is not valid YAML: {e}") from e
+        base = path.parent
+
+        def entry(value, what) -> Entry:
+            if isinstance(value, str):
+                value = {"path": value}
+            if not isinstance(value, dict) or "path" not in value:
+                raise ValueError(f"manifest {path}: {what} needs a 'path'")
+            fmt = value.get("format", "auto")
+            if fmt not in FORMATS:
+                raise ValueError(f"manifest {path}: {what} has format {fmt!r}; formats: {', '.join(FORMATS)}")
+            p = Path(os.path.expanduser(str(value["path"])))
+            return Entry(p if p.is_absolute() else base / p, value.get("sha256"), fmt)
+
+        if not raw.get("model") and not raw.get("model_config"):
+            raise ValueError(f"manifest {path}: give 'model' (an open_clip name such as ViT-B-32) or 'model_config'")
+        if "backbone" not in raw:
+            raise ValueError(f"manifest {path}: no 'backbone' entry")
+        experts = raw.get("experts") or {}
+        if not experts:
+            raise ValueError(f"manifest {path}: no 'experts'")
+        data_root = raw.get("data_root")
+        return cls(path=path, model=raw.get("model"), model_config=raw.get("model_config"),
+                   quick_gelu=bool(raw.get("quick_gelu", True)), backbone=entry(raw["backbone"], "backbone"),
+                   experts={str(t): entry(v, f"expert {t!r}") for t, v in experts.items()},
+                   name=str(raw.get("name") or raw.get("model") or "custom"),
+                   data_root=(base / data_root) if data_root else None, raw=raw)
+
+    def clip_config(self) -> dict:
+        """``open_clip.CLIP`` keyword arguments (embed_dim, vision_cfg, text_cfg, quick_gelu)."""
+        if self.model_config:
+            cfg = json.loads(json.dumps(self.model_config))
+        else:
+            import open_clip
+            cfg = open_clip.get_model_config(self.model)
+            if cfg is None:
+                raise ValueError(f"manifest {self.path}: open_clip has no model config {self.model!r}")
+            cfg = json.loads(json.dumps(cfg))
+        cfg["quick_gelu"] = bool(cfg.get("quick_gelu", False) or self.quick_gelu)
+        return cfg
+
+
+# ------------------------------------------------------------------ hashing (cached by size and mtime)
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    if path.is_dir():  # an HF folder: hash of its files' hashes
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_of(f).encode())
+        return h.hexdigest()
+    st = path.stat()
+    ident = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = cache_root() / "real" / "sha256" / f"{ident}.json"
+    if memo.exists():
+        saved = json.loads(memo.read_text())
+        if saved["path"] == str(path.resolve()) and saved["size"] == st.st_size and saved["mtime_ns"] == st.st_mtime_ns:
+            return saved["sha256"]
+    digest = file_sha256(path)
+    atomic_write_text(memo, json.dumps({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                        "sha256": digest}))
+    return digest
+
+
+def verify(entry: Entry, what: str) -> str:
+    if not entry.path.exists():
+        raise CheckpointError(f"{what}: file {entry.path} does not exist")
+    digest = sha256_of(entry.path)
+    if entry.sha256 and entry.sha256.lower() != digest:
+        raise CheckpointError(f"{what}: sha256 mismatch for {entry.path}: the manifest says {entry.sha256}, "
+                              f"the file has {digest} (corrupt or a different checkpoint)")
+    return digest
+
+
+# ------------------------------------------------------------------ reading files
+def _guess_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            return "openai_jit"
+    return "torch"
+
+
+class _Opaque(torch.nn.Module):
+    """Stands in for any non-torch class in a trusted pickle: keeps its attributes, runs none of its code."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            torch.nn.Module.__setstate__(self, state)
+
+
+_SAFE_PREFIXES = ("torch", "collections", "builtins", "__builtin__", "copyreg", "copy_reg", "_codecs", "numpy")
+
+
+class _TrustedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] in _SAFE_PREFIXES:
+            return super().find_class(module, name)
+        return _Opaque  # src.modeling.ImageEncoder, open_clip.model.CLIP of any version, argparse.Namespace, ...
+
+
+class _TrustedPickleModule:
+    Unpickler = _TrustedUnpickler
+    load = staticmethod(lambda f, **kw: _TrustedUnpickler(f, **kw).load())
+    __name__ = "mergebench_trusted_pickle"
+
+
+def _as_state_dict(obj, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], (dict, torch.nn.Module)) and not isinstance(obj.get(key), Tensor):
+                return _as_state_dict(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or a model")
+
+
+def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -> dict[str, Tensor]:
+    """A file's tensors as stored (keys not yet mapped), never running untrusted pickle code."""
+    fmt = _guess_format(path) if fmt == "auto" else fmt
+    try:
+        if fmt == "hf":
+            from mergebench.suites.hf_convert import hf_to_open_clip, read_hf_folder
+            return {f"visual.{k}": v for k, v in hf_to_open_clip(read_hf_folder(path), str(path)).items()}
+        if fmt == "safetensors":
+            from safetensors.torch import load_file
+            return load_file(path)
+        if fmt == "openai_jit":
+            return {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()
+                    if k not in _OPENAI_EXTRA}
+        if fmt == "task_vectors_pickle":
+            return _converted_pickle(path, trust_pickle)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if trust_pickle:
+                return _converted_pickle(path, trust_pickle)
+            raise CheckpointError(
+                f"{path} is a pickled Python object (e.g. the task-vectors repository's checkpoints), not a plain "
+                f"state dict, so torch.load(weights_only=True) refuses it ({str(e).splitlines()[0][:160]}). If you "
+                f"trust the file, pass --trust-pickle (trust_pickle=True): it is read once and converted to "
+                f"safetensors in the cache.") from None
+        return _as_state_dict(obj, path)
+    except CheckpointError:
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot read it as {fmt} ({type(e).__name__}: {str(e)[:300]}); "
+                              f"the file may be corrupt or truncated") from e
+
+
+def _converted_pickle(path: Path, trust_pickle: bool) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    digest = sha256_of(path)
+    out = cache_root() / "real" / "converted" / f"{digest}.safetensors"
+    if out.exists():
+        return load_file(out)
+    if not trust_pickle:
+        raise CheckpointError(f"{path} is a pickled checkpoint; reading it runs pickle, so it needs --trust-pickle "
+                              f"(trust_pickle=True). It is then converted once to {out}.")
+    with open(path, "rb") as f:
+        data = f.read()
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_TrustedPickleModule)
+    state = {k: v.detach().clone() for k, v in _as_state_dict(obj, path).items() if isinstance(v, Tensor)}
+    atomic_save_tensors(state, out)
+    return state
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "model.", "image_encoder.", "clip_model."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def visual_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The image tower's tensors with open_clip VisionTransformer keys."""
+    state = {_strip(k): v for k, v in state.items()}
+    if any(k.startswith("visual.") for k in state):
+        return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    return state
+
+
+def check_fits(state: dict[str, Tensor], reference: dict[str, Tensor], source: str, allow_missing=()) -> None:
+    """Missing key, unexpected key or wrong shape -> CheckpointError naming the file and the key."""
+    for key, ref in reference.items():
+        if key not in state:
+            if key in allow_missing:
+                continue
+            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(ref.shape)})")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, the model expects "
+                                  f"{tuple(ref.shape)} (a checkpoint of another architecture?)")
+    extra = sorted(set(state) - set(reference))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unexpected in all) for this model")
+
+
+# ------------------------------------------------------------------ models
+def encoder_config(clip_cfg: dict) -> dict:
+    """``build_encoder`` config of the image tower of an open_clip CLIP config."""
+    v = dict(clip_cfg["vision_cfg"])
+    unsupported = {k: v[k] for k in ("ls_init_value", "attentional_pool", "no_ln_pre", "final_ln_after_pool",
+                                     "output_tokens", "timm_model_name") if v.get(k)}
+    if v.get("pool_type", "tok") != "tok" or unsupported:
+        raise ValueError(f"image tower options not supported by mergebench's encoder: {unsupported or v.get('pool_type')}")
+    if not isinstance(v.get("layers"), int):
+        raise ValueError(f"image tower layers must be an int, got {v.get('layers')!r}")
+    width = v["width"]
+    return {"image_size": v["image_size"], "patch_size": v["patch_size"], "width": width, "layers": v["layers"],
+            "heads": width // v.get("head_width", 64), "mlp_ratio": v.get("mlp_ratio", 4.0),
+            "output_dim": clip_cfg["embed_dim"], "act": "quick_gelu" if clip_cfg.get("quick_gelu") else "gelu"}
+
+
+def build_clip(manifest: Manifest, trust_pickle: bool = False):
+    """The full open_clip CLIP of the manifest holding its backbone file (strict), and the file's sha256."""
+    import open_clip
+
+    digest = verify(manifest.backbone, "backbone")
+    cfg = manifest.clip_config()
+    model = open_clip.CLIP(**cfg)
+    state = {_strip(k): v for k, v in read_state_dict(manifest.backbone.path, manifest.backbone.format, trust_pickle).items()}
+    reference = model.state_dict()
+    check_fits(state, reference, f"backbone {manifest.backbone.path}")
+    model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()})
+    return model.eval(), digest
+
+
+def load_expert(manifest: Manifest, task: str, reference: dict[str, Tensor], pretrained: dict[str, Tensor],
+                trust_pickle: bool = False) -> tuple[dict[str, Tensor], str, list[str]]:
+    """(image-tower weights, sha256, notes) of the expert of ``task``, checked against ``reference`` shapes."""
+    if task not in manifest.experts:
+        raise KeyError(f"manifest {manifest.path} has no expert for task {task!r} (it has {', '.join(manifest.experts)})")
+    entry = manifest.experts[task]
+    digest = verify(entry, f"expert {task}")
+    fmt = _guess_format(entry.path) if entry.format == "auto" else entry.format
+    state = visual_state(read_state_dict(entry.path, fmt, trust_pickle))
+    notes = []
+    allow = ("proj",) if fmt == "hf" else ()
+    check_fits(state, reference, f"expert {task} ({entry.path})", allow_missing=allow)
+    if "proj" not in state:  # a plain CLIPVisionModel has no projection: the backbone's is used
+        state["proj"] = pretrained["proj"].clone()
+        notes.append(f"{task}: {entry.path} has no visual projection; the backbone's proj is used")
+    return {k: v.float() for k, v in state.items()}, digest, notes
