@@ -415,3 +415,19 @@ def test_runs_end_to_end_on_micro(micro, results_dir, spec):
     assert 0 <= rec["metrics"]["avg_accuracy"] <= 100
     if get_method(MethodCall.parse(spec).name).needs != "nothing" and "lam=" not in spec:
         assert rec["data_used"], "data a method used must be recorded"
+
+
+def test_wudi_quadratic_form_takes_the_same_adam_steps_as_the_direct_objective():
+    torch.manual_seed(10)
+    t = torch.randn(4, 12, 6) * 0.01
+    fast, losses = wudi_matrix(t, steps=50, lr=1e-4)
+    ref = torch.nn.Parameter(t.sum(0).clone())
+    opt = torch.optim.Adam([ref], lr=1e-4)
+    sq = t.flatten(1).pow(2).sum(1)
+    for _ in range(50):
+        opt.zero_grad()
+        loss = wudi_loss(ref, t, sq)
+        loss.backward()
+        opt.step()
+    assert torch.allclose(fast, ref.detach(), atol=1e-7)
+    assert losses[-1] == pytest.approx(wudi_loss(ref.detach(), t, sq).item(), rel=1e-2)
