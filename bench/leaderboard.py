@@ -107,6 +107,30 @@ def sanity(df: pd.DataFrame) -> list[str]:
     ]
 
 
+def published(suite: str) -> list[dict]:
+    """Published averages for a real suite ``real-<backbone>`` (``datasets/reference_results.yaml``), else []."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "datasets" / "reference_results.yaml"
+    if not suite.startswith("real-") or not path.exists():
+        return []
+    return (yaml.safe_load(path.read_text()) or {}).get("backbones", {}).get(suite[len("real-"):], [])
+
+
+def published_section(suite: str, df: pd.DataFrame) -> list[str]:
+    """Markdown lines: each published number beside the measured one of the same method (default settings)."""
+    rows = published(suite)
+    if not rows:
+        return []
+    measured = {} if df.empty else {r["Pipeline"].split("(")[0]: r["Avg"] for _, r in df.iloc[::-1].iterrows()}
+    table = pd.DataFrame([{"Method": r["display"], "Published Avg": f"{r['avg']:.1f}",
+                           "Measured Avg": f"{measured[r['method']]:.1f}" if r["method"] in measured else "-",
+                           "Verified": "yes" if r.get("verified") else "no", "Source": r["source"]} for r in rows])
+    return ["", f"## Published numbers ({suite[len('real-'):]}, task-vectors protocol)", "",
+            "From `datasets/reference_results.yaml`; Measured Avg is the best row of that method above. "
+            "Verified = checked against the cited paper.", "", table.to_markdown(index=False)]
+
+
 def render(results_dir, suite: str, fmt: str = "md") -> str:
     df, failed, unreadable = table(results_dir, suite)
     if df.empty and not failed:
@@ -129,6 +153,7 @@ def render(results_dir, suite: str, fmt: str = "md") -> str:
     checks = sanity(df) if not df.empty else []
     if checks:
         lines += ["", "## Benchmark sanity (from the measured numbers above)", ""] + [f"- {c}" for c in checks]
+    lines += published_section(suite, df)
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- `{r['method']['pipeline']}`: {r.get('error', '?')}" for r in failed]
     if unreadable:

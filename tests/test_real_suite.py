@@ -502,3 +502,28 @@ def test_missing_dataset_is_reported_on_use(world, tmp_path):
         s.split("test", "SVHN")
     with pytest.raises(KeyError, match="no dataset card for task 'ImageNet'"):
         get_suite("real", manifest=world.manifest, data_root=root, verbose=False, tasks=["MNIST", "ImageNet"])
+
+
+def test_leaderboard_shows_published_numbers_beside_measured(world, suite, tmp_path):
+    import shutil
+
+    from mergebench import leaderboard
+    from mergebench.run import run_method
+
+    rows = {r["method"]: r for r in leaderboard.published("real-ViT-B-32")}
+    assert {k: v["avg"] for k, v in rows.items()} == {
+        "pretrained": 48.0, "individual": 90.5, "weight_averaging": 65.8, "task_arithmetic": 69.1, "ties_merging": 72.4,
+        "adamerging_taskwise": 71.1, "adamerging_layerwise": 80.1, "lot_merging": 82.7, "cat_merging": 78.3}
+    from mergebench.registry import get_method
+    for name in rows:  # every published row sits beside a registered method
+        get_method(name)
+    assert leaderboard.published("real-tiny") == [] and leaderboard.published("mini8") == []
+    rec = run_method("task_arithmetic", suite, results_dir=tmp_path / "r", device="cpu", show_progress=False,
+                     count_flops=False)
+    # the same record filed under a ViT-B/32 real suite renders beside the published 69.1
+    (tmp_path / "r" / "real-ViT-B-32").mkdir()
+    shutil.copy(rec["_path"], tmp_path / "r" / "real-ViT-B-32" / "ta.json")
+    md = leaderboard.render(tmp_path / "r", "real-ViT-B-32")
+    line = next(l for l in md.splitlines() if l.startswith("| Task Arithmetic") and "69.1" in l)
+    assert f"{rec['metrics']['avg_accuracy']:.1f}" in line and "2310.02575" in line
+    assert "Published numbers" not in leaderboard.render(tmp_path / "r", "real-tiny")
