@@ -127,12 +127,17 @@ def cmd_run(args) -> int:
 def cmd_leaderboard(args) -> int:
     from mergebench import leaderboard
 
-    if args.write:
-        paths = leaderboard.write(args.results, args.suite)
-        print(paths["md"].read_text())
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-    else:
-        print(leaderboard.render(args.results, args.suite, args.format), end="")
+    view = {"max_added_params": args.max_added_params, "needs": args.needs, "sort": args.sort}
+    try:
+        if args.write:
+            paths = leaderboard.write(args.results, args.suite, **view)
+            print(paths["md"].read_text())
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+        else:
+            print(leaderboard.render(args.results, args.suite, args.format, **view), end="")
+    except ValueError as e:  # a budget, data kind or column it cannot read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -243,8 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("leaderboard", help="render the leaderboard from the records")
     s.add_argument("--suite", default="mini8")
     s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
-    s.add_argument("--format", choices=["md", "csv", "latex"], default="md")
-    s.add_argument("--write", action="store_true", help="write LEADERBOARD.md, leaderboard.csv and .tex")
+    s.add_argument("--format", choices=["md", "csv", "latex", "html"], default="md")
+    s.add_argument("--write", action="store_true",
+                   help="write LEADERBOARD.md, leaderboard.csv, .tex, .html and the plots (PNG, SVG)")
+    s.add_argument("--max-added-params", metavar="BUDGET", help="keep methods within '1%%' of the backbone or a count "
+                                                                "('0', '500k', '2M')")
+    s.add_argument("--needs", metavar="KIND", help="keep methods using at most this data: data-free, unlabeled, labeled")
+    s.add_argument("--sort", metavar="COLUMN[:asc|desc]", help="sort by any column (e.g. Norm, 'Added params', "
+                                                                "MMACs/img)")
     s.set_defaults(fn=cmd_leaderboard)
 
     s = sub.add_parser("data", help="real-suite datasets: check what is on disk, or prepare the preprocessing cache")

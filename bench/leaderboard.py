@@ -1,11 +1,21 @@
 """Leaderboards from records: one row per method pipeline (its newest ok record).
 
 Every number in a table comes from a record, and every record from a run.
+
+Budget views (``view``): keep methods within an added-parameter budget (``"1%"`` of the
+backbone or an absolute count such as ``"500k"``), within a data budget (``needs="data-free"``:
+methods that use at most that kind of data), sorted by any column. The ``Pareto`` column marks
+the methods on the accuracy-versus-added-parameters front of the rows shown: no other row is at
+least as accurate with at most as many added parameters (and better in one). ``write`` also
+draws that front and accuracy versus MACs per image (PNG and SVG) and a self-contained HTML page.
 """
 
 from __future__ import annotations
 
+import html
+import math
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -63,6 +73,7 @@ def table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list]:
     df = pd.DataFrame(rows)
     if not df.empty:
         df = df.sort_values("Avg", ascending=False).reset_index(drop=True)
+        df["Pareto"] = pareto_front(df["Avg"], df["Added params"])
     failed = _failed(loaded.records, {r["method"]["pipeline"] for r in ok})
     return df, failed, loaded.unreadable
 
@@ -84,6 +95,8 @@ def _display(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     out = out.drop(columns=["Added %"])
     out["MMACs/img"] = out["MMACs/img"].map(lambda v: f"{v:.2f}")
     out["Merge s"] = out["Merge s"].map(lambda v: f"{v:.1f}")
+    if "Pareto" in out:
+        out["Pareto"] = out["Pareto"].map(lambda v: "*" if v else "")
     return out
 
 
@@ -131,12 +144,30 @@ def published_section(suite: str, df: pd.DataFrame) -> list[str]:
             "Verified = checked against the cited paper.", "", table.to_markdown(index=False)]
 
 
-def render(results_dir, suite: str, fmt: str = "md") -> str:
+NON_TASK_COLUMNS = {"Method", "Pipeline", "Avg", "Norm", "Added params", "Added %", "MMACs/img", "Merge s", "Needs",
+                    "Selection", "Pareto"}
+
+
+def _tasks(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in NON_TASK_COLUMNS]
+
+
+def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | float | None = None,
+           needs: str | None = None, sort: str | None = None, plots: bool = False) -> str:
+    """The leaderboard as Markdown (``md``), ``csv``, ``latex`` (booktabs) or ``html`` (self-contained).
+
+    ``max_added_params``, ``needs`` and ``sort`` select a budget view (see ``view``); ``plots``
+    (Markdown) links the plot files that ``write`` puts next to it.
+    """
     df, failed, unreadable = table(results_dir, suite)
     if df.empty and not failed:
         return f"No records for suite {suite!r} in {results_dir}. Run `mergebench run --suite {suite} ...` first.\n"
-    tasks = [c for c in df.columns if c not in {"Method", "Pipeline", "Avg", "Norm", "Added params", "Added %",
-                                                 "MMACs/img", "Merge s", "Needs", "Selection"}]
+    filters = describe_view(max_added_params, needs, sort)
+    if not df.empty:
+        df = view(df, max_added_params, needs, sort)
+    if fmt == "html":
+        return to_html(df, failed, unreadable, suite, filters, plot_svgs(df, suite) if not df.empty else {})
+    tasks = _tasks(df)
     if fmt == "csv":
         return df.to_csv(index=False)
     shown = _display(df, tasks) if not df.empty else df
@@ -148,8 +179,17 @@ def render(results_dir, suite: str, fmt: str = "md") -> str:
              "task's expert accuracy. Added params = what the merged model stores beyond one backbone "
              "(count from its tensors, % of the backbone). MMACs/img = multiply-accumulates per image (fvcore). "
              "Generated from the run records in this folder by `mergebench leaderboard`.", ""]
+    lines[2] += (" Pareto = * on the accuracy-versus-added-parameters front of the rows shown (no other row is at "
+                 "least as accurate with at most as many added parameters).")
+    if filters:
+        lines += [f"View: {filters}.", ""]
     if not shown.empty:
         lines.append(shown.to_markdown(index=False))
+    if plots and not df.empty:
+        lines += ["", "## Budgets", "", "![Accuracy vs added parameters](pareto_params.svg)",
+                  "![Accuracy vs MACs per image](accuracy_flops.svg)",
+                  "", "Also as PNG (`pareto_params.png`, `accuracy_flops.png`) and as a sortable page "
+                  "(`leaderboard.html`)."]
     checks = sanity(df) if not df.empty else []
     if checks:
         lines += ["", "## Benchmark sanity (from the measured numbers above)", ""] + [f"- {c}" for c in checks]
@@ -161,10 +201,281 @@ def render(results_dir, suite: str, fmt: str = "md") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results_dir, suite: str, out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Write LEADERBOARD.md, leaderboard.csv and leaderboard.tex next to the records."""
+def write(results_dir, suite: str, out_dir: str | os.PathLike | None = None, plots: bool = True,
+          **view_options) -> dict[str, Path]:
+    """Write LEADERBOARD.md, leaderboard.csv and leaderboard.tex next to the records; with ``plots``
+    also leaderboard.html and the plots (pareto_params.{png,svg}, accuracy_flops.{png,svg})."""
     out_dir = Path(out_dir or Path(results_dir) / suite)
+    df = table(results_dir, suite)[0]
+    plots = plots and not df.empty
     paths = {}
     for fmt, name in (("md", "LEADERBOARD.md"), ("csv", "leaderboard.csv"), ("latex", "leaderboard.tex")):
-        paths[fmt] = atomic_write_text(out_dir / name, render(results_dir, suite, fmt))
+        paths[fmt] = atomic_write_text(out_dir / name, render(results_dir, suite, fmt, plots=plots, **view_options))
+    if plots:
+        paths["html"] = atomic_write_text(out_dir / "leaderboard.html", render(results_dir, suite, "html", **view_options))
+        shown = view(df, **view_options)
+        for key, fig in figures(shown, suite).items():
+            for ext in ("png", "svg"):
+                paths[f"{key}_{ext}"] = _save_figure(fig, out_dir / f"{key}.{ext}")
     return paths
+
+
+# ------------------------------------------------------------------ budget views
+NEEDS_ALIASES = {"data-free": "nothing", "datafree": "nothing", "none": "nothing", "nothing": "nothing",
+                 "unlabeled": "unlabeled", "labeled": "labeled", "sequential": "sequential"}
+_NEEDS_LEVEL = {"nothing": 0, "unlabeled": 1, "labeled": 2, "sequential": 3}
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
+
+
+def parse_budget(text: str | float | int) -> tuple[str, float]:
+    """``"1%"`` -> ("pct", 1.0) of the backbone; ``"500k"``, ``"2M"``, ``"1e6"``, ``0`` -> ("count", n)."""
+    if isinstance(text, (int, float)):
+        return "count", float(text)
+    t = str(text).strip().lower().replace(",", "").replace("_", "")
+    m = re.fullmatch(r"([0-9.e+-]+)\s*(%|[kmgb]?)", t)
+    try:
+        value = float(m.group(1)) if m else None
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"cannot read the parameter budget {text!r}: write a percentage of the backbone "
+                         f"('1%') or a count ('0', '500k', '2M', '1e6')")
+    if m.group(2) == "%":
+        return "pct", value
+    return "count", value * _SUFFIX[m.group(2)]
+
+
+def _needs_filter(needs: str) -> set[str]:
+    key = NEEDS_ALIASES.get(str(needs).strip().lower())
+    if key is None:
+        raise ValueError(f"unknown data budget {needs!r}; use one of {', '.join(sorted(NEEDS_ALIASES))}")
+    if key == "sequential":
+        return {"nothing", "sequential"}
+    return {k for k, level in _NEEDS_LEVEL.items() if level <= _NEEDS_LEVEL[key] and k != "sequential"}
+
+
+def _sort_spec(sort: str, columns) -> tuple[str, bool]:
+    """``"COLUMN"`` or ``"COLUMN:asc|desc"``; accuracy columns sort descending, costs ascending by default."""
+    name, _, direction = sort.rpartition(":") if sort.lower().endswith((":asc", ":desc")) else (sort, "", "")
+    match = next((c for c in columns if c.lower() == name.strip().lower()), None)
+    if match is None:
+        from mergebench.registry import close_matches
+        shown = [c for c in columns if c != "Pipeline"]
+        raise ValueError(f"cannot sort by {name!r}{close_matches(name, shown)} (columns: {', '.join(shown)})")
+    if direction:
+        return match, direction.lower() == "asc"
+    return match, match in {"Method", "Added params", "Added %", "MMACs/img", "Merge s", "Needs", "Selection"}
+
+
+def view(df: pd.DataFrame, max_added_params: str | float | None = None, needs: str | None = None,
+         sort: str | None = None) -> pd.DataFrame:
+    """A budget view of ``table()``'s rows; the Pareto column is recomputed on the rows kept."""
+    out = df
+    if max_added_params is not None and not out.empty:
+        kind, limit = parse_budget(max_added_params)
+        column = "Added %" if kind == "pct" else "Added params"
+        out = out[out[column] <= limit + 1e-9]
+    if needs is not None and not out.empty:
+        allowed = _needs_filter(needs)
+        out = out[[set(n.split(",")) <= allowed for n in out["Needs"]]]
+    if sort is not None and not out.empty:
+        column, ascending = _sort_spec(sort, out.columns)
+        out = out.sort_values(column, ascending=ascending, kind="stable")
+    out = out.reset_index(drop=True)
+    if not out.empty:
+        out["Pareto"] = pareto_front(out["Avg"], out["Added params"])
+    return out
+
+
+def describe_view(max_added_params=None, needs=None, sort=None) -> str:
+    bits = []
+    if max_added_params is not None:
+        kind, limit = parse_budget(max_added_params)
+        bits.append(f"added parameters <= {limit:g}% of the backbone" if kind == "pct" else
+                    f"added parameters <= {_fmt_params(limit)}")
+    if needs is not None:
+        bits.append("data: " + " or ".join("none (data-free)" if k == "nothing" else k
+                                           for k in sorted(_needs_filter(needs), key=_NEEDS_LEVEL.get)))
+    if sort is not None:
+        bits.append(f"sorted by {sort}")
+    return "; ".join(bits)
+
+
+def pareto_front(accuracy, cost) -> list[bool]:
+    """True where no other point has accuracy >= and cost <= with one of them strict."""
+    points = list(zip([float(a) for a in accuracy], [float(c) for c in cost]))
+    front = []
+    for i, (a, c) in enumerate(points):
+        dominated = any(a2 >= a and c2 <= c and (a2 > a or c2 < c)
+                        for j, (a2, c2) in enumerate(points) if j != i and not math.isnan(a2) and not math.isnan(c2))
+        front.append(not dominated and not math.isnan(a) and not math.isnan(c))
+    return front
+
+
+# ------------------------------------------------------------------ plots
+_NEEDS_COLOR = {"nothing": "#1f77b4", "unlabeled": "#ff7f0e", "labeled": "#2ca02c", "sequential": "#9467bd"}
+
+
+def _needs_of(row) -> str:
+    kinds = row["Needs"].split(",")
+    return max(kinds, key=lambda k: _NEEDS_LEVEL.get(k, 0))
+
+
+def _scatter(ax, x, y, labels, colors, front_mask, xlabel, title):
+    ax.scatter(x, y, c=colors, s=28, zorder=3, edgecolors="none")
+    fx = [(xi, yi) for xi, yi, f in zip(x, y, front_mask) if f]
+    if fx:
+        fx.sort()
+        xs, ys = zip(*fx)
+        ax.step(xs, ys, where="post", color="black", lw=1, zorder=2, label="Pareto front")
+        ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="black", zorder=4)
+    grouped: dict = {}  # methods at the same point share one label
+    for xi, yi, label in zip(x, y, labels):
+        grouped.setdefault((xi, yi), []).append(label)
+    for (xi, yi), names in grouped.items():
+        ax.annotate(" / ".join(names), (xi, yi), fontsize=6, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def figures(df: pd.DataFrame, suite: str) -> dict:
+    """{'pareto_params': Figure, 'accuracy_flops': Figure} (Agg canvas; no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    if df.empty:
+        return {}
+    labels = list(df["Method"])
+    colors = [_NEEDS_COLOR.get(_needs_of(r), "gray") for _, r in df.iterrows()]
+    legend = [Line2D([], [], marker="o", ls="", color=c, label="data-free" if k == "nothing" else k)
+              for k, c in _NEEDS_COLOR.items() if c in colors]
+    out = {}
+
+    fig = Figure(figsize=(8.5, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    added = [float(v) for v in df["Added params"]]
+    positive = [v for v in added if v > 0]
+    # log axis; methods adding nothing sit at a "0" tick one decade left of the smallest positive count
+    zero_x = 10 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1.0
+    xs = [v if v > 0 else zero_x for v in added]
+    _scatter(ax, xs, list(df["Avg"]), labels, colors, list(df["Pareto"]),
+             "added parameters stored beyond one backbone (log; 0 at the left)", f"{suite}: accuracy vs added parameters")
+    ax.set_xscale("log")
+    ticks = [zero_x] + [10 ** k for k in range(int(math.log10(zero_x)) + 1, int(math.log10(max(xs))) + 2)]
+    ax.set_xticks(ticks, ["0"] + [f"$10^{{{int(round(math.log10(t)))}}}$" for t in ticks[1:]])
+    ax.set_xlim(zero_x / 2, max(xs) * 3)
+    ax.legend(handles=legend + [Line2D([], [], color="black", lw=1, label="Pareto front")], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    out["pareto_params"] = fig
+
+    fig = Figure(figsize=(8.5, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    macs = [float(v) for v in df["MMACs/img"]]
+    _scatter(ax, macs, list(df["Avg"]), labels, colors, pareto_front(df["Avg"], macs),
+             "MMACs per image (mean over tasks)", f"{suite}: accuracy vs inference cost")
+    finite = [m for m in macs if m > 0 and not math.isnan(m)]
+    if finite and max(finite) / min(finite) > 20:
+        ax.set_xscale("log")
+    ax.legend(handles=legend + [Line2D([], [], color="black", lw=1, label="Pareto front")], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    out["accuracy_flops"] = fig
+    return out
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Save through a temporary file (atomic); SVG without dates and with fixed ids (reproducible files)."""
+    import matplotlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fmt = path.suffix[1:]
+    metadata = {"Date": None} if fmt == "svg" else {"Software": None}
+    with matplotlib.rc_context({"svg.hashsalt": "mergebench", "svg.fonttype": "none"}):
+        fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_svgs(df: pd.DataFrame, suite: str) -> dict[str, str]:
+    """The plots as SVG text (for the HTML page)."""
+    import io
+
+    import matplotlib
+
+    out = {}
+    for key, fig in figures(df, suite).items():
+        buf = io.StringIO()
+        with matplotlib.rc_context({"svg.hashsalt": "mergebench", "svg.fonttype": "none"}):
+            fig.savefig(buf, format="svg", metadata={"Date": None})
+        text = buf.getvalue()
+        out[key] = text[text.index("<svg"):]
+    return out
+
+
+# ------------------------------------------------------------------ HTML
+_SORT_JS = """
+document.querySelectorAll('table.lb th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const asc = th.dataset.dir !== 'asc';
+  th.closest('tr').querySelectorAll('th').forEach(h => delete h.dataset.dir);
+  th.dataset.dir = asc ? 'asc' : 'desc';
+  const key = td => { const v = td.dataset.v ?? td.textContent; const n = parseFloat(v);
+                      return isNaN(n) ? v.toLowerCase() : n; };
+  [...body.rows].sort((a, b) => { const x = key(a.cells[col]), y = key(b.cells[col]);
+    return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def to_html(df: pd.DataFrame, failed: list, unreadable: list, suite: str, filters: str = "",
+            svgs: dict | None = None) -> str:
+    """One self-contained page: a sortable table (click a header) and the plots as inline SVG."""
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mergebench leaderboard: {e(suite)}</title>",
+             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+             "table{border-collapse:collapse;font-size:13px}th,td{padding:3px 8px;border-bottom:1px solid #ddd;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}th{cursor:pointer;background:#f4f4f4}"
+             "th[data-dir=asc]::after{content:' \\25B2'}th[data-dir=desc]::after{content:' \\25BC'}"
+             "tr.pareto td:first-child{font-weight:bold}.plots svg{max-width:48%;height:auto}</style></head><body>",
+             f"<h1>mergebench leaderboard: {e(suite)}</h1>",
+             "<p>Top-1 accuracy (%) per task on the test split; Avg = mean over tasks; Norm = mean of accuracy / the "
+             "task's expert accuracy; added parameters are what the merged model stores beyond one backbone; MMACs/img "
+             "counted by fvcore. Bold rows (Pareto = &#9733;) are on the accuracy-versus-added-parameters front. "
+             "Click a column header to sort.</p>"]
+    if filters:
+        parts.append(f"<p><b>View:</b> {e(filters)}</p>")
+    if not df.empty:
+        tasks = _tasks(df)
+        shown = _display(df, tasks)
+        cols = list(shown.columns)
+        parts.append("<table class='lb'><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr></thead><tbody>")
+        raw_of = {"Added params": "Added params"}
+        for i, row in shown.iterrows():
+            cells = []
+            for c in cols:
+                text = "&#9733;" if c == "Pareto" and row[c] else e(str(row[c]))
+                raw = df.loc[i, raw_of.get(c, c)] if c in df.columns and c not in ("Method",) else None
+                attr = f" data-v='{float(raw)}'" if isinstance(raw, (int, float)) and not isinstance(raw, bool) else ""
+                if c == "Pareto":
+                    attr = f" data-v='{int(bool(df.loc[i, 'Pareto']))}'"
+                cells.append(f"<td{attr}>{text}</td>")
+            cls = " class='pareto'" if df.loc[i, "Pareto"] else ""
+            parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+        parts.append("</tbody></table>")
+    if svgs:
+        parts.append("<h2>Budgets</h2><div class='plots'>" + "".join(svgs.values()) + "</div>")
+    if failed:
+        parts.append("<h2>Failed runs</h2><ul>" + "".join(
+            f"<li><code>{e(r['method']['pipeline'])}</code>: {e(str(r.get('error', '?')))}</li>" for r in failed) + "</ul>")
+    if unreadable:
+        parts.append("<h2>Unreadable record files (skipped)</h2><ul>" + "".join(
+            f"<li>{e(str(p))}: {e(why)}</li>" for p, why in unreadable) + "</ul>")
+    parts.append(f"<script>{_SORT_JS}</script></body></html>")
+    return "\n".join(parts) + "\n"
