@@ -527,3 +527,19 @@ def test_leaderboard_shows_published_numbers_beside_measured(world, suite, tmp_p
     line = next(l for l in md.splitlines() if l.startswith("| Task Arithmetic") and "69.1" in l)
     assert f"{rec['metrics']['avg_accuracy']:.1f}" in line and "2310.02575" in line
     assert "Published numbers" not in leaderboard.render(tmp_path / "r", "real-tiny")
+
+
+def test_torchscript_backbone_file_is_read(world, tmp_path):
+    """OpenAI distributes CLIP as a TorchScript archive; it is read without unpickling Python objects."""
+    scripted = torch.jit.script(tiny_clip(0))
+    path = tmp_path / "ViT-tiny.pt"
+    torch.jit.save(scripted, str(path))
+    assert zoo._guess_format(path) == "openai_jit"
+    raw = yaml.safe_load(world.manifest.read_text())
+    raw["backbone"] = {"path": str(path), "sha256": zoo.sha256_of(path)}
+    raw["experts"] = {t: {**e, "path": str(world.manifest.parent / e["path"])} for t, e in raw["experts"].items()}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(raw))
+    clip, digest = zoo.build_clip(zoo.Manifest.load(tmp_path / "m.yaml"))
+    assert digest == zoo.sha256_of(path)
+    for k, v in world.clip.state_dict().items():
+        assert torch.equal(clip.state_dict()[k], v), k

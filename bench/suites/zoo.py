@@ -211,7 +211,7 @@ def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -
             return load_file(path)
         if fmt == "openai_jit":
             return {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()
-                    if k not in _OPENAI_EXTRA}
+                    if k not in _OPENAI_EXTRA and not k.endswith("attn_mask")}  # attn_mask: a non-persistent buffer
         if fmt == "task_vectors_pickle":
             return _converted_pickle(path, trust_pickle)
         try:
