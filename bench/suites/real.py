@@ -58,6 +58,8 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
               tasks: list[str] | None = None, trust_pickle: bool = False, cards_dir=None, verbose: bool = True,
               workers: int | None = None, device: str | None = None) -> Suite:
     """The real suite from ``manifest`` (backbone + experts) and the datasets under ``data_root``."""
+    if manifest is None:
+        raise ValueError("the real suite needs a model-zoo manifest: --manifest M.yaml (see bench/suites/zoo.py)")
     m = manifest if isinstance(manifest, zoo.Manifest) else zoo.Manifest.load(manifest)
     root = Path(data_root) if data_root else m.data_root
     if root is None:
