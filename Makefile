@@ -3,11 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench leaderboard clean-venv
+.PHONY: demo test bench leaderboard docs clean-venv
 
-$(BIN)/.installed: pyproject.toml
+EXAMPLE_PLUGIN := examples/mergebench-example-plugin
+
+$(BIN)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[test]"
+	# the example external plugin (Model Breadcrumbs), so the tests show it beside the built-ins
+	$(BIN)/pip install -q --no-deps -e $(EXAMPLE_PLUGIN)
 	touch $@
 
 ## Build mini8 if it is not cached, run every registered method on it, write and print the leaderboard.
@@ -24,6 +28,10 @@ bench: $(BIN)/.installed
 
 leaderboard: $(BIN)/.installed
 	$(BIN)/mergebench leaderboard --suite mini8 --write
+
+## Regenerate the per-method reference pages (a test fails when they are out of date).
+docs: $(BIN)/.installed
+	$(BIN)/mergebench docs --out docs/methods
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,6 +9,7 @@
     mergebench demo [--suite mini8]
     mergebench sweep METHOD_SPEC... [--config sweep.yaml] [--grid k=v1,v2] [--seeds 0,1] [--executor local|slurm] [--jobs N]
     mergebench status SWEEP_NAME [-v]
+    mergebench new-method NAME [--dir D]      mergebench check-plugin NAME      mergebench docs [--out docs/methods]
 """
 
 from __future__ import annotations
@@ -193,6 +194,46 @@ def cmd_sweep(args) -> int:
     return 0 if counts["failed"] == counts["missing"] == 0 else 1
 
 
+def cmd_new_method(args) -> int:
+    from mergebench.scaffold import new_method
+
+    try:
+        root = new_method(args.name, args.dir, force=args.force)
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {root}\nnext: pip install -e {root} && mergebench check-plugin {args.name}")
+    return 0
+
+
+def cmd_check_plugin(args) -> int:
+    from mergebench.conformance import check_plugin
+
+    suite = None
+    if args.suite != "micro":
+        suite = _suite(args)
+    reports = check_plugin(args.name, suite=suite, seed=args.seed)
+    for report in reports:
+        print(report.render())
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_docs(args) -> int:
+    from mergebench import docs
+
+    if args.check:
+        stale = docs.stale(args.out)
+        if stale:
+            print(f"out of date in {args.out}: {', '.join(stale)}; run `mergebench docs --out {args.out}`",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    paths = docs.write(args.out)
+    print(f"wrote {len(paths)} pages to {args.out}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from mergebench.sweep import Sweep, job_status, render_status, summarize
 
@@ -290,6 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="per-job merge time limit")
     s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("new-method", help="scaffold an installable method plugin package")
+    s.add_argument("name", help="the method's registry name, e.g. my_merging")
+    s.add_argument("--dir", default=".", help="where to create mergebench-NAME/ (default: here)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    s.set_defaults(fn=cmd_new_method)
+
+    s = sub.add_parser("check-plugin", help="conformance kit for a method (or every method of a plugin)")
+    s.add_argument("name", help="method name, wildcard, or plugin distribution / entry-point name")
+    s.add_argument("--suite", default="micro", help="suite to run on (default micro: seconds)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_check_plugin)
+
+    s = sub.add_parser("docs", help="write one reference page per built-in method from the registry")
+    s.add_argument("--out", default="docs/methods")
+    s.add_argument("--check", action="store_true", help="only report pages that are out of date")
+    s.set_defaults(fn=cmd_docs)
 
     s = sub.add_parser("status", help="done, running, failed and missing jobs of a sweep")
     s.add_argument("name", help="the sweep's name (printed by `mergebench sweep`)")

@@ -1,0 +1,1 @@
+"""Model Breadcrumbs as a mergebench plugin (importing ``.method`` registers it)."""
