@@ -18,14 +18,16 @@ def cat_linear_bases(task_matrices: torch.Tensor, grams: torch.Tensor, lam: floa
     M_k = sum_{i != k} T_i (G_k - lam G_i) T_i^T: the output directions in which the other tasks' vectors
     change task k's features most while carrying little of their own tasks' knowledge. Torch [out, in] layout.
     """
-    t = task_matrices.to(torch.float64)
-    g = grams.to(torch.float64)
-    own = (t @ g @ t.transpose(1, 2)).sum(0)                    # sum_i T_i G_i T_i^T  [out, out]
+    # the products in float32 (they dominate the cost), the eigendecomposition in float64
+    t = task_matrices.float()
+    g = grams.float()
+    own = t @ g @ t.transpose(1, 2)                             # T_i G_i T_i^T  [K, out, out]
+    own_sum = own.sum(0)
     bases = []
     for k in range(len(t)):
         others = [i for i in range(len(t)) if i != k]
         cross = (t[others] @ g[k] @ t[others].transpose(1, 2)).sum(0)
-        m = cross - lam * (own - t[k] @ g[k] @ t[k].t())
+        m = (cross - lam * (own_sum - own[k])).double()
         evals, evecs = torch.linalg.eigh((m + m.t()) / 2)
         top = evals.argsort(descending=True)[:c]
         bases.append(evecs[:, top[evals[top] > 0]])
