@@ -15,6 +15,9 @@ def _isolated_cache(tmp_path_factory):
     else:
         os.environ["MERGEBENCH_CACHE"] = os.environ["MERGEBENCH_TEST_CACHE"]
     os.environ["MERGEBENCH_QUIET"] = "1"
+    # micro models are tiny: one thread is faster and does not fight other processes for cores
+    import torch
+    torch.set_num_threads(1)
     yield
 
 

@@ -51,11 +51,11 @@ class Mini8Config:
     n_test: int = 1000
     pretrain_per_task: int = 1500
     pretrain_generic: int = 6000
-    pretrain_epochs: int = 6
+    pretrain_epochs: int = 10
     pretrain_lr: float = 1e-3
     head_shots: int = 1
-    finetune_epochs: int = 6
-    finetune_lr: float = 3e-4
+    finetune_epochs: int = 5
+    finetune_lr: float = 1e-4
     batch_size: int = 128
     weight_decay: float = 0.1
 

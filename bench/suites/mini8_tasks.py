@@ -138,27 +138,22 @@ def digits(n, g):
 
 
 def house_numbers(n, g):
-    """SVHN analogue: a colored digit on a textured background, between cropped distractor digits."""
+    """SVHN analogue: a colored digit on a textured, colored background (house-number plates)."""
     y = _randint(g, n, 10)
     bg, fg = _colors(g, n), _colors(g, n)
     fg = torch.where((fg - bg).abs().sum(1, keepdim=True) < 0.8, 1 - bg, fg)
     img = _fill(bg) * (0.75 + 0.5 * _smooth_noise(g, n, 4))
-    h = _u(g, n, 18, 24)
-    cy = _u(g, n, 14, 18)
-    for offset in (-1, 1):
-        cx = 16 + offset * h * _u(g, n, 0.85, 1.05)
-        img = _paint(img, _digit_coverage(g, _randint(g, n, 10), cx, cy, h), fg)
-    img = _paint(img, _digit_coverage(g, y, _u(g, n, 14.5, 17.5), cy, h), fg)
+    img = _paint(img, _digit_coverage(g, y, _u(g, n, 14, 18), _u(g, n, 14, 18), _u(g, n, 18, 24)), fg)
     return _to_uint8(img, g, 0.06), y
 
 
 def signs(n, g):
-    """GTSRB analogue: 4 sign shapes x 3 inner symbols on a cluttered background."""
-    y = _randint(g, n, 12)
-    shape, symbol = y // 3, y % 3
+    """GTSRB analogue: 4 sign shapes x 2 rim colors on a cluttered background, with a random inner symbol."""
+    y = _randint(g, n, 8)
+    shape, red_rim, symbol = y // 2, y % 2, _randint(g, n, 3)
     img = _fill(_colors(g, n, 0.1, 0.7)) * (0.5 + _smooth_noise(g, n, 6, 3))
     cx, cy, r = _u(g, n, 13, 19), _u(g, n, 13, 19), _u(g, n, 9, 13)
-    rim = torch.where(_randint(g, n, 2).view(-1, 1) == 0, torch.tensor([0.85, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.85]))
+    rim = torch.where(red_rim.view(-1, 1) == 1, torch.tensor([0.85, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.85]))
     rim = rim * _u(g, n, 0.6, 1.1).view(-1, 1)
     spin = _u(g, n, -0.12, 0.12)
     outer = torch.stack([_circle(cx, cy, r), _ngon(cx, cy, r, 3, spin - math.pi / 2),
@@ -178,11 +173,11 @@ def signs(n, g):
 
 
 def textures(n, g):
-    """DTD analogue: 10 texture families with random colors, scale, orientation and phase."""
-    y = _randint(g, n, 10)
+    """DTD analogue: 8 texture families with random colors, scale, orientation and phase."""
+    y = _randint(g, n, 8)
     c0, c1 = _colors(g, n), _colors(g, n)
     theta = _u(g, n, 0, math.pi)
-    freq = _u(g, n, 0.25, 0.6)
+    freq = _u(g, n, 0.35, 0.55)
     phase = _u(g, n, 0, 2 * math.pi)
     x, yy = _local(torch.full((n,), 16.0), torch.full((n,), 16.0), theta)
     f, p = _b(freq), _b(phase)
@@ -194,14 +189,12 @@ def textures(n, g):
         (torch.sin(f * x + p) > 0) ^ (torch.sin(f * yy + p) > 0),           # checkerboard
         (torch.sin(f * x + p) * torch.sin(f * yy + p)) > 0.55,              # dots
         (torch.sin(f * x + p).abs() < 0.3) | (torch.sin(f * yy + p).abs() < 0.3),  # grid
-        torch.sin(f * x + 2.5 * (f * yy % math.pi - math.pi / 2).abs() + p) > 0,   # zigzag
         torch.sin(1.3 * f * r + p) > 0,                                     # concentric rings
         torch.sin(f * x + 2.0 * torch.sin(0.5 * f * yy) + p) > 0,           # waves
-        (torch.sin(f * (x + yy) + p).abs() < 0.35) | (torch.sin(f * (x - yy) + p).abs() < 0.35),  # crosshatch
         blob > 0.5,                                                         # blotches
         fib > 0.5,                                                          # fibrous
     ], 1).float()
-    a = (patterns * F.one_hot(y, 10).float().view(n, 10, 1, 1)).sum(1)
+    a = (patterns * F.one_hot(y, 8).float().view(n, 8, 1, 1)).sum(1)
     img = _paint(_fill(c0), a, c1)
     return _to_uint8(img, g, 0.05), y
 
@@ -302,11 +295,11 @@ def vehicles(n, g):
         [28, 5, 0.25, 0.55, 4, 2.0, 2],   # limousine
         [22, 7, 0.15, 0.75, 3, 2.3, 2],   # minivan
     ])[y]
-    s = _u(g, n, 0.8, 1.05)
+    s = _u(g, n, 0.95, 1.05)
     length, height = spec[:, 0] * s, spec[:, 1] * s
     cx, ground = _u(g, n, 14, 18), _u(g, n, 22, 26)
     flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    img = _fill(_colors(g, n, 0.5, 1.0)) * (0.8 + 0.3 * _smooth_noise(g, n, 3, 3))
+    img = _fill(_colors(g, n, 0.5, 1.0))
     img = _paint(img, (_Y > _b(ground)).float(), _colors(g, n, 0.2, 0.5))
     paint = _colors(g, n)
     body_cy = ground - spec[:, 5] * s - height / 2 + 1
@@ -382,9 +375,9 @@ TASKS = [
     TaskSpec("aerial", "RESISC45", 10, aerial),
     TaskSpec("landcover", "EuroSAT", 10, landcover),
     TaskSpec("house_numbers", "SVHN", 10, house_numbers),
-    TaskSpec("signs", "GTSRB", 12, signs),
+    TaskSpec("signs", "GTSRB", 8, signs),
     TaskSpec("digits", "MNIST", 10, digits),
-    TaskSpec("textures", "DTD", 10, textures),
+    TaskSpec("textures", "DTD", 8, textures),
 ]
 GENERIC = TaskSpec("generic_shapes", "pretraining mixture", 16, generic_shapes)
 
