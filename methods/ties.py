@@ -29,13 +29,17 @@ def elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
     return torch.where(sign == 0, majority, sign)
 
 
+def sign_agreeing(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Each row's entries that are nonzero and agree with the elected sign (the rest zeroed)."""
+    return trimmed * ((torch.sign(trimmed) == sign) & (trimmed != 0))
+
+
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge: str = "sum") -> torch.Tensor:
     """Combine only the entries that agree with the elected sign: their sum or their mean."""
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-    selected = trimmed * agree
+    selected = sign_agreeing(trimmed, sign)
     if merge == "sum":
         return selected.sum(0)
-    return selected.sum(0) / agree.sum(0).clamp(min=1)
+    return selected.sum(0) / (selected != 0).sum(0).clamp(min=1)
 
 
 def ties_task_vectors(task_vectors: list[Weights], k: float = 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +47,7 @@ def ties_task_vectors(task_vectors: list[Weights], k: float = 20) -> tuple[torch
     flat = torch.stack([tv.flatten() for tv in task_vectors])
     trimmed = trim_top_k(flat, k)
     sign = elect_sign(trimmed)
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-    return trimmed * agree, sign
+    return sign_agreeing(trimmed, sign), sign
 
 
 @register_method("ties_merging", display_name="TIES-Merging", family="data-free", paper=TIES,
@@ -61,8 +64,6 @@ def ties_merging(ctx, k: float = 20.0, scaling: float = 0.3, merge: Literal["sum
     official implementation does (not per layer).
     """
     tvs = list(ctx.task_vectors().values())
-    selected, _ = ties_task_vectors(tvs, k)
-    merged = selected.sum(0)
-    if merge == "mean":
-        merged = merged / (selected != 0).sum(0).clamp(min=1)
+    trimmed = trim_top_k(torch.stack([tv.flatten() for tv in tvs]), k)
+    merged = disjoint_merge(trimmed, elect_sign(trimmed), merge)
     return ctx.shared_model(ctx.pretrained_weights + scaling * tvs[0].unflatten(merged))
