@@ -93,7 +93,7 @@ def _display(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
         out[col] = out[col].map(lambda v: f"{v:.1f}")
     out["Added params"] = [f"{_fmt_params(n)} ({pct:.2f}%)" for n, pct in zip(df["Added params"], df["Added %"])]
     out = out.drop(columns=["Added %"])
-    out["MMACs/img"] = out["MMACs/img"].map(lambda v: f"{v:.2f}")
+    out["MMACs/img"] = out["MMACs/img"].map(lambda v: f"{v:.3f}")  # 3 decimals: add-ons cost thousands of MACs
     out["Merge s"] = out["Merge s"].map(lambda v: f"{v:.1f}")
     if "Pareto" in out:
         out["Pareto"] = out["Pareto"].map(lambda v: "*" if v else "")
