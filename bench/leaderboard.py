@@ -46,6 +46,8 @@ def _label(rec: dict) -> str:
     except (UnknownMethodError, ValueError):  # method no longer registered: show everything
         defaults = {}
     changed = {k: v for k, v in hparams.items() if defaults.get(k) != v}
+    if "base" in changed:  # the full base spec is in the Pipeline column; name its method here
+        changed["base"] = str(changed["base"]).split("(")[0]
     return name + (f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
 
 
