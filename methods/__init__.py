@@ -1,5 +1,5 @@
 """Built-in merging methods. Importing this package registers them all (one module per family)."""
 
 from mergebench.methods import baselines, ties  # noqa: F401
-from mergebench.methods import cat, dare, fisher, iso, lot, regmean, tall, tsv, wudi  # noqa: F401,E402  (data-free and closed-form)
+from mergebench.methods import cat, dare, doge, fisher, iso, lot, regmean, tall, tsv, wudi  # noqa: F401,E402  (data-free and closed-form)
 from mergebench.methods import adamerging, intervmerge, surgery  # noqa: F401,E402  (test-time adaptation)
