@@ -9,11 +9,8 @@ disjoint; each task keeps its own vector and lambda).
 
 from __future__ import annotations
 
-import torch
 
-from mergebench.methods.functional import (
-    AdaMergedModel, entropy, functional_merge, unlabeled_streams,
-)
+from mergebench.methods.functional import AdaMergedModel, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.models import freeze
 from mergebench.registry import Paper, register_method
 
@@ -39,24 +36,12 @@ HELP = {
 
 def run_adamerging(ctx, granularity: str, ties_k: float | None, steps: int, lr: float, init: float,
                    batch_size: int, batches_per_task: int) -> AdaMergedModel:
-    """The official loop; all tasks' batches go through the merged encoder in one forward pass
-    (the encoder is per-image, so this equals one pass per batch) and the loss is the sum of
-    each batch's mean entropy."""
+    """The official loop (:func:`minimize_entropy`): the loss is the sum of each batch's mean entropy."""
     streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
     fm = functional_merge(ctx, granularity, init, ties_k)
-    heads = {t: ctx.head(t) for t in ctx.tasks}
-    opt = torch.optim.Adam([fm.lambdas], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     name = f"AdaMerging{'++' if ties_k is not None else ''} ({granularity}-wise)"
     key = f"adamerging_{granularity}wise{'_pp' if ties_k is not None else ''}"
-    for _ in ctx.progress(range(steps), desc=name):
-        tasks = [t for t in ctx.tasks for _ in range(batches_per_task)]
-        batches = [next(streams[t]) for t in tasks]
-        features = fm(torch.cat(batches)).split([len(b) for b in batches])
-        loss = sum(entropy(heads[t](f)) for t, f in zip(tasks, features))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ctx.log(f"{key}/loss", loss.item())
+    minimize_entropy(ctx, fm, [fm.lambdas], steps, lr, streams, batches_per_task, name, key)
     lam = fm.coefficients().detach()
     for i, t in enumerate(ctx.tasks):
         ctx.log(f"{key}/lambda_mean/{t}", lam[:, i].mean().item())

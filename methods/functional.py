@@ -7,14 +7,18 @@
   per task, as in the official AdaMerging code (weight and bias are separate "layers").
 * :class:`MergeState` / :class:`AdaMergedModel`: what an AdaMerging base hands to an add-on
   that trains the coefficients further (IntervMerge's joint training).
+  Options used by later methods: unclamped coefficients, a mask shared by the tasks on the
+  task-vector sum (Concrete subspace learning), and an overridable ``combined_task_vector``
+  (AdaRank builds each tau_t from its masked SVD).
 * Data helpers: per-task unlabeled streams (always through ``ctx.unlabeled``), expert
-  embeddings as distillation targets, and the entropy objective.
+  embeddings as distillation targets, and the entropy objective with its Adam loop
+  (:func:`minimize_entropy`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +41,14 @@ class FunctionalMerge(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, pretrained: Weights, task_vectors: Sequence[Weights],
-                 granularity: Granularity = "layer", init: float | Tensor = 0.3):
+                 granularity: Granularity = "layer", init: float | Tensor = 0.3,
+                 clamp: tuple[float, float] | None = (0.0, 1.0)):
         super().__init__()
         if granularity not in ("task", "layer"):
             raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
         self.encoder = freeze(encoder)
         self.granularity = granularity
+        self.clamp = clamp  # None: unclamped coefficients (Concrete AdaMerging, AdaRank)
         self.keys = list(pretrained)
         self.num_tasks = len(task_vectors)
         # plain attributes, not buffers: the training scaffold is not part of any returned model
@@ -61,15 +67,21 @@ class FunctionalMerge(nn.Module):
         self.lambdas = nn.Parameter(raw.to(next(iter(self.theta0.values())).device))
 
     def coefficients(self) -> Tensor:
-        """The clamped coefficients, (n_tensors or 1, T). Hard clamp: zero gradient outside [0, 1]."""
-        return self.lambdas.clamp(0.0, 1.0)
+        """The coefficients, (n_tensors or 1, T), clamped to ``clamp`` (hard clamp: zero gradient outside)."""
+        return self.lambdas if self.clamp is None else self.lambdas.clamp(*self.clamp)
 
-    def merged_weights(self) -> dict[str, Tensor]:
+    def combined_task_vector(self, key: str, coefficients: Tensor) -> Tensor:
+        """sum_t c_t tau_t[key]; subclasses that build tau_t[key] another way (AdaRank's masked SVD) override it."""
+        return torch.tensordot(coefficients.to(self.tau[key].dtype), self.tau[key], dims=1)
+
+    def merged_weights(self, mask: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """theta_0 + sum_t c_t tau_t, or with ``mask`` (one tensor per key, shared by the tasks, as Concrete
+        subspace learning): theta_0 + mask * sum_t c_t tau_t."""
         lam = self.coefficients()
         out = {}
         for j, k in enumerate(self.keys):
-            c = lam[j] if self.granularity == "layer" else lam[0]
-            out[k] = self.theta0[k] + torch.tensordot(c.to(self.tau[k].dtype), self.tau[k], dims=1)
+            delta = self.combined_task_vector(k, lam[j] if self.granularity == "layer" else lam[0])
+            out[k] = self.theta0[k] + (delta if mask is None else mask[k] * delta)
         return out
 
     def forward(self, images: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
@@ -77,8 +89,8 @@ class FunctionalMerge(nn.Module):
         return functional_call(self.encoder, weights if weights is not None else self.merged_weights(), (images,))
 
     @torch.no_grad()
-    def final_weights(self) -> Weights:
-        return Weights({k: v.detach().clone() for k, v in self.merged_weights().items()})
+    def final_weights(self, mask: dict[str, Tensor] | None = None) -> Weights:
+        return Weights({k: v.detach().clone() for k, v in self.merged_weights(mask).items()})
 
     def state(self, ties_k: float | None) -> "MergeState":
         return MergeState(self.granularity, self.coefficients().detach().clone(), ties_k)
@@ -114,9 +126,10 @@ def task_vectors_for(ctx, ties_k: float | None = None) -> list[Weights]:
 
 
 def functional_merge(ctx, granularity: Granularity = "layer", init: float | Tensor = 0.3,
-                     ties_k: float | None = None) -> FunctionalMerge:
+                     ties_k: float | None = None, clamp: tuple[float, float] | None = (0.0, 1.0)) -> FunctionalMerge:
     """A FunctionalMerge on the context's suite (skeleton = a fresh pretrained encoder)."""
-    return FunctionalMerge(ctx.encoder(), ctx.pretrained_weights, task_vectors_for(ctx, ties_k), granularity, init)
+    return FunctionalMerge(ctx.encoder(), ctx.pretrained_weights, task_vectors_for(ctx, ties_k), granularity, init,
+                           clamp)
 
 
 def functional_merge_from_state(ctx, state: MergeState) -> FunctionalMerge:
@@ -147,6 +160,34 @@ class ExpertEmbeddings:
 def entropy(logits: Tensor) -> Tensor:
     """Mean over the batch of the Shannon entropy of softmax(logits)."""
     return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def entropy_objective(ctx, merge: FunctionalMerge, weights: dict[str, Tensor], streams: dict[str, Iterator[Tensor]],
+                      heads: dict[str, nn.Module], batches_per_task: int = 1) -> Tensor:
+    """The test-time objective of AdaMerging and its descendants: the sum over tasks (``batches_per_task``
+    batches each, drawn in task order) of each batch's mean prediction entropy under the merged encoder
+    ``weights``. All batches go through the encoder in one pass (it is per-image, so this equals one pass
+    per batch)."""
+    tasks = [t for t in ctx.tasks for _ in range(batches_per_task)]
+    batches = [next(streams[t]) for t in tasks]
+    features = merge(torch.cat(batches), weights).split([len(b) for b in batches])
+    return sum(entropy(heads[t](f)) for t, f in zip(tasks, features))
+
+
+def minimize_entropy(ctx, merge: FunctionalMerge, params: Sequence[Tensor], steps: int, lr: float,
+                     streams: dict[str, Iterator[Tensor]], batches_per_task: int, desc: str, log_key: str,
+                     weights: Callable[[], dict[str, Tensor]] | None = None) -> None:
+    """Adam (betas 0.9/0.999, no weight decay, as the official codes) on ``params`` for ``steps`` steps of
+    :func:`entropy_objective`; ``weights()`` builds the merged weights of a step (default
+    ``merge.merged_weights()``). Logs ``{log_key}/loss`` per step."""
+    heads = {t: ctx.head(t) for t in ctx.tasks}
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    for _ in ctx.progress(range(steps), desc=desc):
+        loss = entropy_objective(ctx, merge, (weights or merge.merged_weights)(), streams, heads, batches_per_task)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctx.log(f"{log_key}/loss", loss.item())
 
 
 def l1(student: Tensor, teacher: Tensor) -> Tensor:
