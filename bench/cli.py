@@ -6,7 +6,8 @@
     mergebench leaderboard [--suite mini8] [--format md|csv|latex] [--write]
     mergebench run METHOD_SPEC... --suite real --manifest M.yaml --data-root DIR [--trust-pickle] [--tasks A,B]
     mergebench data check|prepare --root DIR [--tasks A,B] [--verify] [--image-size 224]
-    mergebench demo [--suite mini8]
+    mergebench demo [--suite mini8] [--protocol sequential]
+    mergebench run METHOD_SPEC... --protocol sequential [--orders 3]      mergebench leaderboard --protocol sequential
     mergebench sweep METHOD_SPEC... [--config sweep.yaml] [--grid k=v1,v2] [--seeds 0,1] [--executor local|slurm] [--jobs N]
     mergebench status SWEEP_NAME [-v]
     mergebench new-method NAME [--dir D]      mergebench check-plugin NAME      mergebench docs [--out docs/methods]
@@ -118,7 +119,8 @@ def cmd_run(args) -> int:
     suite = _suite(args)
     records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
-                       show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None))
+                       show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None),
+                       protocol=args.protocol, orders=args.orders)
     if args.leaderboard:
         from mergebench import leaderboard
         leaderboard.write(args.results, suite.name)
@@ -129,6 +131,9 @@ def cmd_leaderboard(args) -> int:
     from mergebench import leaderboard
 
     view = {"max_added_params": args.max_added_params, "needs": args.needs, "sort": args.sort}
+    if args.protocol == "sequential" and not args.write:
+        print(leaderboard.render_sequential(args.results, args.suite, args.format), end="")
+        return 0
     try:
         if args.write:
             paths = leaderboard.write(args.results, args.suite, **view)
@@ -145,6 +150,10 @@ def cmd_leaderboard(args) -> int:
 def cmd_demo(args) -> int:
     """Build the suite if needed, run every registered method, write and print the leaderboard."""
     args.methods, args.all, args.set, args.tune, args.leaderboard = [], True, [], [], True
+    if args.protocol == "sequential":  # every sequential method, and the one-shot baselines through the adapter
+        from mergebench.registry import list_methods
+        from mergebench.sequential import SEQUENTIAL_BASELINES
+        args.methods, args.all = list_methods(needs="sequential") + list(SEQUENTIAL_BASELINES), False
     status = cmd_run(args)
     from mergebench import leaderboard
 
@@ -274,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--trust-pickle", action="store_true",
                        help="real suite: allow reading pickled checkpoints (task-vectors format); converted once")
         s.add_argument("--tasks", help="real suite: comma-separated subset of tasks (default: every expert)")
+        s.add_argument("--protocol", choices=["one-shot", "sequential"], default=None,
+                       help="sequential: experts arrive one at a time, evaluated after each on the tasks seen, over "
+                            "--orders task orders (default: sequential for methods that need it, else one-shot)")
+        s.add_argument("--orders", type=int, default=3, metavar="N",
+                       help="sequential protocol: number of seeded random task orders (default 3)")
 
     s = sub.add_parser("run", help="merge, evaluate and record one or more methods",
                        description="METHOD_SPEC is a name or a call: 'ties_merging(k=10)', "
@@ -297,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--needs", metavar="KIND", help="keep methods using at most this data: data-free, unlabeled, labeled")
     s.add_argument("--sort", metavar="COLUMN[:asc|desc]", help="sort by any column (e.g. Norm, 'Added params', "
                                                                 "MMACs/img)")
+    s.add_argument("--protocol", choices=["one-shot", "sequential"], default="one-shot",
+                   help="sequential: print the table of sequential runs (final average over orders +- std, average "
+                        "over steps) in --format md|csv|latex")
     s.set_defaults(fn=cmd_leaderboard)
 
     s = sub.add_parser("data", help="real-suite datasets: check what is on disk, or prepare the preprocessing cache")

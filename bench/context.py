@@ -26,9 +26,10 @@ class DataNotDeclaredError(PermissionError):
 class MergeContext:
     def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
                  seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
-                 show_progress: bool = True):
+                 show_progress: bool = True, tasks: list[str] | None = None):
         self.suite = suite
-        self.tasks: list[str] = list(suite.tasks)
+        # the tasks this context serves (all of the suite's; a sequential step's view: those arrived so far)
+        self.tasks: list[str] = list(suite.tasks if tasks is None else tasks)
         self.needs = {needs} if isinstance(needs, str) else set(needs)
         self.device = torch.device(device)
         self.seed = seed
@@ -49,6 +50,8 @@ class MergeContext:
 
     def expert_weights(self, task: str) -> Weights:
         """theta_t, the expert fine-tuned on ``task``, on the context's device."""
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not one of this context's tasks {self.tasks}")
         w = self.suite.expert_weights(task)
         return Weights({k: w[k] for k in self.pretrained_weights}).to(self.device)
 
@@ -88,7 +91,7 @@ class MergeContext:
 
     def _indices(self, split: str, task: str, n: int | None) -> Tensor:
         data = self.suite.split(split, task)
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.tasks.index(task))
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.suite.tasks.index(task))
         order = torch.randperm(len(data), generator=g)
         limit = max(1, int(len(data) * self.data_fraction))
         order = order[:limit] if n is None else order[: min(n, limit)]
@@ -110,6 +113,15 @@ class MergeContext:
         self._count("labeled" if labels else "unlabeled", split, task, len(idx))
         return (images, data.labels[idx].to(self.device)) if labels else images
 
+    def training_set(self, task: str, split: str = "train") -> tuple[Tensor, Tensor]:
+        """Every labeled image of ``task``'s ``split`` as stored (uint8, not normalized, on the CPU) and its labels,
+        in a fixed shuffled order: for methods that fine-tune with their own loop (needs ``labeled``)."""
+        self._require("labeled")
+        idx = self._indices(split, task, None)
+        data = self.suite.split(split, task)
+        self._count("labeled", split, task, len(idx))
+        return data.images[idx], data.labels[idx]
+
     def unlabeled(self, task: str, batch_size: int = 16, split: str | None = None) -> Iterator[Tensor]:
         """An endless stream of shuffled unlabeled batches of ``task`` (the test split by default, as the papers do)."""
         self._require("unlabeled")
@@ -123,7 +135,7 @@ class MergeContext:
     def _stream(self, task, batch_size, split, labels):
         data = self.suite.split(split, task)
         idx = self._indices(split, task, None)
-        g = torch.Generator().manual_seed(self.seed * 104729 + self.tasks.index(task))
+        g = torch.Generator().manual_seed(self.seed * 104729 + self.suite.tasks.index(task))
         kind = "labeled" if labels else "unlabeled"
         while True:
             for batch in idx[torch.randperm(len(idx), generator=g)].split(batch_size):

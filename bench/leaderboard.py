@@ -59,7 +59,8 @@ def _failed(records: list[dict], ok_pipelines: set[str]) -> list[dict]:
 def table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list]:
     """(rows as a DataFrame, failed records, unreadable files) for ``suite``."""
     loaded = load_records(results_dir, suite)
-    ok = _latest_ok(loaded.records)
+    records = [r for r in loaded.records if not _is_sequential(r)]  # sequential runs have their own table
+    ok = _latest_ok(records)
     rows = []
     for rec in ok:
         m, p, f, t = rec["metrics"], rec["params"], rec.get("flops") or {}, rec["timing"]
@@ -76,8 +77,113 @@ def table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list]:
     if not df.empty:
         df = df.sort_values("Avg", ascending=False).reset_index(drop=True)
         df["Pareto"] = pareto_front(df["Avg"], df["Added params"])
-    failed = _failed(loaded.records, {r["method"]["pipeline"] for r in ok})
+    failed = _failed(records, {r["method"]["pipeline"] for r in ok})
     return df, failed, loaded.unreadable
+
+
+# ------------------------------------------------------------------ sequential protocol
+def _is_sequential(rec: dict) -> bool:
+    return rec.get("protocol") == "sequential"
+
+
+def sequential_table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """(rows, failed records, the ok records shown) of the sequential runs of ``suite``: per method pipeline and
+    number of orders, the newest ok record."""
+    records = [r for r in load_records(results_dir, suite).records if _is_sequential(r)]
+    latest: dict = {}
+    for rec in records:
+        if rec.get("status") != "ok":
+            continue
+        key = (rec["method"]["pipeline"], len(rec["sequential"]["orders"]))
+        if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
+            latest[key] = rec
+    ok = sorted(latest.values(), key=lambda r: -r["sequential"]["final_avg_mean"])
+    rows = []
+    for rec in ok:
+        q, f = rec["sequential"], rec.get("flops") or {}
+        rows.append({"Method": _label(rec) + (" (adapter)" if q.get("adapter") else ""),
+                     "Pipeline": rec["method"]["pipeline"], "Orders": len(q["orders"]),
+                     "Final Avg": q["final_avg_mean"], "Final std": q["final_avg_std"],
+                     "Avg over steps": q["avg_over_steps_mean"], "Steps std": q["avg_over_steps_std"],
+                     "Norm": rec["metrics"]["avg_normalized_accuracy"], "Added params": rec["params"]["added"],
+                     "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": rec["timing"]["merge_s"],
+                     "Needs": ",".join(rec["method"]["needs"])})
+    ok_keys = {r["method"]["pipeline"] for r in ok}
+    failed = [r for r in records if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_keys]
+    return pd.DataFrame(rows), failed, ok
+
+
+def _display_sequential(df: pd.DataFrame) -> pd.DataFrame:
+    out = df[["Method", "Orders"]].copy()
+    out["Final Avg"] = [f"{m:.1f} ± {s:.1f}" for m, s in zip(df["Final Avg"], df["Final std"])]
+    out["Avg over steps"] = [f"{m:.1f} ± {s:.1f}" for m, s in zip(df["Avg over steps"], df["Steps std"])]
+    out["Norm"] = df["Norm"].map(lambda v: f"{v:.1f}")
+    out["Added params"] = df["Added params"].map(_fmt_params)
+    out["MMACs/img"] = df["MMACs/img"].map(lambda v: f"{v:.3f}")
+    out["Merge s"] = df["Merge s"].map(lambda v: f"{v:.1f}")
+    out["Needs"] = df["Needs"]
+    return out
+
+
+SEQUENTIAL_NOTE = ("Sequential protocol: the experts arrive one at a time in a task order; after each arrival the "
+                   "method's model is evaluated on the tasks seen so far. Final Avg = average accuracy on all tasks "
+                   "after the last expert, mean ± std over the task orders; Avg over steps = the mean over steps of "
+                   "the accuracy on the tasks seen, mean ± std over orders; Norm = final accuracy / the experts'. "
+                   "(adapter) = a one-shot method re-run on the experts seen so far. Params and MACs: the final model.")
+
+
+def render_sequential(results_dir, suite: str, fmt: str = "md") -> str:
+    """The sequential runs' table as Markdown (with failed runs), ``csv`` or ``latex``."""
+    df, failed, _ = sequential_table(results_dir, suite)
+    if df.empty and not failed:
+        return (f"No sequential records for suite {suite!r} in {results_dir}. Run `mergebench run --suite {suite} "
+                f"--protocol sequential ...` first.\n")
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    shown = _display_sequential(df) if not df.empty else df
+    if fmt == "latex":
+        return shown.to_latex(index=False, escape=True, column_format="l" + "r" * (len(shown.columns) - 1))
+    if fmt != "md":
+        raise ValueError(f"the sequential table is written as md, csv or latex, not {fmt!r}")
+    return "\n".join(_sequential_lines(df, failed, plots=False)) + "\n"
+
+
+def _sequential_lines(df: pd.DataFrame, failed: list[dict], plots: bool) -> list[str]:
+    lines = ["## Sequential protocol (continual merging)", "", SEQUENTIAL_NOTE, ""]
+    if not df.empty:
+        lines.append(_display_sequential(df).to_markdown(index=False))
+    if plots and not df.empty:
+        lines += ["", "![Accuracy on the tasks seen after each expert](sequential_curve.svg)"]
+    if failed:
+        lines += ["", "Failed sequential runs:", ""] + [f"- `{r['method']['pipeline']}`: {r.get('error', '?')}"
+                                                        for r in failed]
+    return lines
+
+
+def sequential_figure(ok: list[dict], suite: str):
+    """Per method, the accuracy on the tasks seen after each expert: mean over orders, ± std band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for rec in ok:
+        per_order = rec["sequential"]["per_order"]
+        steps = range(1, len(per_order[0]["steps"]) + 1)
+        curves = [[s["avg_accuracy"] for s in o["steps"]] for o in per_order]
+        mean = [sum(c[k] for c in curves) / len(curves) for k in range(len(steps))]
+        std = [(sum((c[k] - mean[k]) ** 2 for c in curves) / max(1, len(curves) - 1)) ** 0.5 for k in range(len(steps))]
+        line, = ax.plot(list(steps), mean, marker="o", ms=3, label=_label(rec) + (" (adapter)" if rec["sequential"].get("adapter") else ""))
+        ax.fill_between(list(steps), [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_xlabel("experts arrived (tasks seen)")
+    ax.set_ylabel("average accuracy on the tasks seen (%)")
+    ax.set_title(f"{suite}: sequential merging, mean ± std over task orders", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
 
 
 def _fmt_params(n: float) -> str:
@@ -162,7 +268,8 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
     (Markdown) links the plot files that ``write`` puts next to it.
     """
     df, failed, unreadable = table(results_dir, suite)
-    if df.empty and not failed:
+    seq_df, seq_failed, _ = sequential_table(results_dir, suite)
+    if df.empty and not failed and seq_df.empty and not seq_failed:
         return f"No records for suite {suite!r} in {results_dir}. Run `mergebench run --suite {suite} ...` first.\n"
     filters = describe_view(max_added_params, needs, sort)
     if not df.empty:
@@ -196,6 +303,8 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
     if checks:
         lines += ["", "## Benchmark sanity (from the measured numbers above)", ""] + [f"- {c}" for c in checks]
     lines += published_section(suite, df)
+    if not seq_df.empty or seq_failed:
+        lines += [""] + _sequential_lines(seq_df, seq_failed, plots)
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- `{r['method']['pipeline']}`: {r.get('error', '?')}" for r in failed]
     if unreadable:
@@ -209,10 +318,19 @@ def write(results_dir, suite: str, out_dir: str | os.PathLike | None = None, plo
     also leaderboard.html and the plots (pareto_params.{png,svg}, accuracy_flops.{png,svg})."""
     out_dir = Path(out_dir or Path(results_dir) / suite)
     df = table(results_dir, suite)[0]
+    seq_df, _, seq_ok = sequential_table(results_dir, suite)
+    want_plots = plots
     plots = plots and not df.empty
     paths = {}
     for fmt, name in (("md", "LEADERBOARD.md"), ("csv", "leaderboard.csv"), ("latex", "leaderboard.tex")):
-        paths[fmt] = atomic_write_text(out_dir / name, render(results_dir, suite, fmt, plots=plots, **view_options))
+        paths[fmt] = atomic_write_text(out_dir / name, render(results_dir, suite, fmt, plots=want_plots, **view_options))
+    if not seq_df.empty:
+        for fmt, name in (("csv", "leaderboard_sequential.csv"), ("latex", "leaderboard_sequential.tex")):
+            paths[f"sequential_{fmt}"] = atomic_write_text(out_dir / name, render_sequential(results_dir, suite, fmt))
+        if want_plots:
+            fig = sequential_figure(seq_ok, suite)
+            for ext in ("png", "svg"):
+                paths[f"sequential_curve_{ext}"] = _save_figure(fig, out_dir / f"sequential_curve.{ext}")
     if plots:
         paths["html"] = atomic_write_text(out_dir / "leaderboard.html", render(results_dir, suite, "html", **view_options))
         shown = view(df, **view_options)

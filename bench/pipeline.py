@@ -75,7 +75,7 @@ class MethodCall:
         return (base.stages() if isinstance(base, MethodCall) else []) + [self]
 
     def needs(self) -> set[str]:
-        return {get_method(stage.name).needs for stage in self.stages()}
+        return set().union(*(get_method(stage.name).all_needs for stage in self.stages()))
 
     def plain_hparams(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, MethodCall) else v) for k, v in self.hparams.items()}

@@ -110,10 +110,17 @@ class MethodSpec:
     defaults_source: str = ""
     family: str = ""
     source: str = "built-in"
+    # a sequential method's data: the kind of the arriving task's data it may ask for ("nothing" = data-free)
+    sequential_data: str = "nothing"
 
     @property
     def is_addon(self) -> bool:
         return "base" in self.hyperparameters
+
+    @property
+    def all_needs(self) -> set[str]:
+        """``needs`` plus, for a sequential method, the kind of data it declared (``sequential_data``)."""
+        return {self.needs} | ({self.sequential_data} if self.sequential_data != "nothing" else set())
 
     @property
     def doc(self) -> str:
@@ -136,7 +143,7 @@ _discovered = False
 
 def register_method(name: str, *, display_name: str | None = None, paper: Paper | dict | None = None,
                     needs: str = "nothing", adds_params: bool = False, defaults_source: str = "",
-                    family: str = "", hyperparameter_help: dict | None = None):
+                    family: str = "", hyperparameter_help: dict | None = None, sequential_data: str = "nothing"):
     """Register a merging method (a plain function of ``(ctx, **hyperparameters)``).
 
     Example::
@@ -147,6 +154,9 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
     """
     if needs not in NEEDS:
         raise ValueError(f"needs={needs!r} is not one of {list(NEEDS)}")
+    if sequential_data not in ("nothing", "unlabeled", "labeled") or (sequential_data != "nothing" and needs != "sequential"):
+        raise ValueError(f"sequential_data={sequential_data!r}: one of 'nothing', 'unlabeled', 'labeled', and only "
+                         f"with needs='sequential' (the arriving task's data)")
     if isinstance(paper, dict):
         paper = Paper(**paper)
 
@@ -155,7 +165,7 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
         spec = MethodSpec(
             name=name, fn=fn, display_name=display_name or name, paper=paper, needs=needs,
             adds_params=adds_params, hyperparameters=hyper, defaults_source=defaults_source,
-            family=family, source=_source_of(fn),
+            family=family, source=_source_of(fn), sequential_data=sequential_data,
         )
         previous = _REGISTRY.get(name)
         if previous is not None and previous.fn is not fn and _qualname(previous.fn) != _qualname(fn):

@@ -26,6 +26,8 @@ from mergebench.models import MergedModel
 from mergebench.pipeline import MethodCall
 from mergebench.records import config_hash, environment, find_ok, now, record_path, write_record
 from mergebench.registry import get_method
+from mergebench.sequential import (DEFAULT_ORDERS, check_sequential, merge_data_used, run_order, summarize,
+                                   task_orders)
 from mergebench.suites.base import Suite
 
 DEFAULT_RESULTS = Path("results")
@@ -160,19 +162,44 @@ def _peak_memory_mb(device: torch.device) -> dict:
 
 
 def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: str = "test",
-               data_fraction: float = 1.0, tune: dict[str, list] | None = None) -> dict:
-    """What determines a run's result; its hash (``config_hash``) names the record (sweeps use it too)."""
-    return {"pipeline": str(call), "suite": suite.info.get("cache_key") or suite.info.get("checkpoints"),
-            "checkpoints": suite.info.get("checkpoints"), "seed": seed,
-            "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
-            "tune": {k: list(v) for k, v in (tune or {}).items()}}
+               data_fraction: float = 1.0, tune: dict[str, list] | None = None,
+               orders: list[list[str]] | None = None) -> dict:
+    """What determines a run's result; its hash (``config_hash``) names the record (sweeps use it too).
+
+    ``orders`` (the task orders of a sequential run) is added only for that protocol, so one-shot hashes are stable.
+    """
+    config = {"pipeline": str(call), "suite": suite.info.get("cache_key") or suite.info.get("checkpoints"),
+              "checkpoints": suite.info.get("checkpoints"), "seed": seed,
+              "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
+              "tune": {k: list(v) for k, v in (tune or {}).items()}}
+    if orders is not None:
+        config.update({"protocol": "sequential", "orders": [list(o) for o in orders]})
+    return config
+
+
+def resolve_protocol(call: MethodCall, protocol: str | None) -> str:
+    """``None``: a method declared ``needs='sequential'`` runs sequentially, every other one-shot."""
+    native = get_method(call.name).needs == "sequential"
+    if protocol is None:
+        return "sequential" if native else "one-shot"
+    if protocol not in ("one-shot", "sequential"):
+        raise ValueError(f"unknown protocol {protocol!r}; use 'one-shot' or 'sequential'")
+    if protocol == "one-shot" and native:
+        raise ValueError(f"{call.name} is a sequential method (experts arrive one at a time); run it with "
+                         f"--protocol sequential")
+    return protocol
 
 
 def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESULTS, seed: int = 0,
                device="auto", force: bool = False, unlabeled_split: str = "test", data_fraction: float = 1.0,
                tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
-               write: bool = True, time_limit_s: float | None = None) -> dict:
+               write: bool = True, time_limit_s: float | None = None, protocol: str | None = None,
+               orders: int | list[list[str]] = DEFAULT_ORDERS) -> dict:
     """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
+
+    ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
+    protocol of :mod:`mergebench.sequential` over ``orders`` task orders (a count of seeded random
+    permutations, or the orders themselves); see :func:`_run_sequential`.
 
     ``tune`` ({hyperparameter: [values]}) selects those values on the validation split (the
     task-vectors protocol) before the test evaluation; otherwise hyperparameters are fixed.
@@ -185,9 +212,16 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     call = MethodCall.parse(method).resolve()
     for name in (tune or {}):  # unknown names are errors before any work
         call.with_hparams(**{name: tune[name][0]}).resolve()
-    config = run_config(call, suite, seed, unlabeled_split, data_fraction, tune)
+    protocol = resolve_protocol(call, protocol)
+    order_list = None
+    if protocol == "sequential":
+        if tune:
+            raise ValueError("--tune (validation selection) is not available under the sequential protocol")
+        adapter = check_sequential(call)
+        order_list = task_orders(suite.tasks, orders, seed)
+    config = run_config(call, suite, seed, unlabeled_split, data_fraction, tune, order_list)
     chash = config_hash(config)
-    path = record_path(results_dir, suite.name, str(call), chash)
+    path = record_path(results_dir, suite.name, ("sequential_" if order_list else "") + str(call), chash)
     if not force and write:
         done = find_ok(results_dir, suite.name, chash)
         if done is not None:
@@ -209,6 +243,16 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
         record["time_limit_s"] = time_limit_s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if order_list is not None:
+        record["protocol"] = "sequential"
+        record["sequential"] = {"orders": order_list, "adapter": adapter}
+        _run_sequential(record, call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
+                        count_flops, time_limit_s)
+        record["finished"] = now()
+        if write:
+            write_record(record, path)
+            record["_path"] = str(path)
+        return record
     try:
         selection = {"protocol": "fixed"}
         stage_s: dict = {}
@@ -261,6 +305,58 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     return record
 
 
+def _run_sequential(record, call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
+                    count_flops, time_limit_s):
+    """Fill ``record`` for the sequential protocol: per order, the method's model after each arrival evaluated on
+    the tasks seen so far; averages over orders; params and FLOPs of the final model (of the first order).
+    A failure in any order makes the record ``failed`` (with the orders done so far)."""
+    per_order, contexts, final_model = [], [], None
+
+    def evaluate_seen(model, tasks):
+        result = evaluate(model, suite, "test", device, tasks=tasks)
+        bad = [t for t, a in result["accuracy"].items() if not (0.0 <= a <= 100.0)]
+        if bad:
+            why = (f"; the merged model gave non-finite outputs for {result['nonfinite']} images"
+                   if result.get("nonfinite") else "")
+            raise MethodFailed(f"non-finite or out-of-range accuracy on {bad} (after {len(tasks)} experts){why}")
+        return result["accuracy"]
+
+    try:
+        with time_limit(time_limit_s, f"{call.name} (all task orders, evaluation included)"):
+            for order in order_list:
+                seed_everything(seed)
+                result, model, ctx = run_order(call, suite, order, device, seed, unlabeled_split, data_fraction,
+                                               show_progress, evaluate_seen, _check_finite)
+                per_order.append(result)
+                contexts.append(ctx)
+                if final_model is None:  # params and FLOPs: the final model of the first order
+                    final_model = model
+        summary = summarize(per_order, suite.tasks)
+        acc = summary["final_accuracy"]
+        ref = reference_accuracy(suite, device)
+        norm = {t: 100.0 * acc[t] / ref[t] if ref[t] > 0 else float("nan") for t in acc}
+        backbone = list(suite.pretrained.values())
+        params = parameter_counts(final_model, sum(v.numel() for v in backbone), sum(tensor_bytes(v) for v in backbone))
+        image_shape = (3, suite.encoder_config["image_size"], suite.encoder_config["image_size"])
+        flops = model_macs(final_model.cpu(), suite.tasks, image_shape) if count_flops else None
+        record["sequential"].update({"per_order": per_order, **{k: v for k, v in summary.items() if k != "final_accuracy"}})
+        record.update({
+            "status": "ok", "selection": {"protocol": "fixed"},
+            "metrics": {"accuracy": acc, "normalized_accuracy": norm, "avg_accuracy": sum(acc.values()) / len(acc),
+                        "avg_normalized_accuracy": sum(norm.values()) / len(norm), "reference_accuracy": ref},
+            "params": params, "flops": flops,
+            "timing": {"merge_s": round(sum(o["merge_s"] for o in per_order), 3),
+                       "merge_s_per_order": [o["merge_s"] for o in per_order],
+                       "eval_s": round(sum(o["eval_s"] for o in per_order), 3), **_peak_memory_mb(device)},
+            "data_used": merge_data_used(contexts),
+            "logs": {},
+        })
+    except Exception as e:  # a failing method is a result, and the suite goes on
+        record["sequential"]["per_order"] = per_order
+        record.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(limit=8)})
+
+
 def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress):
     names = list(tune)
     grid = []
@@ -297,5 +393,10 @@ def _summary_line(rec: dict) -> str:
         return f"FAILED  {name}: {rec.get('error')}"
     m = rec["metrics"]
     tag = "cached " if rec.get("skipped") else "ok     "
+    if rec.get("protocol") == "sequential":
+        q = rec["sequential"]
+        return (f"{tag} {name} [sequential, {len(q['orders'])} orders]: final avg {q['final_avg_mean']:.1f} "
+                f"+- {q['final_avg_std']:.1f}  avg over steps {q['avg_over_steps_mean']:.1f}  "
+                f"merge {rec['timing']['merge_s']:.1f}s")
     return (f"{tag} {name}: avg {m['avg_accuracy']:.1f}  norm {m['avg_normalized_accuracy']:.1f}  "
             f"added {rec['params']['added']:,} params  merge {rec['timing']['merge_s']:.1f}s")

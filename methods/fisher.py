@@ -13,12 +13,14 @@ FISHER = Paper("Merging Models with Fisher-Weighted Averaging", 2022, "2111.0983
 
 
 def diagonal_fisher(encoder: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor,
-                    generator: torch.Generator, batch_size: int = 32, chunk_size: int = 8) -> Weights:
+                    generator: torch.Generator | None, batch_size: int = 32, chunk_size: int = 8,
+                    labels: torch.Tensor | None = None) -> Weights:
     """E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta)^2 per parameter, from per-example gradients.
 
     One label is sampled per example from the model's own predictive distribution (an unbiased estimate of
-    the expected Fisher; no true labels). Per-example gradients come from ``torch.func.vmap(grad(...))``, so
-    the squares are of single-example gradients, not of a batch-summed gradient.
+    the expected Fisher; no true labels). With ``labels`` the true labels are used instead (the empirical
+    Fisher). Per-example gradients come from ``torch.func.vmap(grad(...))``, so the squares are of
+    single-example gradients, not of a batch-summed gradient.
     """
     params = {k: v.detach() for k, v in encoder.named_parameters()}
 
@@ -28,11 +30,14 @@ def diagonal_fisher(encoder: torch.nn.Module, head: torch.nn.Module, images: tor
 
     per_example = vmap(grad(log_prob), in_dims=(None, 0, 0), chunk_size=chunk_size)
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
-    for batch in images.split(batch_size):
+    for i, batch in enumerate(images.split(batch_size)):
         with torch.no_grad():
             probs = torch.softmax(head(encoder(batch)), dim=-1)
-        labels = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(batch.device)
-        onehot = torch.nn.functional.one_hot(labels, probs.shape[-1]).to(probs.dtype)
+        if labels is None:
+            y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(batch.device)
+        else:
+            y = labels[i * batch_size:(i + 1) * batch_size].to(batch.device)
+        onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
         grads = per_example(params, batch, onehot)
         for k in fisher:
             fisher[k] += grads[k].pow(2).sum(0)
