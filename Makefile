@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench leaderboard docs clean-venv
+.PHONY: demo demo-sequential test bench leaderboard docs clean-venv
 
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
@@ -17,6 +17,11 @@ $(BIN)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 ## Build mini8 if it is not cached, run every registered method on it, write and print the leaderboard.
 demo: $(BIN)/.installed
 	$(BIN)/mergebench demo --suite mini8
+
+## The sequential protocol on mini8: every sequential method plus Task Arithmetic and TIES through the adapter,
+## 3 task orders each; writes the sequential table and curve next to the leaderboard.
+demo-sequential: $(BIN)/.installed
+	$(BIN)/mergebench demo --suite mini8 --protocol sequential --orders 3
 
 ## Run the test suite (micro configuration; minutes on 2 cores).
 test: $(BIN)/.installed

@@ -131,10 +131,10 @@ def cmd_leaderboard(args) -> int:
     from mergebench import leaderboard
 
     view = {"max_added_params": args.max_added_params, "needs": args.needs, "sort": args.sort}
-    if args.protocol == "sequential" and not args.write:
-        print(leaderboard.render_sequential(args.results, args.suite, args.format), end="")
-        return 0
     try:
+        if args.protocol == "sequential" and not args.write:
+            print(leaderboard.render_sequential(args.results, args.suite, args.format), end="")
+            return 0
         if args.write:
             paths = leaderboard.write(args.results, args.suite, **view)
             print(paths["md"].read_text())
