@@ -79,6 +79,11 @@ def shared_subspace_projector(task_matrices: torch.Tensor, subspace: float) -> t
     return basis @ basis.transpose(-1, -2)
 
 
+def project_off(grad: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+    """g - P g: the part of a gradient ``[..., m, n]`` outside the shared subspace (``projector`` ``[..., m, m]``)."""
+    return grad - projector @ grad
+
+
 def doge_loss(task_matrices: torch.Tensor, delta: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
     """sum_t || rowsum( tau_t * (tau_t - sum_i lambda_i (tau_i + delta)) ) ||^2, summed over layers.
 
@@ -106,8 +111,7 @@ def optimize_delta(task_matrices: torch.Tensor, lambdas: torch.Tensor, projector
         opt.zero_grad()
         loss = doge_loss(tm, delta, lambdas)
         loss.backward()
-        with torch.no_grad():
-            delta.grad.sub_(projector @ delta.grad)
+        delta.grad = project_off(delta.grad, projector)
         opt.step()
         losses.append(loss.item())
     return delta.detach(), losses
