@@ -1,12 +1,12 @@
 """The ``mergebench`` command line.
 
     mergebench list-methods [PATTERN] [--needs KIND] [-v]
-    mergebench build [mini8|micro]
+    mergebench build [mini8|micro|mini8-lora|micro-lora]
     mergebench run METHOD_SPEC... [--suite mini8] [--all] [--set k=v] [--tune k=v1,v2] [--seed N] [--force]
     mergebench leaderboard [--suite mini8] [--format md|csv|latex] [--write]
     mergebench run METHOD_SPEC... --suite real --manifest M.yaml --data-root DIR [--trust-pickle] [--tasks A,B]
     mergebench data check|prepare --root DIR [--tasks A,B] [--verify] [--image-size 224]
-    mergebench demo [--suite mini8] [--protocol sequential]
+    mergebench demo [--suite mini8|mini8-lora] [--protocol sequential]
     mergebench run METHOD_SPEC... --protocol sequential [--orders 3]      mergebench leaderboard --protocol sequential
     mergebench sweep METHOD_SPEC... [--config sweep.yaml] [--grid k=v1,v2] [--seeds 0,1] [--executor local|slurm] [--jobs N]
     mergebench status SWEEP_NAME [-v]
@@ -117,6 +117,12 @@ def cmd_run(args) -> int:
         from mergebench.pipeline import MethodCall
         specs = [str(MethodCall.parse(specs[0]).with_hparams(**overrides))]
     suite = _suite(args)
+    if args.all:  # --all runs what the suite can run; a method named explicitly still reports its own error
+        from mergebench.registry import get_method, unmet_requirements
+        for name in [m for m in specs if m not in args.methods and unmet_requirements(get_method(m), suite)]:
+            specs.remove(name)
+            print(f"skipped {name}: needs {', '.join(unmet_requirements(get_method(name), suite))} experts, "
+                  f"which suite {suite.name} does not have", file=sys.stderr)
     records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
                        show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None),
@@ -264,11 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_list_methods)
 
     s = sub.add_parser("build", help="build (or load from cache) a suite")
-    s.add_argument("suite", nargs="?", default="mini8", choices=["mini8", "micro"])
+    s.add_argument("suite", nargs="?", default="mini8", choices=["mini8", "micro", "mini8-lora", "micro-lora"])
     s.set_defaults(fn=cmd_build)
 
     def run_options(s):
-        s.add_argument("--suite", default="mini8", help="mini8 (default) or micro")
+        s.add_argument("--suite", default="mini8", help="mini8 (default), micro, mini8-lora, micro-lora or real")
         s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")

@@ -154,7 +154,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
 
     if suite is None:
         from mergebench.suites import get_suite
-        suite = get_suite("micro", verbose=False)
+        suite = get_suite("micro-lora" if "lora" in spec.requires else "micro", verbose=False)
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     before = _suite_hashes(suite)
 

@@ -63,6 +63,19 @@ class MergeContext:
         """{task: tau_t} in task order."""
         return {t: self.task_vector(t) for t in self.tasks}
 
+    @property
+    def has_lora_experts(self) -> bool:
+        """Whether the experts are LoRA adapters with factors (``lora_factors``): mini8-lora, micro-lora, PEFT."""
+        return self.suite.has_lora
+
+    def lora_factors(self, task: str) -> dict:
+        """{adapter: LoraFactor(target, A, B, scale, rows)} of ``task``'s LoRA expert, on the context's device.
+
+        ``expert_weights(task)`` equals the pretrained weights plus each factor's ``scale * B @ A``.
+        Raises ``NoLoraExpertsError`` on a suite of full fine-tuned experts.
+        """
+        return {name: f.to(self.device) for name, f in self.suite.lora_factors(task).items()}
+
     def encoder(self, weights: Weights | None = None) -> torch.nn.Module:
         """A fresh encoder (an ordinary nn.Module) holding ``weights`` (pretrained by default), on the device."""
         full = dict(self.suite.pretrained)

@@ -290,6 +290,10 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
              "Generated from the run records in this folder by `mergebench leaderboard`.", ""]
     lines[2] += (" Pareto = * on the accuracy-versus-added-parameters front of the rows shown (no other row is at "
                  "least as accurate with at most as many added parameters).")
+    experts = sorted({r["suite"]["experts"] for r in load_records(results_dir, suite).records
+                      if isinstance(r.get("suite"), dict) and r["suite"].get("experts")})
+    if experts:  # e.g. LoRA experts (mini8-lora): say what was merged
+        lines += [f"Experts: {'; '.join(experts)}.", ""]
     if filters:
         lines += [f"View: {filters}.", ""]
     if not shown.empty:

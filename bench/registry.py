@@ -32,6 +32,12 @@ NEEDS = {
 }
 
 
+# What a method may require of the suite's experts beyond full weights.
+REQUIREMENTS = {
+    "lora": "LoRA experts with their factors (mini8-lora, micro-lora, or PEFT adapters in a real-suite manifest)",
+}
+
+
 class UnknownMethodError(KeyError):
     def __str__(self):  # KeyError quotes its message; show it plainly
         return str(self.args[0])
@@ -110,6 +116,7 @@ class MethodSpec:
     defaults_source: str = ""
     family: str = ""
     source: str = "built-in"
+    requires: tuple = ()  # keys of REQUIREMENTS, e.g. ("lora",)
     # a sequential method's data: the kind of the arriving task's data it may ask for ("nothing" = data-free)
     sequential_data: str = "nothing"
 
@@ -132,7 +139,7 @@ class MethodSpec:
             "paper": self.paper.cite() if self.paper else None, "needs": self.needs,
             "adds_params": self.adds_params, "family": self.family, "source": self.source,
             "hyperparameters": {k: h.default for k, h in self.hyperparameters.items()},
-            "defaults_source": self.defaults_source,
+            "defaults_source": self.defaults_source, "requires": list(self.requires),
         }
 
 
@@ -143,7 +150,8 @@ _discovered = False
 
 def register_method(name: str, *, display_name: str | None = None, paper: Paper | dict | None = None,
                     needs: str = "nothing", adds_params: bool = False, defaults_source: str = "",
-                    family: str = "", hyperparameter_help: dict | None = None, sequential_data: str = "nothing"):
+                    family: str = "", hyperparameter_help: dict | None = None, sequential_data: str = "nothing",
+                    requires: tuple | list = ()):
     """Register a merging method (a plain function of ``(ctx, **hyperparameters)``).
 
     Example::
@@ -159,13 +167,16 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
                          f"with needs='sequential' (the arriving task's data)")
     if isinstance(paper, dict):
         paper = Paper(**paper)
+    unknown = [r for r in requires if r not in REQUIREMENTS]
+    if unknown:
+        raise ValueError(f"requires={unknown!r}: known requirements are {list(REQUIREMENTS)}")
 
     def decorator(fn: Callable) -> Callable:
         hyper = _hyperparameters(fn, hyperparameter_help or {})
         spec = MethodSpec(
             name=name, fn=fn, display_name=display_name or name, paper=paper, needs=needs,
             adds_params=adds_params, hyperparameters=hyper, defaults_source=defaults_source,
-            family=family, source=_source_of(fn), sequential_data=sequential_data,
+            family=family, source=_source_of(fn), sequential_data=sequential_data, requires=tuple(requires),
         )
         previous = _REGISTRY.get(name)
         if previous is not None and previous.fn is not fn and _qualname(previous.fn) != _qualname(fn):
@@ -251,6 +262,12 @@ def list_methods(pattern: str | list[str] = "*", needs: str | None = None) -> li
     if needs is not None:
         names = [n for n in names if _REGISTRY[n].needs == needs]
     return sorted(names)
+
+
+def unmet_requirements(spec: MethodSpec, suite) -> list[str]:
+    """The requirements of ``spec`` that ``suite`` does not meet (e.g. ["lora"] on a suite of full experts)."""
+    met = {"lora": bool(getattr(suite, "has_lora", False))}
+    return [r for r in spec.requires if not met.get(r, False)]
 
 
 def unregister_method(name: str) -> None:

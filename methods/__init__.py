@@ -6,3 +6,4 @@ from mergebench.methods import adamerging, intervmerge, surgery  # noqa: F401,E4
 from mergebench.methods import rmm  # noqa: F401,E402  (layer-wise search on labeled validation data)
 from mergebench.methods import adarank, concrete  # noqa: F401,E402  (test-time adaptation: learned masks)
 from mergebench.methods import continual  # noqa: F401,E402  (sequential: experts arrive one at a time)
+from mergebench.methods import copa  # noqa: F401,E402  (LoRA experts)

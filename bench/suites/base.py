@@ -19,6 +19,10 @@ from mergebench.weights import Weights
 SPLITS = ("train", "val", "test")
 
 
+class NoLoraExpertsError(ValueError):
+    """A method needs LoRA factors but the suite's experts are full fine-tuned weights."""
+
+
 @dataclass
 class TaskData:
     """Images stored once, preprocessed to uint8 (N, 3, H, W), and their integer labels."""
@@ -42,13 +46,29 @@ class Suite:
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
     info: dict = field(default_factory=dict)       # ids and hashes that go into every record
+    load_lora: Callable[[str], dict] | None = None  # LoRA experts: task -> {adapter: mergebench.lora.LoraFactor}
 
     def __post_init__(self):
         self._expert = lru_cache(maxsize=None)(self.load_expert)
+        self._lora = lru_cache(maxsize=None)(self.load_lora) if self.load_lora else None
 
     def expert_weights(self, task: str) -> Weights:
         self._check_task(task)
         return self._expert(task)
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether every expert is a LoRA adapter whose factors the suite can give (``lora_factors``)."""
+        return self.load_lora is not None
+
+    def lora_factors(self, task: str) -> dict:
+        """{adapter name: LoraFactor} of ``task``'s LoRA expert (its weights are pretrained + scale * B @ A)."""
+        self._check_task(task)
+        if self.load_lora is None:
+            raise NoLoraExpertsError(f"suite {self.name!r} has no LoRA experts (full fine-tuned checkpoints); "
+                                     f"LoRA factors come from mini8-lora, micro-lora or PEFT adapters in a real-suite "
+                                     f"manifest")
+        return self._lora(task)
 
     def build_encoder(self, weights: Mapping[str, Tensor] | None = None):
         """A fresh encoder holding ``weights`` (the pretrained ones by default)."""

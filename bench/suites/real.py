@@ -119,6 +119,12 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
         notes.extend(n)
         return Weights(state)
 
+    # LoRA experts (PEFT adapter folders): their factors too, when every expert is one
+    lora_experts = all(zoo.is_lora(m.experts[expert_name[t]]) for t in task_cards)
+
+    def load_lora(task: str) -> dict:
+        return zoo.load_lora_factors(m, expert_name[task], reference)
+
     @lru_cache(maxsize=None)
     def task_data(task: str):
         return imagecache.load_or_build(task_cards[task], root, enc_cfg["image_size"], workers, verbose)
@@ -138,5 +144,6 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
               f"({'QuickGELU' if cfg['quick_gelu'] else 'GELU'}) " + json.dumps(enc_cfg, sort_keys=True),
               "cache_key": suite_id, "checkpoints": checkpoints, "manifest": str(m.path), "data_root": str(root),
               "cards": {n: {"digest": c.digest(), "templates": c.template_set} for n, c in task_cards.items()},
-              "notes": notes},
+              "notes": notes, **({"experts": "LoRA (PEFT adapters)"} if lora_experts else {})},
+        load_lora=load_lora if lora_experts else None,
     )

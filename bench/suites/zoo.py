@@ -17,7 +17,9 @@ with ``torch.load(weights_only=True)``, keys ``visual.*``, ``model.visual.*`` or
 VisionTransformer keys); ``openai_jit`` (OpenAI's TorchScript archive, backbone only); ``hf`` (a
 Hugging Face CLIP folder, keys mapped to open_clip); ``task_vectors_pickle`` (the task-vectors
 repository's pickled ``ImageEncoder`` objects: only with ``trust_pickle=True``, converted once to
-safetensors in the cache). Nothing is ever downloaded.
+safetensors in the cache); ``peft_lora`` (a PEFT LoRA adapter folder, ``adapter_config.json`` +
+``adapter_model.safetensors``, open_clip or HF CLIP module names: the expert is the backbone's
+image tower plus ``scale * B @ A``, see ``mergebench.lora``). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
 
-FORMATS = ("auto", "safetensors", "torch", "openai_jit", "hf", "task_vectors_pickle")
+FORMATS = ("auto", "safetensors", "torch", "openai_jit", "hf", "task_vectors_pickle", "peft_lora")
 _OPENAI_EXTRA = ("input_resolution", "context_length", "vocab_size")
 
 
@@ -148,7 +150,7 @@ def verify(entry: Entry, what: str) -> str:
 # ------------------------------------------------------------------ reading files
 def _guess_format(path: Path) -> str:
     if path.is_dir():
-        return "hf"
+        return "peft_lora" if (path / "adapter_config.json").exists() else "hf"
     if path.suffix == ".safetensors":
         return "safetensors"
     if zipfile.is_zipfile(path):
@@ -318,6 +320,10 @@ def load_expert(manifest: Manifest, task: str, reference: dict[str, Tensor], pre
     entry = manifest.experts[task]
     digest = verify(entry, f"expert {task}")
     fmt = _guess_format(entry.path) if entry.format == "auto" else entry.format
+    if fmt == "peft_lora":
+        from mergebench.lora import apply_lora
+        state = apply_lora({k: v.float() for k, v in pretrained.items()}, load_lora_factors(manifest, task, reference))
+        return dict(state), digest, []
     state = visual_state(read_state_dict(entry.path, fmt, trust_pickle))
     notes = []
     allow = ("proj",) if fmt == "hf" else ()
@@ -326,3 +332,20 @@ def load_expert(manifest: Manifest, task: str, reference: dict[str, Tensor], pre
         state["proj"] = pretrained["proj"].clone()
         notes.append(f"{task}: {entry.path} has no visual projection; the backbone's proj is used")
     return {k: v.float() for k, v in state.items()}, digest, notes
+
+
+def is_lora(entry: Entry) -> bool:
+    return (_guess_format(entry.path) if entry.format == "auto" else entry.format) == "peft_lora"
+
+
+def load_lora_factors(manifest: Manifest, task: str, reference: dict[str, Tensor]) -> dict:
+    """The LoRA factors of ``task``'s PEFT adapter folder (``mergebench.lora.read_peft``), errors naming it."""
+    from mergebench.lora import LoraError, read_peft
+
+    entry = manifest.experts[task]
+    if not is_lora(entry):
+        raise CheckpointError(f"expert {task} ({entry.path}) is not a PEFT LoRA adapter folder")
+    try:
+        return read_peft(entry.path, reference)
+    except LoraError as e:
+        raise CheckpointError(f"expert {task}: {e}") from None

@@ -1,0 +1,111 @@
+"""mini8-lora: the mini8 benchmark with LoRA experts instead of fully fine-tuned ones.
+
+Built on the mini8 suite (or micro for ``micro-lora``): the same pretrained backbone, frozen
+heads and data splits. Per task, LoRA adapters (``mergebench.lora``: rank ``rank``, ``alpha``,
+on ``attn.in_proj`` (the fused q/k/v weight), ``attn.out_proj``, ``mlp.c_fc`` and ``mlp.c_proj``
+of every resblock; nothing else trains) are fitted with mini8's fine-tuning routine
+(``mini8._train``: cosine classifier against the frozen head, AdamW with mini8's weight decay,
+warmup + cosine schedule, same batches) at LoRA's usual higher learning rate.
+
+The suite's experts are full weights, ``pretrained + scale * B @ A``, so every method runs on it
+unchanged; ``suite.lora_factors(task)`` (``ctx.lora_factors(task)``) gives the factors to the
+methods that merge LoRA adapters as such (CoPA-Merging). Adapters are stored in PEFT's layout
+(one folder per task, ``adapter_config.json`` + ``adapter_model.safetensors``) under
+``$MERGEBENCH_CACHE/mini8-lora/<key>``, the key covering the mini8 build, the LoRA settings and
+this code, so a second load builds nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergebench import lora
+from mergebench.io import atomic_write_text, cache_root, file_sha256
+from mergebench.suites.base import Suite
+from mergebench.suites.mini8 import CONFIGS as MINI8_CONFIGS
+from mergebench.suites.mini8 import _train, load_mini8
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    base: str = "mini8"        # the mini8 configuration whose backbone, heads and data are used
+    rank: int = 8
+    alpha: float = 16.0        # scale alpha / r = 2, LLaVA's LoRA convention (r=128, alpha=256)
+    epochs: int = 5            # mini8's fine-tuning epochs
+    lr: float = 1e-3           # LoRA's usual rate: 10x the base config's full fine-tuning rate (mini8 1e-4, micro 1e-3)
+
+    def key(self, base_key: str) -> str:
+        h = hashlib.sha256(json.dumps({"base": base_key, **dataclasses.asdict(self)}, sort_keys=True).encode())
+        for module in (lora, __import__(__name__, fromlist=["_"])):
+            h.update(Path(module.__file__).read_bytes())
+        return h.hexdigest()[:16]
+
+
+CONFIGS = {
+    "mini8-lora": LoraConfig(),
+    "micro-lora": LoraConfig(base="micro", rank=2, alpha=4.0, epochs=2, lr=1e-2),
+}
+
+
+def load_mini8_lora(config: str | LoraConfig = "mini8-lora", build: bool = True, verbose: bool = True) -> Suite:
+    """The mini8 (or micro) suite with LoRA experts, built on first use and cached."""
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+    name = config if isinstance(config, str) else f"{cfg.base}-lora-custom"
+    base = load_mini8(cfg.base, build=build, verbose=verbose)
+    root = cache_root() / "mini8-lora" / cfg.key(base.info["cache_key"])
+    if not (root / "meta.json").exists():
+        if not build:
+            raise FileNotFoundError(f"{name} is not built in {root}; run `mergebench build {name}` first")
+        _build(cfg, base, root, verbose)
+    meta = json.loads((root / "meta.json").read_text())
+    reference = dict(base.pretrained)
+
+    def load_lora(task: str) -> dict:
+        return lora.read_peft(root / "adapters" / task, reference)
+
+    def load_expert(task: str):
+        return lora.apply_lora(base.pretrained, load_lora(task))
+
+    targets = ", ".join(lora.OPEN_CLIP_TARGETS)
+    info = {**base.info, "suite": name, "cache_key": f"{base.info['cache_key']}+lora-{cfg.key(base.info['cache_key'])}",
+            "checkpoints": {**{k: v for k, v in base.info["checkpoints"].items() if not k.startswith("experts/")},
+                            **meta["sha256"]},
+            "experts": f"LoRA r={cfg.rank} alpha={cfg.alpha:g} on {targets} of every resblock (PEFT layout); "
+                       f"{cfg.epochs} epochs at lr {cfg.lr:g}",
+            "lora": dataclasses.asdict(cfg), "build": {**base.info["build"], "lora": meta["build"]}}
+    return Suite(name=name, tasks=list(base.tasks), encoder_config=dict(base.encoder_config),
+                 pretrained=base.pretrained, heads=base.heads, data=base.data, load_expert=load_expert,
+                 mean=base.mean, std=base.std, info=info, load_lora=load_lora)
+
+
+def _build(cfg: LoraConfig, base: Suite, root: Path, verbose: bool):
+    t0 = time.perf_counter()
+    log = print if verbose else (lambda *a, **k: None)
+    log(f"building {cfg.base}-lora LoRA experts into {root} (once; cached afterwards)")
+    mini8_cfg = MINI8_CONFIGS[cfg.base]
+    layers = base.encoder_config["layers"]
+    files = {}
+    for i, task in enumerate(base.tasks):
+        torch.manual_seed(mini8_cfg.seed)
+        g = torch.Generator().manual_seed(mini8_cfg.seed * 1000 + i)
+        encoder = base.build_encoder()
+        model = lora.LoraEncoder(encoder, cfg.rank, cfg.alpha, layers, g)
+        train = base.split("train", task)
+        _train(model, base.heads[task], train.images, train.labels, cfg.epochs, cfg.lr, mini8_cfg,
+               f"LoRA {task}", verbose)
+        folder = root / "adapters" / task
+        lora.save_peft(folder, model.factors(), cfg.rank, cfg.alpha, base_model=f"mergebench {cfg.base} pretrained")
+        files[f"adapters/{task}/adapter_model.safetensors"] = file_sha256(folder / "adapter_model.safetensors")
+    meta = {"config": dataclasses.asdict(cfg), "sha256": files,
+            "build": {"total_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+                      "threads": torch.get_num_threads()}}
+    atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))  # written last: marks the build complete
+    log(f"{cfg.base}-lora built in {meta['build']['total_s']} s")
+
