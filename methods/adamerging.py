@@ -9,7 +9,6 @@ disjoint; each task keeps its own vector and lambda).
 
 from __future__ import annotations
 
-
 from mergebench.methods.functional import AdaMergedModel, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.models import freeze
 from mergebench.registry import Paper, register_method
