@@ -166,8 +166,11 @@ def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: s
                orders: list[list[str]] | None = None) -> dict:
     """What determines a run's result; its hash (``config_hash``) names the record (sweeps use it too).
 
-    ``orders`` (the task orders of a sequential run) is added only for that protocol, so one-shot hashes are stable.
+    ``orders`` (the task orders of a sequential run) is added only for that protocol, so one-shot hashes are stable;
+    a method declared ``needs="sequential"`` gets the default orders when none are given (as ``run_method`` does).
     """
+    if orders is None and get_method(call.name).needs == "sequential":
+        orders = task_orders(suite.tasks, DEFAULT_ORDERS, seed)
     config = {"pipeline": str(call), "suite": suite.info.get("cache_key") or suite.info.get("checkpoints"),
               "checkpoints": suite.info.get("checkpoints"), "seed": seed,
               "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
