@@ -266,7 +266,10 @@ def rmm(ctx, episodes: int = 700, data_scale: float = 0.05, merged: str = "ties_
     Deviations: the reward uses the validation split (the official script rewards on the training loader;
     mergebench keeps the experts' training data out of merging); the subset per episode is a fraction of
     the split's images rather than of its 128-image batches (mini8's 500 validation images are 4 batches);
-    data_scale defaults to 0.05 (official README 0.1, argparse 1.0) for the CPU budget. The official code
+    data_scale defaults to 0.05 (official README 0.1, argparse 1.0) for the CPU budget. The pool's TIES model
+    is mergebench's ``ties_merging`` with its defaults (k=20, scaling 0.3); the official merge_lib's TIES
+    (density 0.3, sign election by sum) does not apply its trimming (the trimmed vectors are assigned to a
+    loop variable) and takes its weight from the script. The official code
     samples the trained policy at test time; here the greedy walk is taken so that the merge is one
     deterministic encoder, and if that walk backs out (or loops for more than 10 x blocks steps, a guard the
     official environment lacks; such episodes end with -10 like backing out) the best-rewarded walk seen in
