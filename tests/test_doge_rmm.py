@@ -48,7 +48,7 @@ def test_runs_end_to_end(micro, results_dir, method):
     if method == "doge":
         assert spec.needs == "nothing" and record["params"]["added"] == 0 and not record["data_used"]
     else:
-        assert spec.needs == "labeled" and set(record["data_used"]) == {"labeled/val"}
+        assert spec.needs == "labeled" and {(u["kind"], u["split"]) for u in record["data_used"]} == {("labeled", "val")}
 
 
 # ------------------------------------------------------------------ DOGE
