@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-sequential test bench leaderboard docs clean-venv
+.PHONY: demo demo-sequential demo-lora test bench leaderboard docs clean-venv
 
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
@@ -22,6 +22,11 @@ demo: $(BIN)/.installed
 ## 3 task orders each; writes the sequential table and curve next to the leaderboard.
 demo-sequential: $(BIN)/.installed
 	$(BIN)/mergebench demo --suite mini8 --protocol sequential --orders 3
+
+## mini8 with LoRA experts: build the adapters once (on the cached mini8), run every method that can run on
+## LoRA experts (all of them: experts are also full weights; CoPA-Merging uses the factors), write the leaderboard.
+demo-lora: $(BIN)/.installed
+	$(BIN)/mergebench demo --suite mini8-lora
 
 ## Run the test suite (micro configuration; minutes on 2 cores).
 test: $(BIN)/.installed

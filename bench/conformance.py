@@ -168,7 +168,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
         report.add("runs on cpu", FAIL, f"{type(e).__name__}: {e} (run it with `mergebench run {name} --suite micro` "
                                         f"to see the traceback)")
         return report
-    report.add("runs on cpu", PASS, f"merged in {seconds:.2f} s on the micro suite")
+    report.add("runs on cpu", PASS, f"merged in {seconds:.2f} s on the {suite.name} suite")
 
     changed = [k for k, v in _suite_hashes(suite).items() if v != before[k]]
     report.add("inputs untouched", FAIL if changed else PASS,

@@ -273,3 +273,16 @@ def test_real_suite_with_peft_experts_runs_copa(tiny, tmp_path, results_dir):
     assert suite.has_lora and suite.info["experts"] == "LoRA (PEFT adapters)"
     rec = run_method("copa_merging", suite, results_dir=results_dir, device="cpu", show_progress=False)
     assert rec["status"] == "ok", rec.get("error")
+
+
+def test_run_all_skips_methods_the_suite_cannot_run(micro, micro_lora, monkeypatch, capsys, tmp_path):
+    import mergebench.run
+    from mergebench.cli import main
+
+    ran = {}
+    monkeypatch.setattr(mergebench.run, "run_many", lambda specs, suite, **kw: ran.setdefault(suite.name, specs) and [])
+    main(["run", "--all", "--suite", "micro", "--results", str(tmp_path)])
+    main(["run", "--all", "--suite", "micro-lora", "--results", str(tmp_path)])
+    assert "copa_merging" not in ran["micro"] and "task_arithmetic" in ran["micro"]
+    assert "copa_merging" in ran["micro-lora"]
+    assert "skipped copa_merging: needs lora experts" in capsys.readouterr().err
