@@ -23,10 +23,13 @@ demo: $(BIN)/.installed
 demo-sequential: $(BIN)/.installed
 	$(BIN)/mergebench demo --suite mini8 --protocol sequential --orders 3
 
-## mini8 with LoRA experts: build the adapters once (on the cached mini8), run every method that can run on
-## LoRA experts (all of them: experts are also full weights; CoPA-Merging uses the factors), write the leaderboard.
+## mini8 with LoRA experts: build the adapters once (on the cached mini8), then the baselines, the data-free merges
+## of the LoRA deltas and CoPA-Merging (which merges the LoRA factors); writes results/mini8-lora/LEADERBOARD.md.
+## (Every method runs on LoRA experts, since they are also full weights: `mergebench demo --suite mini8-lora`.)
+LORA_METHODS := pretrained individual weight_averaging task_arithmetic ties_merging dare tsv_merging iso_c copa_merging
 demo-lora: $(BIN)/.installed
-	$(BIN)/mergebench demo --suite mini8-lora
+	$(BIN)/mergebench run --suite mini8-lora $(LORA_METHODS)
+	$(BIN)/mergebench leaderboard --suite mini8-lora --write
 
 ## Run the test suite (micro configuration; minutes on 2 cores).
 test: $(BIN)/.installed

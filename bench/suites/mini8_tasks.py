@@ -141,14 +141,15 @@ def house_numbers(n, g):
     """SVHN analogue: a colored digit on a textured, colored background (house-number plates)."""
     y = _randint(g, n, 10)
     bg, fg = _colors(g, n), _colors(g, n)
-    fg = torch.where((fg - bg).abs().sum(1, keepdim=True) < 0.8, 1 - bg, fg)
-    img = _fill(bg) * (0.75 + 0.5 * _smooth_noise(g, n, 4))
-    img = _paint(img, _digit_coverage(g, y, _u(g, n, 14, 18), _u(g, n, 14, 18), _u(g, n, 18, 24)), fg)
+    fg = torch.where((fg - bg).abs().sum(1, keepdim=True) < 1.2, 1 - bg, fg)
+    img = _fill(bg) * (0.85 + 0.3 * _smooth_noise(g, n, 4))
+    img = _paint(img, _digit_coverage(g, y, _u(g, n, 15, 17), _u(g, n, 15, 17), _u(g, n, 22, 27)), fg)
     return _to_uint8(img, g, 0.06), y
 
 
 def signs(n, g):
-    """GTSRB analogue: 4 sign shapes x 2 rim colors on a cluttered background, with a random inner symbol."""
+    """GTSRB analogue: 4 sign shapes (circle, triangle, inverted triangle, diamond) x 2 rim colors on a
+    cluttered background, with a random inner symbol."""
     y = _randint(g, n, 8)
     shape, red_rim, symbol = y // 2, y % 2, _randint(g, n, 3)
     img = _fill(_colors(g, n, 0.1, 0.7)) * (0.5 + _smooth_noise(g, n, 6, 3))
@@ -157,9 +158,9 @@ def signs(n, g):
     rim = rim * _u(g, n, 0.6, 1.1).view(-1, 1)
     spin = _u(g, n, -0.12, 0.12)
     outer = torch.stack([_circle(cx, cy, r), _ngon(cx, cy, r, 3, spin - math.pi / 2),
-                         _ngon(cx, cy, r, 8, spin + math.pi / 8), _ngon(cx, cy, r, 4, spin)], 1)
+                         _ngon(cx, cy, r, 3, spin + math.pi / 2), _ngon(cx, cy, r, 4, spin)], 1)
     inner = torch.stack([_circle(cx, cy, r * 0.72), _ngon(cx, cy, r * 0.6, 3, spin - math.pi / 2),
-                         _ngon(cx, cy, r * 0.72, 8, spin + math.pi / 8), _ngon(cx, cy, r * 0.68, 4, spin)], 1)
+                         _ngon(cx, cy, r * 0.6, 3, spin + math.pi / 2), _ngon(cx, cy, r * 0.68, 4, spin)], 1)
     pick = F.one_hot(shape, 4).float().view(n, 4, 1, 1)
     img = _paint(img, (outer * pick).sum(1), rim)
     img = _paint(img, (inner * pick).sum(1), _colors(g, n, 0.85, 1.0))
@@ -177,7 +178,7 @@ def textures(n, g):
     y = _randint(g, n, 8)
     c0, c1 = _colors(g, n), _colors(g, n)
     theta = _u(g, n, 0, math.pi)
-    freq = _u(g, n, 0.35, 0.55)
+    freq = _u(g, n, 0.5, 0.75)
     phase = _u(g, n, 0, 2 * math.pi)
     x, yy = _local(torch.full((n,), 16.0), torch.full((n,), 16.0), theta)
     f, p = _b(freq), _b(phase)
