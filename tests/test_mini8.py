@@ -1,7 +1,6 @@
 """mini8's generators and its content-addressed cache."""
 
 import dataclasses
-import time
 
 import torch
 
@@ -31,9 +30,16 @@ def test_micro_suite_is_cached_and_uses_open_clip_names(micro, tmp_path):
     assert "transformer.resblocks.0.attn.in_proj_weight" in micro.pretrained
     assert {"ln_post.weight", "proj", "conv1.weight"} <= set(micro.pretrained)
     assert set(micro.heads) == set(micro.tasks)
-    start = time.perf_counter()
-    again = load_mini8("micro", verbose=False)
-    assert time.perf_counter() - start < 5, "a cached suite loads without building"
+    import mergebench.suites.mini8 as mini8_module
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a cached suite loads without building")
+
+    original, mini8_module._build = mini8_module._build, no_build
+    try:
+        again = load_mini8("micro", verbose=False)
+    finally:
+        mini8_module._build = original
     assert again.info["checkpoints"] == micro.info["checkpoints"]
     for task in micro.tasks:  # experts differ from the pretrained backbone
         diff = sum((micro.expert_weights(task)[k] - micro.pretrained[k]).abs().sum() for k in micro.pretrained)
@@ -52,3 +58,23 @@ def test_missing_cache_without_build_is_a_clear_error(tmp_path):
     import pytest
     with pytest.raises(FileNotFoundError, match="mergebench build"):
         load_mini8("micro", cache_dir=tmp_path, build=False)
+
+
+def test_heads_are_the_pretraining_classifiers_class_vectors(micro, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = CONFIGS["micro"]
+    from mergebench.io import cache_root
+
+    classifier = load_file(cache_root() / "pretrain" / f"{cfg.pretrain_key()}.classifier.safetensors")
+    for task in micro.tasks:  # like zero-shot text heads: the class vectors the tower was trained against
+        assert torch.allclose(micro.heads[task], torch.nn.functional.normalize(classifier[task], dim=-1))
+    protos = load_mini8(dataclasses.replace(cfg, heads="prototypes"), cache_dir=tmp_path, verbose=False)
+    assert torch.allclose(protos.heads["digits"].norm(dim=-1), torch.ones(10))
+    assert not torch.allclose(protos.heads["digits"], micro.heads["digits"])
+    try:
+        load_mini8(dataclasses.replace(cfg, heads="text"), cache_dir=tmp_path, verbose=False)
+    except ValueError as e:
+        assert "classifier" in str(e) and "prototypes" in str(e)
+    else:
+        raise AssertionError("an unknown heads kind must be an error")
