@@ -28,16 +28,6 @@ VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, o
 FAST = {"steps": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The micro models are tiny: one intra-op thread is faster, and on a shared 2-core machine OpenMP
-    contention made 2 threads ~30x slower (measured). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _ctx(suite, needs="unlabeled", seed=0):
     seed_everything(seed)
     return MergeContext(suite, needs, "cpu", seed, show_progress=False)

@@ -20,14 +20,6 @@ from mergebench.run import run_method, seed_everything
 FAST_RMM = "rmm(episodes=8, data_scale=0.25)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _ctx(suite, needs="nothing", seed=0):
     seed_everything(seed)
     return MergeContext(suite, needs, "cpu", seed, show_progress=False)
