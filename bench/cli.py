@@ -126,7 +126,7 @@ def cmd_run(args) -> int:
     records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
                        show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None),
-                       protocol=args.protocol, orders=args.orders)
+                       protocol=args.protocol, orders=args.orders, budget=args.budget)
     if args.leaderboard:
         from mergebench import leaderboard
         leaderboard.write(args.results, suite.name)
@@ -258,6 +258,15 @@ def cmd_status(args) -> int:
     return 0 if summarize(status)["done"] == len(status) else 1
 
 
+def budget_option(s):
+    from mergebench.registry import BUDGETS
+
+    s.add_argument("--budget", choices=BUDGETS, default="paper",
+                   help="paper (default): every method's defaults, which are its paper's steps, batch sizes and data; "
+                        "smoke: each method's declared few-step values (tests, quick checks; marked on the leaderboard "
+                        "as below the paper's budget)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergebench", description="Benchmark model-merging methods on CLIP ViT encoders.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -294,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--orders task orders (default: sequential for methods that need it, else one-shot)")
         s.add_argument("--orders", type=int, default=3, metavar="N",
                        help="sequential protocol: number of seeded random task orders (default 3)")
+        budget_option(s)
 
     s = sub.add_parser("run", help="merge, evaluate and record one or more methods",
                        description="METHOD_SPEC is a name or a call: 'ties_merging(k=10)', "

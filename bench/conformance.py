@@ -83,12 +83,12 @@ def _probe_outputs(model, suite, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def _merge(spec_name, suite, device, seed):
+def _merge(spec_name, suite, device, seed, budget="smoke"):
     from mergebench.context import MergeContext
     from mergebench.pipeline import MethodCall
     from mergebench.run import execute, seed_everything
 
-    call = MethodCall(spec_name).resolve()
+    call = MethodCall(spec_name).with_budget(budget).resolve()
     seed_everything(seed)
     ctx = MergeContext(suite, call.needs(), device, seed, show_progress=False)
     start = time.perf_counter()
@@ -127,13 +127,21 @@ def _metadata(spec, report: Report):
     report.add("complete metadata", FAIL if problems else PASS, "; ".join(problems))
     if spec.paper and spec.paper.title.upper().startswith("TODO"):
         report.add("paper", WARN, "replace the scaffold's placeholder Paper(...) with the method's paper")
+    differ = {k: (spec.hyperparameters[k].default, v) for k, v in spec.paper_budget.items()
+              if spec.hyperparameters[k].default != v}
+    report.add("defaults are the paper's budget", FAIL if differ else PASS,
+               "; ".join(f"{k} defaults to {d!r} but the declared paper budget is {v!r}: make the default the "
+                         f"paper's and use register_method(..., smoke={{{k!r}: ...}}) for quick runs"
+                         for k, (d, v) in differ.items()))
     if not spec.defaults_source:
         report.add("defaults source", WARN, "say where the default hyperparameters come from "
                                             "(register_method(..., defaults_source='...'))")
 
 
-def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None = None) -> Report:
-    """Run the conformance checks on method ``name`` (the micro suite by default)."""
+def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None = None,
+                 budget: str = "smoke") -> Report:
+    """Run the conformance checks on method ``name`` (the micro suite by default) under ``budget`` (the method's
+    declared smoke budget by default, so that a method with a long paper schedule is checked in seconds)."""
     from mergebench.metrics import parameter_counts, tensor_bytes
     from mergebench.models import MergedModel
     from mergebench.registry import discover_plugins, get_method, list_methods
@@ -160,7 +168,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
 
     from mergebench.context import DataNotDeclaredError
     try:
-        model, ctx, seconds = _merge(name, suite, "cpu", seed)
+        model, ctx, seconds = _merge(name, suite, "cpu", seed, budget)
     except DataNotDeclaredError as e:
         report.add("declared data only", FAIL, f"{e}")
         return report
@@ -168,7 +176,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
         report.add("runs on cpu", FAIL, f"{type(e).__name__}: {e} (run it with `mergebench run {name} --suite micro` "
                                         f"to see the traceback)")
         return report
-    report.add("runs on cpu", PASS, f"merged in {seconds:.2f} s on the {suite.name} suite")
+    report.add("runs on cpu", PASS, f"merged in {seconds:.2f} s on the {suite.name} suite ({budget} budget)")
 
     changed = [k for k, v in _suite_hashes(suite).items() if v != before[k]]
     report.add("inputs untouched", FAIL if changed else PASS,
@@ -206,7 +214,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
     else:
         report.add("added parameters", PASS, f"{params['added']:,} added ({params['added_pct']:.2f}% of the backbone)")
 
-    again, _, _ = _merge(name, suite, "cpu", seed)
+    again, _, _ = _merge(name, suite, "cpu", seed, budget)
     same_weights = _hash_tensors(dict(model.state_dict())) == _hash_tensors(dict(again.state_dict()))
     same_out = all(torch.equal(o, p) for o, p in zip(outputs.values(), _probe_outputs(again, suite, "cpu").values()))
     report.add("deterministic under a seed", PASS if same_weights and same_out else FAIL,
@@ -217,7 +225,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
 
     if "cuda" in devices:
         try:
-            gpu_model, _, seconds = _merge(name, suite, "cuda", seed)
+            gpu_model, _, seconds = _merge(name, suite, "cuda", seed, budget)
             gpu_out = _probe_outputs(gpu_model, suite, "cuda")
             close = all(torch.allclose(o, g, atol=1e-2, rtol=1e-2) for o, g in zip(outputs.values(), gpu_out.values()))
             report.add("runs on cuda", PASS if close else WARN,

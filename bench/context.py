@@ -7,6 +7,7 @@ the task names and heads from it, and asks it for data only of the kind it decla
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Iterator
 
@@ -38,6 +39,7 @@ class MergeContext:
         self.show_progress = show_progress
         self.logs: dict[str, list] = defaultdict(list)
         self.data_used: dict[str, dict] = {}
+        self.loops: dict[str, dict] = {}  # progress-bar loops: {desc: {"steps", "seconds"}} (steps/s in the record)
         self._pretrained: Weights | None = None
 
     # ------------------------------------------------------------ weights and models
@@ -165,10 +167,16 @@ class MergeContext:
             return bar
 
         def gen():
+            loop = self.loops.setdefault(desc or "loop", {"steps": 0, "seconds": 0.0})
             with bar:
-                for item in iterable:
-                    yield item
-                    bar.update(1)
+                start = time.perf_counter()
+                try:
+                    for item in iterable:
+                        yield item
+                        bar.update(1)
+                        loop["steps"] += 1
+                finally:
+                    loop["seconds"] += time.perf_counter() - start
         return gen()
 
     def log(self, key: str, value: float):

@@ -51,6 +51,41 @@ def _label(rec: dict) -> str:
     return name + (f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
 
 
+BUDGET_MARK = "†"
+
+
+def below_budget(rec: dict) -> list[str]:
+    """What of the run fell below its method's paper budget (``["adamerging_layerwise: steps=100 < 500"]``).
+
+    From the record (``record["budget"]``); a record written before budgets were recorded is read against
+    the registry's paper budgets, through its pipeline.
+    """
+    if isinstance(rec.get("budget"), dict):
+        return list(rec["budget"].get("below_paper") or [])
+    from mergebench.pipeline import MethodCall
+    from mergebench.registry import UnknownMethodError
+
+    try:
+        return MethodCall.parse(rec["method"]["pipeline"]).resolve().below_paper_budget()
+    except (UnknownMethodError, ValueError):  # no longer registered / not parseable: nothing to compare with
+        return []
+
+
+def _method_cell(rec: dict, label: str) -> str:
+    return label + (f" {BUDGET_MARK}" if below_budget(rec) else "")
+
+
+def budget_note(df: pd.DataFrame) -> str:
+    """The line under a table that explains its budget marks ("" when every row ran at its paper's budget)."""
+    if df.empty or "Below budget" not in df:
+        return ""
+    rows = [(m, why) for m, why in zip(df["Method"], df["Below budget"]) if why]
+    if not rows:
+        return ""
+    return (f"{BUDGET_MARK} ran below its paper's budget: "
+            + "; ".join(f"{m.removesuffix(' ' + BUDGET_MARK)} ({why})" for m, why in rows) + ".")
+
+
 def _failed(records: list[dict], ok_pipelines: set[str]) -> list[dict]:
     """Failed runs of pipelines that have no ok record (a later success supersedes a failure)."""
     return [r for r in records if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_pipelines]
@@ -64,13 +99,14 @@ def table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list]:
     rows = []
     for rec in ok:
         m, p, f, t = rec["metrics"], rec["params"], rec.get("flops") or {}, rec["timing"]
-        row = {"Method": _label(rec), "Pipeline": rec["method"]["pipeline"]}
+        row = {"Method": _method_cell(rec, _label(rec)), "Pipeline": rec["method"]["pipeline"]}
         row.update({task: acc for task, acc in m["accuracy"].items()})
         row.update({
             "Avg": m["avg_accuracy"], "Norm": m["avg_normalized_accuracy"],
             "Added params": p["added"], "Added %": p["added_pct"],
             "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": t["merge_s"],
             "Needs": ",".join(rec["method"]["needs"]), "Selection": rec.get("selection", {}).get("protocol", "fixed"),
+            "Below budget": "; ".join(below_budget(rec)),
         })
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -101,13 +137,13 @@ def sequential_table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict],
     rows = []
     for rec in ok:
         q, f = rec["sequential"], rec.get("flops") or {}
-        rows.append({"Method": _label(rec) + (" (adapter)" if q.get("adapter") else ""),
+        rows.append({"Method": _method_cell(rec, _label(rec) + (" (adapter)" if q.get("adapter") else "")),
                      "Pipeline": rec["method"]["pipeline"], "Orders": len(q["orders"]),
                      "Final Avg": q["final_avg_mean"], "Final std": q["final_avg_std"],
                      "Avg over steps": q["avg_over_steps_mean"], "Steps std": q["avg_over_steps_std"],
                      "Norm": rec["metrics"]["avg_normalized_accuracy"], "Added params": rec["params"]["added"],
                      "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": rec["timing"]["merge_s"],
-                     "Needs": ",".join(rec["method"]["needs"])})
+                     "Needs": ",".join(rec["method"]["needs"]), "Below budget": "; ".join(below_budget(rec))})
     ok_keys = {r["method"]["pipeline"] for r in ok}
     failed = [r for r in records if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_keys]
     return pd.DataFrame(rows), failed, ok
@@ -142,7 +178,7 @@ def render_sequential(results_dir, suite: str, fmt: str = "md") -> str:
         return df.to_csv(index=False)
     shown = _display_sequential(df) if not df.empty else df
     if fmt == "latex":
-        return shown.to_latex(index=False, escape=True, column_format="l" + "r" * (len(shown.columns) - 1))
+        return _latex(shown, budget_note(df))
     if fmt != "md":
         raise ValueError(f"the sequential table is written as md, csv or latex, not {fmt!r}")
     return "\n".join(_sequential_lines(df, failed, plots=False)) + "\n"
@@ -152,6 +188,8 @@ def _sequential_lines(df: pd.DataFrame, failed: list[dict], plots: bool) -> list
     lines = ["## Sequential protocol (continual merging)", "", SEQUENTIAL_NOTE, ""]
     if not df.empty:
         lines.append(_display_sequential(df).to_markdown(index=False))
+        if budget_note(df):
+            lines += ["", budget_note(df)]
     if plots and not df.empty:
         lines += ["", "![Accuracy on the tasks seen after each expert](sequential_curve.svg)"]
     if failed:
@@ -196,7 +234,7 @@ def _fmt_params(n: float) -> str:
 
 
 def _display(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    out = df.drop(columns=["Pipeline", "Needs", "Selection"]).copy()
+    out = df.drop(columns=["Pipeline", "Needs", "Selection", "Below budget"], errors="ignore").copy()
     for col in tasks + ["Avg", "Norm"]:
         out[col] = out[col].map(lambda v: f"{v:.1f}")
     out["Added params"] = [f"{_fmt_params(n)} ({pct:.2f}%)" for n, pct in zip(df["Added params"], df["Added %"])]
@@ -253,7 +291,7 @@ def published_section(suite: str, df: pd.DataFrame) -> list[str]:
 
 
 NON_TASK_COLUMNS = {"Method", "Pipeline", "Avg", "Norm", "Added params", "Added %", "MMACs/img", "Merge s", "Needs",
-                    "Selection", "Pareto"}
+                    "Selection", "Pareto", "Below budget"}
 
 
 def _tasks(df: pd.DataFrame) -> list[str]:
@@ -281,8 +319,7 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
         return df.to_csv(index=False)
     shown = _display(df, tasks) if not df.empty else df
     if fmt == "latex":
-        # pandas writes booktabs rules (\toprule, \midrule, \bottomrule)
-        return shown.to_latex(index=False, escape=True, column_format="l" + "r" * (len(shown.columns) - 1))
+        return _latex(shown, budget_note(df))
     lines = [f"# mergebench leaderboard: {suite}", "",
              "Top-1 accuracy (%) per task on the test split; Avg = mean over tasks; Norm = mean of accuracy / the "
              "task's expert accuracy. Added params = what the merged model stores beyond one backbone "
@@ -298,6 +335,8 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
         lines += [f"View: {filters}.", ""]
     if not shown.empty:
         lines.append(shown.to_markdown(index=False))
+        if budget_note(df):
+            lines += ["", budget_note(df)]
     if plots and not df.empty:
         lines += ["", "## Budgets", "", "![Accuracy vs added parameters](pareto_params.svg)",
                   "![Accuracy vs MACs per image](accuracy_flops.svg)",
@@ -314,6 +353,22 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
     if unreadable:
         lines += ["", "## Unreadable record files (skipped)", ""] + [f"- {p}: {why}" for p, why in unreadable]
     return "\n".join(lines) + "\n"
+
+
+def _latex(shown: pd.DataFrame, note: str = "") -> str:
+    """A booktabs tabular (pandas writes \\toprule, \\midrule, \\bottomrule), with ``note`` set under it."""
+    if shown.empty:
+        return shown.to_latex(index=False)
+    text = shown.to_latex(index=False, escape=True, column_format="l" + "r" * (len(shown.columns) - 1))
+    return text + (f"\\par\\smallskip\\noindent{{\\footnotesize {_latex_escape(note)}}}\n" if note else "")
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}"),
+                 ("<", r"$<$"), (BUDGET_MARK, r"\dag{}")):
+        text = text.replace(a, b)
+    return text
 
 
 def write(results_dir, suite: str, out_dir: str | os.PathLike | None = None, plots: bool = True,
@@ -593,6 +648,8 @@ def to_html(df: pd.DataFrame, failed: list, unreadable: list, suite: str, filter
             cls = " class='pareto'" if df.loc[i, "Pareto"] else ""
             parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
         parts.append("</tbody></table>")
+        if budget_note(df):
+            parts.append(f"<p class='budget'>{e(budget_note(df))}</p>")
     if svgs:
         parts.append("<h2>Budgets</h2><div class='plots'>" + "".join(svgs.values()) + "</div>")
     if failed:

@@ -69,6 +69,25 @@ class MethodCall:
             resolved[name] = value
         return MethodCall(self.name, resolved)
 
+    def with_budget(self, budget: str = "paper") -> "MethodCall":
+        """The call under a named budget (``registry.BUDGETS``): ``"paper"`` keeps the defaults (the paper's);
+        ``"smoke"`` fills every stage's smoke values (bases included) where the call does not set them."""
+        from mergebench.registry import BUDGETS
+
+        if budget not in BUDGETS:
+            raise HyperparameterError(f"unknown budget {budget!r}; use one of {', '.join(BUDGETS)}")
+        if budget == "paper":
+            return self
+        spec = get_method(self.name)
+        hparams = {**{k: v for k, v in spec.smoke.items() if k not in self.hparams}, **self.hparams}
+        if spec.is_addon:
+            hparams["base"] = MethodCall.parse(hparams.get("base", spec.hyperparameters["base"].default)).with_budget(budget)
+        return MethodCall(self.name, hparams)
+
+    def below_paper_budget(self) -> list[str]:
+        """Of a resolved call: ``["surgery: steps=5 < 500", ...]``, each stage's budget values below its paper's."""
+        return [f"{stage.name}: {gap}" for stage in self.stages() for gap in get_method(stage.name).below_paper(stage.hparams)]
+
     def stages(self) -> list["MethodCall"]:
         """The pipeline from the innermost base outwards."""
         base = self.hparams.get("base")

@@ -32,6 +32,12 @@ NEEDS = {
 }
 
 
+# The budgets a run can use. "paper": the method's defaults, which are its paper's (steps, batch sizes, amounts of
+# data, as the official code runs them). "smoke": the few-step overrides a method declares for tests and the
+# conformance kit (``register_method(..., smoke={"steps": 2})``); a smoke run is marked below the paper's budget.
+BUDGETS = ("paper", "smoke")
+
+
 # What a method may require of the suite's experts beyond full weights.
 REQUIREMENTS = {
     "lora": "LoRA experts with their factors (mini8-lora, micro-lora, or PEFT adapters in a real-suite manifest)",
@@ -119,6 +125,19 @@ class MethodSpec:
     requires: tuple = ()  # keys of REQUIREMENTS, e.g. ("lora",)
     # a sequential method's data: the kind of the arriving task's data it may ask for ("nothing" = data-free)
     sequential_data: str = "nothing"
+    # hyperparameter -> the paper's value, for the amounts of compute and data (steps, batch sizes, exemplars):
+    # a smaller value is a smaller budget. The defaults must equal it (a test checks every registered method).
+    paper_budget: dict = field(default_factory=dict)
+    smoke: dict = field(default_factory=dict)  # hyperparameter -> value of the smoke budget
+
+    def below_paper(self, hparams: dict) -> list[str]:
+        """``["steps=100 < 500", ...]``: the budget hyperparameters of ``hparams`` below the paper's values."""
+        out = []
+        for key, paper in self.paper_budget.items():
+            value = hparams.get(key, paper)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < paper:
+                out.append(f"{key}={value:g} < {paper:g}")
+        return out
 
     @property
     def is_addon(self) -> bool:
@@ -140,6 +159,7 @@ class MethodSpec:
             "adds_params": self.adds_params, "family": self.family, "source": self.source,
             "hyperparameters": {k: h.default for k, h in self.hyperparameters.items()},
             "defaults_source": self.defaults_source, "requires": list(self.requires),
+            "paper_budget": dict(self.paper_budget), "smoke": dict(self.smoke),
         }
 
 
@@ -151,7 +171,7 @@ _discovered = False
 def register_method(name: str, *, display_name: str | None = None, paper: Paper | dict | None = None,
                     needs: str = "nothing", adds_params: bool = False, defaults_source: str = "",
                     family: str = "", hyperparameter_help: dict | None = None, sequential_data: str = "nothing",
-                    requires: tuple | list = ()):
+                    requires: tuple | list = (), paper_budget: dict | None = None, smoke: dict | None = None):
     """Register a merging method (a plain function of ``(ctx, **hyperparameters)``).
 
     Example::
@@ -159,6 +179,11 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
         @register_method("task_arithmetic", paper=Paper("Editing Models with Task Arithmetic", 2023, "2212.04089"))
         def task_arithmetic(ctx, scaling: float = 0.3):
             return ctx.shared_model(ctx.pretrained_weights + scaling * sum(ctx.task_vectors().values()))
+
+    ``paper_budget`` names the hyperparameters that measure compute or data (steps, batch size, exemplars) with
+    the paper's values, which the defaults must equal; a run below them is marked on the leaderboard.
+    ``smoke`` gives the values of the smoke budget (``--budget smoke``: tests, the conformance kit), e.g.
+    ``smoke={"steps": 2}``.
     """
     if needs not in NEEDS:
         raise ValueError(f"needs={needs!r} is not one of {list(NEEDS)}")
@@ -173,10 +198,13 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
 
     def decorator(fn: Callable) -> Callable:
         hyper = _hyperparameters(fn, hyperparameter_help or {})
+        budget = _budget_values(fn, hyper, paper_budget or {}, "paper_budget")
+        smoke_values = _budget_values(fn, hyper, smoke or {}, "smoke")
         spec = MethodSpec(
             name=name, fn=fn, display_name=display_name or name, paper=paper, needs=needs,
             adds_params=adds_params, hyperparameters=hyper, defaults_source=defaults_source,
             family=family, source=_source_of(fn), sequential_data=sequential_data, requires=tuple(requires),
+            paper_budget=budget, smoke=smoke_values,
         )
         previous = _REGISTRY.get(name)
         if previous is not None and previous.fn is not fn and _qualname(previous.fn) != _qualname(fn):
@@ -215,6 +243,14 @@ def _hyperparameters(fn: Callable, help_text: dict) -> dict:
         typ = hints.get(p.name, type(p.default) if p.default is not None else str)
         out[p.name] = Hyperparameter(p.name, p.default, typ, help_text.get(p.name, ""))
     return out
+
+
+def _budget_values(fn: Callable, hyper: dict, values: dict, what: str) -> dict:
+    unknown = [k for k in values if k not in hyper or k == "base"]
+    if unknown:
+        raise ValueError(f"{what} of {_qualname(fn)} names {unknown!r}, which are not its hyperparameters "
+                         f"({', '.join(k for k in hyper if k != 'base') or 'none'})")
+    return {k: hyper[k].parse(v) for k, v in values.items()}
 
 
 def discover_plugins(force: bool = False) -> dict[str, str]:

@@ -154,6 +154,13 @@ def reference_accuracy(suite: Suite, device="cpu", split: str = "test") -> dict[
     return acc
 
 
+def loop_rates(ctx: MergeContext) -> dict:
+    """{loop: {"steps", "seconds", "steps_per_s"}} of the method's progress loops (optimisation steps, episodes)."""
+    return {desc: {"steps": v["steps"], "seconds": round(v["seconds"], 3),
+                   "steps_per_s": round(v["steps"] / v["seconds"], 3) if v["seconds"] > 0 else None}
+            for desc, v in ctx.loops.items()}
+
+
 def _peak_memory_mb(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
@@ -197,7 +204,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                device="auto", force: bool = False, unlabeled_split: str = "test", data_fraction: float = 1.0,
                tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
                write: bool = True, time_limit_s: float | None = None, protocol: str | None = None,
-               orders: int | list[list[str]] = DEFAULT_ORDERS) -> dict:
+               orders: int | list[list[str]] = DEFAULT_ORDERS, budget: str = "paper") -> dict:
     """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
 
     ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
@@ -212,7 +219,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     """
     device = resolve_device(device)
     check_architectures(suite)
-    call = MethodCall.parse(method).resolve()
+    call = MethodCall.parse(method).with_budget(budget).resolve()
     for name in (tune or {}):  # unknown names are errors before any work
         call.with_hparams(**{name: tune[name][0]}).resolve()
     protocol = resolve_protocol(call, protocol)
@@ -239,6 +246,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                    "adds_params": any(get_method(s.name).adds_params for s in call.stages()),
                    "paper": spec.paper.cite() if spec.paper else None, "source": spec.source,
                    "family": spec.family},
+        "budget": {"requested": budget, "below_paper": call.below_paper_budget()},
         "suite": {"name": suite.name, "tasks": suite.tasks, **suite.info}, "seed": seed, "device": str(device),
         "config": config, "env": environment(),
     }
@@ -294,7 +302,8 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                         "reference_accuracy": ref},
             "params": params, "flops": flops,
             "timing": {"merge_s": round(merge_s, 3), "stages_s": stage_s, "eval_s": round(result["seconds"], 3),
-                       "eval_images_per_s": round(result["images_per_s"], 1), **_peak_memory_mb(device)},
+                       "eval_images_per_s": round(result["images_per_s"], 1), "loops": loop_rates(ctx),
+                       **_peak_memory_mb(device)},
             "data_used": list(ctx.data_used.values()),
             "logs": {k: v for k, v in ctx.logs.items()},
         })

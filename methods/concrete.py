@@ -88,17 +88,14 @@ DEFAULTS_SOURCE_TA = (
     "fusion_bench/method/concrete_subspace/clip_concrete_task_arithmetic.py): Adam lr 1e-3 on the mask logits, "
     "initial logits 0, temperature 0.5, Task Arithmetic scaling 0.3 (not clamped), batch 16 (one batch per task "
     "per step, entropy summed over tasks), mask rescaled to mean 1 per tensor, evaluation mask a continuous "
-    "sample. The official schedule is 2000 steps; the mergebench default is steps=200 so that the method runs on "
-    "mini8 in about a minute on CPU (pass steps=2000 for the official schedule)")
+    "sample, 2000 steps (the official schedule)")
 
 DEFAULTS_SOURCE_ADA = (
     "official code (tanganke/fusion_bench, config/method/concrete_subspace/clip_concrete_{layer,task}_wise_"
     "adamerging.yaml, fusion_bench/method/concrete_subspace/clip_concrete_adamerging.py): mask Adam lr 1e-3, "
     "inner (base) Adam lr 1 on the coefficients, AdaMerging Adam lr 1e-3, coefficients initialised at 0.3 and "
     "not clamped, initial logits 0, temperature 0.5, batch 16 (one batch per task per step), evaluation mask a "
-    "continuous sample rescaled to mean 1. The official schedule is 1000 mask steps + 1000 AdaMerging steps; the "
-    "mergebench default is steps=100 + adamerging_steps=100 so that it runs on mini8 in a few minutes on CPU "
-    "(pass steps=1000, adamerging_steps=1000 for the official schedule)")
+    "continuous sample rescaled to mean 1, 1000 mask steps + 1000 AdaMerging steps (the official schedule)")
 
 HELP = {
     "steps": "Adam steps on the mask logits (official: 2000 for Concrete TA, 1000 for Concrete AdaMerging)",
@@ -116,8 +113,8 @@ HELP = {
 
 _DEVIATIONS = """
 
-    Deviations from the official code: fewer default steps (see ``defaults_source``; the official
-    schedule is a hyperparameter away); the mask covers the encoder's own floating-point tensors
+    Budget: the official schedule (see ``defaults_source``; ``--budget smoke``: 2 steps per phase).
+    Deviations from the official code: the mask covers the encoder's own floating-point tensors
     (the official MaskModel covers every trainable tensor of the CLIP vision model, which is the
     same set); the data is the test split through ``ctx.unlabeled`` (shuffled, seeded by the run's
     seed). The returned model is the one evaluation-mask sample drawn under the run's seed, as
@@ -126,8 +123,9 @@ _DEVIATIONS = """
 
 
 @register_method("concrete_task_arithmetic", display_name="Concrete TA", paper=CONCRETE, needs="unlabeled",
-                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_TA, hyperparameter_help=HELP)
-def concrete_task_arithmetic(ctx, steps: int = 200, lr: float = 1e-3, scaling: float = 0.3, temperature: float = 0.5,
+                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_TA, hyperparameter_help=HELP,
+                 paper_budget={"steps": 2000, "batch_size": 16}, smoke={"steps": 2})
+def concrete_task_arithmetic(ctx, steps: int = 2000, lr: float = 1e-3, scaling: float = 0.3, temperature: float = 0.5,
                              init_logits: float = 0.0, batch_size: int = 16, eval_mask: MaskKind = "continuous"):
     """Concrete Task Arithmetic: theta = theta_0 + m * scaling * sum_t tau_t with a Concrete mask m shared by the
     tasks (rescaled to mean 1 per tensor), its logits trained by entropy minimisation on unlabeled test batches;
@@ -140,9 +138,11 @@ def concrete_task_arithmetic(ctx, steps: int = 200, lr: float = 1e-3, scaling: f
 
 
 @register_method("concrete_adamerging", display_name="Concrete AdaMerging", paper=CONCRETE, needs="unlabeled",
-                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_ADA, hyperparameter_help=HELP)
-def concrete_adamerging(ctx, granularity: Literal["layer", "task"] = "layer", steps: int = 100,
-                        adamerging_steps: int = 100, lr: float = 1e-3, base_lr: float = 1.0,
+                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_ADA, hyperparameter_help=HELP,
+                 paper_budget={"steps": 1000, "adamerging_steps": 1000, "batch_size": 16},
+                 smoke={"steps": 2, "adamerging_steps": 2})
+def concrete_adamerging(ctx, granularity: Literal["layer", "task"] = "layer", steps: int = 1000,
+                        adamerging_steps: int = 1000, lr: float = 1e-3, base_lr: float = 1.0,
                         adamerging_lr: float = 1e-3, scaling: float = 0.3, temperature: float = 0.5,
                         init_logits: float = 0.0, batch_size: int = 16, eval_mask: MaskKind = "continuous"):
     """Concrete AdaMerging (layer-wise by default): bi-level. Each mask step samples a Concrete mask m, resets the

@@ -232,7 +232,10 @@ _DEFAULTS_SOURCE = (
     "attention output; Adam lr 1e-3 betas (0.9, 0.999) for interventions and coefficients, batch 16, two batches "
     "per task per iteration, L1 (mean) to the expert embedding, 500 iterations; coefficients trained jointly "
     "for AdaMerging bases (intervmerge_adamerging.sh, intervmerge_tw_adamerging.sh), frozen otherwise; mini slice "
-    "64 (--model_hidden_size 64). The mergebench default is steps=100 iterations (mini8 CPU budget)")
+    "64 (--model_hidden_size 64)")
+
+PAPER_BUDGET = {"steps": 500, "batch_size": 16, "batches_per_task": 2}
+SMOKE = {"steps": 2}
 
 _HELP = {
     "base": "the merge to intervene on (any method spec with one shared encoder)",
@@ -247,7 +250,8 @@ _HELP = {
 
 _DEVIATIONS = """
 
-    Deviations from the official code: 100 iterations by default instead of 500 (``steps=500``). One Adam step
+    Budget: the official 500 iterations of 2 x 16 unlabeled test images per task (``--budget smoke``: 2).
+    Deviations from the official code: one Adam step
     per round on the sum of the 8 tasks' L1 losses (each task's batch of the round), instead of one step per task
     batch: for the interventions this is the same update (each task's interventions only receive their task's
     gradient and step once per task batch), but jointly trained coefficients take 2 steps per iteration instead
@@ -259,8 +263,9 @@ _DEVIATIONS = """
 
 
 @register_method("intervmerge", display_name="IntervMerge", paper=INTERVMERGE, needs="unlabeled", adds_params=True,
-                 family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE, hyperparameter_help=_HELP)
-def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 100, lr: float = 1e-3,
+                 family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE, hyperparameter_help=_HELP,
+                 paper_budget=PAPER_BUDGET, smoke=SMOKE)
+def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 500, lr: float = 1e-3,
                 batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge: per task and per transformer block a rank-r NoReFT intervention
     Phi(h) = h + W2^T((W1 h + b1) - (W2 h + b2)) on the CLS token of the attention output, before the residual
@@ -272,8 +277,8 @@ def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 100, lr
 
 @register_method("intervmerge_mini", display_name="IntervMerge (mini)", paper=INTERVMERGE, needs="unlabeled",
                  adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP)
-def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 100,
+                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE)
+def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
                      lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge mini-interventions: the same NoReFT acting only on the first ``slice_width`` dims of the CLS
     attention output in every block (the rest unchanged), T * B * 2r(w + 1) parameters (12,480 for ViT-B/32 with
@@ -284,8 +289,8 @@ def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: in
 
 @register_method("intervmerge_efficient_mini", display_name="IntervMerge (efficient mini)", paper=INTERVMERGE,
                  needs="unlabeled", adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP)
-def intervmerge_efficient_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 100,
+                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE)
+def intervmerge_efficient_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
                                lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge efficient mini-interventions (official ``miniInterv_best_efficient``): an input-independent
     shift h + pad(R b) of the CLS attention output, R (w x r) with orthonormal columns (orthogonal init), b

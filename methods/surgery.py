@@ -46,8 +46,9 @@ class SurgeryModel(MergedModel):
     defaults_source=(
         "official code (EnnengYang/RepresentationSurgery, src/merging_model.py, "
         "src/main_*_with_surgery.py): rank 16, Adam lr 1e-3 betas (0.9, 0.999), batch 16, two batches per task "
-        "per iteration with one Adam step per batch, L1 (mean) to the expert's embedding, 500 iterations; the "
-        "mergebench default is steps=100 iterations to fit the mini8 CPU budget (steps=500 for the paper's)"),
+        "per iteration with one Adam step per batch, L1 (mean) to the expert's embedding, 500 iterations "
+        "(iterations=500 in the official scripts)"),
+    paper_budget={"steps": 500, "batch_size": 16, "batches_per_task": 2}, smoke={"steps": 2},
     hyperparameter_help={
         "base": "the merge to fix (any method spec; it is frozen)",
         "rank": "adapter rank (official 16)",
@@ -56,7 +57,7 @@ class SurgeryModel(MergedModel):
         "batch_size": "unlabeled test images per batch (official 16)",
         "batches_per_task": "batches (= Adam steps) of each task per iteration (official 2)",
     })
-def surgery(ctx, base="task_arithmetic", rank: int = 16, steps: int = 100, lr: float = 1e-3,
+def surgery(ctx, base="task_arithmetic", rank: int = 16, steps: int = 500, lr: float = 1e-3,
             batch_size: int = 16, batches_per_task: int = 2):
     """Representation Surgery: for each task t, f_hat = f - W_up,t ReLU(W_down,t f) on the base model's final
     (unnormalised, after ``proj``) image embedding f, before the head's L2 normalisation; W_up is zero-initialised
@@ -64,8 +65,8 @@ def surgery(ctx, base="task_arithmetic", rank: int = 16, steps: int = 100, lr: f
     minimise the L1 distance to the embedding of that task's fine-tuned expert on unlabeled test batches. The
     base model is frozen: its weights, including trained merge coefficients, are not changed.
 
-    Deviations from the official code: 100 iterations by default instead of 500 (``steps=500`` for the paper's
-    schedule). One Adam optimizer over all adapters whose other tasks' gradients are None at each step (PyTorch
+    Budget: the official 500 iterations of 2 x 16 unlabeled test images per task (``--budget smoke``: 2).
+    Deviations from the official code: one Adam optimizer over all adapters whose other tasks' gradients are None at each step (PyTorch
     >= 2 ``zero_grad``), so a task's adapter only moves on its own batches; the base and expert embeddings of a
     task's batches in one iteration are computed in a single no-grad pass (the adapters do not affect them), then
     the per-batch Adam steps run in order. The expert is the true fine-tuned encoder for every base, as in the
