@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mergebench.context import MergeContext
 from mergebench.metrics import parameter_counts, tensor_bytes
 from mergebench.methods.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
+from mergebench.methods import cat as cat_module
 from mergebench.methods.cat import cat_linear_bases, cat_mask, cat_project
 from mergebench.methods.dare import dare_drop
 from mergebench.methods.fisher import diagonal_fisher, fisher_average
@@ -223,17 +224,47 @@ def test_cat_projection_removes_exactly_the_top_eigenvalues_of_the_conflict():
     for k in range(2):
         m = ts[1 - k] @ (grams[k] - lam * grams[1 - k]) @ ts[1 - k].t()
         top = torch.linalg.eigvalsh(m).flip(0)[:c]
-        assert bases[k].shape[1] == int((top > 0).sum())
-        assert torch.allclose(conflict(k, ts) - conflict(k, projected), top.clamp_min(0).sum(), rtol=1e-5, atol=1e-7)
+        assert bases[k].shape[1] == c
+        assert torch.allclose(conflict(k, ts) - conflict(k, projected), top.sum(), rtol=1e-5, atol=1e-7)
         assert torch.allclose(bases[k].t() @ bases[k], torch.eye(bases[k].shape[1], dtype=torch.float64))
 
 
-def test_cat_masks_at_most_c_dims_per_task_and_only_positive_scores():
+def test_cat_masks_the_top_c_dims_of_the_other_tasks():
+    torch.manual_seed(1)
     v = torch.randn(3, 10)
     s = torch.rand(3, 10)
     masked = cat_mask(v, s, 0.5, 2)
     assert 0 < int((masked == 0).sum()) <= 3 * 2 * 2
-    assert torch.equal(cat_mask(v, None, 1.0, 2).float(), v)   # constant input, lam=1: nothing to gain
+    shift = cat_mask(v, None, 10.0, 2)          # constant input (shift, bias) at lambda_ln 10: scores all negative
+    assert int((shift == 0).sum()) > 0
+    for k in range(3):                          # task k's score: the dims where the others' shifts are smallest
+        others = [i for i in range(3) if i != k]
+        dims = (v[others] ** 2).sum(0).argsort()[:2]
+        assert (shift[others][:, dims] == 0).all()
+
+
+def test_cat_rescales_projections_to_their_norms_and_takes_features_on_the_scaled_models(micro, monkeypatch):
+    t = torch.randn(3, 4, 5, dtype=torch.float64)
+    p = t * torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)[:, None, None]
+    r = cat_module.rescale_to_norms(p, t)
+    assert torch.allclose(r[:2], t[:2]) and torch.equal(r[2], p[2])
+    ctx = _ctx(micro, "unlabeled")
+    seen = []
+    real = cat_module.lockstep_sites
+
+    def spy(encoders, images):
+        seen.extend(e.state_dict() for e in encoders)
+        return real(encoders, images)
+
+    monkeypatch.setattr(cat_module, "lockstep_sites", spy)
+    merged = _weights_of(execute(MethodCall.parse("cat_merging").resolve(), ctx))
+    theta0, tvs = ctx.pretrained_weights, ctx.task_vectors()
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    for state, task in zip(seen, micro.tasks):
+        assert torch.allclose(state[key], theta0[key] + 0.4 * tvs[task][key], atol=1e-6)
+    ta = {k: theta0[k] + 0.4 * sum(tv[k] for tv in tvs.values()) for k in theta0}
+    for k in ("transformer.resblocks.0.mlp.c_fc.bias", "transformer.resblocks.0.ln_1.bias"):
+        assert not torch.allclose(merged[k], ta[k])                  # biases and LN shifts are trimmed
 
 
 # ------------------------------------------------------------------ DARE and TIES
