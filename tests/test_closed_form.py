@@ -16,6 +16,7 @@ from mergebench.methods.fisher import diagonal_fisher, fisher_average
 from mergebench.methods.iso import iso_c_matrix, iso_cts_matrix
 from mergebench.methods.lot import lot_linear, lot_norm_scale
 from mergebench.methods.regmean import regmean_linear, shrink_off_diagonal
+from mergebench.methods import tall as tall_module
 from mergebench.methods.tall import TallMaskModel, tall_mask
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
 from mergebench.methods.tsv import tsv_matrix
@@ -343,13 +344,38 @@ def test_tall_masks_store_bits_and_route_by_task(micro):
     assert not torch.allclose(outputs[micro.tasks[0]], outputs[micro.tasks[1]])
 
 
+def test_tall_takes_the_smallest_lambda_on_tied_validation_accuracy(micro, monkeypatch):
+    monkeypatch.setattr(tall_module, "_val_accuracy", lambda *a: 0.5)
+    _, _, chosen, _ = tall_module._masks(_ctx(micro), "ta", None, tall_module._val_sets(_ctx(micro), 4))
+    assert set(chosen.values()) == {min(tall_module.LAMBDA_GRID)}      # official max(d, key=d.get) on a tie
+
+
+def test_consensus_tunes_alpha_on_val_by_normalized_accuracy(micro, monkeypatch):
+    ctx = _ctx(micro)
+    theta0 = ctx.pretrained_weights
+    delta = ctx.task_vectors()[micro.tasks[0]]
+    key = max(delta, key=lambda k: delta[k].norm())
+
+    def accuracy_peaked_at_0_7(ctx_, encoder, task, val):           # alpha read back from the encoder's weights
+        w = encoder.state_dict()[key] - theta0[key]
+        alpha = (w * delta[key]).sum() / (delta[key] * delta[key]).sum()
+        return max(0.01, 1 - abs(alpha.item() - 0.7))
+
+    val = tall_module._val_sets(ctx, 4)
+    monkeypatch.setattr(tall_module, "_val_accuracy", accuracy_peaked_at_0_7)
+    assert tall_module.tune_alpha(ctx, delta, val) == 0.7
+    monkeypatch.setattr(tall_module, "_val_accuracy", lambda *a: 0.5)
+    assert tall_module.tune_alpha(ctx, delta, val) == 0.1              # find_optimal_coef's strict > : first best
+    assert get_method("consensus_ta").hyperparameters["scaling"].default is None
+
+
 def test_consensus_extremes(micro):
     ctx = _ctx(micro)
     theta0 = ctx.pretrained_weights
     ta = _weights_of(execute(MethodCall.parse("task_arithmetic(scaling=0.3)").resolve(), ctx))
-    all_kept = _weights_of(execute(MethodCall.parse("consensus_ta(k=0, lam=0.4)").resolve(), ctx))
+    all_kept = _weights_of(execute(MethodCall.parse("consensus_ta(k=0, lam=0.4, scaling=0.3)").resolve(), ctx))
     none_kept = _weights_of(execute(MethodCall.parse(f"consensus_ta(k={len(micro.tasks) + 1}, lam=0.4)").resolve(), ctx))
-    some = _weights_of(execute(MethodCall.parse("consensus_ta(k=2, lam=0.4)").resolve(), ctx))
+    some = _weights_of(execute(MethodCall.parse("consensus_ta(k=2, lam=0.4, scaling=0.3)").resolve(), ctx))
     for k in theta0:
         assert torch.allclose(all_kept[k], ta[k], atol=1e-6)
         assert torch.equal(none_kept[k], theta0[k])
