@@ -200,6 +200,28 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(micro):
         assert torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-4), k
 
 
+def test_exact_fisher_is_the_official_expectation_over_classes(micro):
+    """The loop of mmatena/model_merging fisher.py: per example, one backward per class, weighted by p(y|x)."""
+    ctx = _ctx(micro)
+    task = micro.tasks[1]
+    encoder, head = ctx.expert_encoder(task), ctx.head(task)
+    images = ctx.exemplars(task, 4)
+    got = diagonal_fisher(encoder, head, images, None, batch_size=3, chunk_size=2, exact=True)
+    model = ctx.encoder(ctx.expert_weights(task))
+    want = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for x in images:
+        log_probs = torch.log_softmax(head(model(x[None])), -1)[0]
+        probs = log_probs.exp().detach()
+        for i in range(len(probs)):
+            model.zero_grad()
+            log_probs[i].backward(retain_graph=True)
+            for k, p in model.named_parameters():
+                want[k] += probs[i] * p.grad.pow(2) / len(images)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-7, rtol=1e-4), k
+    assert get_method("fisher_merging").hyperparameters["estimator"].default == "exact"
+
+
 def test_fisher_average_weights_by_information():
     tvs = [Weights({"w": torch.tensor([1.0, 1.0])}), Weights({"w": torch.tensor([-1.0, 3.0])})]
     fishers = [Weights({"w": torch.tensor([1.0, 1e-9])}), Weights({"w": torch.tensor([1e-9, 1.0])})]
