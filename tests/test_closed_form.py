@@ -322,11 +322,32 @@ def test_dare_wraps_the_base_merge(micro):
         execute(MethodCall.parse("dare(merge='regmean')").resolve(), ctx)
 
 
+def _official_topk_values_mask(M, K=0.7):
+    """Transcription of topk_values_mask (prateeky2806/ties-merging src/utils/merge_utils.py), 2-D input."""
+    if K > 1:
+        K /= 100
+    n, d = M.shape
+    k = int(d * K)
+    k = d - k
+    kth_values, _ = M.abs().kthvalue(k, dim=1, keepdim=True)
+    mask = M.abs() >= kth_values
+    return M * mask, mask.float().mean(dim=1)
+
+
+@pytest.mark.parametrize("k", [20, 7.5, 50, 99])
+def test_ties_trim_matches_the_official_topk_values_mask(k):
+    torch.manual_seed(3)
+    tvs = torch.randn(3, 37)
+    tvs[1, :5] = tvs[1, 5]                            # tied magnitudes are kept alike
+    assert torch.equal(trim_top_k(tvs, k), _official_topk_values_mask(tvs, k)[0])
+    assert torch.equal(trim_top_k(tvs, 100), tvs)     # official kthvalue(0) raises; 100 % keeps everything
+
+
 def test_ties_keeps_the_documented_fraction_and_agrees_with_the_elected_sign():
     torch.manual_seed(5)
     tvs = torch.randn(4, 1000)
     trimmed = trim_top_k(tvs, 20)
-    assert ((trimmed != 0).sum(1) == 200).all()
+    assert ((trimmed != 0).sum(1) == 201).all()       # the official threshold rank keeps int(n k) + 1
     assert torch.equal(trimmed[trimmed != 0], tvs[trimmed != 0])
     assert (trimmed.abs().max(1).values == tvs.abs().max(1).values).all()
     sign = elect_sign(trimmed)
