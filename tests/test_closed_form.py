@@ -535,3 +535,23 @@ def test_wudi_quadratic_form_takes_the_same_adam_steps_as_the_direct_objective()
         opt.step()
     assert torch.allclose(fast, ref.detach(), atol=1e-7)
     assert losses[-1] == pytest.approx(wudi_loss(ref.detach(), t, sq).item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("failing", [{torch.float32}, {torch.float32, torch.float64}])
+def test_iso_retries_an_svd_that_fails_to_converge(monkeypatch, failing):
+    torch.manual_seed(2)
+    task_matrices = torch.randn(3, 12, 9)
+    expected_c, expected_cts = iso_c_matrix(task_matrices), iso_cts_matrix(task_matrices)
+    real_svd, calls = torch.linalg.svd, []
+
+    def svd(a, *args, **kwargs):           # LAPACK's non-convergence, forced for the listed dtypes
+        calls.append(a.dtype)
+        if a.dtype in failing:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    got_c, got_cts = iso_c_matrix(task_matrices), iso_cts_matrix(task_matrices)
+    assert torch.float64 in calls                     # the retry ran (in float64; then scipy's gesvd if that failed)
+    assert got_c.dtype == torch.float32
+    assert torch.allclose(got_c, expected_c, atol=1e-5) and torch.allclose(got_cts, expected_cts, atol=1e-5)
