@@ -104,12 +104,21 @@ class SequentialContext(MergeContext):
 
 
 def task_orders(tasks: list[str], orders: int | list[list[str]], seed: int = 0) -> list[list[str]]:
-    """``orders`` seeded random permutations of ``tasks`` (or the given orders, checked)."""
+    """``orders`` seeded random task orders (or the given orders, checked).
+
+    The orders are rows of a random Latin square (a cyclic square with its rows, columns and task labels shuffled):
+    no two of the first ``len(tasks)`` orders put the same task at the same position, and successive tasks differ
+    between orders. Beyond ``len(tasks)`` orders a new square is drawn.
+    """
     if isinstance(orders, int):
         if orders < 1:
             raise ValueError(f"the number of task orders must be at least 1, got {orders}")
         g = torch.Generator().manual_seed(10007 * seed + 1)
-        return [[tasks[i] for i in torch.randperm(len(tasks), generator=g).tolist()] for _ in range(orders)]
+        n, out = len(tasks), []
+        while len(out) < orders:
+            rows, cols, labels = (torch.randperm(n, generator=g).tolist() for _ in range(3))
+            out += [[tasks[labels[(r + cols[c]) % n]] for c in range(n)] for r in rows]
+        return out[:orders]
     out = [list(o) for o in orders]
     for o in out:
         if sorted(o) != sorted(tasks):

@@ -37,7 +37,7 @@ HELP = {
 def trim_magnitude(stacked: Tensor, keep: float) -> Tensor:
     """Mask of each row's entries with |w| >= its int(n * (1 - keep))-th smallest magnitude (official rule).
 
-    Not ``ties.trim_top_k``: the official threshold rank keeps one entry more than top-``keep``.
+    The same threshold rank as ``ties.trim_top_k`` (one entry more than top-``keep``), with ``keep`` a fraction.
     """
     n = stacked.shape[1]
     k = int(n * (1 - keep))

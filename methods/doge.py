@@ -134,8 +134,8 @@ def doge(ctx, steps: int = 400, lr: float = 1e-4, lamda: float = 0.07, subspace:
     Deviations: open_clip's fused q/k/v ``in_proj_weight`` is split into its three matrices (the official
     code runs on Hugging Face CLIP, where they are separate), so norms, subspaces and losses are per matrix
     as there. Layers of one shape are optimized as one batch (equal to the official layer-by-layer loop: the
-    loss is separable and Adam elementwise). The top-K mask keeps ``int(n * K / 100)`` entries (the official
-    threshold keeps one more); ties.trim_top_k is reused. With ``steps=0`` and ``k=100`` this is Task
+    loss is separable and Adam elementwise). The top-K mask is ties.trim_top_k (the official TIES threshold, which
+    keeps ``int(n * K / 100) + 1`` entries). With ``steps=0`` and ``k=100`` this is Task
     Arithmetic with the adaptive coefficients.
     """
     if steps < 0 or lr <= 0 or lamda <= 0 or subspace < 1 or not 0 < k <= 100:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.methods.tsv import polar
+from mergebench.methods.tsv import polar, robust_svd
 from mergebench.registry import Paper, register_method
 from mergebench.weights import Weights
 
@@ -14,7 +14,7 @@ ISO = Paper("No Task Left Behind: Isotropic Model Merging with Common and Task-S
 
 def iso_c_matrix(task_matrices: torch.Tensor) -> torch.Tensor:
     """Iso-C for one layer: Delta = sum_t T_t = U S V^T -> mean(S) U V^T (every singular value equal)."""
-    u, s, vh = torch.linalg.svd(task_matrices.float().sum(0), full_matrices=False)
+    u, s, vh = robust_svd(task_matrices.float().sum(0))
     return s.mean() * (u @ vh)
 
 
@@ -25,7 +25,7 @@ def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) ->
     t = task_matrices.float()
     num = t.shape[0]
     total = t.sum(0)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = robust_svd(total)
     r = s.shape[0]
     k_c = int(r * common_fraction)
     per_task = round((r - k_c) / num)
@@ -34,7 +34,7 @@ def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) ->
     if per_task > 0:
         uc = u[:, :k_c]
         residual = t - uc @ (uc.t() @ t)                        # remove the common space (left side), batched
-        ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+        ut, st, vht = robust_svd(residual)
         us = [ut[:, :, :per_task].permute(1, 0, 2).reshape(t.shape[1], -1)] + us
         ss = [st[:, :per_task].reshape(-1)] + ss
         vhs = [vht[:, :per_task].reshape(-1, t.shape[2])] + vhs
@@ -61,7 +61,8 @@ def iso_c(ctx, scaling: float = 1.5):
     """Per 2-D weight: Delta = sum_t tau_t, Delta_iso = mean(sigma) U V^T; other tensors: mean tau.
 
     theta = theta_0 + alpha * Delta_iso. The sum (not the mean) is flattened, as in the official code, so the
-    paper's alpha applies.
+    paper's alpha applies. An SVD that fails to converge is retried in float64, then with the gesvd algorithm
+    (``tsv.robust_svd``) instead of failing the run.
     """
     return _iso(ctx, scaling, iso_c_matrix)
 

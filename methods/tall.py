@@ -16,6 +16,13 @@ from mergebench.weights import Weights
 TALL = Paper("Localizing Task Information for Improved Model Merging and Compression", 2024, "2405.07813", "ICML",
              "https://github.com/nik-dim/tall_masks")
 LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
+ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))  # official np.linspace(0, 1, n_eval_points // 2 + 1)[1:]
+
+
+def first_best(grid, scores: dict) -> float:
+    """The grid value with the highest score, the smallest on ties: the official code's ``max(d, key=d.get)``
+    (TALL lambda_t) and ``find_optimal_coef`` (strict ``>``, alpha) both keep the first best of an ascending grid."""
+    return max(grid, key=scores.__getitem__)
 
 
 def multitask_vector(flat_tvs: torch.Tensor, base: str) -> torch.Tensor:
@@ -32,8 +39,13 @@ def tall_mask(flat_tv: torch.Tensor, mtl: torch.Tensor, lam: float) -> torch.Ten
     return flat_tv.abs() > lam * (mtl - flat_tv).abs()
 
 
-def _val_accuracy(ctx, encoder, task: str, n: int) -> float:
-    images, labels = ctx.exemplars(task, n=n, split="val", labels=True)
+def _val_sets(ctx, val_images: int) -> dict:
+    """{task: (images, labels)}: ``val_images`` fixed labeled images of each task's validation split."""
+    return {task: ctx.exemplars(task, n=val_images, split="val", labels=True) for task in ctx.tasks}
+
+
+def _val_accuracy(ctx, encoder, task: str, val: dict) -> float:
+    images, labels = val[task]
     head = ctx.head(task)
     correct = 0
     with torch.no_grad():
@@ -42,8 +54,8 @@ def _val_accuracy(ctx, encoder, task: str, n: int) -> float:
     return correct / len(labels)
 
 
-def _masks(ctx, base: str, lam: float | None, val_images: int):
-    """(tau_MTL flat, {task: bool mask}, {task: lambda}, template Weights); lam=None selects lambda_t on val."""
+def _masks(ctx, base: str, lam: float | None, val: dict | None):
+    """(tau_MTL flat, {task: bool mask}, {task: lambda}, template Weights); lam=None selects lambda_t on ``val``."""
     tvs = ctx.task_vectors()
     template = next(iter(tvs.values()))
     flat = torch.stack([tv.flatten() for tv in tvs.values()])
@@ -60,8 +72,8 @@ def _masks(ctx, base: str, lam: float | None, val_images: int):
                 m = tall_mask(flat[i], mtl, candidate)
                 weights = theta0 + template.unflatten(torch.where(m, mtl, torch.zeros_like(mtl)))
                 encoder.load_state_dict(weights, strict=False)
-                scores[candidate] = _val_accuracy(ctx, encoder, task, val_images)
-            chosen[task] = max(LAMBDA_GRID, key=lambda c: (scores[c], c))
+                scores[candidate] = _val_accuracy(ctx, encoder, task, val)
+            chosen[task] = first_best(LAMBDA_GRID, scores)
             ctx.log(f"tall_lambda/{task}", chosen[task])
         masks[task] = tall_mask(flat[i], mtl, chosen[task])
     return mtl, masks, chosen, template
@@ -121,35 +133,63 @@ def tall_masks(ctx, lam: float | None = None, mtl: Literal["ta", "ties"] = "ta",
 
     The merged model stores theta_0, tau_MTL and T bool masks (counted as bits) and routes by task in
     ``forward(images, task)``: a compression of the experts, not a single merged model. lambda_t is chosen per
-    task on that task's validation accuracy (labeled val split) unless ``lam`` fixes it.
+    task on that task's validation accuracy (labeled val split) unless ``lam`` fixes it; on tied accuracy the
+    smallest lambda_t is taken, as the official selection does.
     """
-    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, val_images)
+    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, None if lam is not None else _val_sets(ctx, val_images))
     return TallMaskModel(ctx.encoder(), template, flat_mtl, masks)
 
 
-def _consensus(ctx, mtl: str, k: int, scaling: float, lam: float | None, val_images: int):
-    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, val_images)
+def tune_alpha(ctx, delta: Weights, val: dict) -> float:
+    """alpha from ALPHA_GRID maximising the average normalized validation accuracy of theta_0 + alpha * delta.
+
+    As the official ``find_optimal_coef(val_metrics, metric="avg_normalized_top1")``; each task's accuracy is
+    normalized by its expert's accuracy on the same validation images (the official code divides by the experts'
+    stored test accuracies, which a method here does not see).
+    """
+    expert = {task: _val_accuracy(ctx, ctx.expert_encoder(task), task, val) for task in ctx.tasks}
+    encoder, theta0, scores = ctx.encoder(), ctx.pretrained_weights, {}
+    for alpha in ALPHA_GRID:
+        encoder.load_state_dict(theta0 + alpha * delta, strict=False)
+        scores[alpha] = sum(_val_accuracy(ctx, encoder, task, val) / max(expert[task], 1e-12)
+                            for task in ctx.tasks) / len(ctx.tasks)
+        ctx.log(f"consensus_val_norm_acc/{alpha}", scores[alpha])
+    return first_best(ALPHA_GRID, scores)
+
+
+def _consensus(ctx, mtl: str, k: int, scaling: float | None, lam: float | None, val_images: int):
+    val = _val_sets(ctx, val_images) if lam is None or scaling is None else None
+    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, val)
     votes = torch.stack(list(masks.values())).sum(0)
     consensus = votes >= k
     ctx.log("consensus_kept_fraction", consensus.float().mean().item())
     delta = template.unflatten(torch.where(consensus, flat_mtl, torch.zeros_like(flat_mtl)))
+    if scaling is None:
+        scaling = tune_alpha(ctx, delta, val)
+        ctx.log("consensus_alpha", scaling)
     return ctx.shared_model(ctx.pretrained_weights + scaling * delta)
 
 
 CONSENSUS_HELP = {"k": "keep weights that at least k TALL masks select (k=2 drops selfish and catastrophic weights)",
-                  "scaling": "alpha applied to the pruned multi-task vector",
+                  "scaling": "alpha applied to the pruned multi-task vector; None selects it on the val split from "
+                             "{0.1, ..., 1.0} (average normalized accuracy, the smallest on ties)",
                   "lam": "lambda_t of the TALL masks; None selects it per task on the val split",
-                  "val_images": "validation images per task used to select lambda_t"}
+                  "val_images": "validation images per task used to select lambda_t and alpha"}
 
 
 @register_method(
     "consensus_ta", display_name="Consensus Merging (TA)", family="data-free (masks)", paper=TALL, needs="labeled",
     defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
-                    "config/method/consensus.yaml (prun_thre_k 2); scaling 0.3 is Task Arithmetic's fixed ViT-B/32 "
-                    "value (the paper tunes it on val over {0.1..1.0})",
+                    "config/method/consensus.yaml (prun_thre_k 2); alpha selected on val over {0.1..1.0} by average "
+                    "normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py find_optimal_coef "
+                    "(n_eval_points 21 in config/config.yaml)",
     hyperparameter_help=CONSENSUS_HELP)
-def consensus_ta(ctx, k: int = 2, scaling: float = 0.3, lam: float | None = None, val_images: int = 1000):
-    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_MTL), tau_MTL = sum_t tau_t, m_t the TALL masks."""
+def consensus_ta(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 1000):
+    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_MTL), tau_MTL = sum_t tau_t, m_t the TALL masks.
+
+    alpha (``scaling=None``) is chosen on the labeled val split as the official code does; deviation: each task's
+    val accuracy is normalized by its expert's accuracy on the same val images, not by stored test accuracies.
+    """
     return _consensus(ctx, "ta", k, scaling, lam, val_images)
 
 
@@ -157,9 +197,13 @@ def consensus_ta(ctx, k: int = 2, scaling: float = 0.3, lam: float | None = None
     "consensus_ties", display_name="Consensus Merging (TIES)", family="data-free (masks)", paper=TALL,
     needs="labeled",
     defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
-                    "config/method/consensus.yaml; tau_MTL = TIES (k 20, disjoint sum); scaling 0.3 is TIES' fixed "
-                    "ViT-B/32 value in this project (the paper tunes it on val over {0.1..1.0})",
+                    "config/method/consensus.yaml; tau_MTL = TIES (k 20, disjoint sum); alpha selected on val over "
+                    "{0.1..1.0} by average normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py "
+                    "find_optimal_coef",
     hyperparameter_help=CONSENSUS_HELP)
-def consensus_ties(ctx, k: int = 2, scaling: float = 0.3, lam: float | None = None, val_images: int = 1000):
-    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_TIES), m_t the TALL masks built against tau_TIES."""
+def consensus_ties(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 1000):
+    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_TIES), m_t the TALL masks built against tau_TIES.
+
+    alpha as in ``consensus_ta`` (selected on the val split unless ``scaling`` fixes it).
+    """
     return _consensus(ctx, "ties", k, scaling, lam, val_images)

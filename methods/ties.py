@@ -14,11 +14,17 @@ TIES = Paper("TIES-Merging: Resolving Interference When Merging Models", 2023, "
 
 
 def trim_top_k(vectors: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep the top-``k`` % entries by magnitude of each row (a flattened task vector), zero the rest."""
+    """Keep each row's entries with |v| >= its ``(n - int(n * k / 100))``-th smallest magnitude, zero the rest.
+
+    This is the official ``topk_values_mask`` (prateeky2806/ties-merging ``src/utils/merge_utils.py``, copied by
+    fusion_bench): the threshold rank keeps ``int(n * k / 100) + 1`` entries (plus ties), at least one; k=100 keeps
+    all (where the official ``kthvalue(0)`` would raise).
+    """
     n = vectors.shape[1]
-    keep = max(1, int(n * k / 100))
-    # kthvalue of |v| at rank n - keep + 1 is the smallest kept magnitude (ties kept as in the official code)
-    threshold = vectors.abs().kthvalue(n - keep + 1, dim=1, keepdim=True).values
+    rank = n - int(n * k / 100)
+    if rank < 1:
+        return vectors.clone()
+    threshold = vectors.abs().kthvalue(rank, dim=1, keepdim=True).values
     return vectors * (vectors.abs() >= threshold)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mergebench.registry import Paper, register_method
@@ -11,9 +12,33 @@ TSV = Paper("Task Singular Vectors: Reducing Task Interference in Model Merging"
             "https://github.com/AntoAndGar/task_singular_vectors")
 
 
+def robust_svd(a: torch.Tensor, full_matrices: bool = False):
+    """``torch.linalg.svd(a)``, retried where LAPACK fails to converge (seen on CPU for ViT-B/32-shaped task sums).
+
+    Retries in float64, then with the slower but more robust ``gesvd`` algorithm (torch's ``driver='gesvd'`` on
+    CUDA, scipy's ``lapack_driver='gesvd'`` on CPU, batched by a loop). The factors come back in ``a``'s dtype.
+    """
+    try:
+        return torch.linalg.svd(a, full_matrices=full_matrices)
+    except torch.linalg.LinAlgError:
+        pass
+    x = a.double()
+    try:
+        factors = torch.linalg.svd(x, full_matrices=full_matrices)
+    except torch.linalg.LinAlgError:
+        if x.is_cuda:
+            factors = torch.linalg.svd(x, full_matrices=full_matrices, driver="gesvd")
+        else:
+            import scipy.linalg
+            flat = x.reshape(-1, *x.shape[-2:]).numpy()
+            parts = [scipy.linalg.svd(m, full_matrices=full_matrices, lapack_driver="gesvd") for m in flat]
+            factors = [torch.from_numpy(np.stack(f)).reshape(*x.shape[:-2], *f[0].shape) for f in zip(*parts)]
+    return tuple(f.to(a.dtype) for f in factors)
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (or rows): P Q^T from the SVD P S Q^T."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    p, _, qh = robust_svd(matrix)
     return p @ qh
 
 

@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from mergebench.context import MergeContext
 from mergebench.metrics import parameter_counts, tensor_bytes
 from mergebench.methods.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
+from mergebench.methods import cat as cat_module
 from mergebench.methods.cat import cat_linear_bases, cat_mask, cat_project
 from mergebench.methods.dare import dare_drop
 from mergebench.methods.fisher import diagonal_fisher, fisher_average
 from mergebench.methods.iso import iso_c_matrix, iso_cts_matrix
 from mergebench.methods.lot import lot_linear, lot_norm_scale
 from mergebench.methods.regmean import regmean_linear, shrink_off_diagonal
+from mergebench.methods import tall as tall_module
 from mergebench.methods.tall import TallMaskModel, tall_mask
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
 from mergebench.methods.tsv import tsv_matrix
@@ -198,6 +200,28 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(micro):
         assert torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-4), k
 
 
+def test_exact_fisher_is_the_official_expectation_over_classes(micro):
+    """The loop of mmatena/model_merging fisher.py: per example, one backward per class, weighted by p(y|x)."""
+    ctx = _ctx(micro)
+    task = micro.tasks[1]
+    encoder, head = ctx.expert_encoder(task), ctx.head(task)
+    images = ctx.exemplars(task, 4)
+    got = diagonal_fisher(encoder, head, images, None, batch_size=3, chunk_size=2, exact=True)
+    model = ctx.encoder(ctx.expert_weights(task))
+    want = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    for x in images:
+        log_probs = torch.log_softmax(head(model(x[None])), -1)[0]
+        probs = log_probs.exp().detach()
+        for i in range(len(probs)):
+            model.zero_grad()
+            log_probs[i].backward(retain_graph=True)
+            for k, p in model.named_parameters():
+                want[k] += probs[i] * p.grad.pow(2) / len(images)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-7, rtol=1e-4), k
+    assert get_method("fisher_merging").hyperparameters["estimator"].default == "exact"
+
+
 def test_fisher_average_weights_by_information():
     tvs = [Weights({"w": torch.tensor([1.0, 1.0])}), Weights({"w": torch.tensor([-1.0, 3.0])})]
     fishers = [Weights({"w": torch.tensor([1.0, 1e-9])}), Weights({"w": torch.tensor([1e-9, 1.0])})]
@@ -223,17 +247,47 @@ def test_cat_projection_removes_exactly_the_top_eigenvalues_of_the_conflict():
     for k in range(2):
         m = ts[1 - k] @ (grams[k] - lam * grams[1 - k]) @ ts[1 - k].t()
         top = torch.linalg.eigvalsh(m).flip(0)[:c]
-        assert bases[k].shape[1] == int((top > 0).sum())
-        assert torch.allclose(conflict(k, ts) - conflict(k, projected), top.clamp_min(0).sum(), rtol=1e-5, atol=1e-7)
+        assert bases[k].shape[1] == c
+        assert torch.allclose(conflict(k, ts) - conflict(k, projected), top.sum(), rtol=1e-5, atol=1e-7)
         assert torch.allclose(bases[k].t() @ bases[k], torch.eye(bases[k].shape[1], dtype=torch.float64))
 
 
-def test_cat_masks_at_most_c_dims_per_task_and_only_positive_scores():
+def test_cat_masks_the_top_c_dims_of_the_other_tasks():
+    torch.manual_seed(1)
     v = torch.randn(3, 10)
     s = torch.rand(3, 10)
     masked = cat_mask(v, s, 0.5, 2)
     assert 0 < int((masked == 0).sum()) <= 3 * 2 * 2
-    assert torch.equal(cat_mask(v, None, 1.0, 2).float(), v)   # constant input, lam=1: nothing to gain
+    shift = cat_mask(v, None, 10.0, 2)          # constant input (shift, bias) at lambda_ln 10: scores all negative
+    assert int((shift == 0).sum()) > 0
+    for k in range(3):                          # task k's score: the dims where the others' shifts are smallest
+        others = [i for i in range(3) if i != k]
+        dims = (v[others] ** 2).sum(0).argsort()[:2]
+        assert (shift[others][:, dims] == 0).all()
+
+
+def test_cat_rescales_projections_to_their_norms_and_takes_features_on_the_scaled_models(micro, monkeypatch):
+    t = torch.randn(3, 4, 5, dtype=torch.float64)
+    p = t * torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)[:, None, None]
+    r = cat_module.rescale_to_norms(p, t)
+    assert torch.allclose(r[:2], t[:2]) and torch.equal(r[2], p[2])
+    ctx = _ctx(micro, "unlabeled")
+    seen = []
+    real = cat_module.lockstep_sites
+
+    def spy(encoders, images):
+        seen.extend(e.state_dict() for e in encoders)
+        return real(encoders, images)
+
+    monkeypatch.setattr(cat_module, "lockstep_sites", spy)
+    merged = _weights_of(execute(MethodCall.parse("cat_merging").resolve(), ctx))
+    theta0, tvs = ctx.pretrained_weights, ctx.task_vectors()
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    for state, task in zip(seen, micro.tasks):
+        assert torch.allclose(state[key], theta0[key] + 0.4 * tvs[task][key], atol=1e-6)
+    ta = {k: theta0[k] + 0.4 * sum(tv[k] for tv in tvs.values()) for k in theta0}
+    for k in ("transformer.resblocks.0.mlp.c_fc.bias", "transformer.resblocks.0.ln_1.bias"):
+        assert not torch.allclose(merged[k], ta[k])                  # biases and LN shifts are trimmed
 
 
 # ------------------------------------------------------------------ DARE and TIES
@@ -268,11 +322,32 @@ def test_dare_wraps_the_base_merge(micro):
         execute(MethodCall.parse("dare(merge='regmean')").resolve(), ctx)
 
 
+def _official_topk_values_mask(M, K=0.7):
+    """Transcription of topk_values_mask (prateeky2806/ties-merging src/utils/merge_utils.py), 2-D input."""
+    if K > 1:
+        K /= 100
+    n, d = M.shape
+    k = int(d * K)
+    k = d - k
+    kth_values, _ = M.abs().kthvalue(k, dim=1, keepdim=True)
+    mask = M.abs() >= kth_values
+    return M * mask, mask.float().mean(dim=1)
+
+
+@pytest.mark.parametrize("k", [20, 7.5, 50, 99])
+def test_ties_trim_matches_the_official_topk_values_mask(k):
+    torch.manual_seed(3)
+    tvs = torch.randn(3, 37)
+    tvs[1, :5] = tvs[1, 5]                            # tied magnitudes are kept alike
+    assert torch.equal(trim_top_k(tvs, k), _official_topk_values_mask(tvs, k)[0])
+    assert torch.equal(trim_top_k(tvs, 100), tvs)     # official kthvalue(0) raises; 100 % keeps everything
+
+
 def test_ties_keeps_the_documented_fraction_and_agrees_with_the_elected_sign():
     torch.manual_seed(5)
     tvs = torch.randn(4, 1000)
     trimmed = trim_top_k(tvs, 20)
-    assert ((trimmed != 0).sum(1) == 200).all()
+    assert ((trimmed != 0).sum(1) == 201).all()       # the official threshold rank keeps int(n k) + 1
     assert torch.equal(trimmed[trimmed != 0], tvs[trimmed != 0])
     assert (trimmed.abs().max(1).values == tvs.abs().max(1).values).all()
     sign = elect_sign(trimmed)
@@ -312,13 +387,38 @@ def test_tall_masks_store_bits_and_route_by_task(micro):
     assert not torch.allclose(outputs[micro.tasks[0]], outputs[micro.tasks[1]])
 
 
+def test_tall_takes_the_smallest_lambda_on_tied_validation_accuracy(micro, monkeypatch):
+    monkeypatch.setattr(tall_module, "_val_accuracy", lambda *a: 0.5)
+    _, _, chosen, _ = tall_module._masks(_ctx(micro), "ta", None, tall_module._val_sets(_ctx(micro), 4))
+    assert set(chosen.values()) == {min(tall_module.LAMBDA_GRID)}      # official max(d, key=d.get) on a tie
+
+
+def test_consensus_tunes_alpha_on_val_by_normalized_accuracy(micro, monkeypatch):
+    ctx = _ctx(micro)
+    theta0 = ctx.pretrained_weights
+    delta = ctx.task_vectors()[micro.tasks[0]]
+    key = max(delta, key=lambda k: delta[k].norm())
+
+    def accuracy_peaked_at_0_7(ctx_, encoder, task, val):           # alpha read back from the encoder's weights
+        w = encoder.state_dict()[key] - theta0[key]
+        alpha = (w * delta[key]).sum() / (delta[key] * delta[key]).sum()
+        return max(0.01, 1 - abs(alpha.item() - 0.7))
+
+    val = tall_module._val_sets(ctx, 4)
+    monkeypatch.setattr(tall_module, "_val_accuracy", accuracy_peaked_at_0_7)
+    assert tall_module.tune_alpha(ctx, delta, val) == 0.7
+    monkeypatch.setattr(tall_module, "_val_accuracy", lambda *a: 0.5)
+    assert tall_module.tune_alpha(ctx, delta, val) == 0.1              # find_optimal_coef's strict > : first best
+    assert get_method("consensus_ta").hyperparameters["scaling"].default is None
+
+
 def test_consensus_extremes(micro):
     ctx = _ctx(micro)
     theta0 = ctx.pretrained_weights
     ta = _weights_of(execute(MethodCall.parse("task_arithmetic(scaling=0.3)").resolve(), ctx))
-    all_kept = _weights_of(execute(MethodCall.parse("consensus_ta(k=0, lam=0.4)").resolve(), ctx))
+    all_kept = _weights_of(execute(MethodCall.parse("consensus_ta(k=0, lam=0.4, scaling=0.3)").resolve(), ctx))
     none_kept = _weights_of(execute(MethodCall.parse(f"consensus_ta(k={len(micro.tasks) + 1}, lam=0.4)").resolve(), ctx))
-    some = _weights_of(execute(MethodCall.parse("consensus_ta(k=2, lam=0.4)").resolve(), ctx))
+    some = _weights_of(execute(MethodCall.parse("consensus_ta(k=2, lam=0.4, scaling=0.3)").resolve(), ctx))
     for k in theta0:
         assert torch.allclose(all_kept[k], ta[k], atol=1e-6)
         assert torch.equal(none_kept[k], theta0[k])
@@ -435,3 +535,23 @@ def test_wudi_quadratic_form_takes_the_same_adam_steps_as_the_direct_objective()
         opt.step()
     assert torch.allclose(fast, ref.detach(), atol=1e-7)
     assert losses[-1] == pytest.approx(wudi_loss(ref.detach(), t, sq).item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("failing", [{torch.float32}, {torch.float32, torch.float64}])
+def test_iso_retries_an_svd_that_fails_to_converge(monkeypatch, failing):
+    torch.manual_seed(2)
+    task_matrices = torch.randn(3, 12, 9)
+    expected_c, expected_cts = iso_c_matrix(task_matrices), iso_cts_matrix(task_matrices)
+    real_svd, calls = torch.linalg.svd, []
+
+    def svd(a, *args, **kwargs):           # LAPACK's non-convergence, forced for the listed dtypes
+        calls.append(a.dtype)
+        if a.dtype in failing:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    got_c, got_cts = iso_c_matrix(task_matrices), iso_cts_matrix(task_matrices)
+    assert torch.float64 in calls                     # the retry ran (in float64; then scipy's gesvd if that failed)
+    assert got_c.dtype == torch.float32
+    assert torch.allclose(got_c, expected_c, atol=1e-5) and torch.allclose(got_cts, expected_cts, atol=1e-5)

@@ -185,3 +185,17 @@ def test_bad_protocol_requests_are_clear_errors(micro, results_dir):
         run_method("fisher_merging", micro, results_dir=results_dir, protocol="sequential")
     with pytest.raises(ValueError, match="at least 1"):
         task_orders(micro.tasks, 0)
+
+
+def test_random_task_orders_are_genuinely_different():
+    tasks = [f"t{i}" for i in range(8)]
+    orders = task_orders(tasks, 3, seed=0)
+    assert all(sorted(o) == tasks for o in orders)
+    for position in range(8):       # rows of a Latin square: no two orders share a task at any position
+        assert len({o[position] for o in orders}) == 3
+    pairs = [set(zip(o, o[1:])) for o in orders]
+    assert pairs[0] != pairs[1] != pairs[2] != pairs[0]     # not one order shifted
+    full = task_orders(tasks, 8, seed=0)
+    assert all(sorted(o[p] for o in full) == tasks for p in range(8))    # each task once at each position
+    assert task_orders(tasks, 3, seed=1) != orders and task_orders(tasks, 3, seed=0) == orders
+    assert len(task_orders(tasks, 11, seed=0)) == 11
