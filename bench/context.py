@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ class MergeContext:
         self.logs: dict[str, list] = defaultdict(list)
         self.data_used: dict[str, dict] = {}
         self.loops: dict[str, dict] = {}  # progress-bar loops: {desc: {"steps", "seconds"}} (steps/s in the record)
+        self.cached_bases: list[dict] = []  # bases read from the base cache: {"pipeline", "seconds" when it ran}
         self._pretrained: Weights | None = None
 
     # ------------------------------------------------------------ weights and models
@@ -137,10 +138,39 @@ class MergeContext:
         self._count("labeled", split, task, len(idx))
         return data.images[idx], data.labels[idx]
 
-    def unlabeled(self, task: str, batch_size: int = 16, split: str | None = None) -> Iterator[Tensor]:
-        """An endless stream of shuffled unlabeled batches of ``task`` (the test split by default, as the papers do)."""
+    def unlabeled(self, task: str, batch_size: int = 16, split: str | None = None,
+                  through: Sequence[Callable[[Tensor], Tensor] | None] | None = None) -> Iterator:
+        """An endless stream of shuffled unlabeled batches of ``task`` (the test split by default, as the papers do).
+
+        ``through``: frozen functions of the images (a frozen base model, an expert: distillation targets). The
+        stream then yields, per batch, the tuple of their outputs on it (``None`` stands for the images
+        themselves), in the same order of batches as without. Each function runs once per image of the split,
+        in chunks and without gradients, instead of once per batch drawn: a loop that sees every image many
+        times does not recompute what cannot change.
+        """
         self._require("unlabeled")
-        return self._stream(task, batch_size, split or self.unlabeled_split, labels=False)
+        split = split or self.unlabeled_split
+        if through is None:
+            return self._stream(task, batch_size, split, labels=False)
+        return self._stream_through(task, batch_size, split, list(through))
+
+    @torch.no_grad()
+    def _stream_through(self, task, batch_size, split, functions):
+        data = self.suite.split(split, task)
+        idx = self._indices(split, task, None)
+        tables = []
+        for fn in functions:
+            if fn is None:
+                tables.append(None)
+                continue
+            chunks = [fn(self.suite.normalize(data.images[part].to(self.device))) for part in idx.split(256)]
+            tables.append(torch.cat(chunks))
+        g = torch.Generator().manual_seed(self.seed * 104729 + self.suite.tasks.index(task))
+        while True:  # the positions drawn by _stream, as positions into idx
+            for batch in torch.randperm(len(idx), generator=g).split(batch_size):
+                self._count("unlabeled", split, task, len(batch))
+                yield tuple(self.suite.normalize(data.images[idx[batch]].to(self.device)) if table is None
+                            else table[batch.to(table.device)] for table in tables)
 
     def labeled(self, task: str, batch_size: int = 32, split: str = "train") -> Iterator[tuple[Tensor, Tensor]]:
         """An endless stream of shuffled ``(images, labels)`` batches of ``task``."""
@@ -178,6 +208,29 @@ class MergeContext:
                 finally:
                     loop["seconds"] += time.perf_counter() - start
         return gen()
+
+    def usage_snapshot(self) -> tuple[dict, dict]:
+        """Copies of the data counts and logs so far (with ``usage_since``: what one stage used)."""
+        import copy
+        return copy.deepcopy(self.data_used), {k: len(v) for k, v in self.logs.items()}
+
+    def usage_since(self, used: dict, logged: dict) -> tuple[dict, dict]:
+        data = {}
+        for key, entry in self.data_used.items():
+            before = used.get(key, {}).get("images", {})
+            images = {t: n - before.get(t, 0) for t, n in entry["images"].items() if n - before.get(t, 0)}
+            if images:
+                data[key] = {**entry, "images": images}
+        return data, {k: v[logged.get(k, 0):] for k, v in self.logs.items() if len(v) > logged.get(k, 0)}
+
+    def add_usage(self, data: dict, logs: dict) -> None:
+        """Count data and logs of a stage that did not run here (a base read from the base cache)."""
+        for key, entry in data.items():
+            mine = self.data_used.setdefault(key, {**entry, "images": {}})
+            for task, n in entry["images"].items():
+                mine["images"][task] = mine["images"].get(task, 0) + n
+        for key, values in logs.items():
+            self.logs[key].extend(values)
 
     def log(self, key: str, value: float):
         """Record a scalar series (e.g. the loss per step); it is stored in the run's record."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mergebench import basecache
 from mergebench.context import MergeContext
 from mergebench.evaluate import evaluate
 from mergebench.io import atomic_write_text, cache_root
@@ -116,12 +117,17 @@ def seed_everything(seed: int):
         pass
 
 
-def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None) -> MergedModel:
-    """Run a resolved pipeline: bases first, then each add-on on the model its base returned."""
+def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None, reuse_bases: bool = True) -> MergedModel:
+    """Run a resolved pipeline: bases first, then each add-on on the model its base returned.
+
+    Every stage starts from the run's seed, so an add-on draws the same randomness whether its base ran or came
+    from the base cache (:mod:`mergebench.basecache`, used unless ``reuse_bases=False``).
+    """
     spec = get_method(call.name)
     kwargs = dict(call.hparams)
     if "base" in kwargs:
-        kwargs["base"] = execute(kwargs["base"], ctx, timings)
+        kwargs["base"] = _execute_base(kwargs["base"], ctx, timings, reuse_bases)
+    seed_everything(ctx.seed)
     start = time.perf_counter()
     model = spec.fn(ctx, **kwargs)
     if timings is not None:
@@ -129,6 +135,26 @@ def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None) ->
     if not isinstance(model, MergedModel):
         raise MethodFailed(f"{call.name} returned {type(model).__name__}; a method must return a MergedModel "
                            f"(e.g. ctx.shared_model(weights))")
+    return model
+
+
+def _execute_base(call: MethodCall, ctx: MergeContext, timings: dict | None, reuse: bool) -> MergedModel:
+    """The base of an add-on: from the base cache, or run (and then cached) with what it used and logged."""
+    if reuse:
+        hit = basecache.lookup(call, ctx)
+        if hit is not None:
+            ctx.add_usage(hit.data_used, hit.logs)
+            ctx.cached_bases.append({"pipeline": str(call), "seconds": round(hit.seconds, 4)})
+            if timings is not None:
+                timings[str(call.name)] = round(hit.seconds, 4)
+            return hit.model
+    used, logged = ctx.usage_snapshot()
+    start = time.perf_counter()
+    model = execute(call, ctx, timings, reuse)
+    seconds = time.perf_counter() - start
+    if reuse:
+        data, logs = ctx.usage_since(used, logged)
+        basecache.store(call, ctx, basecache.CachedBase(model, seconds, data, logs))
     return model
 
 
@@ -279,7 +305,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
             model = execute(call, ctx, stage_s)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            merge_s = time.perf_counter() - start
+            merge_s = time.perf_counter() - start + sum(b["seconds"] for b in ctx.cached_bases)
         _check_finite(model)
         result = evaluate(model, suite, "test", device)
         acc = result["accuracy"]
@@ -303,6 +329,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
             "params": params, "flops": flops,
             "timing": {"merge_s": round(merge_s, 3), "stages_s": stage_s, "eval_s": round(result["seconds"], 3),
                        "eval_images_per_s": round(result["images_per_s"], 1), "loops": loop_rates(ctx),
+                       "cached_bases": ctx.cached_bases,
                        **_peak_memory_mb(device)},
             "data_used": list(ctx.data_used.values()),
             "logs": {k: v for k, v in ctx.logs.items()},

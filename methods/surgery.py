@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.functional import ExpertEmbeddings, freeze_base, l1, unlabeled_streams
+from mergebench.methods.functional import ExpertEmbeddings, freeze_base, l1
 from mergebench.models import MergedModel
 from mergebench.registry import Paper, register_method
 
@@ -66,27 +67,25 @@ def surgery(ctx, base="task_arithmetic", rank: int = 16, steps: int = 500, lr: f
     base model is frozen: its weights, including trained merge coefficients, are not changed.
 
     Budget: the official 500 iterations of 2 x 16 unlabeled test images per task (``--budget smoke``: 2).
-    Deviations from the official code: one Adam optimizer over all adapters whose other tasks' gradients are None at each step (PyTorch
-    >= 2 ``zero_grad``), so a task's adapter only moves on its own batches; the base and expert embeddings of a
-    task's batches in one iteration are computed in a single no-grad pass (the adapters do not affect them), then
-    the per-batch Adam steps run in order. The expert is the true fine-tuned encoder for every base, as in the
-    official code.
+    Deviations from the official code: one Adam optimizer over all adapters whose other tasks' gradients are
+    None at each step (PyTorch >= 2 ``zero_grad``), so a task's adapter only moves on its own batches. The base
+    and expert embeddings of each unlabeled image are computed once, without gradients (both models are frozen,
+    the adapters do not affect them), and looked up for every batch that draws the image; the batches and the
+    per-batch Adam steps are the official ones. The expert is the true fine-tuned encoder
+    for every base, as in the official code.
     """
-    streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
     base_model = freeze_base(base)
+    experts = ExpertEmbeddings(ctx)
+    # (base embedding, expert embedding) of each batch: both frozen, so computed once per image
+    streams = {t: ctx.unlabeled(t, batch_size, through=(partial(base_model, task=t), partial(experts, task=t)))
+               for t in ctx.tasks}
     dim = int(ctx.suite.encoder_config["output_dim"])
     model = SurgeryModel(base_model, ctx.tasks, dim, rank).to(ctx.device)
-    experts = ExpertEmbeddings(ctx)
     opt = torch.optim.Adam(model.adapters.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     for _ in ctx.progress(range(steps), desc="Representation Surgery"):
         losses = []
         for t in ctx.tasks:
-            batches = [next(streams[t]) for _ in range(batches_per_task)]
-            with torch.no_grad():
-                x = torch.cat(batches)
-                feats = base_model(x, t).split([len(b) for b in batches])
-                targets = experts(x, t).split([len(b) for b in batches])
-            for f, target in zip(feats, targets):
+            for f, target in (next(streams[t]) for _ in range(batches_per_task)):
                 loss = l1(model.adapters[t](f), target)
                 opt.zero_grad()
                 loss.backward()

@@ -1,6 +1,7 @@
 """Test-time adaptive merging (issue 4): AdaMerging, Representation Surgery, IntervMerge.
 
-Fast tests on the micro suite, plus parameter counts on the real ViT-B/32 architecture (random weights).
+Fast tests on the micro suite, plus parameter counts on the real ViT-B/32 architecture (random weights). The speed
+of their loops is measured in tests/benchmarks/test_bench_steps.py.
 """
 
 from __future__ import annotations
@@ -325,35 +326,3 @@ def test_intervmerge_needs_a_single_shared_encoder(micro):
     rec = run_method("intervmerge(base=individual, steps=1)", micro, write=False, show_progress=False)
     assert rec["status"] == "failed" and "exactly one shared encoder" in rec["error"]
 
-
-# ------------------------------------------------------------------ speed (pytest-benchmark; skipped unless asked)
-@pytest.fixture(scope="module")
-def mini8_shaped():
-    """A suite with mini8's backbone, 8 tasks and test-set size, random weights and data (nothing to build)."""
-    from mergebench.suites.base import Suite, TaskData
-    from mergebench.suites.mini8 import CONFIGS
-
-    cfg = CONFIGS["mini8"]
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    pretrained = encoder_weights(build_encoder(cfg.encoder))
-    tasks = [f"task{i}" for i in range(8)]
-    experts = {t: pretrained.map(lambda k, v: v + 0.01 * torch.randn(v.shape, generator=g)) for t in tasks}
-    size = cfg.encoder["image_size"]
-    data = {"test": {t: TaskData(torch.randint(0, 256, (cfg.n_test, 3, size, size), dtype=torch.uint8, generator=g),
-                                 torch.randint(0, 10, (cfg.n_test,), generator=g)) for t in tasks}}
-    heads = {t: torch.randn(10, cfg.encoder["output_dim"], generator=g) for t in tasks}
-    return Suite("mini8-shaped", tasks, dict(cfg.encoder), pretrained, heads, data, lambda t: experts[t],
-                 info={"cache_key": "mini8-shaped-random"})
-
-
-@pytest.mark.parametrize("spec", ["adamerging_taskwise", "adamerging_layerwise", "adamerging_layerwise_pp",
-                                  "surgery", "intervmerge", "intervmerge_mini", "intervmerge_efficient_mini"])
-def test_benchmark_one_adaptation_step(benchmark, mini8_shaped, spec):
-    """One optimisation step (steps=1, including the method's setup) on the mini8 backbone, base precomputed."""
-    fn = mergebench.get_method(spec).fn
-    ctx = _ctx(mini8_shaped)
-    base = execute(MethodCall.parse("task_arithmetic").resolve(), ctx) if spec in ADDONS else None
-    kwargs = {"steps": 1, **({"base": base} if base is not None else {})}
-    model = benchmark(lambda: fn(_ctx(mini8_shaped), **kwargs))
-    assert isinstance(model, mergebench.MergedModel)

@@ -1,0 +1,125 @@
+"""The results of base methods, reused by every add-on on the same base (within a run and across runs).
+
+``surgery(base=adamerging_layerwise)`` and ``intervmerge(base=adamerging_layerwise)`` share their base: it is
+merged once per configuration and read back afterwards. The key covers everything that determines the base's
+result: its resolved pipeline, the suite's checkpoints, the seed, the data settings, the tasks and the source of
+the base methods' modules (a code change is a new key). Models of one shared encoder (``SharedModel``, and
+AdaMerging's result with its trained coefficients) are also kept on disk under ``$MERGEBENCH_CACHE/bases``;
+others only in memory. A cached base brings back the data it used, its logs and its merge time, so the add-on's
+record says what the whole pipeline used and cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root
+from mergebench.models import MergedModel, SharedModel
+from mergebench.registry import get_method
+from mergebench.records import config_hash
+
+
+@dataclass
+class CachedBase:
+    model: MergedModel
+    seconds: float                      # the merge time of the base (and its own bases) when it ran
+    data_used: dict = field(default_factory=dict)
+    logs: dict = field(default_factory=dict)
+
+
+_MEMORY: dict[str, CachedBase] = {}
+
+
+def base_key(call, ctx) -> str:
+    sources = hashlib.sha256()
+    for stage in call.stages():
+        sources.update(Path(get_method(stage.name).fn.__code__.co_filename).read_bytes())
+    return config_hash({"pipeline": str(call), "checkpoints": ctx.suite.info.get("checkpoints"),
+                        "suite": ctx.suite.info.get("cache_key"), "seed": ctx.seed, "tasks": list(ctx.tasks),
+                        "data": {"unlabeled_split": ctx.unlabeled_split, "fraction": ctx.data_fraction},
+                        "source": sources.hexdigest()})
+
+
+def _folder() -> Path:
+    return cache_root() / "bases"
+
+
+def lookup(call, ctx) -> CachedBase | None:
+    """The cached result of base ``call`` on ``ctx`` (a private copy), or None."""
+    key = base_key(call, ctx)
+    hit = _MEMORY.get(key)
+    if hit is None:
+        hit = _load(key, ctx)
+        if hit is None:
+            return None
+        _MEMORY[key] = hit
+    return CachedBase(copy.deepcopy(hit.model), hit.seconds, copy.deepcopy(hit.data_used), copy.deepcopy(hit.logs))
+
+
+def store(call, ctx, entry: CachedBase) -> None:
+    key = base_key(call, ctx)
+    _MEMORY[key] = CachedBase(copy.deepcopy(entry.model), entry.seconds, copy.deepcopy(entry.data_used),
+                              copy.deepcopy(entry.logs))
+    kind = _disk_kind(entry.model)
+    if kind is None:
+        return
+    tensors = {f"encoder.{k}": v.detach().cpu() for k, v in entry.model.encoder.state_dict().items()}
+    meta = {"kind": kind, "pipeline": str(call), "seconds": entry.seconds, "data_used": entry.data_used,
+            "logs": entry.logs}
+    if kind == "adamerged":
+        state = entry.model.merge_state
+        tensors["merge_state.coefficients"] = state.coefficients.detach().cpu()
+        meta["merge_state"] = {"granularity": state.granularity, "ties_k": state.ties_k}
+    try:
+        atomic_save_tensors(tensors, _folder() / f"{key}.safetensors")
+        atomic_write_text(_folder() / f"{key}.json", json.dumps(meta))
+    except OSError:  # a cache that cannot be written only costs a recomputation
+        pass
+
+
+def _disk_kind(model: MergedModel) -> str | None:
+    from mergebench.methods.functional import AdaMergedModel
+
+    if type(model) is AdaMergedModel:
+        return "adamerged"
+    if type(model) is SharedModel:
+        return "shared"
+    return None
+
+
+def _load(key: str, ctx) -> CachedBase | None:
+    meta_path, tensor_path = _folder() / f"{key}.json", _folder() / f"{key}.safetensors"
+    if not (meta_path.exists() and tensor_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(tensor_path)
+    except (OSError, ValueError):  # unreadable: recompute (and overwrite it)
+        return None
+    weights = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    encoder = ctx.encoder()
+    encoder.load_state_dict(weights)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    if meta["kind"] == "adamerged":
+        from mergebench.methods.functional import AdaMergedModel, MergeState
+
+        state = MergeState(meta["merge_state"]["granularity"], tensors["merge_state.coefficients"].to(ctx.device),
+                           meta["merge_state"]["ties_k"])
+        model: MergedModel = AdaMergedModel(encoder, state)
+    else:
+        model = SharedModel(encoder)
+    return CachedBase(model.to(ctx.device).eval(), float(meta["seconds"]), meta.get("data_used", {}),
+                      meta.get("logs", {}))
+
+
+def clear_memory() -> None:
+    """Forget the in-memory entries (tests)."""
+    _MEMORY.clear()
+
