@@ -105,11 +105,16 @@ class MergeContext:
                 f"this method asked for {kind} data but declared needs={sorted(self.needs)}; "
                 f"declare needs={kind!r} in register_method to use it")
 
+    def split_size(self, split: str, task: str) -> int:
+        """How many images of ``task``'s ``split`` this context serves (``data_fraction`` applied), e.g. to size
+        batches as a fraction of a split. Reads no images and counts nothing, so it needs no declaration."""
+        return max(1, int(len(self.suite.split(split, task)) * self.data_fraction))
+
     def _indices(self, split: str, task: str, n: int | None) -> Tensor:
         data = self.suite.split(split, task)
         g = torch.Generator().manual_seed(self.seed * 7919 + self.suite.tasks.index(task))
         order = torch.randperm(len(data), generator=g)
-        limit = max(1, int(len(data) * self.data_fraction))
+        limit = self.split_size(split, task)
         order = order[:limit] if n is None else order[: min(n, limit)]
         return order
 

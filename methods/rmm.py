@@ -3,8 +3,9 @@
 The environment walks over the transformer blocks. At block i the agent picks that block from one model of
 a pool (the T experts and one or more merged models, TIES by default), or skips it (the block is dropped),
 or steps back one block. When the walk passes the last block the assembled encoder (stem, i.e. patch
-embedding, positional embedding, LayerNorms and projection, from the first merged model) is evaluated on a
-small labeled subset of every task and the reward is the mean accuracy in percent; stepping back before the
+embedding, positional embedding, LayerNorms and projection, from the first merged model) is evaluated on
+labeled batches of every task (all of them by default, a fraction with ``data_scale``) and the reward is the
+mean accuracy in percent; stepping back before the
 first block ends the episode with reward -10. The state is the [blocks x pool] count matrix of the choices.
 No gradient ever reaches the merged models: only the agent (a 64-64 tanh actor-critic) is trained.
 """
@@ -30,15 +31,18 @@ DEFAULTS_SOURCE = (
     "pool = the experts + a TIES merge (--method ties), actions = pick a pool model's block / skip / back, "
     "reward = mean accuracy x 100 (-10 for backing out), PPO with actor lr 3e-4, critic lr 1e-3, gamma 0.99, "
     "clip 0.2, 40 epochs per update, an update every 4 episodes, entropy bonus 1e-4, 700 episodes, Dynamic "
-    "Average Reward scale 0.8 over a period of 1/data_scale episodes. data_scale: the README's example uses "
-    "0.1 (argparse default 1.0); the mergebench default is 0.05 of each task's validation split per episode "
-    "so that 700 episodes run on mini8 in about 3 minutes on 2 CPU cores (data_scale=0.1 or 1.0 for the "
-    "official settings)")
+    "Average Reward scale 0.8 over a period of 1/data_scale episodes; -b/--batch_size 128 and --data_scale 1.0 "
+    "(argparse defaults of train_RMM.py at commit 7b940fe): engine/utils.py validate_CV evaluates "
+    "int(data_scale * len(loader)) batches of each task's reward loader per episode, or the whole loader when "
+    "data_scale == 1.0 (then the DAR period is 1 episode: every reward is the raw one). The README's example "
+    "passes --data_scale 0.1 'for faster merging'; the defaults here are the argparse ones")
 
 HELP = {
     "episodes": "training episodes of the agent (official 700)",
-    "data_scale": "fraction of each task's validation split evaluated per episode (official README 0.1; "
-                  "default 0.05 for the CPU budget); the Dynamic Average Reward period is 1/data_scale episodes",
+    "data_scale": "fraction of each task's reward batches (of batch_size validation images) evaluated per "
+                  "episode, at least one batch; 1.0 = the whole split (official default; the README's faster "
+                  "example uses 0.1); the Dynamic Average Reward period is 1/data_scale episodes",
+    "batch_size": "validation images per reward batch (official -b 128)",
     "merged": "the merged models in the pool, '+'-separated data-free methods run with their defaults "
               "(official: ties; its dare_ties option uses three)",
     "update_every": "episodes between PPO updates (official 4)",
@@ -226,47 +230,75 @@ def merged_pool_members(ctx, merged: str) -> tuple[list[nn.Module], list[str]]:
     return encoders, names
 
 
-class RewardSubsets:
-    """Per task, an endless shuffled stream of labeled validation batches of ``data_scale`` of the split."""
+class RewardData:
+    """Per task, an endless shuffled stream of labeled validation batches of ``batch_size``; an episode's reward
+    is computed on the next ``max(1, int(data_scale * n_batches))`` of them (official ``validate_CV``), or on
+    all ``n_batches`` (the whole split) when ``data_scale == 1.0``.
 
-    def __init__(self, ctx, data_scale: float):
+    On the whole split a walk's reward does not depend on the episode (accuracy over a whole split ignores its
+    order), so it is computed once per distinct walk and reused: the same rewards as re-evaluating, with fewer
+    forward passes.
+    """
+
+    def __init__(self, ctx, data_scale: float, batch_size: int):
         self.ctx = ctx
         self.heads = {t: ctx.head(t) for t in ctx.tasks}
-        self.streams = {}
+        self.whole = data_scale == 1.0
+        self.streams, self.batches = {}, {}
         for t in ctx.tasks:
-            size = max(1, int(len(ctx.suite.split("val", t)) * ctx.data_fraction))
-            self.streams[t] = ctx.labeled(t, batch_size=max(1, round(data_scale * size)), split="val")
+            n_batches = -(-ctx.split_size("val", t) // batch_size)  # a loader's len (the last batch partial)
+            self.batches[t] = n_batches if self.whole else max(1, int(data_scale * n_batches))
+            self.streams[t] = ctx.labeled(t, batch_size=batch_size, split="val")
+        self.cache: dict[tuple, tuple[float, dict[str, float]]] = {}
 
     @torch.no_grad()
-    def reward(self, encoder: nn.Module) -> tuple[float, dict[str, float]]:
-        """Mean accuracy x 100 of ``encoder`` on the next subset of every task (one forward for all tasks)."""
-        batches = [next(self.streams[t]) for t in self.ctx.tasks]
-        features = encoder(torch.cat([b[0] for b in batches])).split([len(b[0]) for b in batches])
-        acc = {t: (self.heads[t](f).argmax(-1) == b[1]).float().mean().item()
-               for t, f, b in zip(self.ctx.tasks, features, batches)}
-        return 100.0 * sum(acc.values()) / len(acc), acc
+    def reward(self, encoder: nn.Module, walk: tuple | None = None) -> tuple[float, dict[str, float]]:
+        """Mean accuracy x 100 of ``encoder`` on every task's batches of this episode (one forward per round
+        of batches, all tasks together); ``walk`` (the plan, hashable) keys the whole-split cache."""
+        if self.whole and walk is not None and walk in self.cache:
+            return self.cache[walk]
+        correct = dict.fromkeys(self.ctx.tasks, 0)
+        total = dict.fromkeys(self.ctx.tasks, 0)
+        for r in range(max(self.batches.values())):
+            tasks = [t for t in self.ctx.tasks if r < self.batches[t]]
+            batches = [next(self.streams[t]) for t in tasks]
+            features = encoder(torch.cat([b[0] for b in batches])).split([len(b[0]) for b in batches])
+            for t, f, (_, labels) in zip(tasks, features, batches):
+                correct[t] += int((self.heads[t](f).argmax(-1) == labels).sum())
+                total[t] += len(labels)
+        acc = {t: correct[t] / total[t] for t in self.ctx.tasks}
+        result = (100.0 * sum(acc.values()) / len(acc), acc)
+        if self.whole and walk is not None:
+            self.cache[walk] = result
+        return result
 
 
 @register_method(
     "rmm", display_name="RMM (Reinforced Model Merging)", family="layer-wise search", paper=RMM, needs="labeled",
-    defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP)
-def rmm(ctx, episodes: int = 700, data_scale: float = 0.05, merged: str = "ties_merging", update_every: int = 4,
-        k_epochs: int = 40, lr_actor: float = 3e-4, lr_critic: float = 1e-3, gamma: float = 0.99,
-        eps_clip: float = 0.2, dar_scale: float = 0.8):
+    defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
+    paper_budget={"episodes": 700, "data_scale": 1.0, "batch_size": 128}, smoke={"episodes": 4})
+def rmm(ctx, episodes: int = 700, data_scale: float = 1.0, batch_size: int = 128, merged: str = "ties_merging",
+        update_every: int = 4, k_epochs: int = 40, lr_actor: float = 3e-4, lr_critic: float = 1e-3,
+        gamma: float = 0.99, eps_clip: float = 0.2, dar_scale: float = 0.8):
     """A PPO agent picks, block by block, which pool model's block to use (or skip / back); reward = accuracy.
 
     Pool: the T experts and the merged model(s) (TIES by default); the stem comes from the first merged
-    model. Each episode is one walk over the blocks; a finished walk is evaluated (no gradients) on the next
-    ``data_scale`` of every task's labeled validation split, reward = mean accuracy x 100, smoothed by the
-    Dynamic Average Reward (a blend with the previous episode's reward, reset every 1/data_scale episodes);
-    backing out before the first block gives -10. The agent (actor and critic: 64-64 tanh MLPs on the
+    model. Each episode is one walk over the blocks; a finished walk is evaluated (no gradients) on every
+    task's labeled validation split in batches of ``batch_size`` (128): all of them with the default
+    ``data_scale=1.0``, else the next ``max(1, int(data_scale * n_batches))`` batches of an endless shuffled
+    stream, as the official ``validate_CV``. Reward = mean accuracy x 100, smoothed by the Dynamic Average
+    Reward (a blend with the previous episode's reward, reset every 1/data_scale episodes, i.e. never blended
+    on the whole split); backing out before the first block gives -10. The agent (actor and critic: 64-64 tanh MLPs on the
     flattened [blocks x pool] count state) is updated by clipped PPO every 4 episodes. The returned encoder is
     the greedy (argmax) walk of the trained policy.
 
+    Budget: the official argparse defaults, 700 episodes on the whole reward split (data_scale=1.0) in batches
+    of 128; the README's example passes data_scale=0.1 "for faster merging" (mini8's 500 validation images are
+    4 batches, so 0.1 gives one batch per task per episode). ``--budget smoke``: 4 episodes. A whole-split
+    walk's reward is computed once per distinct walk (see ``RewardData``).
+
     Deviations: the reward uses the validation split (the official script rewards on the training loader;
-    mergebench keeps the experts' training data out of merging); the subset per episode is a fraction of
-    the split's images rather than of its 128-image batches (mini8's 500 validation images are 4 batches);
-    data_scale defaults to 0.05 (official README 0.1, argparse 1.0) for the CPU budget. The pool's TIES model
+    mergebench keeps the experts' training data out of merging). The pool's TIES model
     is mergebench's ``ties_merging`` with its defaults (k=20, scaling 0.3); the official merge_lib's TIES
     (density 0.3, sign election by sum) does not apply its trimming (the trimmed vectors are assigned to a
     loop variable) and takes its weight from the script. The official code
@@ -276,11 +308,11 @@ def rmm(ctx, episodes: int = 700, data_scale: float = 0.05, merged: str = "ties_
     training is used. Plans with 'skip' or 'back' store fewer or more blocks than one encoder; the record
     counts that as (negative or positive) added parameters.
     """
-    if episodes < 1 or not 0 < data_scale <= 1 or update_every < 1 or k_epochs < 0:
-        raise ValueError(f"rmm needs episodes >= 1, 0 < data_scale <= 1, update_every >= 1 and k_epochs >= 0; got "
-                         f"episodes={episodes}, data_scale={data_scale}, update_every={update_every}, "
-                         f"k_epochs={k_epochs}")
-    subsets = RewardSubsets(ctx, data_scale)    # first: a context without labeled data fails before any work
+    if episodes < 1 or not 0 < data_scale <= 1 or batch_size < 1 or update_every < 1 or k_epochs < 0:
+        raise ValueError(f"rmm needs episodes >= 1, 0 < data_scale <= 1, batch_size >= 1, update_every >= 1 and "
+                         f"k_epochs >= 0; got episodes={episodes}, data_scale={data_scale}, batch_size={batch_size}, "
+                         f"update_every={update_every}, k_epochs={k_epochs}")
+    rewards = RewardData(ctx, data_scale, batch_size)  # first: a context without labeled data fails before any work
     merged_encoders, merged_names = merged_pool_members(ctx, merged)
     experts = [freeze(ctx.expert_encoder(t)) for t in ctx.tasks]
     pool = LayerPool(experts, [freeze(e) for e in merged_encoders])
@@ -302,7 +334,7 @@ def rmm(ctx, episodes: int = 700, data_scale: float = 0.05, merged: str = "ties_
             reward = 0.0
             if done:
                 if walk.finished:
-                    reward, _ = subsets.reward(pool.assemble(walk.chosen))
+                    reward, _ = rewards.reward(pool.assemble(walk.chosen), tuple(walk.chosen))
                     if reward > best[0]:
                         best = (reward, list(walk.chosen))
                 else:
@@ -321,6 +353,8 @@ def rmm(ctx, episodes: int = 700, data_scale: float = 0.05, merged: str = "ties_
     if chosen is None:
         raise RuntimeError(f"rmm: no walk reached the last block in {episodes} episodes; train longer (episodes)")
     ctx.log("rmm/greedy_walk_used", float(walk.finished))
+    if rewards.whole:
+        ctx.log("rmm/walks_evaluated", float(len(rewards.cache)))
     for pos, src in chosen:
         ctx.log(f"rmm/block{pos}_source", float(src))
     return LayerPlanModel(freeze(pool.assemble(chosen, copy_blocks=True)), list(chosen), pool_names)

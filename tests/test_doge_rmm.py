@@ -17,7 +17,7 @@ from mergebench.methods.ties import ties_merging
 from mergebench.registry import get_method
 from mergebench.run import run_method, seed_everything
 
-FAST_RMM = "rmm(episodes=8, data_scale=0.25)"
+FAST_RMM = "rmm(episodes=8, data_scale=0.25, batch_size=8)"
 
 
 def _ctx(suite, needs="nothing", seed=0):
@@ -144,7 +144,7 @@ def test_assembled_model_is_what_the_plan_describes(micro):
 
 def test_rmm_plan_reward_data_and_determinism(micro):
     ctx = _ctx(micro, "labeled")
-    model = rmm(ctx, episodes=8, data_scale=0.25)
+    model = rmm(ctx, episodes=8, data_scale=0.25, batch_size=8)  # one batch of 8 per task per episode
     n_pool = len(micro.tasks) + 1
     assert model.plan and all(0 <= pos < len(ctx.encoder().transformer.resblocks) and 0 <= src < n_pool
                               for pos, src in model.plan)
@@ -153,7 +153,7 @@ def test_rmm_plan_reward_data_and_determinism(micro):
     assert set(ctx.data_used["labeled/val"]["images"]) == set(micro.tasks)
     assert all(r == -10.0 or 0 <= r <= 100 for r in ctx.logs["rmm/reward"]) and len(ctx.logs["rmm/reward"]) == 8
     assert len(ctx.logs["rmm/ppo_loss"]) == 2                           # an update every 4 episodes
-    again = rmm(_ctx(micro, "labeled"), episodes=8, data_scale=0.25)
+    again = rmm(_ctx(micro, "labeled"), episodes=8, data_scale=0.25, batch_size=8)
     assert again.plan == model.plan
     a, b = _state(model), _state(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -183,3 +183,26 @@ def test_ppo_agent_learns_a_rewarded_action():
             agent.update()
     after = agent.policy_old.actor(state)[1].item()
     assert after > before + 0.2, (before, after)
+
+
+@pytest.mark.parametrize("data_scale, batch_size, batches", [(1.0, 8, 4), (0.5, 8, 2), (0.1, 8, 1), (0.25, 128, 1)])
+def test_rmm_reward_data_is_a_fraction_of_the_batches(micro, data_scale, batch_size, batches):
+    """Official validate_CV: int(data_scale * len(loader)) batches per episode (at least one here), the whole
+    loader at data_scale 1.0, where a walk's reward is computed once (micro: 32 validation images per task)."""
+    ctx = _ctx(micro, "labeled")
+    rmm(ctx, episodes=8, data_scale=data_scale, batch_size=batch_size)
+    finished = sum(r >= 0 for r in ctx.logs["rmm/reward"])
+    used = ctx.data_used["labeled/val"]["images"]
+    per_episode = min(32, batches * batch_size)
+    if data_scale == 1.0:
+        walks = int(ctx.logs["rmm/walks_evaluated"][0])
+        assert 1 <= walks <= finished and all(n == per_episode * walks for n in used.values())
+    else:
+        assert "rmm/walks_evaluated" not in ctx.logs
+        assert all(n == per_episode * finished for n in used.values())
+
+
+def test_rmm_defaults_are_the_official_budget():
+    spec = get_method("rmm")
+    assert {k: spec.hyperparameters[k].default for k in ("episodes", "data_scale", "batch_size")} == {
+        "episodes": 700, "data_scale": 1.0, "batch_size": 128}
