@@ -1,7 +1,7 @@
 """Method reference pages generated from the registry: ``mergebench docs --out docs/methods``.
 
-One Markdown page per built-in method (paper, defaults and where they come from, data needs,
-added parameters, the update rule from its docstring) and an index. A test regenerates them
+One Markdown page per built-in method (paper, defaults and where they come from, its paper and
+smoke budgets, data needs, added parameters, the update rule from its docstring) and an index. A test regenerates them
 and compares with the committed files, so the pages cannot drift from the code.
 """
 
@@ -34,6 +34,22 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
 
 
+def _values(values: dict) -> str:
+    return ", ".join(f"`{k}={v!r}`" for k, v in values.items())
+
+
+def _budget_lines(spec) -> list[str]:
+    """The paper budget (the defaults of the hyperparameters that measure compute or data) and the smoke budget."""
+    if not spec.paper_budget:
+        return ["No hyperparameter measures compute or data (steps, batches, exemplars): every run has the same "
+                "budget."]
+    smoke = (f"Smoke budget (`--budget smoke`: tests, the conformance kit, quick checks): {_values(spec.smoke)}; "
+             f"such a run is marked below its paper's budget." if spec.smoke else
+             "Smoke budget: the paper budget (already a few seconds on the micro suite).")
+    return [f"Paper budget (the defaults; a run below any of them is marked † on the leaderboard): "
+            f"{_values(spec.paper_budget)}.", "", smoke]
+
+
 def method_page(spec) -> str:
     lines = [HEADER, f"# {spec.display_name} (`{spec.name}`)", ""]
     doc = spec.doc.strip()
@@ -51,9 +67,9 @@ def method_page(spec) -> str:
         *[f"| requires | {REQUIREMENTS[r]} |" for r in spec.requires],
         "",
     ]
+    lines += ["## Budget", "", *_budget_lines(spec), ""]
     if spec.hyperparameters:
-        lines += ["## Hyperparameters (defaults = the paper's)", "", "| name | type | default | meaning |",
-                  "|---|---|---|---|"]
+        lines += ["## Hyperparameters", "", "| name | type | default | meaning |", "|---|---|---|---|"]
         for hp in spec.hyperparameters.values():
             lines.append(f"| `{hp.name}` | {_type_name(hp.type)} | `{hp.default!r}` | {hp.help or ''} |")
         lines.append("")
@@ -70,11 +86,12 @@ def method_page(spec) -> str:
 def index_page(specs) -> str:
     lines = [HEADER, "# Built-in methods", "",
              "One page per method registered by mergebench itself, generated from its registry metadata.", "",
-             "| method | name | family | data | adds params | paper |", "|---|---|---|---|---|---|"]
+             "| method | name | family | data | adds params | paper budget | paper |", "|---|---|---|---|---|---|---|"]
     for s in specs:
         paper = f"{s.paper.title} ({s.paper.year})" if s.paper else ""
+        budget = ", ".join(f"{k}={v!r}" for k, v in s.paper_budget.items()) or "-"
         lines.append(f"| [{s.display_name}]({s.name}.md) | `{s.name}` | {s.family or '-'} | {s.needs} | "
-                     f"{'yes' if s.adds_params else 'no'} | {paper} |")
+                     f"{'yes' if s.adds_params else 'no'} | {budget} | {paper} |")
     return "\n".join(lines) + "\n"
 
 

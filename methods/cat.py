@@ -86,7 +86,8 @@ def cat_mask(values: torch.Tensor, scores_in: torch.Tensor | None, lam: float, c
                                    "linear biases)",
                          "c": "directions (linear weights) or dims (elementwise parameters) removed per task and "
                               "layer",
-                         "n_exemplars": "unlabeled training images per task"})
+                         "n_exemplars": "unlabeled training images per task"},
+    paper_budget={"n_exemplars": 2})
 def cat_merging(ctx, scaling: float = 0.4, lam: float = 5.0, lam_ln: float = 10.0, c: int = 4,
                 n_exemplars: int = 2):
     """theta = theta_0 + lambda * sum_i Phi(T_i): Task Arithmetic on conflict-trimmed task vectors.

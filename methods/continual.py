@@ -178,7 +178,8 @@ def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
                                              "perturbation where the suite can fine-tune (else merge the experts as "
                                              "given; the record's notes say which)",
                          "epsilon": "perturbation size along the task vector",
-                         "fisher_examples": "labeled training images of the arriving task for its diagonal Fisher"})
+                         "fisher_examples": "labeled training images of the arriving task for its diagonal Fisher"},
+    paper_budget={"fisher_examples": 256}, smoke={"fisher_examples": 8})
 def perturb_and_merge(ctx, perturb_training: bool = True, epsilon: float = 0.5, fisher_examples: int = 256):
     """theta_t = theta_{t-1} + alpha_t (theta_t* - theta_{t-1}), the closed-form alpha_t of P&M.
 

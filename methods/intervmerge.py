@@ -237,6 +237,8 @@ _DEFAULTS_SOURCE = (
 
 PAPER_BUDGET = {"steps": 500, "batch_size": 16, "batches_per_task": 2}
 SMOKE = {"steps": 2}
+# the mini slices' official 64 dims do not fit the micro suite's 32-wide encoder
+SMOKE_MINI = {"steps": 2, "slice_width": 16}
 
 _HELP = {
     "base": "the merge to intervene on (any method spec with one shared encoder)",
@@ -251,10 +253,12 @@ _HELP = {
 
 _DEVIATIONS = """
 
-    Budget: the official 500 iterations of 2 x 16 unlabeled test images per task (``--budget smoke``: 2).
+    Budget: the official 500 iterations of 2 x 16 unlabeled test images per task (``--budget smoke``: 2
+    iterations; for the mini variants also a 16-dim slice, which fits the micro suite's 32-wide encoder).
     The expert embeddings of each unlabeled image are computed once (the expert is frozen) and looked up for
     every batch that draws the image. Deviations from the official code: one Adam step per round on the sum
-    of the 8 tasks' L1 losses (each task's batch of the round), instead of one step per task batch: for the interventions this is the same update (each task's interventions only receive their task's
+    of the 8 tasks' L1 losses (each task's batch of the round), instead of one step per task batch: for the
+    interventions this is the same update (each task's interventions only receive their task's
     gradient and step once per task batch), but jointly trained coefficients take 2 steps per iteration instead
     of 16. The distillation target is always the true fine-tuned expert (the official ``--pruned`` runs distil to
     theta_0 + TIES-tau_t). With ``joint`` and an AdaMerging base, the coefficients start from the base's trained
@@ -278,7 +282,7 @@ def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 500, lr
 
 @register_method("intervmerge_mini", display_name="IntervMerge (mini)", paper=INTERVMERGE, needs="unlabeled",
                  adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE)
+                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI)
 def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
                      lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge mini-interventions: the same NoReFT acting only on the first ``slice_width`` dims of the CLS
@@ -290,7 +294,7 @@ def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: in
 
 @register_method("intervmerge_efficient_mini", display_name="IntervMerge (efficient mini)", paper=INTERVMERGE,
                  needs="unlabeled", adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE)
+                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI)
 def intervmerge_efficient_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
                                lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge efficient mini-interventions (official ``miniInterv_best_efficient``): an input-independent

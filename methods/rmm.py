@@ -288,9 +288,9 @@ def rmm(ctx, episodes: int = 700, data_scale: float = 1.0, batch_size: int = 128
     ``data_scale=1.0``, else the next ``max(1, int(data_scale * n_batches))`` batches of an endless shuffled
     stream, as the official ``validate_CV``. Reward = mean accuracy x 100, smoothed by the Dynamic Average
     Reward (a blend with the previous episode's reward, reset every 1/data_scale episodes, i.e. never blended
-    on the whole split); backing out before the first block gives -10. The agent (actor and critic: 64-64 tanh MLPs on the
-    flattened [blocks x pool] count state) is updated by clipped PPO every 4 episodes. The returned encoder is
-    the greedy (argmax) walk of the trained policy.
+    on the whole split); backing out before the first block gives -10. The agent (actor and critic: 64-64
+    tanh MLPs on the flattened [blocks x pool] count state) is updated by clipped PPO every 4 episodes. The
+    returned encoder is the greedy (argmax) walk of the trained policy.
 
     Budget: the official argparse defaults, 700 episodes on the whole reward split (data_scale=1.0) in batches
     of 128; the README's example passes data_scale=0.1 "for faster merging" (mini8's 500 validation images are

@@ -39,6 +39,12 @@ def tall_mask(flat_tv: torch.Tensor, mtl: torch.Tensor, lam: float) -> torch.Ten
     return flat_tv.abs() > lam * (mtl - flat_tv).abs()
 
 
+# the official selection runs on the whole validation split: 10% of the training set, at most 5000 images
+# (nik-dim/tall_masks src/datasets/registry.py max_val_samples); a suite's smaller split is used whole
+VAL_BUDGET = {"val_images": 5000}
+VAL_SMOKE = {"val_images": 16}
+
+
 def _val_sets(ctx, val_images: int) -> dict:
     """{task: (images, labels)}: ``val_images`` fixed labeled images of each task's validation split."""
     return {task: ctx.exemplars(task, n=val_images, split="val", labels=True) for task in ctx.tasks}
@@ -124,11 +130,15 @@ class TallMaskModel(MergedModel):
     adds_params=True,
     defaults_source="tau_MTL = Task Arithmetic's unscaled sum and lambda_t chosen per task on its validation "
                     "accuracy from {0.2, ..., 0.6}: nik-dim/tall_masks (config tall_mask, src/utils/"
-                    "tallmask_utils.py); lam=0.6 fixes it without validation data (fusion_bench tall_mask config)",
+                    "tallmask_utils.py) on the whole validation split (src/datasets/registry.py: 10% of the "
+                    "training set, at most 5000 images: val_images=5000); lam=0.6 fixes it without validation data "
+                    "(fusion_bench tall_mask config)",
     hyperparameter_help={"lam": "lambda_t for every task; None selects it per task on the val split",
                          "mtl": "'ta': tau_MTL = sum of task vectors; 'ties': TIES(k=20, sum)",
-                         "val_images": "validation images per task used to select lambda_t"})
-def tall_masks(ctx, lam: float | None = None, mtl: Literal["ta", "ties"] = "ta", val_images: int = 1000):
+                         "val_images": "validation images per task used to select lambda_t (at most the split; "
+                                       "official: the whole split, capped at 5000)"},
+    paper_budget=VAL_BUDGET, smoke=VAL_SMOKE)
+def tall_masks(ctx, lam: float | None = None, mtl: Literal["ta", "ties"] = "ta", val_images: int = 5000):
     """Per-task models theta_0 + m_t ⊙ tau_MTL with m_t = |tau_t| > lambda_t |tau_MTL - tau_t| (all parameters).
 
     The merged model stores theta_0, tau_MTL and T bool masks (counted as bits) and routes by task in
@@ -174,7 +184,8 @@ CONSENSUS_HELP = {"k": "keep weights that at least k TALL masks select (k=2 drop
                   "scaling": "alpha applied to the pruned multi-task vector; None selects it on the val split from "
                              "{0.1, ..., 1.0} (average normalized accuracy, the smallest on ties)",
                   "lam": "lambda_t of the TALL masks; None selects it per task on the val split",
-                  "val_images": "validation images per task used to select lambda_t and alpha"}
+                  "val_images": "validation images per task used to select lambda_t and alpha (at most the split; "
+                                "official: the whole split, capped at 5000)"}
 
 
 @register_method(
@@ -182,9 +193,10 @@ CONSENSUS_HELP = {"k": "keep weights that at least k TALL masks select (k=2 drop
     defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
                     "config/method/consensus.yaml (prun_thre_k 2); alpha selected on val over {0.1..1.0} by average "
                     "normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py find_optimal_coef "
-                    "(n_eval_points 21 in config/config.yaml)",
-    hyperparameter_help=CONSENSUS_HELP)
-def consensus_ta(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 1000):
+                    "(n_eval_points 21 in config/config.yaml); both on the whole validation split (at most 5000 "
+                    "images: src/datasets/registry.py)",
+    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE)
+def consensus_ta(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 5000):
     """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_MTL), tau_MTL = sum_t tau_t, m_t the TALL masks.
 
     alpha (``scaling=None``) is chosen on the labeled val split as the official code does; deviation: each task's
@@ -199,9 +211,9 @@ def consensus_ta(ctx, k: int = 2, scaling: float | None = None, lam: float | Non
     defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
                     "config/method/consensus.yaml; tau_MTL = TIES (k 20, disjoint sum); alpha selected on val over "
                     "{0.1..1.0} by average normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py "
-                    "find_optimal_coef",
-    hyperparameter_help=CONSENSUS_HELP)
-def consensus_ties(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 1000):
+                    "find_optimal_coef; both on the whole validation split (at most 5000 images)",
+    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE)
+def consensus_ties(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 5000):
     """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_TIES), m_t the TALL masks built against tau_TIES.
 
     alpha as in ``consensus_ta`` (selected on the val split unless ``scaling`` fixes it).

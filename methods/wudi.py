@@ -64,7 +64,8 @@ def wudi_matrix(task_matrices: torch.Tensor, steps: int = 300, lr: float = 1e-5)
     hyperparameter_help={"steps": "Adam iterations per layer", "lr": "Adam learning rate",
                          "others": "'pretrained': non-optimized tensors keep theta_0 (official); "
                                    "'mean': they take the mean task vector and every 2-D tensor is optimized "
-                                   "(fusion_bench)"})
+                                   "(fusion_bench)"},
+    paper_budget={"steps": 300}, smoke={"steps": 2})
 def wudi_merging(ctx, steps: int = 300, lr: float = 1e-5, others: Literal["pretrained", "mean"] = "pretrained"):
     """Per linear weight: tau_m = argmin sum_t ||(tau_m - tau_t) tau_t^T||^2 / ||tau_t||^2 by Adam; theta = theta_0 + tau_m.
 
