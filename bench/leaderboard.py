@@ -25,14 +25,36 @@ from mergebench.records import load_records
 
 
 def _latest_ok(records: list[dict]) -> list[dict]:
-    latest: dict[str, dict] = {}
+    """Per method pipeline and task set, the newest ok record (a run over fewer tasks never replaces a full one)."""
+    latest: dict[tuple, dict] = {}
     for rec in records:
         if rec.get("status") != "ok":
             continue
-        key = rec["method"]["pipeline"]
+        key = (rec["method"]["pipeline"], task_set(rec))
         if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
             latest[key] = rec
     return list(latest.values())
+
+
+# ------------------------------------------------------------------ task sets
+def task_set(rec: dict) -> tuple[str, ...]:
+    """The tasks a record was evaluated on (part of what a leaderboard compares)."""
+    tasks = (rec.get("suite") or {}).get("tasks") or list((rec.get("metrics") or {}).get("accuracy", {}))
+    return tuple(tasks)
+
+
+def task_sets(records: list[dict]) -> list[tuple[str, ...]]:
+    """The task sets of the ok records, the main one first: the most tasks, then the most rows.
+    Rows over any other set are kept in their own tables (``--tasks`` subset runs)."""
+    counts: dict[tuple, int] = {}
+    for rec in _latest_ok(records):
+        counts[task_set(rec)] = counts.get(task_set(rec), 0) + 1
+    return sorted(counts, key=lambda ts: (-len(ts), -counts[ts], ts))
+
+
+def _subset_label(tasks: tuple[str, ...], main: tuple[str, ...]) -> str:
+    return (f"{len(tasks)} of the {len(main)} tasks" if set(tasks) < set(main) else f"{len(tasks)} tasks") + \
+        f": {', '.join(tasks)}"
 
 
 def _label(rec: dict) -> str:
@@ -91,11 +113,15 @@ def _failed(records: list[dict], ok_pipelines: set[str]) -> list[dict]:
     return [r for r in records if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_pipelines]
 
 
-def table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list]:
-    """(rows as a DataFrame, failed records, unreadable files) for ``suite``."""
+def table(results_dir, suite: str, tasks: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, list[dict], list]:
+    """(rows as a DataFrame, failed records, unreadable files) for ``suite``: the rows over the main task set
+    (``task_sets``), or over ``tasks``."""
     loaded = load_records(results_dir, suite)
     records = [r for r in loaded.records if not _is_sequential(r)]  # sequential runs have their own table
     ok = _latest_ok(records)
+    ok_pipelines = {r["method"]["pipeline"] for r in ok}
+    chosen = tuple(tasks) if tasks is not None else next(iter(task_sets(records)), ())
+    ok = [r for r in ok if task_set(r) == chosen]
     rows = []
     for rec in ok:
         m, p, f, t = rec["metrics"], rec["params"], rec.get("flops") or {}, rec["timing"]
@@ -113,7 +139,7 @@ def table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list]:
     if not df.empty:
         df = df.sort_values("Avg", ascending=False).reset_index(drop=True)
         df["Pareto"] = pareto_front(df["Avg"], df["Added params"])
-    failed = _failed(records, {r["method"]["pipeline"] for r in ok})
+    failed = _failed(records, ok_pipelines)
     return df, failed, loaded.unreadable
 
 
@@ -266,28 +292,82 @@ def sanity(df: pd.DataFrame) -> list[str]:
     ]
 
 
-def published(suite: str) -> list[dict]:
-    """Published averages for a real suite ``real-<backbone>`` (``datasets/reference_results.yaml``), else []."""
+def reference_results() -> dict:
+    """``datasets/reference_results.yaml``: the published averages, the task set and backbone they were measured on."""
     import yaml
 
     path = Path(__file__).resolve().parents[1] / "datasets" / "reference_results.yaml"
-    if not suite.startswith("real-") or not path.exists():
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def record_model(rec: dict) -> tuple[str | None, bool | None]:
+    """(open_clip architecture without the -quickgelu suffix, QuickGELU?) of a real-suite record, else (None, None)."""
+    info = rec.get("suite") or {}
+    model = info.get("model")
+    if isinstance(model, dict):
+        return model.get("name"), model.get("quick_gelu")
+    m = re.match(r"open_clip (\S+) \((QuickGELU|GELU)\)", str(info.get("backbone", "")))  # records before "model"
+    if m and m.group(1) != "custom":
+        return re.sub(r"-quickgelu$", "", m.group(1)), m.group(2) == "QuickGELU"
+    return None, None
+
+
+def published(model: str | None, tasks, quick_gelu: bool | None = True) -> list[dict]:
+    """Published averages for runs of ``model`` (an open_clip architecture such as ``ViT-B-32``) over ``tasks``.
+
+    They apply only to the backbone and task set they were measured on (OpenAI's QuickGELU weights, the eight
+    tasks): whatever the suite or manifest is called, a GELU backbone or another task set gets none."""
+    ref = reference_results()
+    if not model or not ref:
         return []
-    return (yaml.safe_load(path.read_text()) or {}).get("backbones", {}).get(suite[len("real-"):], [])
+    if set(tasks or ()) != set(ref.get("tasks", ())) or bool(quick_gelu) != (ref.get("activation") == "quick_gelu"):
+        return []
+    return ref.get("backbones", {}).get(model, [])
 
 
-def published_section(suite: str, df: pd.DataFrame) -> list[str]:
+def _published_rows(results_dir, suite: str, df: pd.DataFrame) -> tuple[str | None, list[dict]]:
+    """(model, published rows) for the main table: its rows must all come from one model and the published tasks."""
+    if df.empty:
+        return None, []
+    records = [r for r in load_records(results_dir, suite).records if not _is_sequential(r)]
+    main = [r for r in _latest_ok(records) if r["method"]["pipeline"] in set(df["Pipeline"])]
+    main_set = next(iter(task_sets(records)), ())
+    models = {record_model(r) for r in main if task_set(r) == main_set}
+    if len(models) != 1:
+        return None, []
+    (model, quick_gelu), = models
+    return model, published(model, main_set, quick_gelu)
+
+
+def published_section(results_dir, suite: str, df: pd.DataFrame) -> list[str]:
     """Markdown lines: each published number beside the measured one of the same method (default settings)."""
-    rows = published(suite)
+    model, rows = _published_rows(results_dir, suite, df)
     if not rows:
         return []
     measured = {} if df.empty else {r["Pipeline"].split("(")[0]: r["Avg"] for _, r in df.iloc[::-1].iterrows()}
     table = pd.DataFrame([{"Method": r["display"], "Published Avg": f"{r['avg']:.1f}",
                            "Measured Avg": f"{measured[r['method']]:.1f}" if r["method"] in measured else "-",
                            "Verified": "yes" if r.get("verified") else "no", "Source": r["source"]} for r in rows])
-    return ["", f"## Published numbers ({suite[len('real-'):]}, task-vectors protocol)", "",
-            "From `datasets/reference_results.yaml`; Measured Avg is the best row of that method above. "
-            "Verified = checked against the cited paper.", "", table.to_markdown(index=False)]
+    return ["", f"## Published numbers ({model}, task-vectors protocol)", "",
+            "From `datasets/reference_results.yaml`; Measured Avg is the best row of that method in the main table "
+            "(the same backbone and the same eight tasks). Verified = checked against the cited paper.", "",
+            table.to_markdown(index=False)]
+
+
+def subset_sections(results_dir, suite: str, view_options: dict | None = None) -> list[str]:
+    """Markdown lines: one table per other task set (runs with ``--tasks``), each with its own Pareto marks.
+    They never share the main table's stars or sit beside the published numbers."""
+    records = [r for r in load_records(results_dir, suite).records if not _is_sequential(r)]
+    sets = task_sets(records)
+    lines = []
+    for ts in sets[1:]:
+        df = view(table(results_dir, suite, tasks=ts)[0], **(view_options or {}))
+        if df.empty:
+            continue
+        lines += ["", f"## Runs over {_subset_label(ts, sets[0])}", "",
+                  "Not comparable with the main table (another task set): Avg, Norm and Pareto are over these tasks "
+                  "only.", "", _display(df, _tasks(df)).to_markdown(index=False)]
+    return lines
 
 
 NON_TASK_COLUMNS = {"Method", "Pipeline", "Avg", "Norm", "Added params", "Added %", "MMACs/img", "Merge s", "Needs",
@@ -333,6 +413,10 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
         lines += [f"Experts: {'; '.join(experts)}.", ""]
     if filters:
         lines += [f"View: {filters}.", ""]
+    subsets = task_sets([r for r in load_records(results_dir, suite).records if not _is_sequential(r)])
+    if len(subsets) > 1 and not shown.empty:  # say which task set this table is over; the others follow below
+        lines += [f"Tasks: {', '.join(tasks)} ({len(tasks)}); runs over other task sets are in their own tables "
+                  f"below.", ""]
     if not shown.empty:
         lines.append(shown.to_markdown(index=False))
         if budget_note(df):
@@ -345,7 +429,9 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
     checks = sanity(df) if not df.empty else []
     if checks:
         lines += ["", "## Benchmark sanity (from the measured numbers above)", ""] + [f"- {c}" for c in checks]
-    lines += published_section(suite, df)
+    lines += subset_sections(results_dir, suite, {"max_added_params": max_added_params, "needs": needs,
+                                                  "sort": sort})
+    lines += published_section(results_dir, suite, df)
     if not seq_df.empty or seq_failed:
         lines += [""] + _sequential_lines(seq_df, seq_failed, plots)
     if failed:

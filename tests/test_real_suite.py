@@ -367,14 +367,14 @@ def test_suite_loads_every_format_heads_and_data(world, suite):
 def test_preprocessing_cache_is_built_once_and_matches_open_clip(world, suite, monkeypatch):
     card = world.cards["Cars"]
     directory = imagecache.cache_dir(card, world.data, 32)
-    assert (directory / "meta.json").exists() and (directory / "test.images.npy").exists()
-    stamp = (directory / "meta.json").stat().st_mtime_ns
+    assert (directory / "test.meta.json").exists() and (directory / "test.images.npy").exists()
+    stamp = (directory / "test.meta.json").stat().st_mtime_ns
 
     def fail(*a, **k):
         raise AssertionError("decoded an image again")
     monkeypatch.setattr(imagecache, "preprocess", fail)
     again = imagecache.load_or_build(card, world.data, 32)
-    assert (directory / "meta.json").stat().st_mtime_ns == stamp
+    assert (directory / "test.meta.json").stat().st_mtime_ns == stamp
     assert torch.equal(again["test"].images, suite.split("test", "Cars").images)
     monkeypatch.undo()
     # the cached uint8 images normalized on the device == open_clip's own evaluation transform
@@ -498,35 +498,93 @@ def test_missing_dataset_is_reported_on_use(world, tmp_path):
     write_datasets(root, world.cards, skip=("SVHN", "Cars", "SUN397", "GTSRB", "DTD", "EuroSAT", "RESISC45"))
     s = get_suite("real", manifest=world.manifest, data_root=root, trust_pickle=True, verbose=False, tasks=["MNIST", "SVHN"])
     assert len(s.split("test", "MNIST")) == 12
-    with pytest.raises(cardlib.DatasetMissingError, match=r"SVHN: missing svhn/train_32x32.mat.*How to get it"):
+    with pytest.raises(cardlib.DatasetMissingError, match=r"SVHN: missing svhn/test_32x32.mat.*How to get it"):
         s.split("test", "SVHN")
     with pytest.raises(KeyError, match="no dataset card for task 'ImageNet'"):
         get_suite("real", manifest=world.manifest, data_root=root, verbose=False, tasks=["MNIST", "ImageNet"])
 
 
-def test_leaderboard_shows_published_numbers_beside_measured(world, suite, tmp_path):
-    import shutil
+def _refile(rec: dict, folder: Path, filename: str, **suite_fields) -> dict:
+    """A copy of ``rec`` filed under ``folder`` with some of its suite fields changed (what another run would say)."""
+    out = {"schema": 1, **json.loads(json.dumps({k: v for k, v in rec.items() if k != "_path"}))}
+    out["suite"].update(suite_fields)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / filename).write_text(json.dumps(out))
+    return out
 
+
+def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(world, suite, tmp_path):
     from mergebench import leaderboard
     from mergebench.run import run_method
 
-    rows = {r["method"]: r for r in leaderboard.published("real-ViT-B-32")}
+    eight = list(cardlib.REAL_TASKS)
+    rows = {r["method"]: r for r in leaderboard.published("ViT-B-32", eight)}
     assert {k: v["avg"] for k, v in rows.items()} == {
         "pretrained": 48.0, "individual": 90.5, "weight_averaging": 65.8, "task_arithmetic": 69.1, "ties_merging": 72.4,
         "adamerging_taskwise": 71.1, "adamerging_layerwise": 80.1, "lot_merging": 82.7, "cat_merging": 78.3}
     from mergebench.registry import get_method
     for name in rows:  # every published row sits beside a registered method
         get_method(name)
-    assert leaderboard.published("real-tiny") == [] and leaderboard.published("mini8") == []
+    assert leaderboard.published(None, eight) == [] and leaderboard.published("ViT-B-32", eight[:3]) == []
+    assert leaderboard.published("ViT-B-32", eight, quick_gelu=False) == []  # a GELU backbone is another model
     rec = run_method("task_arithmetic", suite, results_dir=tmp_path / "r", device="cpu", show_progress=False,
                      count_flops=False)
-    # the same record filed under a ViT-B/32 real suite renders beside the published 69.1
-    (tmp_path / "r" / "real-ViT-B-32").mkdir()
-    shutil.copy(rec["_path"], tmp_path / "r" / "real-ViT-B-32" / "ta.json")
-    md = leaderboard.render(tmp_path / "r", "real-ViT-B-32")
+    assert rec["suite"]["model"] == {"name": None, "open_clip": None, "quick_gelu": True}  # a model_config manifest
+    assert "Published numbers" not in leaderboard.render(tmp_path / "r", "real-tiny")
+    # a ViT-B/32 run whose manifest says `name: my-zoo`: the published 69.1 sits beside it
+    b32 = {"name": "ViT-B-32", "open_clip": "ViT-B-32-quickgelu", "quick_gelu": True}
+    _refile(rec, tmp_path / "r" / "real-my-zoo", "ta.json", model=b32, name="real-my-zoo")
+    md = leaderboard.render(tmp_path / "r", "real-my-zoo")
     line = next(l for l in md.splitlines() if l.startswith("| Task Arithmetic") and "69.1" in l)
     assert f"{rec['metrics']['avg_accuracy']:.1f}" in line and "2310.02575" in line
-    assert "Published numbers" not in leaderboard.render(tmp_path / "r", "real-tiny")
+    assert "Published numbers (ViT-B-32" in md
+    # the same architecture with GELU weights, or under a suite named real-ViT-B-32: no published numbers
+    _refile(rec, tmp_path / "g" / "real-ViT-B-32", "ta.json", model={**b32, "quick_gelu": False})
+    assert "Published numbers" not in leaderboard.render(tmp_path / "g", "real-ViT-B-32")
+    # records written before the model field: read from the backbone description
+    old = {k: v for k, v in rec["suite"].items() if k != "model"}
+    old["backbone"] = "open_clip ViT-B-32 (QuickGELU) {}"
+    assert leaderboard.record_model({"suite": old}) == ("ViT-B-32", True)
+
+
+def test_a_task_subset_run_is_kept_apart_from_the_full_rows(world, suite, tmp_path):
+    from mergebench import leaderboard
+    from mergebench.run import run_method
+
+    results = tmp_path / "r"
+    full = run_method("task_arithmetic", suite, results_dir=results, device="cpu", show_progress=False,
+                      count_flops=False)
+    wa = run_method("weight_averaging", suite, results_dir=results, device="cpu", show_progress=False,
+                    count_flops=False)
+    assert full["status"] == wa["status"] == "ok"
+    b32 = {"name": "ViT-B-32", "open_clip": "ViT-B-32", "quick_gelu": True}
+    for r, name in ((full, "ta.json"), (wa, "wa.json")):
+        _refile(r, results / "real-b32", name, model=b32)
+    # a newer 3-task Task Arithmetic run (`--tasks MNIST,SVHN,DTD`) that scores higher than the full row
+    sub = {"schema": 1, **json.loads(json.dumps({k: v for k, v in full.items() if k != "_path"}))}
+    three = ["MNIST", "SVHN", "DTD"]
+    sub["suite"].update(tasks=three, model=b32)
+    sub["metrics"]["accuracy"] = {t: 97.3 for t in three}
+    sub["metrics"]["normalized_accuracy"] = {t: 100.0 for t in three}
+    sub["metrics"]["avg_accuracy"] = 97.3
+    sub["finished"] = "9999-01-01T00:00:00+00:00"
+    (results / "real-b32" / "ta-sub.json").write_text(json.dumps(sub))
+
+    df = leaderboard.table(results, "real-b32")[0]
+    ta = df[df["Pipeline"] == full["method"]["pipeline"]]
+    assert len(ta) == 1 and ta["Avg"].iloc[0] == full["metrics"]["avg_accuracy"]  # the full row is still there
+    assert list(leaderboard._tasks(df)) == list(cardlib.REAL_TASKS)
+    subset = leaderboard.table(results, "real-b32", tasks=tuple(three))[0]
+    assert list(subset["Pipeline"]) == [full["method"]["pipeline"]] and subset["Pareto"].tolist() == [True]
+    md = leaderboard.render(results, "real-b32")
+    main_part, _, rest = md.partition("## Runs over 3 of the 8 tasks: MNIST, SVHN, DTD")
+    assert rest, md
+    # the 97.3 row is not in the main table, has no star there, and is not the measured number beside 69.1
+    assert "97.3" not in main_part
+    published = rest[rest.index("## Published numbers"):]
+    line = next(l for l in published.splitlines() if l.startswith("| Task Arithmetic"))
+    assert f"{full['metrics']['avg_accuracy']:.1f}" in line and "97.3" not in line
+    assert "97.3" in rest[: rest.index("## Published numbers")]
 
 
 def test_torchscript_backbone_file_is_read(world, tmp_path):

@@ -112,3 +112,33 @@ def test_leaderboard_formats_and_corrupt_records(micro, results_dir):
     assert len(loaded.unreadable) == 1 and len(loaded.records) == 5
     paths = leaderboard.write(results_dir, micro.name)
     assert paths["md"].exists() and paths["csv"].exists() and paths["latex"].exists()
+
+
+def test_evaluation_times_forward_passes_not_data_preparation(micro, monkeypatch):
+    """A lazy split (the real suite's preprocessing cache) is prepared before the evaluation timer starts."""
+    import dataclasses
+    import time as real_time
+    import types
+
+    from mergebench import evaluate as ev
+    from mergebench.models import SharedModel
+    from mergebench.suites.imagecache import LazyTasks
+
+    events = []
+
+    def prepare(task, split=None):  # LazyTasks' loader: (task, split) -> TaskData
+        events.append(("prepare", task))
+        return micro.split(split, task) if split else {"test": micro.split("test", task)}
+
+    lazy = dataclasses.replace(micro, data={"test": LazyTasks("test", micro.tasks, prepare)})
+
+    def clock():
+        events.append(("clock", None))
+        return real_time.perf_counter()
+
+    monkeypatch.setattr(ev, "time", types.SimpleNamespace(perf_counter=clock))
+    result = ev.evaluate(SharedModel(lazy.build_encoder()), lazy, "test", "cpu")
+    assert result["images"] == sum(len(micro.split("test", t)) for t in micro.tasks)
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("prepare") == len(micro.tasks)
+    assert kinds.index("clock") > max(i for i, k in enumerate(kinds) if k == "prepare"), events

@@ -84,6 +84,55 @@ def hf_to_open_clip(state: dict[str, Tensor], source: str = "<state dict>") -> d
     return out
 
 
+_TEXT_SIMPLE = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def hf_text_to_open_clip(state: dict[str, Tensor], source: str = "<state dict>") -> dict[str, Tensor]:
+    """The text tower of an HF ``CLIPModel`` (``text_model.*``, ``text_projection``, ``logit_scale``) as open_clip
+    ``CLIP`` keys; empty when the state has no text tower (a ``CLIPVisionModel``)."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        k = key
+        for prefix in ("module.", "model.", "clip_model.", "clip."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k == "text_projection.weight":  # a Linear (out, width); open_clip multiplies x @ text_projection
+            out["text_projection"] = value.t().contiguous()
+            continue
+        if k == "logit_scale":
+            out["logit_scale"] = value
+            continue
+        if not k.startswith("text_model."):
+            continue
+        k = k[len("text_model."):]
+        if k == "embeddings.position_ids":
+            continue
+        if k in _TEXT_SIMPLE:
+            out[_TEXT_SIMPLE[k]] = value
+            continue
+        m = _LAYER_RE.match(k)
+        if m is None:
+            raise ConversionError(f"{source}: no open_clip equivalent for HF key {key!r}")
+        layer, rest = m.group(1), m.group(2)
+        qm = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
+        if qm:
+            qkv.setdefault((layer, qm.group(2)), {})[qm.group(1)] = value
+            continue
+        if rest not in _LAYER:
+            raise ConversionError(f"{source}: no open_clip equivalent for HF key {key!r}")
+        out[f"transformer.resblocks.{layer}.{_LAYER[rest]}"] = value
+    for (layer, kind), parts in qkv.items():
+        missing = [p for p in "qkv" if p not in parts]
+        if missing:
+            raise ConversionError(f"{source}: text layer {layer} lacks self_attn.{missing[0]}_proj.{kind}")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    return out
+
+
 def open_clip_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse (open_clip VisionTransformer keys -> CLIPVisionModelWithProjection keys)."""
     simple = {v: k for k, v in _SIMPLE.items()}

@@ -1,11 +1,14 @@
 """The preprocessing cache: every image decoded, resized and center-cropped once, stored as uint8.
 
-Layout: ``$MERGEBENCH_CACHE/real/data/<dataset>/<key>/{train,val,test}.{images,labels}.npy`` and
-``meta.json`` (written last: it marks the entry complete). Images are ``(N, 3, S, S)`` uint8 arrays
-opened memory-mapped, so evaluation pages them in from disk (or the page cache) and never
-decodes a JPEG again. The preprocessing is open_clip's evaluation transform without its
-normalization: resize the shorter side to S (bicubic), center crop S x S, RGB. Normalization
-happens in batches on the device (``Suite.normalize``).
+Layout: ``$MERGEBENCH_CACHE/real/data/<dataset>/<key>/<split>.{images,labels}.npy`` and
+``<split>.meta.json`` (written last: it marks that split complete). Each split is built on first
+use only, so a run caches what it touches: the test split always (evaluation), train and val only
+for methods that ask for them (and ``--tune``). Images are ``(N, 3, S, S)`` uint8 arrays opened
+memory-mapped, so evaluation pages them in from disk (or the page cache) and never decodes a JPEG
+again. The preprocessing is open_clip's evaluation transform without its normalization: resize the
+shorter side to S (bicubic), center crop S x S, RGB. Normalization happens in batches on the
+device (``Suite.normalize``). An entry written as one piece by earlier versions (one ``meta.json``
+for all three splits) is read as it is.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,58 +49,106 @@ def cache_dir(card: Card, root, size: int) -> Path:
     return cache_root() / "real" / "data" / card.name / cache_key(card, root, size)
 
 
-def _open(directory: Path) -> dict[str, TaskData]:
-    out = {}
-    for split in SPLITS:
-        images = np.load(directory / f"{split}.images.npy", mmap_mode="c")  # copy-on-write map: writable, lazy
-        labels = np.load(directory / f"{split}.labels.npy")
-        out[split] = TaskData(torch.from_numpy(images), torch.from_numpy(labels))
-    return out
+def _done(directory: Path, split: str) -> bool:
+    return (directory / f"{split}.meta.json").exists() or (directory / "meta.json").exists()
+
+
+def _open(directory: Path, split: str) -> TaskData:
+    images = np.load(directory / f"{split}.images.npy", mmap_mode="c")  # copy-on-write map: writable, lazy
+    labels = np.load(directory / f"{split}.labels.npy")
+    return TaskData(torch.from_numpy(images), torch.from_numpy(labels))
 
 
 def load_or_build(card: Card, root: str | os.PathLike, size: int, workers: int | None = None,
-                  verbose: bool = True) -> dict[str, TaskData]:
-    """{split: TaskData} of ``card``, preprocessed once into the cache and memory-mapped afterwards."""
+                  verbose: bool = True, splits=SPLITS) -> dict[str, TaskData]:
+    """{split: TaskData} of ``card`` for ``splits``, each preprocessed once into the cache, memory-mapped afterwards."""
     directory = cache_dir(card, root, size)
-    if not (directory / "meta.json").exists():
-        build(card, root, size, directory, workers, verbose)
-    return _open(directory)
+    missing = [s for s in splits if not _done(directory, s)]
+    if missing:
+        build(card, root, size, directory, workers, verbose, splits=missing)
+    return {split: _open(directory, split) for split in splits}
 
 
-def _plan(card: Card, root) -> dict[str, tuple]:
-    """split -> (source, indices into the source) following the card's protocol."""
-    sources, plan = {}, {}
-    for split in SPLITS:
+def cached_splits(card: Card, root, size: int) -> list[str]:
+    directory = cache_dir(card, root, size)
+    return [s for s in SPLITS if _done(directory, s)]
+
+
+def _plan(card: Card, root, splits=SPLITS) -> dict[str, tuple]:
+    """split -> (source, indices into the source) following the card's protocol; only the sources ``splits`` read
+    are opened."""
+    sources: dict = {}
+
+    def source(name):
+        if name not in sources:
+            sources[name] = open_source(card, root, name)
+        return sources[name]
+
+    plan = {}
+    for split in splits:
         spec = card.splits[split]
-        src_name = spec.get("source") or spec["from"]
-        if src_name not in sources:
-            sources[src_name] = open_source(card, root, src_name)
-    for split in SPLITS:
-        spec = card.splits[split]
-        if "from" in spec:  # carved: val from train, and the rest of train stays train
-            tr, va = val_partition(len(sources[spec["from"]]), spec)
-            plan[split] = (sources[spec["from"]], np.sort(va))
-            plan["train"] = (sources[spec["from"]], np.sort(tr))
-    for split in SPLITS:
-        if split not in plan:
-            src = sources[card.splits[split]["source"]]
-            plan[split] = (src, np.arange(len(src)))
+        if "from" in spec:  # carved: val from train
+            src = source(spec["from"])
+            plan[split] = (src, np.sort(val_partition(len(src), spec)[1]))
+            continue
+        src = source(spec["source"])
+        carving = next((c for c in card.splits.values() if c.get("from") == spec["source"]), None)
+        # what another split was carved from keeps the rest
+        idx = np.sort(val_partition(len(src), carving)[0]) if carving else np.arange(len(src))
+        plan[split] = (src, idx)
     return plan
 
 
-def build(card: Card, root, size: int, directory: Path, workers: int | None = None, verbose: bool = True):
+def split_sizes(card: Card, source_sizes: dict[str, int]) -> dict[str, int]:
+    """Images per protocol split (train, val, test) from the stored splits' sizes (``check_dataset``'s)."""
+    out = {}
+    for split in SPLITS:
+        spec = card.splits[split]
+        if "from" in spec:
+            n = source_sizes.get(spec["from"])
+            if n is None:
+                continue
+            out[split] = len(val_partition(n, spec)[1])
+        elif spec["source"] in source_sizes:
+            n = source_sizes[spec["source"]]
+            carving = next((c for c in card.splits.values() if c.get("from") == spec["source"]), None)
+            out[split] = len(val_partition(n, carving)[0]) if carving else n
+    return out
+
+
+def split_bytes(images: int, size: int) -> int:
+    """Bytes one cached split takes: uint8 (3, size, size) images and int64 labels (plus the .npy headers)."""
+    return images * (3 * size * size + 8) + 2 * 128
+
+
+def space(card: Card, root, size: int, source_sizes: dict[str, int] | None = None) -> dict:
+    """What ``data prepare`` (and a first run) will write for ``card``: images and bytes per split, and which splits
+    are cached already. Sizes from the files on disk when counted, else the card's protocol sizes."""
+    counted = split_sizes(card, source_sizes or {})
+    sizes = {s: counted.get(s, (card.sizes or {}).get(s)) for s in SPLITS}
+    done = set(cached_splits(card, root, size))
+    return {"size": size, "splits": {s: {"images": n, "bytes": split_bytes(n, size) if n is not None else None,
+                                         "cached": s in done, "counted": s in counted} for s, n in sizes.items()}}
+
+
+def build(card: Card, root, size: int, directory: Path, workers: int | None = None, verbose: bool = True,
+          splits=SPLITS):
+    """Preprocess ``splits`` into ``directory``: each split's files are written under temporary names and renamed;
+    its ``<split>.meta.json`` comes last, so a killed build leaves nothing that reads as complete."""
     start = time.perf_counter()
-    plan = _plan(card, root)
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    plan = _plan(card, root, splits)
+    directory.mkdir(parents=True, exist_ok=True)
     workers = workers or min(8, os.cpu_count() or 1)
-    sizes = {}
-    try:
-        for split in SPLITS:
-            source, idx = plan[split]
-            images = np.lib.format.open_memmap(tmp / f"{split}.images.npy", mode="w+", dtype=np.uint8,
-                                               shape=(len(idx), 3, size, size))
+    tag = f"{os.getpid()}.tmp"
+    for split in splits:
+        source, idx = plan[split]
+        labels = source.labels[idx].astype(np.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= card.num_classes):
+            raise ValueError(f"{card.name}/{split}: label {int(labels.max())} outside the card's {card.num_classes} "
+                             f"classes")
+        tmp_images, tmp_labels = directory / f".{split}.images.npy.{tag}", directory / f".{split}.labels.npy.{tag}"
+        try:
+            images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(idx), 3, size, size))
             bar = progress(total=len(idx), desc=f"preprocess {card.name}/{split}", disable=not verbose)
 
             def one(j, images=images, source=source, idx=idx):
@@ -110,28 +160,26 @@ def build(card: Card, root, size: int, directory: Path, workers: int | None = No
             bar.close()
             images.flush()
             del images
-            np.save(tmp / f"{split}.labels.npy", source.labels[idx].astype(np.int64))
-            labels = source.labels[idx]
-            if len(labels) and (labels.min() < 0 or labels.max() >= card.num_classes):
-                raise ValueError(f"{card.name}/{split}: label {int(labels.max())} outside the card's {card.num_classes} classes")
-            sizes[split] = int(len(idx))
-        meta = {"dataset": card.name, "size": size, "sizes": sizes, "root": str(Path(root).resolve()),
-                "card": str(card.path), "card_digest": card.digest(), "version": CACHE_VERSION,
+            with open(tmp_labels, "wb") as f:
+                np.save(f, labels)
+            os.replace(tmp_images, directory / f"{split}.images.npy")
+            os.replace(tmp_labels, directory / f"{split}.labels.npy")
+        except BaseException:
+            tmp_images.unlink(missing_ok=True)
+            tmp_labels.unlink(missing_ok=True)
+            raise
+        meta = {"dataset": card.name, "split": split, "size": size, "images": int(len(idx)),
+                "root": str(Path(root).resolve()), "card": str(card.path), "card_digest": card.digest(),
+                "source": getattr(source, "description", None), "version": CACHE_VERSION,
                 "seconds": round(time.perf_counter() - start, 1)}
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
-        if directory.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(directory / f"{split}.meta.json", json.dumps(meta, indent=1))
+        start = time.perf_counter()
     return directory
 
 
 class LazyTasks(dict):
-    """task -> TaskData of one split, building (or memory-mapping) a dataset's cache on first access."""
+    """task -> TaskData of one split, building (or memory-mapping) that split's cache on first access:
+    ``loader(task, split)``."""
 
     def __init__(self, split: str, tasks: list[str], loader):
         super().__init__()
@@ -140,7 +188,7 @@ class LazyTasks(dict):
     def __missing__(self, task):
         if task not in self.tasks:
             raise KeyError(task)
-        value = self.loader(task)[self.split]
+        value = self.loader(task, self.split)
         self[task] = value
         return value
 

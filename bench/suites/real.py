@@ -84,6 +84,11 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
 
     cfg = m.clip_config()
     enc_cfg = zoo.encoder_config(cfg)
+    checkpoints = {"backbone": zoo.verify(m.backbone, "backbone")}
+    expert_sha: dict[str, str] = {}
+    for name in task_cards:  # every file checked before the (minutes-long, on first use) head computation
+        expert_sha[name] = zoo.verify(m.experts[expert_name[name]], f"expert {name}")
+        checkpoints[f"expert/{name}"] = expert_sha[name]
     clip, backbone_sha = zoo.build_clip(m, trust_pickle)
     # The encoder mergebench builds must be exactly open_clip's image tower (same keys and shapes).
     reference = build_encoder(enc_cfg).state_dict()
@@ -106,13 +111,7 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
     clip.cpu()
     del clip
 
-    checkpoints = {"backbone": backbone_sha}
     notes: list[str] = []
-    expert_sha: dict[str, str] = {}
-    for name in task_cards:  # verify every file up front: a bad expert fails before any merging
-        entry = m.experts[expert_name[name]]
-        expert_sha[name] = zoo.verify(entry, f"expert {name}")
-        checkpoints[f"expert/{name}"] = expert_sha[name]
 
     def load_expert(task: str) -> Weights:
         state, _, n = zoo.load_expert(m, expert_name[task], reference, pretrained, trust_pickle)
@@ -126,8 +125,9 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
         return zoo.load_lora_factors(m, expert_name[task], reference)
 
     @lru_cache(maxsize=None)
-    def task_data(task: str):
-        return imagecache.load_or_build(task_cards[task], root, enc_cfg["image_size"], workers, verbose)
+    def task_data(task: str, split: str):  # one split at a time: a run caches only the splits it reads
+        return imagecache.load_or_build(task_cards[task], root, enc_cfg["image_size"], workers, verbose,
+                                        splits=(split,))[split]
 
     data = {s: imagecache.LazyTasks(s, list(task_cards), task_data) for s in SPLITS}
     data_id = {name: imagecache.cache_key(card, root, enc_cfg["image_size"]) for name, card in task_cards.items()}
@@ -142,6 +142,7 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
         heads=heads, data=data, load_expert=load_expert, mean=tuple(OPENAI_DATASET_MEAN), std=tuple(OPENAI_DATASET_STD),
         info={"suite": f"real-{m.name}", "backbone": f"open_clip {m.model or 'custom'} "
               f"({'QuickGELU' if cfg['quick_gelu'] else 'GELU'}) " + json.dumps(enc_cfg, sort_keys=True),
+              "model": m.model_info(),
               "cache_key": suite_id, "checkpoints": checkpoints, "manifest": str(m.path), "data_root": str(root),
               "cards": {n: {"digest": c.digest(), "templates": c.template_set} for n, c in task_cards.items()},
               "notes": notes, **({"experts": "LoRA (PEFT adapters)"} if lora_experts else {})},

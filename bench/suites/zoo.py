@@ -3,7 +3,7 @@
 A manifest (YAML) names an open_clip architecture and local files::
 
     model: ViT-B-32               # an open_clip model config name (read from the installed package)
-    quick_gelu: true              # OpenAI weights use QuickGELU (the default here)
+    quick_gelu: true              # OpenAI weights use QuickGELU; never guessed (see ``Manifest.clip_config``)
     backbone:                     # the full CLIP (image and text towers: the text tower makes the heads)
       path: ViT-B-32.pt           # relative to the manifest's folder
       sha256: 1a2b...             # checked; a mismatch is an error naming the file
@@ -20,6 +20,8 @@ repository's pickled ``ImageEncoder`` objects: only with ``trust_pickle=True``, 
 safetensors in the cache); ``peft_lora`` (a PEFT LoRA adapter folder, ``adapter_config.json`` +
 ``adapter_model.safetensors``, open_clip or HF CLIP module names: the expert is the backbone's
 image tower plus ``scale * B @ A``, see ``mergebench.lora``). Nothing is ever downloaded.
+Every field is described in docs/manifest.md; ``mergebench zoo init`` writes a manifest from a folder or a
+Hugging Face cache (``mergebench.suites.zoo_init``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import io
 import json
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +61,7 @@ class Manifest:
     path: Path
     model: str | None
     model_config: dict | None
-    quick_gelu: bool
+    quick_gelu: bool | None       # None: taken from the model name or the backbone file, else an error
     backbone: Entry
     experts: dict[str, Entry]
     name: str
@@ -95,24 +98,107 @@ class Manifest:
         if not experts:
             raise ValueError(f"manifest {path}: no 'experts'")
         data_root = raw.get("data_root")
+        quick_gelu = raw.get("quick_gelu")
+        if quick_gelu is not None and not isinstance(quick_gelu, bool):
+            raise ValueError(f"manifest {path}: quick_gelu is {quick_gelu!r}; write true (OpenAI's weights) or false "
+                             f"(GELU weights such as LAION's)")
         return cls(path=path, model=raw.get("model"), model_config=raw.get("model_config"),
-                   quick_gelu=bool(raw.get("quick_gelu", True)), backbone=entry(raw["backbone"], "backbone"),
+                   quick_gelu=quick_gelu, backbone=entry(raw["backbone"], "backbone"),
                    experts={str(t): entry(v, f"expert {t!r}") for t, v in experts.items()},
                    name=str(raw.get("name") or raw.get("model") or "custom"),
                    data_root=(base / data_root) if data_root else None, raw=raw)
 
     def clip_config(self) -> dict:
-        """``open_clip.CLIP`` keyword arguments (embed_dim, vision_cfg, text_cfg, quick_gelu)."""
+        """``open_clip.CLIP`` keyword arguments (embed_dim, vision_cfg, text_cfg, quick_gelu).
+
+        The activation is never guessed: it comes from the manifest's ``quick_gelu``, from the model
+        (``ViT-B-32-quickgelu``, or a ``model_config`` that says ``quick_gelu``) or from the backbone file (an HF
+        config's ``hidden_act``, the modules named in a TorchScript or pickled model). Sources that disagree, or
+        none at all, are an error that says what to write in the manifest."""
         if self.model_config:
             cfg = json.loads(json.dumps(self.model_config))
+            said = {"model_config": cfg["quick_gelu"]} if "quick_gelu" in cfg else {}
         else:
             import open_clip
             cfg = open_clip.get_model_config(self.model)
             if cfg is None:
                 raise ValueError(f"manifest {self.path}: open_clip has no model config {self.model!r}")
             cfg = json.loads(json.dumps(cfg))
-        cfg["quick_gelu"] = bool(cfg.get("quick_gelu", False) or self.quick_gelu)
+            # a -quickgelu name settles it; a plain name does not (open_clip forces QuickGELU for OpenAI weights)
+            said = {f"model {self.model}": True} if cfg.get("quick_gelu") else {}
+        if self.quick_gelu is not None:
+            said["quick_gelu"] = self.quick_gelu
+        from_file = checkpoint_activation(self.backbone)
+        if from_file is not None:
+            said[f"backbone {self.backbone.path.name}"] = from_file
+        if len(set(said.values())) > 1:
+            raise ValueError(f"manifest {self.path}: the backbone's activation is ambiguous: " +
+                             ", ".join(f"{k} says {'QuickGELU' if v else 'GELU'}" for k, v in said.items()) +
+                             "; make them agree (quick_gelu: true for OpenAI's weights, false for GELU weights)")
+        if not said:
+            arch = self.model or "model_config"
+            raise ValueError(
+                f"manifest {self.path}: cannot tell whether the backbone {self.backbone.path} uses QuickGELU (OpenAI's "
+                f"CLIP weights, from which the task-vectors and fusion_bench experts are fine-tuned) or GELU (LAION, "
+                f"DataComp weights): {arch} exists with both and the file does not say. Add `quick_gelu: true` or "
+                f"`quick_gelu: false` to the manifest" + (f" (or write model: {self.model}-quickgelu)"
+                                                          if self.model else ""))
+        cfg["quick_gelu"] = next(iter(said.values()))
         return cfg
+
+    def model_info(self) -> dict:
+        """What the record says about the architecture: open_clip name without the -quickgelu suffix (None for a
+        model_config), the name as written, and the activation."""
+        name = self.model[: -len("-quickgelu")] if self.model and self.model.endswith("-quickgelu") else self.model
+        return {"name": name, "open_clip": self.model, "quick_gelu": self.clip_config()["quick_gelu"]}
+
+
+def checkpoint_activation(entry: Entry) -> bool | None:
+    """QuickGELU (True) or GELU (False) as a backbone file states it, without running any of its code; None when the
+    file does not say (plain state dicts, safetensors)."""
+    path = entry.path
+    if not path.exists():
+        return None
+    fmt = _guess_format(path) if entry.format == "auto" else entry.format
+    if fmt == "hf":
+        cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            return None
+        cfg = json.loads(cfg_path.read_text())
+        act = (cfg.get("vision_config") or cfg).get("hidden_act")
+        return {"quick_gelu": True, "gelu": False}.get(act)
+    if zipfile.is_zipfile(path):  # TorchScript code or a pickle's class references name the activation module
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            code = [n for n in names if "/code/" in n and n.endswith(".py")]
+            if code:
+                text = "".join(z.read(n).decode("utf-8", "replace") for n in code)
+            else:
+                pkl = [n for n in names if n.endswith("data.pkl")]
+                text = _pickle_globals(z.read(pkl[0])) if pkl else ""
+        if "QuickGELU" in text:
+            return True
+        if re.search(r"\bGELU\b", text):
+            return False
+    return None
+
+
+def _pickle_globals(data: bytes) -> str:
+    """The ``module.name`` of every class a pickle references (read from its opcodes; nothing is unpickled)."""
+    import pickletools
+
+    out, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                out.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                out.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 - a truncated or odd pickle says nothing about the activation
+        pass
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------ hashing (cached by size and mtime)
@@ -205,9 +291,11 @@ def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -
     """A file's tensors as stored (keys not yet mapped), never running untrusted pickle code."""
     fmt = _guess_format(path) if fmt == "auto" else fmt
     try:
-        if fmt == "hf":
-            from mergebench.suites.hf_convert import hf_to_open_clip, read_hf_folder
-            return {f"visual.{k}": v for k, v in hf_to_open_clip(read_hf_folder(path), str(path)).items()}
+        if fmt == "hf":  # a CLIPVisionModel (image tower) or a CLIPModel (both towers: usable as the backbone)
+            from mergebench.suites.hf_convert import hf_text_to_open_clip, hf_to_open_clip, read_hf_folder
+            raw = read_hf_folder(path)
+            return {**{f"visual.{k}": v for k, v in hf_to_open_clip(raw, str(path)).items()},
+                    **hf_text_to_open_clip(raw, str(path))}
         if fmt == "safetensors":
             from safetensors.torch import load_file
             return load_file(path)
