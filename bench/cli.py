@@ -5,7 +5,8 @@
     mergebench run METHOD_SPEC... [--suite mini8] [--all] [--set k=v] [--tune k=v1,v2] [--seed N] [--force]
     mergebench leaderboard [--suite mini8] [--format md|csv|latex] [--write]
     mergebench run METHOD_SPEC... --suite real --manifest M.yaml --data-root DIR [--trust-pickle] [--tasks A,B]
-    mergebench data check|prepare --root DIR [--tasks A,B] [--verify] [--image-size 224]
+    mergebench data check|prepare --root DIR [--tasks A,B] [--verify] [--image-size 224] [--splits test]
+    mergebench zoo init DIR | --hf-cache DIR [--out M.yaml]      mergebench zoo hash PATH
     mergebench demo [--suite mini8|mini8-lora] [--protocol sequential]
     mergebench run METHOD_SPEC... --protocol sequential [--orders 3]      mergebench leaderboard --protocol sequential
     mergebench sweep METHOD_SPEC... [--config sweep.yaml] [--grid k=v1,v2] [--seeds 0,1] [--executor local|slurm] [--jobs N]
@@ -84,18 +85,97 @@ def cmd_data(args) -> int:
     ``data prepare``: fill the preprocessing cache (decoded, resized, center-cropped uint8 images)."""
     from mergebench.suites import cards as cardlib
 
+    from mergebench.suites import imagecache
+    from mergebench.suites.base import SPLITS
+
     all_cards = cardlib.load_cards()
     chosen = [cardlib.resolve_task(t, all_cards) for t in args.tasks.split(",")] if args.tasks else list(all_cards.values())
+    splits = list(SPLITS) if args.splits == "all" else [s.strip() for s in args.splits.split(",")]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        print(f"error: unknown split {unknown[0]!r}; --splits takes test, val, train (comma-separated) or all",
+              file=sys.stderr)
+        return 2
     if args.action == "check":
         reports = [cardlib.check_dataset(c, args.root, verify=args.verify) for c in chosen]
+        totals = {"test": 0, "other": 0, "to_write": 0}
+        for card, r in zip(chosen, reports):
+            space = imagecache.space(card, args.root, args.image_size, r["sizes"], r.get("unavailable", ()))
+            r["space"], counts = _space_line(space, splits)
+            for k in totals:
+                totals[k] += counts[k]
         print(cardlib.format_check(reports), end="")
+        print(f"preprocessing cache at {args.image_size} px ($MERGEBENCH_CACHE/real/data): `data prepare` (--splits "
+              f"{','.join(splits)}) writes {_gb(totals['to_write'])} more; every run needs the test splits "
+              f"({_gb(totals['test'])} in all), train and val ({_gb(totals['other'])} more) only methods that read "
+              f"them (and --tune)")
         return 0 if all(r["status"] == "ok" for r in reports) else 1
-    from mergebench.suites import imagecache
     for card in chosen:
         directory = imagecache.cache_dir(card, args.root, args.image_size)
-        imagecache.load_or_build(card, args.root, args.image_size, workers=args.workers)
-        print(f"{card.name}: cached in {directory}")
+        imagecache.load_or_build(card, args.root, args.image_size, workers=args.workers, splits=splits)
+        print(f"{card.name}: {', '.join(splits)} cached in {directory}")
     return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else (f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB")
+
+
+def _space_line(space: dict, splits: list[str]) -> tuple[str, dict]:
+    """One line of ``data check``: per split, images and cache bytes (cached or not); and the byte counts."""
+    parts, counts = [], {"test": 0, "other": 0, "to_write": 0}
+    for split, s in space["splits"].items():
+        if s["images"] is None:
+            parts.append(f"{split} {'?' if s['available'] else 'not in the data'}")
+            continue
+        counts["test" if split == "test" else "other"] += s["bytes"]
+        if split in splits and not s["cached"]:
+            counts["to_write"] += s["bytes"]
+        state = "cached" if s["cached"] else ("to write" if split in splits else "on first use")
+        parts.append(f"{split} {s['images']:,} images {_gb(s['bytes'])} ({state}"
+                     f"{'' if s['counted'] else ', protocol size'})")
+    return f"cache at {space['size']} px: " + "; ".join(parts), counts
+
+
+def cmd_zoo(args) -> int:
+    """``zoo init``: write a manifest from a folder of checkpoints or a Hugging Face cache; ``zoo hash``: the sha256
+    a manifest entry expects for a file or folder."""
+    from mergebench.suites import zoo_init
+
+    if args.action == "hash":
+        if not args.path:
+            print("error: zoo hash PATH [PATH...]", file=sys.stderr)
+            return 2
+        for path in args.path:
+            print(zoo_init.describe_hash(path))
+        return 0
+    if bool(args.path) == bool(args.hf_cache):
+        print("error: zoo init takes a folder (zoo init DIR) or --hf-cache DIR", file=sys.stderr)
+        return 2
+    model_config = None
+    if args.model_config:
+        model_config = json.loads(Path(args.model_config).read_text())
+    quick_gelu = True if args.quick_gelu else (False if args.gelu else None)
+    try:
+        if args.hf_cache:
+            written = zoo_init.init_hf_cache(args.hf_cache, args.out, args.model, quick_gelu, args.data_root, args.name)
+        else:
+            if len(args.path) != 1:
+                print("error: zoo init takes one folder", file=sys.stderr)
+                return 2
+            written = [zoo_init.init_folder(args.path[0], args.out, args.model, model_config, args.backbone, quick_gelu,
+                                            args.data_root, args.trust_pickle, args.name)]
+    except (zoo_init.InitError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    incomplete = False
+    for path, messages in written:
+        print(f"wrote {path}")
+        for m in messages:
+            print(f"  {m}")
+            incomplete |= m.startswith("INCOMPLETE")
+        print(f"  next: mergebench run task_arithmetic --suite real --manifest {path} --data-root DATA")
+    return 1 if incomplete else 0
 
 
 def cmd_run(args) -> int:
@@ -337,9 +417,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", required=True, help="the data root (layouts in datasets/*.yaml)")
     s.add_argument("--tasks", help="comma-separated datasets (default: all eight)")
     s.add_argument("--verify", action="store_true", help="check: also verify md5 checksums of files stored as published")
-    s.add_argument("--image-size", type=int, default=224, help="prepare: the model's input size")
+    s.add_argument("--image-size", type=int, default=224, help="the model's input size (check: the space a prepare "
+                                                                "takes at that size)")
+    s.add_argument("--splits", default="test", help="prepare: comma-separated splits to cache, or all (default test: "
+                                                    "what every run reads; train and val are cached on first use by "
+                                                    "the methods that read them)")
     s.add_argument("--workers", type=int, default=None, help="prepare: decoding threads")
     s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("zoo", help="model-zoo manifests: write one from your files (init), or hash a file (hash)",
+                       description="zoo init DIR: scan a folder of checkpoints (task names from file names, formats "
+                                   "from content, sha256 of every file) and write DIR/manifest.yaml. zoo init "
+                                   "--hf-cache DIR: the same from a Hugging Face cache (openai/clip-vit-* backbones, "
+                                   "<org>/clip-vit-*_<task> experts). zoo hash PATH: the sha256 a manifest expects. "
+                                   "Fields: docs/manifest.md.")
+    s.add_argument("action", choices=["init", "hash"])
+    s.add_argument("path", nargs="*", help="init: the folder to scan; hash: files or folders")
+    s.add_argument("--hf-cache", metavar="DIR", help="init: a Hugging Face cache folder (hub, or the folder holding it)")
+    s.add_argument("--out", "-o", help="init: the manifest to write (default DIR/manifest.yaml; --hf-cache: "
+                                       "./<model>.yaml)")
+    s.add_argument("--model", help="init: the open_clip model config name (default: matched by tensor shapes)")
+    s.add_argument("--model-config", metavar="FILE.json", help="init: open_clip.CLIP arguments for an architecture "
+                                                               "open_clip has no name for")
+    s.add_argument("--backbone", metavar="FILE", help="init: the full CLIP checkpoint (default: found in the folder)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--quick-gelu", action="store_true", help="init: the backbone uses QuickGELU (OpenAI's weights)")
+    g.add_argument("--gelu", action="store_true", help="init: the backbone uses GELU (LAION, DataComp weights)")
+    s.add_argument("--data-root", help="init: write this data root into the manifest")
+    s.add_argument("--name", help="init: the suite name (real-NAME; default: the model)")
+    s.add_argument("--trust-pickle", action="store_true", help="init: the backbone is a pickled model you trust")
+    s.set_defaults(fn=cmd_zoo)
 
     s = sub.add_parser("sweep", help="methods x suites x seeds x hyperparameter grid as independent jobs",
                        description="Each job writes its own record; running the same sweep again runs only the "

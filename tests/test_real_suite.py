@@ -601,3 +601,35 @@ def test_torchscript_backbone_file_is_read(world, tmp_path):
     assert digest == zoo.sha256_of(path)
     for k, v in world.clip.state_dict().items():
         assert torch.equal(clip.state_dict()[k], v), k
+
+
+def test_a_run_caches_only_the_splits_it_reads_and_data_check_says_the_space(world, tmp_path, monkeypatch, capsys):
+    from mergebench.cli import _gb, main
+    from mergebench.run import run_method
+    from mergebench.suites import get_suite
+
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
+    s = get_suite("real", manifest=world.manifest, data_root=world.data, trust_pickle=True, verbose=False,
+                  tasks=["MNIST", "DTD"])
+    assert run_method("task_arithmetic", s, results_dir=tmp_path / "r", device="cpu", show_progress=False,
+                      count_flops=False)["status"] == "ok"
+
+    def cached(task):
+        return sorted(p.name.split(".")[0] for p in imagecache.cache_dir(world.cards[task], world.data, 32).glob("*.meta.json"))
+    assert cached("MNIST") == cached("DTD") == ["test"]  # a data-free method: the test splits only
+    assert len(s.split("train", "MNIST")) == 27  # a method that reads training data caches train, not val
+    assert cached("MNIST") == ["test", "train"]
+    assert main(["data", "check", "--root", str(world.data), "--tasks", "MNIST,DTD", "--image-size", "32"]) == 1
+    out = capsys.readouterr().out
+    assert f"test 12 images {_gb(imagecache.split_bytes(12, 32))} (cached)" in out
+    assert f"val 3 images {_gb(imagecache.split_bytes(3, 32))} (on first use)" in out
+    assert f"test 47 images {_gb(imagecache.split_bytes(47, 32))} (cached)" in out
+    assert "writes 0.0 kB more" in out  # --splits test (the default): both test splits are there
+    assert main(["data", "prepare", "--root", str(world.data), "--tasks", "DTD", "--image-size", "32", "--splits",
+                 "all"]) == 0
+    assert cached("DTD") == ["test", "train", "val"]
+    # the full benchmark at 224 px, from the cards' protocol sizes: 13.2 GB of test images, 48.5 GB for every split
+    cards_ = cardlib.load_cards()
+    test = sum(imagecache.split_bytes(c.sizes["test"], 224) for c in cards_.values())
+    every = sum(imagecache.split_bytes(c.sizes[sp], 224) for c in cards_.values() for sp in ("train", "val", "test"))
+    assert round(test / 1e9, 1) == 13.2 and round(every / 1e9, 1) == 48.5

@@ -141,8 +141,189 @@ class ArraySource(Source):
         return Image.fromarray(np.ascontiguousarray(self.images[i])).convert("RGB")
 
 
+class ParquetSource(Source):
+    """A split of a Hugging Face dataset stored as parquet files (an HF cache): ``image`` cells ({bytes, path} or
+    bytes) decoded on demand, one row group at a time; labels read up front (remapped by ``label_map``)."""
+
+    def __init__(self, files: list[Path], image_column: str = "image", label_column: str = "label",
+                 label_map: np.ndarray | None = None, description: str = ""):
+        import threading
+
+        import pyarrow.parquet as pq
+
+        self.files, self.image_column, self.description = [Path(f) for f in files], image_column, description
+        self._groups = []  # (first row, rows, file index, row group)
+        labels, start = [], 0
+        for i, f in enumerate(self.files):
+            pf = pq.ParquetFile(f)
+            missing = [c for c in (image_column, label_column) if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{f}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+            labels.append(pf.read(columns=[label_column]).column(0).to_numpy().astype(np.int64))
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                self._groups.append((start, n, i, g))
+                start += n
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+        if label_map is not None:
+            self.labels = label_map[self.labels]
+        self._starts = [g[0] for g in self._groups]
+        self._lock, self._cache = threading.Lock(), {}
+
+    def _rows(self, k: int) -> list:
+        with self._lock:  # pyarrow file handles are not shared across threads; a few row groups stay decoded
+            if k not in self._cache:
+                import pyarrow.parquet as pq
+                _, _, i, g = self._groups[k]
+                self._cache[k] = pq.ParquetFile(self.files[i]).read_row_group(g, columns=[self.image_column]) \
+                    .column(0).to_pylist()
+                while len(self._cache) > 4:
+                    self._cache.pop(next(iter(self._cache)))
+            return self._cache[k]
+
+    def image(self, i):
+        import bisect
+        import io
+
+        from PIL import Image
+
+        k = bisect.bisect_right(self._starts, i) - 1
+        cell = self._rows(k)[i - self._groups[k][0]]
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if data is None and isinstance(cell, dict) and cell.get("path"):
+            with Image.open(cell["path"]) as im:
+                return im.convert("RGB")
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+
+
+# ------------------------------------------------------------------ Hugging Face datasets in an HF cache
+HF_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
+
+
+def hf_spec(card: Card) -> dict | None:
+    """The card's ``hf_dataset`` section with defaults: repos (fusion_bench's copies), config, columns."""
+    spec = card.raw.get("hf_dataset")
+    if not spec:
+        return None
+    repos = spec["repo"] if isinstance(spec["repo"], list) else [spec["repo"]]
+    return {"repos": repos, "config": spec.get("config"), "image": spec.get("image_column", "image"),
+            "label": spec.get("label_column", "label")}
+
+
+def native_present(card: Card, root: Path) -> bool:
+    return all((Path(root) / rel).exists() for rel in card.layout.get("files", []))
+
+
+def hf_location(card: Card, root) -> tuple[str, Path] | None:
+    """(repo id, snapshot folder) of the card's Hugging Face dataset in an HF cache under ``root``, when the card's
+    own layout is not there (the native layout wins when both are)."""
+    from mergebench.suites import hf_cache
+
+    spec = hf_spec(card)
+    if spec is None or native_present(card, root):
+        return None
+    for repo in spec["repos"]:
+        snap = hf_cache.find_repo(root, "dataset", repo)
+        if snap is not None:
+            return repo, snap
+    return None
+
+
+def hf_split_files(card: Card, snap: Path, split: str) -> list[Path]:
+    """The parquet files of stored split ``split`` (train, val, test) in a dataset snapshot: ``[config/]<split>-*``,
+    ``<split>/*`` or ``<split>.parquet`` anywhere below it (``val`` also as ``validation``)."""
+    spec = hf_spec(card)
+    base = snap / spec["config"] if spec["config"] else snap
+    files = sorted(p for p in base.rglob("*.parquet"))
+    for name in HF_SPLIT_NAMES.get(split, (split,)):
+        chosen = [p for p in files if p.name.startswith(f"{name}-") or p.stem == name or p.parent.name == name]
+        if chosen:
+            return chosen
+    return []
+
+
+def hf_classnames(files: list[Path], snap: Path, label_column: str) -> list[str] | None:
+    """The dataset's own class names: the ``huggingface`` features in the parquet schema metadata (what ``datasets``
+    writes), else the ``dataset_info`` of the snapshot's README.md front matter."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    if files:
+        meta = pq.read_schema(files[0]).metadata or {}
+        if b"huggingface" in meta:
+            features = json.loads(meta[b"huggingface"]).get("info", {}).get("features", {})
+            names = (features.get(label_column) or {}).get("names")
+            if names:
+                return [str(n) for n in names]
+    readme = snap / "README.md"
+    if readme.exists() and readme.read_text().startswith("---"):
+        front = yaml.safe_load(readme.read_text().split("---", 2)[1]) or {}
+        infos = front.get("dataset_info") or []
+        for info in infos if isinstance(infos, list) else [infos]:
+            for feature in info.get("features", []):
+                names = ((feature.get("dtype") or {}) if isinstance(feature.get("dtype"), dict) else {}) \
+                    .get("class_label", {}).get("names")
+                if feature.get("name") == label_column and names:
+                    return [str(names[k]) for k in sorted(names, key=int)] if isinstance(names, dict) else list(names)
+    return None
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def compare_classnames(card: Card, names: list[str] | None) -> tuple[np.ndarray | None, list[str]]:
+    """(label map or None, notes) for a dataset whose labels index ``names``, read against the card's class list.
+
+    Same names in the same order (ignoring case, '_' and '-', and the card's folder_to_classname): labels are the
+    card's indices. The same names in another order: labels are remapped by name. Other names: labels are read as
+    indices into the card's list (as fusion_bench reads these datasets) and the differences are listed."""
+    if names is None:
+        return None, ["the dataset has no class names (no ClassLabel in its metadata); labels are read as indices "
+                      "into the card's list"]
+    if len(names) != card.num_classes:
+        raise ValueError(f"{card.name}: the dataset has {len(names)} classes, the card {card.num_classes}")
+    mapping = card.layout.get("folder_to_classname") or {}
+    theirs = [_norm(mapping.get(n, n)) for n in names]
+    ours = [_norm(n) for n in card.classnames]
+    if theirs == ours:
+        return None, []
+    if sorted(theirs) == sorted(ours) and len(set(ours)) == len(ours):
+        return np.asarray([ours.index(t) for t in theirs], dtype=np.int64), [
+            "the dataset lists the card's classes in another order; labels are remapped by name"]
+    diff = [i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b]
+    shown = "; ".join(f"{i}: {names[i]!r} vs card {card.classnames[i]!r}" for i in diff[:3])
+    return None, [f"class names differ from the card at {len(diff)} of {card.num_classes} indices ({shown}"
+                  f"{'; ...' if len(diff) > 3 else ''}); labels are read as indices into the card's list, as "
+                  f"fusion_bench does"]
+
+
+def open_hf_source(card: Card, root, split: str) -> ParquetSource:
+    where = hf_location(card, root)
+    if where is None:
+        raise _missing(card, Path(root), "no Hugging Face dataset cache")
+    repo, snap = where
+    spec = hf_spec(card)
+    files = hf_split_files(card, snap, split)
+    if not files:
+        raise _missing(card, Path(root), f"no {split} parquet files in the Hugging Face dataset {repo} ({snap})")
+    label_map, _ = compare_classnames(card, hf_classnames(files, snap, spec["label"]))
+    return ParquetSource(files, spec["image"], spec["label"], label_map, description=f"{repo}@{snap.name}/{split}")
+
+
+def source_id(card: Card, root) -> str | None:
+    """Where a card's data come from when it is not its own layout: ``hf:<repo>@<commit>`` (else None)."""
+    where = hf_location(card, root)
+    return f"hf:{where[0]}@{where[1].name}" if where else None
+
+
 def _missing(card: Card, root: Path, what: str) -> DatasetMissingError:
-    return DatasetMissingError(f"{card.name}: {what} under data root {root}. How to get it: {card.how_to_get}")
+    hf = hf_spec(card)
+    also = (f" (or the Hugging Face dataset {' or '.join(hf['repos'])} in an HF cache under the data root, "
+            f"datasets--{hf['repos'][0].replace('/', '--')}/snapshots/...)") if hf else ""
+    return DatasetMissingError(f"{card.name}: {what} under data root {root}. How to get it: {card.how_to_get}{also}")
 
 
 def _need(card: Card, root: Path, rel: str) -> Path:
@@ -195,6 +376,8 @@ def _image_folder(card: Card, root: Path, rel: str, keep=None) -> FileSource:
 def open_source(card: Card, root: str | os.PathLike, split: str) -> Source:
     """The stored split ``split`` (a ``splits.*.source`` value: train, val or test) of ``card`` under ``root``."""
     root = Path(root)
+    if hf_location(card, root) is not None:
+        return open_hf_source(card, root, split)
     reader = card.layout["reader"]
     if reader == "imagefolder":
         folders = card.layout["folders"]
@@ -262,10 +445,34 @@ def _md5(path: Path, chunk: int = 1 << 20) -> str:
 def check_dataset(card: Card, root: str | os.PathLike, verify: bool = False, count: bool = True) -> dict:
     """What of ``card`` is present under ``root``: files, split sizes against the card, checksums (``verify``)."""
     root = Path(root)
-    report = {"name": card.name, "present": [], "missing": [], "problems": [], "sizes": {}, "checksums": {},
-              "how_to_get": card.how_to_get}
-    for rel in card.layout.get("files", []):
-        (report["present"] if (root / rel).exists() else report["missing"]).append(rel)
+    report = {"name": card.name, "present": [], "missing": [], "problems": [], "notes": [], "sizes": {},
+              "checksums": {}, "how_to_get": card.how_to_get, "source": "layout"}
+    hf = hf_location(card, root)
+    if hf is not None:  # a Hugging Face dataset in an HF cache: its class names and split sizes against the card
+        repo, snap = hf
+        report["source"] = f"Hugging Face dataset {repo} ({snap})"
+        report["present"].append(str(snap.relative_to(root)) if snap.is_relative_to(root) else str(snap))
+        spec = hf_spec(card)
+        stored = {split: hf_split_files(card, snap, split)
+                  for split in sorted({s.get("source") for s in card.splits.values() if s.get("source")})}
+        for split, files in stored.items():
+            if not files and split == "test":
+                report["missing"].append(f"{repo}: test split (parquet files)")
+            elif not files:  # evaluation needs only the test split
+                uses = [s for s, spec in card.splits.items() if split in (spec.get("source"), spec.get("from"))]
+                report["unavailable"] = report.get("unavailable", []) + uses
+                report["notes"].append(f"no {split} split in {repo}: no {' or '.join(uses)} split for {card.name}, so "
+                                       f"methods that read {'them' if len(uses) > 1 else 'it'}"
+                                       f"{' (and --tune)' if 'val' in uses else ''} cannot run on it")
+        files = next((f for f in stored.values() if f), None)
+        if files:
+            try:
+                report["notes"] += compare_classnames(card, hf_classnames(files, snap, spec["label"]))[1]
+            except ValueError as e:
+                report["problems"].append(str(e))
+    else:
+        for rel in card.layout.get("files", []):
+            (report["present"] if (root / rel).exists() else report["missing"]).append(rel)
     if verify:
         for rel, md5 in (card.checksums.get("md5") or {}).items():
             p = root / rel
@@ -279,6 +486,8 @@ def check_dataset(card: Card, root: str | os.PathLike, verify: bool = False, cou
         expected = (card.sizes or {}).get("source", {})
         stored = sorted({s.get("source") for s in card.splits.values() if s.get("source")})
         for split in stored:
+            if hf is not None and not hf_split_files(card, hf[1], split):
+                continue  # noted above
             try:
                 n = len(open_source(card, root, split))
             except Exception as e:  # noqa: BLE001 - reported, not raised
@@ -295,6 +504,8 @@ def format_check(reports: list[dict]) -> str:
     lines = []
     for r in reports:
         lines.append(f"{r['name']}: {r['status'].upper()}")
+        if r.get("source", "layout") != "layout":
+            lines.append(f"  source: {r['source']}")
         if r["sizes"]:
             lines.append("  sizes: " + ", ".join(f"{k} {v:,}" for k, v in r["sizes"].items()))
         for rel in r["present"]:
@@ -305,6 +516,10 @@ def format_check(reports: list[dict]) -> str:
             lines.append(f"  md5 {st:<8} {rel}")
         for p in r["problems"]:
             lines.append(f"  problem: {p}")
+        for n in r.get("notes", []):
+            lines.append(f"  differs from the card: {n}")
+        if r.get("space"):
+            lines.append("  " + r["space"])
         if r["status"] != "ok":
             lines.append(f"  how to get it: {r['how_to_get']}")
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ import torch
 from mergebench.io import atomic_write_text, cache_root
 from mergebench.progress import progress
 from mergebench.suites.base import SPLITS, TaskData
-from mergebench.suites.cards import Card, open_source, val_partition
+from mergebench.suites.cards import Card, open_source, source_id, val_partition
 
 CACHE_VERSION = 1  # bump when the preprocessing changes
 
@@ -42,6 +42,9 @@ def preprocess(image, size: int) -> np.ndarray:
 def cache_key(card: Card, root: str | os.PathLike, size: int) -> str:
     payload = {"card": card.digest(), "root": str(Path(root).resolve()), "size": size, "version": CACHE_VERSION,
                "transform": "resize-shorter-bicubic+center-crop"}
+    source = source_id(card, root)
+    if source:  # read from a Hugging Face dataset (and which commit of it), not the card's own layout
+        payload["source"] = source
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,14 +124,16 @@ def split_bytes(images: int, size: int) -> int:
     return images * (3 * size * size + 8) + 2 * 128
 
 
-def space(card: Card, root, size: int, source_sizes: dict[str, int] | None = None) -> dict:
+def space(card: Card, root, size: int, source_sizes: dict[str, int] | None = None, unavailable=()) -> dict:
     """What ``data prepare`` (and a first run) will write for ``card``: images and bytes per split, and which splits
-    are cached already. Sizes from the files on disk when counted, else the card's protocol sizes."""
+    are cached already. Sizes from the files on disk when counted, else the card's protocol sizes; ``unavailable``
+    splits (not in the data, e.g. a Hugging Face dataset without a val split) have none."""
     counted = split_sizes(card, source_sizes or {})
-    sizes = {s: counted.get(s, (card.sizes or {}).get(s)) for s in SPLITS}
+    sizes = {s: None if s in unavailable else counted.get(s, (card.sizes or {}).get(s)) for s in SPLITS}
     done = set(cached_splits(card, root, size))
     return {"size": size, "splits": {s: {"images": n, "bytes": split_bytes(n, size) if n is not None else None,
-                                         "cached": s in done, "counted": s in counted} for s, n in sizes.items()}}
+                                         "cached": s in done, "counted": s in counted,
+                                         "available": s not in unavailable} for s, n in sizes.items()}}
 
 
 def build(card: Card, root, size: int, directory: Path, workers: int | None = None, verbose: bool = True,

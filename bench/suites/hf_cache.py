@@ -1,0 +1,68 @@
+"""Reading a Hugging Face cache folder offline: ``models--org--name`` and ``datasets--org--name`` repositories.
+
+The layout ``huggingface_hub`` writes (``~/.cache/huggingface/hub``)::
+
+    models--openai--clip-vit-base-patch32/
+        refs/main                       # the commit the "main" branch pointed to when it was downloaded
+        snapshots/<commit>/config.json  # the files of that commit (symlinks into blobs/)
+        blobs/<sha>
+    datasets--tanganke--sun397/snapshots/<commit>/data/train-00000-of-00018.parquet ...
+
+Nothing here talks to the network: a repository is found on disk or reported missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def hub_dirs(root: str | os.PathLike) -> list[Path]:
+    """The folders under ``root`` that may hold ``models--*`` / ``datasets--*``: root itself, root/hub and
+    root/huggingface/hub (so the HF home, its hub folder or a data root holding either all work)."""
+    root = Path(root)
+    return [d for d in (root, root / "hub", root / "huggingface" / "hub") if d.is_dir()]
+
+
+def repo_folder_name(kind: str, repo_id: str) -> str:
+    """``models--openai--clip-vit-base-patch32`` for ("model", "openai/clip-vit-base-patch32")."""
+    return f"{kind}s--" + repo_id.replace("/", "--")
+
+
+def repo_id_of(folder: Path) -> str:
+    """The inverse: ``openai/clip-vit-base-patch32`` for ``models--openai--clip-vit-base-patch32``."""
+    return folder.name.split("--", 1)[1].replace("--", "/")
+
+
+def snapshot(repo_dir: Path) -> Path:
+    """The snapshot folder of a cached repository: the commit ``refs/main`` names, else the only (or newest) one."""
+    snaps = repo_dir / "snapshots"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        commit = ref.read_text().strip()
+        if (snaps / commit).is_dir():
+            return snaps / commit
+    found = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if snaps.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{repo_dir} has no snapshot (snapshots/<commit>/): an interrupted download? "
+                                f"Download it again where there is network access")
+    return found[-1]
+
+
+def find_repo(root, kind: str, repo_id: str) -> Path | None:
+    """The snapshot folder of ``repo_id`` (kind ``model`` or ``dataset``) under ``root``, or None."""
+    for hub in hub_dirs(root):
+        folder = hub / repo_folder_name(kind, repo_id)
+        if folder.is_dir():
+            return snapshot(folder)
+    return None
+
+
+def list_repos(root, kind: str) -> dict[str, Path]:
+    """{repo id: repository folder} of every cached repository of ``kind`` under ``root``."""
+    out = {}
+    for hub in hub_dirs(root):
+        for folder in sorted(hub.glob(f"{kind}s--*")):
+            if folder.is_dir():
+                out.setdefault(repo_id_of(folder), folder)
+    return out
