@@ -106,7 +106,7 @@ class Manifest:
                    quick_gelu=quick_gelu, backbone=entry(raw["backbone"], "backbone"),
                    experts={str(t): entry(v, f"expert {t!r}") for t, v in experts.items()},
                    name=str(raw.get("name") or raw.get("model") or "custom"),
-                   data_root=(base / data_root) if data_root else None, raw=raw)
+                   data_root=(base / Path(os.path.expanduser(str(data_root)))) if data_root else None, raw=raw)
 
     def clip_config(self) -> dict:
         """``open_clip.CLIP`` keyword arguments (embed_dim, vision_cfg, text_cfg, quick_gelu).

@@ -308,7 +308,9 @@ def init_folder(folder, out=None, model: str | None = None, model_config: dict |
             fmt = guess_format(bpath)
             chosen = Candidate(bpath, fmt, None, has_text_tower(bpath, fmt), True)
     else:
-        full = [c for c in cands if c.text_tower and (c.task is None or c.backbone_named)]
+        # task-vectors pickles (zeroshot.pt too) hold the image encoder only: never the backbone
+        full = [c for c in cands if c.text_tower and (c.task is None or c.backbone_named)
+                and c.format != "task_vectors_pickle"]
         named = [c for c in full if c.backbone_named]
         pick = named if len(named) == 1 else full
         if len(pick) != 1:
@@ -372,7 +374,7 @@ def init_hf_cache(cache, out=None, model: str | None = None, quick_gelu: bool | 
         snap = hf_cache.snapshot(repos[repo])
         backbone = Candidate(snap, "hf", None, True, True)
         mdl, mcfg, how_model = _model_of(backbone, None, None, False)
-        if out and not Path(out).is_dir() and len(backbones) == 1:
+        if out and not (Path(out).is_dir() or str(out).endswith(("/", os.sep))) and len(backbones) == 1:
             target = Path(out)
         else:
             target = (Path(out) if out else Path.cwd()) / f"{arch.lower()}.yaml"
