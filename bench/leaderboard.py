@@ -367,6 +367,8 @@ def subset_sections(results_dir, suite: str, view_options: dict | None = None) -
         lines += ["", f"## Runs over {_subset_label(ts, sets[0])}", "",
                   "Not comparable with the main table (another task set): Avg, Norm and Pareto are over these tasks "
                   "only.", "", _display(df, _tasks(df)).to_markdown(index=False)]
+        if budget_note(df):
+            lines += ["", budget_note(df)]
     return lines
 
 
