@@ -10,7 +10,8 @@ measurement runs the same code path:
 - the heads are zero-shot heads: for each class, the normalized mean of the normalized text
   embeddings of the card's templates (the task-vectors recipe), computed once and cached;
 - the data come from the dataset cards (``datasets/*.yaml``) and the preprocessing cache
-  (``imagecache.py``), built per dataset on first use, memory-mapped afterwards.
+  (``imagecache.py``), each split built on first use (a data-free run reads only the test splits),
+  memory-mapped afterwards; a card may also point at a Hugging Face dataset in an HF cache.
 """
 
 from __future__ import annotations

@@ -106,12 +106,12 @@ def has_text_tower(path: Path, fmt: str) -> bool:
     return _mentions(path, b"token_embedding")
 
 
-def scan_folder(folder: Path, all_cards: dict, skip: set[Path] = frozenset()) -> list[Candidate]:
+def scan_folder(folder: Path, all_cards: dict) -> list[Candidate]:
     out = []
 
     def visit(directory: Path):
         for p in sorted(directory.iterdir()):
-            if p.name.startswith(".") or p.resolve() in skip:
+            if p.name.startswith("."):
                 continue
             if p.is_dir():
                 if (p / "config.json").exists() or (p / "adapter_config.json").exists():
@@ -127,7 +127,9 @@ def scan_folder(folder: Path, all_cards: dict, skip: set[Path] = frozenset()) ->
         fmt = guess_format(p)
         rel = p.relative_to(folder)
         named = any(w in _norm(p.stem if p.is_file() else p.name) for w in BACKBONE_WORDS)
-        candidates.append(Candidate(p, fmt, None if named else task_of(rel, all_cards), has_text_tower(p, fmt), named))
+        task = None if named else task_of(rel, all_cards)
+        # only a file that names no task can be the backbone: the others are not read beyond their format
+        candidates.append(Candidate(p, fmt, task, task is None and has_text_tower(p, fmt), named))
     return candidates
 
 
