@@ -166,6 +166,9 @@ class ParquetSource(Source):
                 start += n
         self.labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
         if label_map is not None:
+            if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(label_map)):
+                raise ValueError(f"{self.files[0].parent}: label {int(self.labels.max())} outside the dataset's "
+                                 f"{len(label_map)} class names")
             self.labels = label_map[self.labels]
         self._starts = [g[0] for g in self._groups]
         self._lock, self._cache = threading.Lock(), {}
