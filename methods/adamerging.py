@@ -54,8 +54,8 @@ _COMMON_DOC = """
     Budget: the official 500 Adam steps of 2 x 16 unlabeled test images per task (``--budget smoke``:
     2 steps). Deviations from the official code: the coefficients are over the encoder's own tensors
     only (152 for ViT-B/32; the official code's 158 rows include 6 text-side leftovers that get no
-    gradient and stay at 0.3). The data is
-    the test split through ``ctx.unlabeled`` (shuffled, seeded by the run's seed), as the paper.
+    gradient and stay at 0.3). The data is the test split through ``ctx.unlabeled`` (shuffled,
+    seeded by the run's seed), as the paper.
     The trained coefficients ride along on the returned model (``merge_state``, not stored as
     tensors: the merged model is one plain encoder, 0 added parameters), so that an add-on such
     as ``intervmerge(joint=True)`` can keep training them.
