@@ -226,7 +226,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
 
     ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
     protocol of :mod:`mergebench.sequential` over ``orders`` task orders (a count of seeded random
-    permutations, or the orders themselves); see :func:`_run_sequential`.
+    permutations, or the orders themselves); see :func:`_sequential`.
 
     ``tune`` ({hyperparameter: [values]}) selects those values on the validation split (the
     task-vectors protocol) before the test evaluation; otherwise hyperparameters are fixed.

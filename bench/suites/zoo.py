@@ -307,7 +307,7 @@ class _TrustedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if any(module == m or module.startswith(m + ".") for m in _PLACEHOLDER_MODULES):
             return _Opaque
-        raise UnsafePickleError(module, name)
+        raise UnsafePickleError(*key)
 
 
 class _TrustedPickleModule:
@@ -375,6 +375,8 @@ def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -
         return _as_state_dict(obj, path)
     except CheckpointError:
         raise
+    except MergebenchError as e:  # ConversionError, LoraError: they name the file already
+        raise CheckpointError(str(e)) from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, SafetensorError,
             pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path}: cannot read it as {fmt} ({type(e).__name__}: {str(e)[:300]}); "
