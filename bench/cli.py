@@ -411,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--manifest", help="real suite: the model-zoo manifest (YAML) of backbone and experts")
         s.add_argument("--data-root", help="real suite: the folder holding the datasets (see `mergebench data check`)")
         s.add_argument("--trust-pickle", action="store_true",
-                       help="real suite: allow reading pickled checkpoints (task-vectors format); converted once")
+                       help="real suite: read pickled checkpoints (task-vectors format) with a restricted unpickler "
+                            "(tensor data only, model classes as inert placeholders; README: Reliability); "
+                            "converted once to safetensors")
         s.add_argument("--tasks", help="real suite: comma-separated subset of tasks (default: every expert)")
         s.add_argument("--protocol", choices=["one-shot", "sequential"], default=None,
                        help="sequential: experts arrive one at a time, evaluated after each on the tasks seen, over "
