@@ -105,9 +105,10 @@ def _kill(proc) -> None:
     proc.join()
 
 
-def run_limited(work: Callable[[Callable[[], None]], Any], seconds: float, what: str, start: str = "fork",
+def run_limited(work: Callable[[Callable[[], None]], Any], seconds: float | None, what: str, start: str = "fork",
                 poll_s: float = 0.5) -> Any:
-    """``work(release)`` in a child process, killed after ``seconds`` unless it called ``release()`` first.
+    """``work(release)`` in a child process, killed after ``seconds`` unless it called ``release()`` first
+    (``seconds=None``: no deadline, e.g. to build a suite with all the threads :func:`reserve_threads` kept).
 
     Returns what ``work`` returned (it must pickle). Raises :class:`MethodTimeout` at the deadline, and
     :class:`ChildFailed` when ``work`` raised (with its type name, message and traceback) or the child died.
@@ -121,7 +122,7 @@ def run_limited(work: Callable[[Callable[[], None]], Any], seconds: float, what:
     proc = ctx.Process(target=_child_main, args=(send, work, threads), name=f"mergebench: {what}")
     proc.start()
     send.close()
-    deadline = time.monotonic() + seconds
+    deadline = None if seconds is None else time.monotonic() + seconds
     finished = False
     try:
         while True:
