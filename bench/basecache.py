@@ -34,6 +34,7 @@ class CachedBase:
 
 
 _MEMORY: dict[str, CachedBase] = {}
+_STORED: list[str] = []  # keys stored by this process, in order: a run that modified its inputs discards its own
 
 
 def base_key(call, ctx) -> str:
@@ -64,6 +65,7 @@ def lookup(call, ctx) -> CachedBase | None:
 
 def store(call, ctx, entry: CachedBase) -> None:
     key = base_key(call, ctx)
+    _STORED.append(key)
     _MEMORY[key] = CachedBase(copy.deepcopy(entry.model), entry.seconds, copy.deepcopy(entry.data_used),
                               copy.deepcopy(entry.logs))
     kind = _disk_kind(entry.model)
@@ -117,6 +119,20 @@ def _load(key: str, ctx) -> CachedBase | None:
         model = SharedModel(encoder)
     return CachedBase(model.to(ctx.device).eval(), float(meta["seconds"]), meta.get("data_used", {}),
                       meta.get("logs", {}))
+
+
+def stored_count() -> int:
+    return len(_STORED)
+
+
+def discard_since(count: int) -> None:
+    """Forget (in memory and on disk) every base stored after the first ``count``: the bases of a run whose method
+    changed its inputs were computed from inputs that cannot be trusted (``mergebench.integrity``)."""
+    for key in _STORED[count:]:
+        _MEMORY.pop(key, None)
+        for suffix in (".safetensors", ".json"):
+            (_folder() / f"{key}{suffix}").unlink(missing_ok=True)
+    del _STORED[count:]
 
 
 def clear_memory() -> None:

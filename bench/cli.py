@@ -17,12 +17,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
-from mergebench.registry import HyperparameterError, UnknownMethodError
+from mergebench.errors import MergebenchError, MissingFileError
+from mergebench.registry import HyperparameterError
 
 
 def _kv(items: list[str]) -> dict:
@@ -77,7 +80,29 @@ def _suite(args):
     if args.suite == "real":
         return get_suite("real", manifest=args.manifest, data_root=args.data_root, trust_pickle=args.trust_pickle,
                          tasks=args.tasks.split(",") if args.tasks else None, verbose=not args.quiet)
+    if getattr(args, "time_limit", None):
+        _build_in_child(args.suite)
     return get_suite(args.suite)
+
+
+def _build_in_child(name: str) -> None:
+    """Under a time limit this process keeps one thread for its forked children (mergebench.limits); a suite
+    that is not built yet is built in a child that has them all."""
+    from mergebench import limits
+    from mergebench.suites import SUITES, get_suite
+
+    if name not in SUITES or name == "real":
+        return
+    try:
+        get_suite(name, build=False, verbose=False)
+    except MissingFileError:
+        limits.run_limited(functools.partial(_build_suite, name), None, f"building {name}")
+
+
+def _build_suite(name: str, release) -> None:
+    from mergebench.suites import get_suite
+
+    get_suite(name)
 
 
 def cmd_data(args) -> int:
@@ -90,6 +115,9 @@ def cmd_data(args) -> int:
 
     all_cards = cardlib.load_cards()
     chosen = [cardlib.resolve_task(t, all_cards) for t in args.tasks.split(",")] if args.tasks else list(all_cards.values())
+    if not Path(args.root).is_dir():
+        raise MissingFileError(f"data root {args.root} does not exist (or is not a folder); pass the folder that holds "
+                               f"the datasets (`mergebench data check --root DIR` then lists what each one needs)")
     splits = list(SPLITS) if args.splits == "all" else [s.strip() for s in args.splits.split(",")]
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -217,19 +245,15 @@ def cmd_leaderboard(args) -> int:
     from mergebench import leaderboard
 
     view = {"max_added_params": args.max_added_params, "needs": args.needs, "sort": args.sort}
-    try:
-        if args.protocol == "sequential" and not args.write:
-            print(leaderboard.render_sequential(args.results, args.suite, args.format), end="")
-            return 0
-        if args.write:
-            paths = leaderboard.write(args.results, args.suite, **view)
-            print(paths["md"].read_text())
-            print("wrote " + ", ".join(str(p) for p in paths.values()))
-        else:
-            print(leaderboard.render(args.results, args.suite, args.format, **view), end="")
-    except ValueError as e:  # a budget, data kind or column it cannot read
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.protocol == "sequential" and not args.write:
+        print(leaderboard.render_sequential(args.results, args.suite, args.format), end="")
+        return 0
+    if args.write:
+        paths = leaderboard.write(args.results, args.suite, **view)
+        print(paths["md"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    else:
+        print(leaderboard.render(args.results, args.suite, args.format, **view), end="")
     return 0
 
 
@@ -307,7 +331,7 @@ def cmd_check_plugin(args) -> int:
     suite = None
     if args.suite != "micro":
         suite = _suite(args)
-    reports = check_plugin(args.name, suite=suite, seed=args.seed)
+    reports = check_plugin(args.name, suite=suite, seed=args.seed, time_limit_s=args.time_limit)
     for report in reports:
         print(report.render())
     return 0 if all(r.ok for r in reports) else 1
@@ -347,6 +371,17 @@ def budget_option(s):
                         "as below the paper's budget)")
 
 
+def seconds(text: str) -> float:
+    """``--time-limit``: a positive, finite number of seconds (checked when the arguments are parsed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergebench", description="Benchmark model-merging methods on CLIP ViT encoders.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -371,12 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--unlabeled-split", default="test", help="split that unlabeled streams draw from")
         s.add_argument("--data-fraction", type=float, default=1.0, help="fraction of that split a method may see")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+        s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS",
                        help="record a method as failed when its merge runs longer than this")
         s.add_argument("--manifest", help="real suite: the model-zoo manifest (YAML) of backbone and experts")
         s.add_argument("--data-root", help="real suite: the folder holding the datasets (see `mergebench data check`)")
         s.add_argument("--trust-pickle", action="store_true",
-                       help="real suite: allow reading pickled checkpoints (task-vectors format); converted once")
+                       help="real suite: read pickled checkpoints (task-vectors format) with a restricted unpickler "
+                            "(tensor data only, model classes as inert placeholders; README: Reliability); "
+                            "converted once to safetensors")
         s.add_argument("--tasks", help="real suite: comma-separated subset of tasks (default: every expert)")
         s.add_argument("--protocol", choices=["one-shot", "sequential"], default=None,
                        help="sequential: experts arrive one at a time, evaluated after each on the tasks seen, over "
@@ -469,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="list the jobs that would run")
     s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
     s.add_argument("--device", default="auto")
-    s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="per-job merge time limit")
+    s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS", help="per-job merge time limit")
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("new-method", help="scaffold an installable method plugin package")
@@ -482,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="method name, wildcard, or plugin distribution / entry-point name")
     s.add_argument("--suite", default="micro", help="suite to run on (default micro: seconds)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--time-limit", type=seconds, default=600.0, metavar="SECONDS",
+                   help="fail the checks of a method whose runs take longer than this (default 600; the process is "
+                        "killed at the deadline)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_check_plugin)
 
@@ -504,17 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "time_limit", None):  # before any torch work: forked merges get this process's threads
+        from mergebench.limits import reserve_threads
+        reserve_threads()
     try:
         return args.fn(args)
-    except (UnknownMethodError, HyperparameterError, KeyError, FileNotFoundError) as e:
+    except MergebenchError as e:  # what the user can fix: the message says what; anything else is a bug (traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a bad checkpoint, manifest or dataset card of the real suite
-        from mergebench.suites.zoo import CheckpointError
-        if isinstance(e, CheckpointError) or "manifest" in str(e) or "dataset card" in str(e):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

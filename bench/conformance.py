@@ -4,14 +4,18 @@ It runs a method on the micro suite (seconds) and checks what the harness relies
 
 1. it is registered and listed, with complete metadata (display name, paper, docstring, data
    needs, typed hyperparameters whose defaults parse back from the command line);
-2. it does not modify the pretrained weights or the experts it is given (hashes before/after);
+2. it does not modify its inputs: the suite's pretrained weights, experts, heads, LoRA factors and data
+   (fingerprints before/after, :mod:`mergebench.integrity`), nor the context's theta_0, which every stage of
+   a pipeline shares;
 3. it only uses the data kinds it declared (the context raises ``DataNotDeclaredError``), and
    uses some data if it declared any;
 4. the parameters it declares as added match what the merged model stores
    (``adds_params=False`` => nothing beyond one backbone; ``True`` => something);
 5. it returns a ``MergedModel`` with finite weights and finite outputs;
 6. two runs under the same seed give identical weights and outputs;
-7. it runs on CPU and, where present, on CUDA (outputs close to the CPU ones).
+7. it runs on CPU and, where present, on CUDA (outputs close to the CPU ones);
+8. all of that within a time limit (``time_limit_s``, default 600 s; ``--time-limit``): the checks that run
+   the method run in a child process that is killed at the deadline (:mod:`mergebench.limits`).
 
 A sequential method (``needs="sequential"``) runs over the suite's task order; its final model is checked.
 
@@ -20,12 +24,17 @@ Every failed check says what to fix.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import typing
 from dataclasses import dataclass, field
 
 import torch
+
+from mergebench import integrity, limits
+
+DEFAULT_TIME_LIMIT_S = 600.0
 
 PASS, FAIL, WARN, SKIP = "pass", "FAIL", "warn", "skip"
 
@@ -69,11 +78,6 @@ def _hash_tensors(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _suite_hashes(suite) -> dict[str, str]:
-    out = {"pretrained": _hash_tensors(suite.pretrained)}
-    for task in suite.tasks:
-        out[f"expert {task}"] = _hash_tensors(suite.expert_weights(task))
-    return out
 
 
 def _probe_outputs(model, suite, device) -> dict[str, torch.Tensor]:
@@ -149,12 +153,15 @@ def _metadata(spec, report: Report):
 
 
 def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None = None,
-                 budget: str = "smoke") -> Report:
+                 budget: str = "smoke", time_limit_s: float | None = DEFAULT_TIME_LIMIT_S) -> Report:
     """Run the conformance checks on method ``name`` (the micro suite by default) under ``budget`` (the method's
-    declared smoke budget by default, so that a method with a long paper schedule is checked in seconds)."""
-    from mergebench.metrics import parameter_counts, tensor_bytes
-    from mergebench.models import MergedModel
+    declared smoke budget by default, so that a method with a long paper schedule is checked in seconds).
+
+    The checks that run the method do so in a child process killed after ``time_limit_s`` seconds (``None``: in
+    this process, without a limit)."""
     from mergebench.registry import discover_plugins, get_method, list_methods
+
+    time_limit_s = limits.check_seconds(time_limit_s)
 
     report = Report(name)
     errors = discover_plugins()
@@ -174,24 +181,71 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
         from mergebench.suites import get_suite
         suite = get_suite("micro-lora" if "lora" in spec.requires else "micro", verbose=False)
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    before = _suite_hashes(suite)
+    work = functools.partial(_running_checks, name, suite, seed, devices, budget)
+    if not time_limit_s:
+        report.checks += work(lambda: None)
+        return report
+    start = "spawn" if "cuda" in devices else "fork"
+    try:
+        if start == "spawn":  # CUDA cannot run in a forked child: a fresh interpreter loads the suite and method
+            if suite.reload is None:
+                raise limits.ChildFailed(f"suite {suite.name!r} was not made by get_suite, so a fresh process "
+                                         f"cannot load it; pass devices=['cpu']", "ValueError")
+            work = functools.partial(_spawned_checks, name, spec.fn.__module__, suite.reload, seed, devices, budget)
+        report.checks += limits.run_limited(work, time_limit_s, f"the checks of {name}", start)
+    except limits.MethodTimeout as e:
+        report.add("within the time limit", FAIL,
+                   f"{e} (the process was killed): its merge on the {suite.name} suite did not finish; look for a "
+                   f"loop that never ends or that swallows exceptions (`mergebench run {name} --suite micro "
+                   f"--time-limit 60` shows where it is), or pass a longer --time-limit")
+    except limits.ChildFailed as e:
+        report.add("runs on cpu", FAIL, f"{e.type_name}: {e}")
+    return report
+
+
+def _spawned_checks(name, module, reload, seed, devices, budget, release) -> list[Check]:
+    import importlib
+
+    from mergebench.registry import discover_plugins
+
+    discover_plugins()
+    if module not in ("__main__", "__mp_main__"):
+        importlib.import_module(module)
+    return _running_checks(name, reload(), seed, devices, budget, release)
+
+
+def _running_checks(name, suite, seed, devices, budget, release) -> list[Check]:
+    """The checks that run the method (3-7 of the module docstring); in a child process under a time limit."""
+    from mergebench.metrics import parameter_counts, tensor_bytes
+    from mergebench.models import MergedModel
+    from mergebench.registry import get_method
+
+    spec = get_method(name)
+    report = Report(name)
+    before = integrity.fingerprints(suite)
 
     from mergebench.context import DataNotDeclaredError
     try:
         model, ctx, seconds = _merge(name, suite, "cpu", seed, budget)
     except DataNotDeclaredError as e:
         report.add("declared data only", FAIL, f"{e}")
-        return report
+        return report.checks
     except Exception as e:  # noqa: BLE001 - the method's own error, reported
         report.add("runs on cpu", FAIL, f"{type(e).__name__}: {e} (run it with `mergebench run {name} --suite micro` "
                                         f"to see the traceback)")
-        return report
+        return report.checks
     report.add("runs on cpu", PASS, f"merged in {seconds:.2f} s on the {suite.name} suite ({budget} budget)")
 
-    changed = [k for k, v in _suite_hashes(suite).items() if v != before[k]]
+    after = integrity.fingerprints(suite)
+    changed = [k for k, v in before.items() if after.get(k, v) != v]
+    if ctx._pretrained is not None:  # the context's theta_0: what the next stage of a pipeline reads
+        theta_0 = {k: v for k, v in suite.pretrained.items() if k in ctx._pretrained}
+        changed += [f"pretrained {k!r} (ctx.pretrained_weights)" for k, v in ctx._pretrained.items()
+                    if integrity.fingerprint(v) != integrity.fingerprint(theta_0[k])]
     report.add("inputs untouched", FAIL if changed else PASS,
-               f"it modified {', '.join(changed)} in place; work on copies (tau = ctx.task_vector(t) returns a new "
-               f"tensor; avoid add_/mul_/copy_ on ctx.pretrained_weights or ctx.expert_weights)" if changed else "")
+               f"it modified {', '.join(changed[:5])} in place; work on copies (tau = ctx.task_vector(t) returns a "
+               f"new tensor; avoid add_/mul_/copy_ on ctx.pretrained_weights, and on anything reached through "
+               f"ctx.suite: its weights, heads and data are the harness's)" if changed else "")
 
     used = sorted({u["kind"] for u in ctx.data_used.values()})
     if spec.needs in ("unlabeled", "labeled") and not used:
@@ -203,7 +257,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
     if not isinstance(model, MergedModel):
         report.add("returns a MergedModel", FAIL, f"got {type(model).__name__}; return ctx.shared_model(weights) or a "
                                                   f"MergedModel subclass")
-        return report
+        return report.checks
     nonfinite = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                  if t.is_floating_point() and not torch.isfinite(t).all()]
     outputs = _probe_outputs(model, suite, "cpu")
@@ -245,7 +299,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
                                              f"(torch.zeros(..., device=ctx.device)), not on the default device")
     else:
         report.add("runs on cuda", SKIP, "no CUDA device here")
-    return report
+    return report.checks
 
 
 def check_plugin(name: str, **kwargs) -> list[Report]:

@@ -46,17 +46,20 @@ class MergeContext:
     # ------------------------------------------------------------ weights and models
     @property
     def pretrained_weights(self) -> Weights:
-        """theta_0 (floating-point tensors of the encoder), on the context's device. Do not modify in place."""
+        """theta_0 (floating-point tensors of the encoder), on the context's device: this context's own copy (taken
+        once; the suite's tensors stay untouched), shared by every stage of the run, so do not modify it in place."""
         if self._pretrained is None:
-            self._pretrained = Weights({k: v for k, v in self.suite.pretrained.items() if v.is_floating_point()}).to(self.device)
+            self._pretrained = Weights({k: v for k, v in self.suite.pretrained.items()
+                                        if v.is_floating_point()}).to(self.device, copy=True)
         return self._pretrained
 
     def expert_weights(self, task: str) -> Weights:
-        """theta_t, the expert fine-tuned on ``task``, on the context's device."""
+        """theta_t, the expert fine-tuned on ``task``, on the context's device: a fresh copy at every call (the
+        suite's tensors stay untouched, so the caller may change it)."""
         if task not in self.tasks:
             raise KeyError(f"task {task!r} is not one of this context's tasks {self.tasks}")
         w = self.suite.expert_weights(task)
-        return Weights({k: w[k] for k in self.pretrained_weights}).to(self.device)
+        return Weights({k: w[k] for k in self.pretrained_weights}).to(self.device, copy=True)
 
     def task_vector(self, task: str) -> Weights:
         """tau_t = theta_t - theta_0."""
@@ -77,7 +80,7 @@ class MergeContext:
         ``expert_weights(task)`` equals the pretrained weights plus each factor's ``scale * B @ A``.
         Raises ``NoLoraExpertsError`` on a suite of full fine-tuned experts.
         """
-        return {name: f.to(self.device) for name, f in self.suite.lora_factors(task).items()}
+        return {name: f.to(self.device, copy=True) for name, f in self.suite.lora_factors(task).items()}
 
     def encoder(self, weights: Weights | None = None) -> torch.nn.Module:
         """A fresh encoder (an ordinary nn.Module) holding ``weights`` (pretrained by default), on the device."""

@@ -69,9 +69,10 @@ def method_page(spec) -> str:
     ]
     lines += ["## Budget", "", *_budget_lines(spec), ""]
     if spec.hyperparameters:
-        lines += ["## Hyperparameters", "", "| name | type | default | meaning |", "|---|---|---|---|"]
+        lines += ["## Hyperparameters", "", "| name | type | default | range | meaning |", "|---|---|---|---|---|"]
         for hp in spec.hyperparameters.values():
-            lines.append(f"| `{hp.name}` | {_type_name(hp.type)} | `{hp.default!r}` | {hp.help or ''} |")
+            lines.append(f"| `{hp.name}` | {_type_name(hp.type)} | `{hp.default!r}` | "
+                         f"{f'`{hp.range}`' if hp.range else ''} | {hp.help or ''} |")
         lines.append("")
     else:
         lines += ["No hyperparameters.", ""]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mergebench.errors import InputError
 from mergebench.io import atomic_write_text
 from mergebench.records import load_records
 
@@ -206,7 +207,7 @@ def render_sequential(results_dir, suite: str, fmt: str = "md") -> str:
     if fmt == "latex":
         return _latex(shown, budget_note(df))
     if fmt != "md":
-        raise ValueError(f"the sequential table is written as md, csv or latex, not {fmt!r}")
+        raise InputError(f"the sequential table is written as md, csv or latex, not {fmt!r}")
     return "\n".join(_sequential_lines(df, failed, plots=False)) + "\n"
 
 
@@ -505,7 +506,7 @@ def parse_budget(text: str | float | int) -> tuple[str, float]:
     except ValueError:
         value = None
     if value is None or value < 0:
-        raise ValueError(f"cannot read the parameter budget {text!r}: write a percentage of the backbone "
+        raise InputError(f"cannot read the parameter budget {text!r}: write a percentage of the backbone "
                          f"('1%') or a count ('0', '500k', '2M', '1e6')")
     if m.group(2) == "%":
         return "pct", value
@@ -515,7 +516,7 @@ def parse_budget(text: str | float | int) -> tuple[str, float]:
 def _needs_filter(needs: str) -> set[str]:
     key = NEEDS_ALIASES.get(str(needs).strip().lower())
     if key is None:
-        raise ValueError(f"unknown data budget {needs!r}; use one of {', '.join(sorted(NEEDS_ALIASES))}")
+        raise InputError(f"unknown data budget {needs!r}; use one of {', '.join(sorted(NEEDS_ALIASES))}")
     if key == "sequential":
         return {"nothing", "sequential"}
     return {k for k, level in _NEEDS_LEVEL.items() if level <= _NEEDS_LEVEL[key] and k != "sequential"}
@@ -528,7 +529,7 @@ def _sort_spec(sort: str, columns) -> tuple[str, bool]:
     if match is None:
         from mergebench.registry import close_matches
         shown = [c for c in columns if c != "Pipeline"]
-        raise ValueError(f"cannot sort by {name!r}{close_matches(name, shown)} (columns: {', '.join(shown)})")
+        raise InputError(f"cannot sort by {name!r}{close_matches(name, shown)} (columns: {', '.join(shown)})")
     if direction:
         return match, direction.lower() == "asc"
     return match, match in {"Method", "Added params", "Added %", "MMACs/img", "Merge s", "Needs", "Selection"}

@@ -32,6 +32,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from mergebench.errors import MergebenchError
 from mergebench.weights import Weights
 
 # open_clip module -> the weight its LoRA updates (per resblock)
@@ -40,7 +41,7 @@ OPEN_CLIP_TARGETS = {"attn.in_proj": "attn.in_proj_weight", "attn.out_proj": "at
 PEFT_PREFIX = "base_model.model."
 
 
-class LoraError(ValueError):
+class LoraError(MergebenchError, ValueError):
     """A LoRA adapter that cannot be applied: bad config, unknown module, wrong shape."""
 
 
@@ -208,10 +209,20 @@ def read_peft(folder: str | Path, reference: Mapping[str, Tensor]) -> dict[str, 
         bins = folder / "adapter_model.bin"
         if not bins.exists():
             raise LoraError(f"{folder}: no adapter_model.safetensors (or adapter_model.bin)")
-        state = torch.load(bins, map_location="cpu", weights_only=True)
+        import pickle
+        try:
+            state = torch.load(bins, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise LoraError(f"{bins}: not a readable state dict of adapter weights ({str(e).splitlines()[0][:160]}); "
+                            f"save the adapter as adapter_model.safetensors") from None
     else:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        state = load_file(weights_file)
+        try:
+            state = load_file(weights_file)
+        except (SafetensorError, OSError) as e:
+            raise LoraError(f"{weights_file}: not a readable safetensors file ({e}); the file may be corrupt or "
+                            f"truncated") from None
     width_rows = None
     in_proj = [k for k in reference if k.endswith("attn.in_proj_weight")]
     if in_proj:

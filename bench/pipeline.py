@@ -66,6 +66,7 @@ class MethodCall:
                 value = MethodCall.parse(value).resolve()
             else:
                 value = hp.parse(value)
+                hp.check(value, self.name)  # its declared range (register_method(..., ranges=...))
             resolved[name] = value
         return MethodCall(self.name, resolved)
 

@@ -19,9 +19,19 @@ from pathlib import Path
 
 import torch
 
-from mergebench.io import atomic_write_text
+from mergebench.io import atomic_write_text, safe_name
 
 SCHEMA_VERSION = 1
+
+# What every reader (resume, leaderboard, sweeps) relies on; a record without it is unreadable, not a crash.
+_NUMBER = (int, float)
+_REQUIRED = {"config_hash": str, "method": dict}
+_REQUIRED_OK = {("metrics", "accuracy"): dict, ("metrics", "normalized_accuracy"): dict,
+                ("metrics", "avg_accuracy"): _NUMBER, ("metrics", "avg_normalized_accuracy"): _NUMBER,
+                ("params", "added"): _NUMBER, ("params", "added_pct"): _NUMBER, ("timing", "merge_s"): _NUMBER}
+_REQUIRED_SEQUENTIAL = {("sequential", "orders"): list, ("sequential", "final_avg_mean"): _NUMBER,
+                        ("sequential", "final_avg_std"): _NUMBER, ("sequential", "avg_over_steps_mean"): _NUMBER,
+                        ("sequential", "avg_over_steps_std"): _NUMBER}
 
 
 def config_hash(config: dict) -> str:
@@ -30,7 +40,7 @@ def config_hash(config: dict) -> str:
 
 def record_path(results_dir: str | os.PathLike, suite: str, pipeline: str, chash: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", pipeline.split("(")[0]).strip("_")
-    return Path(results_dir) / suite / f"{slug}-{chash}.json"
+    return Path(results_dir) / safe_name(suite, "suite name") / f"{slug}-{safe_name(chash, 'config hash')}.json"
 
 
 def environment() -> dict:
@@ -51,8 +61,72 @@ def now() -> str:
 
 
 def write_record(record: dict, path: str | os.PathLike) -> Path:
+    """Write ``record`` to ``path`` (atomically); returns where it went.
+
+    A file there that is a readable record of this mergebench (the same configuration run before) is replaced.
+    One it cannot read (a newer schema, a foreign or damaged file) is never replaced: the record goes beside it,
+    to ``NAME.1.json`` (``.2``, ...), with a warning naming both files.
+    """
     record = {"schema": SCHEMA_VERSION, **record}
-    return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=False, default=str) + "\n")
+    path = target = Path(path)
+    n = 0
+    while target.exists():
+        why = unreadable_reason(target)
+        if why is None:
+            break
+        n += 1
+        target = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    if target != path:
+        warnings.warn(f"record file {path} is unreadable ({unreadable_reason(path)}); it is left as it is and the new "
+                      f"record is written to {target}", stacklevel=2)
+    return atomic_write_text(target, json.dumps(record, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def check_record(rec) -> None:
+    """Raise ``ValueError`` saying why ``rec`` (parsed JSON) is not a record this mergebench can read."""
+    if not isinstance(rec, dict) or "schema" not in rec or "status" not in rec:
+        raise ValueError("not a mergebench record (no schema/status)")
+    schema = rec["schema"]
+    if isinstance(schema, bool) or not isinstance(schema, int):
+        raise ValueError(f"schema {schema!r} is not an integer version")
+    if schema > SCHEMA_VERSION:
+        raise ValueError(f"schema {schema} is newer than this mergebench ({SCHEMA_VERSION}); upgrade")
+    if schema < 1:
+        raise ValueError(f"schema {schema} is not a mergebench schema version")
+    if rec["status"] not in ("ok", "failed"):
+        raise ValueError(f"status {rec['status']!r} is neither 'ok' nor 'failed'")
+    required = {(k,): t for k, t in _REQUIRED.items()}
+    required[("method", "pipeline")] = str
+    if rec["status"] == "ok":
+        required.update(_REQUIRED_OK)
+        if rec.get("protocol") == "sequential":
+            required.update(_REQUIRED_SEQUENTIAL)
+    for keys, kind in required.items():
+        value = rec
+        for i, key in enumerate(keys):
+            if not isinstance(value, dict) or key not in value:
+                raise ValueError(f"{'an ok' if rec['status'] == 'ok' else 'a'} record without "
+                                 f"{'.'.join(keys[:i + 1])!r}")
+            value = value[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{'.'.join(keys)!r} is {type(value).__name__}, not "
+                             f"{' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}")
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """The record in ``path``; ``OSError`` or ``ValueError`` (with the reason) if it cannot be read."""
+    rec = json.loads(Path(path).read_text())
+    check_record(rec)
+    return rec
+
+
+def unreadable_reason(path: str | os.PathLike) -> str | None:
+    """``None`` if ``path`` holds a readable record, else why not."""
+    try:
+        read_record(path)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 @dataclass
@@ -63,15 +137,11 @@ class Loaded:
 
 def load_records(results_dir: str | os.PathLike, suite: str | None = None) -> Loaded:
     """Every record under ``results_dir[/suite]``; unreadable files are returned with the reason."""
-    root = Path(results_dir) / suite if suite else Path(results_dir)
+    root = Path(results_dir) / safe_name(suite, "suite name") if suite else Path(results_dir)
     records, bad = [], []
     for path in sorted(root.rglob("*.json")) if root.exists() else []:
         try:
-            rec = json.loads(path.read_text())
-            if not isinstance(rec, dict) or "schema" not in rec or "status" not in rec:
-                raise ValueError("not a mergebench record (no schema/status)")
-            if rec["schema"] > SCHEMA_VERSION:
-                raise ValueError(f"schema {rec['schema']} is newer than this mergebench ({SCHEMA_VERSION}); upgrade")
+            rec = read_record(path)
             rec["_path"] = str(path)
             records.append(rec)
         except (OSError, ValueError) as e:

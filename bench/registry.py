@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+from mergebench.errors import InputError, NotFoundError
+from mergebench.ranges import Interval
+
 ENTRY_POINT_GROUP = "mergebench.methods"
 
 # What data a method may ask its context for. "labeled" implies the unlabeled images too.
@@ -44,12 +47,11 @@ REQUIREMENTS = {
 }
 
 
-class UnknownMethodError(KeyError):
-    def __str__(self):  # KeyError quotes its message; show it plainly
-        return str(self.args[0])
+class UnknownMethodError(NotFoundError):
+    pass
 
 
-class HyperparameterError(ValueError):
+class HyperparameterError(InputError):
     pass
 
 
@@ -76,6 +78,12 @@ class Hyperparameter:
     default: Any
     type: Any
     help: str = ""
+    range: Interval | None = None  # register_method(..., ranges={name: "(0, 100]"}); None: any value of the type
+
+    def check(self, value: Any, method: str) -> None:
+        """A value outside the declared range is a :class:`HyperparameterError` naming method, value and range."""
+        if self.range is not None and value is not None and value not in self.range:
+            raise HyperparameterError(f"{method}: {self.name}={value!r} is outside its range {self.range}")
 
     def parse(self, text: Any) -> Any:
         """Coerce a CLI string (or a Python value) to this hyperparameter's type."""
@@ -158,6 +166,7 @@ class MethodSpec:
             "paper": self.paper.cite() if self.paper else None, "needs": self.needs,
             "adds_params": self.adds_params, "family": self.family, "source": self.source,
             "hyperparameters": {k: h.default for k, h in self.hyperparameters.items()},
+            "ranges": {k: str(h.range) for k, h in self.hyperparameters.items() if h.range is not None},
             "defaults_source": self.defaults_source, "requires": list(self.requires),
             "paper_budget": dict(self.paper_budget), "smoke": dict(self.smoke),
         }
@@ -171,7 +180,8 @@ _discovered = False
 def register_method(name: str, *, display_name: str | None = None, paper: Paper | dict | None = None,
                     needs: str = "nothing", adds_params: bool = False, defaults_source: str = "",
                     family: str = "", hyperparameter_help: dict | None = None, sequential_data: str = "nothing",
-                    requires: tuple | list = (), paper_budget: dict | None = None, smoke: dict | None = None):
+                    requires: tuple | list = (), paper_budget: dict | None = None, smoke: dict | None = None,
+                    ranges: dict | None = None):
     """Register a merging method (a plain function of ``(ctx, **hyperparameters)``).
 
     Example::
@@ -184,6 +194,9 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
     the paper's values, which the defaults must equal; a run below them is marked on the leaderboard.
     ``smoke`` gives the values of the smoke budget (``--budget smoke``: tests, the conformance kit), e.g.
     ``smoke={"steps": 2}``.
+    ``ranges`` declares the valid values of numeric hyperparameters in interval notation, e.g.
+    ``ranges={"k": "(0, 100]", "scaling": "[0, inf)", "steps": "[1, inf)"}``; a value outside is an error when
+    the method spec is resolved (before any work), naming the method, the value and the range.
     """
     if needs not in NEEDS:
         raise ValueError(f"needs={needs!r} is not one of {list(NEEDS)}")
@@ -197,7 +210,7 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
         raise ValueError(f"requires={unknown!r}: known requirements are {list(REQUIREMENTS)}")
 
     def decorator(fn: Callable) -> Callable:
-        hyper = _hyperparameters(fn, hyperparameter_help or {})
+        hyper = _hyperparameters(fn, hyperparameter_help or {}, ranges or {}, name)
         budget = _budget_values(fn, hyper, paper_budget or {}, "paper_budget")
         smoke_values = _budget_values(fn, hyper, smoke or {}, "smoke")
         spec = MethodSpec(
@@ -225,7 +238,7 @@ def _source_of(fn) -> str:
     return "built-in" if module.startswith("mergebench.") else f"plugin ({module.split('.')[0]})"
 
 
-def _hyperparameters(fn: Callable, help_text: dict) -> dict:
+def _hyperparameters(fn: Callable, help_text: dict, ranges: dict | None = None, method: str = "") -> dict:
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())
     if not params:
@@ -242,6 +255,18 @@ def _hyperparameters(fn: Callable, help_text: dict) -> dict:
             raise TypeError(f"hyperparameter {p.name!r} of {_qualname(fn)} needs a default (the paper's value)")
         typ = hints.get(p.name, type(p.default) if p.default is not None else str)
         out[p.name] = Hyperparameter(p.name, p.default, typ, help_text.get(p.name, ""))
+    for key, text in (ranges or {}).items():
+        hp = out.get(key)
+        if hp is None or key == "base":
+            raise ValueError(f"ranges of {_qualname(fn)} names {key!r}, which is not one of its hyperparameters "
+                             f"({', '.join(k for k in out if k != 'base') or 'none'})")
+        if not ({float, int} & ({hp.type} | set(typing.get_args(hp.type)))):
+            raise ValueError(f"ranges of {_qualname(fn)}: {key!r} is not a number ({hp.type}), so it has no range")
+        out[key] = hp = Hyperparameter(hp.name, hp.default, hp.type, hp.help, Interval.parse(text))
+        try:
+            hp.check(hp.default, method or fn.__name__)
+        except HyperparameterError as e:
+            raise ValueError(f"the default of {_qualname(fn)}: {e}") from None
     return out
 
 
@@ -250,7 +275,13 @@ def _budget_values(fn: Callable, hyper: dict, values: dict, what: str) -> dict:
     if unknown:
         raise ValueError(f"{what} of {_qualname(fn)} names {unknown!r}, which are not its hyperparameters "
                          f"({', '.join(k for k in hyper if k != 'base') or 'none'})")
-    return {k: hyper[k].parse(v) for k, v in values.items()}
+    out = {k: hyper[k].parse(v) for k, v in values.items()}
+    for k, v in out.items():
+        try:
+            hyper[k].check(v, _qualname(fn))
+        except HyperparameterError as e:
+            raise ValueError(f"{what}: {e}") from None
+    return out
 
 
 def discover_plugins(force: bool = False) -> dict[str, str]:

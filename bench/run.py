@@ -5,23 +5,23 @@ The harness does devices, seeds, data, timing, counting and the record; the meth
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
 import resource
-import signal
-import threading
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from mergebench import basecache
+from mergebench import basecache, integrity, limits
 from mergebench.context import MergeContext
+from mergebench.errors import InputError, MergebenchError
 from mergebench.evaluate import evaluate
-from mergebench.io import atomic_write_text, cache_root
+from mergebench.io import atomic_write_text, cache_root, check_writable
+from mergebench.limits import MethodTimeout  # noqa: F401  (re-exported: the error of a run past its time limit)
 from mergebench.metrics import model_macs, parameter_counts, tensor_bytes
 from mergebench.models import MergedModel
 from mergebench.pipeline import MethodCall
@@ -38,52 +38,26 @@ class MethodFailed(RuntimeError):
     pass
 
 
-class MethodTimeout(MethodFailed):
-    """The method ran past its time limit (``run_method(time_limit=...)``, ``--time-limit``)."""
-
-
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(MergebenchError, ValueError):
     """An expert does not have the pretrained model's architecture (keys or shapes differ)."""
 
 
-@contextmanager
-def time_limit(seconds: float | None, what: str = "the method"):
-    """Raise :class:`MethodTimeout` inside the block once ``seconds`` have passed.
-
-    In the main thread this is a ``SIGALRM`` timer: the exception is raised at the next Python
-    bytecode after the deadline, so loops, data streams and sleeps are interrupted (a single
-    long C call finishes first). Elsewhere (no signals off the main thread) the limit is checked
-    when the block ends, so an overrun is still recorded as a failure, only later.
-    """
-    if not seconds:
-        yield
-        return
-    message = f"{what} exceeded its time limit of {seconds:g} s"
-    start = time.monotonic()
-    use_signal = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if use_signal:
-        def _expire(signum, frame):
-            raise MethodTimeout(message)
-        previous = signal.signal(signal.SIGALRM, _expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        if use_signal:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-    if time.monotonic() - start > seconds:
-        raise MethodTimeout(message)
+class InvalidExpertError(MergebenchError, ValueError):
+    """An expert's tensor is not floating point, or holds NaN or inf: a bad checkpoint, not a method's fault."""
 
 
 def check_architectures(suite: Suite) -> None:
     """Every expert must have the pretrained encoder's tensors (same names, same shapes).
 
-    Raises :class:`ArchitectureMismatchError` naming the expert and the first differences.
-    Checked once per suite object.
+    Raises :class:`ArchitectureMismatchError` naming the expert and the first differences, and
+    :class:`InvalidExpertError` naming the expert (or the pretrained encoder) and the tensor when a tensor is
+    not floating point where the pretrained one is, or is not finite. Checked once per suite object; then the
+    suite's fingerprints are taken (:mod:`mergebench.integrity`), against which every method is checked.
     """
+    integrity.check_unmodified(suite)
     if getattr(suite, "_architectures_checked", False):
         return
+    _check_values(suite, "the pretrained encoder", suite.pretrained)
     reference = {k: tuple(v.shape) for k, v in suite.pretrained.items()}
     for task in suite.tasks:
         expert = suite.expert_weights(task)
@@ -98,7 +72,24 @@ def check_architectures(suite: Suite) -> None:
                 f"expert {task!r} of suite {suite.name!r} does not match the pretrained encoder ({', '.join(bits)}); "
                 f"every expert must be fine-tuned from the same pretrained backbone: rebuild the suite "
                 f"(`mergebench build {suite.name}`) or replace that checkpoint")
+        _check_values(suite, f"expert {task!r}", expert)
+    integrity.record_baseline(suite)
     suite._architectures_checked = True
+
+
+def _check_values(suite: Suite, what: str, weights) -> None:
+    for key, t in weights.items():
+        ref = suite.pretrained[key]
+        if ref.is_floating_point() and not t.is_floating_point():
+            raise InvalidExpertError(
+                f"{what} of suite {suite.name!r}: tensor {key!r} is {t.dtype}, not floating point like the "
+                f"pretrained encoder's ({ref.dtype}); save the checkpoint with its floating-point weights")
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise InvalidExpertError(
+                    f"{what} of suite {suite.name!r}: tensor {key!r} has {bad:,} non-finite values (NaN or inf); the "
+                    f"checkpoint is damaged: replace it (every merge on it would fail, whatever the method)")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -219,9 +210,9 @@ def resolve_protocol(call: MethodCall, protocol: str | None) -> str:
     if protocol is None:
         return "sequential" if native else "one-shot"
     if protocol not in ("one-shot", "sequential"):
-        raise ValueError(f"unknown protocol {protocol!r}; use 'one-shot' or 'sequential'")
+        raise InputError(f"unknown protocol {protocol!r}; use 'one-shot' or 'sequential'")
     if protocol == "one-shot" and native:
-        raise ValueError(f"{call.name} is a sequential method (experts arrive one at a time); run it with "
+        raise InputError(f"{call.name} is a sequential method (experts arrive one at a time); run it with "
                          f"--protocol sequential")
     return protocol
 
@@ -235,24 +226,30 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
 
     ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
     protocol of :mod:`mergebench.sequential` over ``orders`` task orders (a count of seeded random
-    permutations, or the orders themselves); see :func:`_run_sequential`.
+    permutations, or the orders themselves); see :func:`_sequential`.
 
     ``tune`` ({hyperparameter: [values]}) selects those values on the validation split (the
     task-vectors protocol) before the test evaluation; otherwise hyperparameters are fixed.
     A configuration that already has an ok record is returned as is unless ``force``.
-    Exceptions inside the method become a record with ``status: failed``; so does a merge
-    (validation selection included) that runs longer than ``time_limit_s`` seconds.
+    Exceptions inside the method become a record with ``status: failed``; so does a method that changed
+    the suite's weights, heads or data in place (the suite is then loaded again, :mod:`mergebench.integrity`).
+
+    ``time_limit_s``: the merge (validation selection included; for the sequential protocol every order with
+    its evaluations) runs in a child process that is killed at the deadline (:mod:`mergebench.limits`); the run
+    is recorded as failed with "exceeded its time limit of N s".
     """
     device = resolve_device(device)
+    time_limit_s = limits.check_seconds(time_limit_s)
     check_architectures(suite)
     call = MethodCall.parse(method).with_budget(budget).resolve()
-    for name in (tune or {}):  # unknown names are errors before any work
-        call.with_hparams(**{name: tune[name][0]}).resolve()
+    for name, values in (tune or {}).items():  # unknown names and out-of-range values are errors before any work
+        for value in values:
+            call.with_hparams(**{name: value}).resolve()
     protocol = resolve_protocol(call, protocol)
     order_list = None
     if protocol == "sequential":
         if tune:
-            raise ValueError("--tune (validation selection) is not available under the sequential protocol")
+            raise InputError("--tune (validation selection) is not available under the sequential protocol")
         adapter = check_sequential(call)
         order_list = task_orders(suite.tasks, orders, seed)
     config = run_config(call, suite, seed, unlabeled_split, data_fraction, tune, order_list)
@@ -263,6 +260,8 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
         if done is not None:
             done["skipped"] = True
             return done
+    if write:  # before any merge work: a record that cannot be written loses the work
+        check_writable(path.parent)
 
     spec = get_method(call.name)
     record = {
@@ -278,34 +277,138 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     }
     if time_limit_s:
         record["time_limit_s"] = time_limit_s
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     if order_list is not None:
         record["protocol"] = "sequential"
         record["sequential"] = {"orders": order_list, "adapter": adapter}
-        _run_sequential(record, call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                        count_flops, time_limit_s)
-        record["finished"] = now()
-        if write:
-            write_record(record, path)
-            record["_path"] = str(path)
-        return record
+    measure = functools.partial(_measure, call=call, suite=suite, device=device, seed=seed,
+                                unlabeled_split=unlabeled_split, data_fraction=data_fraction, tune=tune,
+                                show_progress=show_progress, count_flops=count_flops, order_list=order_list)
+    if time_limit_s:
+        what = f"{call.name} ({'all task orders, evaluation included' if order_list else 'merge and selection'})"
+        updates = _run_limited(measure, call, suite, device, time_limit_s, what)
+    else:
+        updates = measure(release=lambda: None)
+    modified = updates.pop("_inputs_modified", None)
+    record["env"]["threads"] = updates.pop("_threads", record["env"]["threads"])
+    record["method"].update(updates.pop("method", {}))
+    if "sequential" in updates:
+        record["sequential"].update(updates.pop("sequential"))
+    record.update(updates)
+    if modified and not time_limit_s:  # a child's changes died with it; here the suite itself was changed
+        restored = integrity.restore(suite, call.name)
+        record["error"] += ("; the suite was loaded again from its files" if restored else
+                            "; the suite cannot be loaded again (no reload), so later runs on it refuse to start")
+    record["finished"] = now()
+    if write:
+        record["_path"] = str(write_record(record, path))
+    return record
+
+
+def _run_limited(measure, call: MethodCall, suite: Suite, device, seconds: float, what: str) -> dict:
+    """``measure`` in a child process killed at the deadline; a timeout or a dead child is a failed record."""
+    start = limits.start_method(device)
+    try:
+        if start == "spawn":
+            measure = _spawnable(measure, call, suite)
+        return limits.run_limited(measure, seconds, what, start)
+    except MethodTimeout as e:
+        return {"status": "failed", "error": f"MethodTimeout: {e}", "traceback": ""}
+    except limits.ChildFailed as e:
+        return {"status": "failed", "error": f"{e.type_name}: {e}", "traceback": e.child_traceback}
+    except MergebenchError as e:  # cannot be run in a fresh process
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": ""}
+
+
+def _spawnable(measure: functools.partial, call: MethodCall, suite: Suite) -> functools.partial:
+    """``measure`` for a fresh interpreter: the suite as its recipe, the method's modules to import."""
+    if suite.reload is None:
+        raise InputError(f"a time limit on CUDA runs the merge in a fresh process, which loads suite {suite.name!r} "
+                         f"again; this suite object was not made by get_suite, so it cannot be")
+    modules = []
+    for stage in call.stages():
+        fn = get_method(stage.name).fn
+        if "<locals>" in fn.__qualname__:
+            raise InputError(f"a time limit on CUDA runs the merge in a fresh process, which must import "
+                             f"{stage.name}; it is defined inside a function ({fn.__module__}.{fn.__qualname__}): "
+                             f"define it at module level of an importable module (or an entry-point plugin)")
+        modules.append(fn.__module__)
+    kwargs = {k: v for k, v in measure.keywords.items() if k != "suite"}
+    return functools.partial(_spawned_measure, suite.reload, modules, kwargs)
+
+
+def _spawned_measure(reload, modules: list[str], kwargs: dict, release) -> dict:
+    import importlib
+
+    from mergebench.registry import discover_plugins
+
+    discover_plugins()
+    for module in modules:
+        if module not in ("__main__", "__mp_main__"):
+            importlib.import_module(module)
+    suite = reload()
+    check_architectures(suite)
+    return _measure(release, suite=suite, **kwargs)
+
+
+def _measure(release, call: MethodCall, suite: Suite, device: torch.device, seed: int, unlabeled_split: str,
+             data_fraction: float, tune, show_progress: bool, count_flops: bool, order_list) -> dict:
+    """The measured part of a run: the record's fields (``status`` ok or failed). Runs in this process, or in the
+    child of a time-limited run, which calls ``release()`` when what the limit covers is done."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stored = basecache.stored_count()
+    if order_list is None:
+        out = _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
+                        count_flops)
+    else:
+        out = _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
+                          count_flops)
+    if out.get("_inputs_modified"):  # what this run cached was computed from inputs that cannot be trusted
+        basecache.discard_since(stored)
+    out["_threads"] = torch.get_num_threads()
+    return out
+
+
+def _verify_inputs(suite: Suite, call: MethodCall) -> None:
+    """Before anything is computed from the suite's inputs after a method (and cached): they are unchanged."""
+    changed = integrity.changes(suite)
+    if changed:
+        raise integrity.InputsModifiedError(str(call.name), changed)
+
+
+def _failure(e: Exception, suite: Suite, call: MethodCall) -> dict:
+    """The record fields of a failed run; a method that also changed its inputs is named for that first."""
+    out = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+    if isinstance(e, integrity.InputsModifiedError):
+        out["_inputs_modified"] = e.changed
+    else:
+        changed = integrity.changes(suite)
+        if changed:
+            err = integrity.InputsModifiedError(str(call.name), changed)
+            out.update({"error": f"InputsModifiedError: {err} (it also raised {type(e).__name__}: {e})",
+                        "_inputs_modified": changed})
+    return out
+
+
+def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
+              count_flops) -> dict:
+    out: dict = {}
     try:
         selection = {"protocol": "fixed"}
         stage_s: dict = {}
-        with time_limit(time_limit_s, f"{call.name} (merge and selection)"):
-            if tune:
-                call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
-                                                        data_fraction, show_progress)
-                record["method"]["pipeline"], record["method"]["hparams"] = str(call), call.plain_hparams()
-            record["selection"] = selection
-            seed_everything(seed)
-            ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
-            start = time.perf_counter()
-            model = execute(call, ctx, stage_s)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            merge_s = time.perf_counter() - start + sum(b["seconds"] for b in ctx.cached_bases)
+        if tune:
+            call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
+                                                    data_fraction, show_progress)
+            out["method"] = {"pipeline": str(call), "hparams": call.plain_hparams()}
+        out["selection"] = selection
+        seed_everything(seed)
+        ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
+        start = time.perf_counter()
+        model = execute(call, ctx, stage_s)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        merge_s = time.perf_counter() - start + sum(b["seconds"] for b in ctx.cached_bases)
+        release()  # the time limit covers the merge and the selection
         _check_finite(model)
         result = evaluate(model, suite, "test", device)
         acc = result["accuracy"]
@@ -314,13 +417,14 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
             why = (f"; the merged model gave non-finite outputs for {result['nonfinite']} images"
                    if result.get("nonfinite") else "")
             raise MethodFailed(f"non-finite or out-of-range accuracy on {bad}{why}")
+        _verify_inputs(suite, call)
         ref = reference_accuracy(suite, device)
         norm = {t: 100.0 * acc[t] / ref[t] if ref[t] > 0 else float("nan") for t in acc}
         backbone = [v for v in suite.pretrained.values()]
         params = parameter_counts(model, sum(v.numel() for v in backbone), sum(tensor_bytes(v) for v in backbone))
         image_shape = (3, suite.encoder_config["image_size"], suite.encoder_config["image_size"])
         flops = model_macs(model.cpu(), suite.tasks, image_shape) if count_flops else None
-        record.update({
+        out.update({
             "status": "ok",
             "metrics": {"accuracy": acc, "normalized_accuracy": norm,
                         "avg_accuracy": sum(acc.values()) / len(acc),
@@ -335,18 +439,13 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
             "logs": {k: v for k, v in ctx.logs.items()},
         })
     except Exception as e:  # a failing method is a result, and the suite goes on
-        record.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc(limit=8)})
-    record["finished"] = now()
-    if write:
-        write_record(record, path)
-        record["_path"] = str(path)
-    return record
+        out.update(_failure(e, suite, call))
+    return out
 
 
-def _run_sequential(record, call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                    count_flops, time_limit_s):
-    """Fill ``record`` for the sequential protocol: per order, the method's model after each arrival evaluated on
+def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
+                count_flops) -> dict:
+    """The fields of a sequential record: per order, the method's model after each arrival evaluated on
     the tasks seen so far; averages over orders; params and FLOPs of the final model (of the first order).
     A failure in any order makes the record ``failed`` (with the orders done so far)."""
     per_order, contexts, final_model = [], [], None
@@ -361,15 +460,15 @@ def _run_sequential(record, call, suite, order_list, device, seed, unlabeled_spl
         return result["accuracy"]
 
     try:
-        with time_limit(time_limit_s, f"{call.name} (all task orders, evaluation included)"):
-            for order in order_list:
-                seed_everything(seed)
-                result, model, ctx = run_order(call, suite, order, device, seed, unlabeled_split, data_fraction,
-                                               show_progress, evaluate_seen, _check_finite)
-                per_order.append(result)
-                contexts.append(ctx)
-                if final_model is None:  # params and FLOPs: the final model of the first order
-                    final_model = model
+        for order in order_list:
+            seed_everything(seed)
+            result, model, ctx = run_order(call, suite, order, device, seed, unlabeled_split, data_fraction,
+                                           show_progress, evaluate_seen, _check_finite)
+            per_order.append(result)
+            contexts.append(ctx)
+            if final_model is None:  # params and FLOPs: the final model of the first order
+                final_model = model
+        _verify_inputs(suite, call)
         summary = summarize(per_order, suite.tasks)
         acc = summary["final_accuracy"]
         ref = reference_accuracy(suite, device)
@@ -378,8 +477,8 @@ def _run_sequential(record, call, suite, order_list, device, seed, unlabeled_spl
         params = parameter_counts(final_model, sum(v.numel() for v in backbone), sum(tensor_bytes(v) for v in backbone))
         image_shape = (3, suite.encoder_config["image_size"], suite.encoder_config["image_size"])
         flops = model_macs(final_model.cpu(), suite.tasks, image_shape) if count_flops else None
-        record["sequential"].update({"per_order": per_order, **{k: v for k, v in summary.items() if k != "final_accuracy"}})
-        record.update({
+        return {
+            "sequential": {"per_order": per_order, **{k: v for k, v in summary.items() if k != "final_accuracy"}},
             "status": "ok", "selection": {"protocol": "fixed"},
             "metrics": {"accuracy": acc, "normalized_accuracy": norm, "avg_accuracy": sum(acc.values()) / len(acc),
                         "avg_normalized_accuracy": sum(norm.values()) / len(norm), "reference_accuracy": ref},
@@ -389,11 +488,9 @@ def _run_sequential(record, call, suite, order_list, device, seed, unlabeled_spl
                        "eval_s": round(sum(o["eval_s"] for o in per_order), 3), **_peak_memory_mb(device)},
             "data_used": merge_data_used(contexts),
             "logs": {},
-        })
+        }
     except Exception as e:  # a failing method is a result, and the suite goes on
-        record["sequential"]["per_order"] = per_order
-        record.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc(limit=8)})
+        return {"sequential": {"per_order": per_order}, **_failure(e, suite, call)}
 
 
 def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress):
@@ -413,7 +510,11 @@ def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data
 
 
 def run_many(methods: list[str], suite: Suite, **kwargs) -> list[dict]:
-    """Run several methods; each failure is recorded and the rest go on."""
+    """Run several methods; each failure is recorded and the rest go on.
+
+    A results folder that cannot take records is an error before any method runs."""
+    if kwargs.get("write", True):
+        check_writable(Path(kwargs.get("results_dir", DEFAULT_RESULTS)))
     out = []
     for m in methods:
         try:

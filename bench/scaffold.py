@@ -55,6 +55,7 @@ from mergebench import Paper, register_method
     paper=Paper("TODO: the paper's title", 2026, arxiv=None, venue=None, code="https://example.org/TODO"),
     defaults_source="TODO: where the default hyperparameters come from (paper section, table)",
     hyperparameter_help={{"scaling": "lambda in theta_0 + lambda * sum_t tau_t"}},
+    ranges={{"scaling": "[0, inf)"}},  # valid values, checked when a spec is parsed: "(0, 100]", "[1, inf)", ...
 )
 def {func}(ctx, scaling: float = 0.3):
     """theta = theta_0 + lambda * sum_t tau_t (task arithmetic; replace with your rule)."""

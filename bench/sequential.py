@@ -32,6 +32,7 @@ from typing import Iterator
 import torch
 
 from mergebench.context import MergeContext
+from mergebench.errors import InputError
 from mergebench.models import MergedModel
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
@@ -59,7 +60,7 @@ class SequentialContext(MergeContext):
                  data_fraction: float = 1.0, show_progress: bool = True):
         unknown = [t for t in order if t not in suite.tasks]
         if unknown or sorted(order) != sorted(suite.tasks):
-            raise ValueError(f"a task order must be a permutation of the suite's tasks {suite.tasks}, got {order}")
+            raise InputError(f"a task order must be a permutation of the suite's tasks {suite.tasks}, got {order}")
         super().__init__(suite, needs, device, seed, unlabeled_split, data_fraction, show_progress, tasks=[])
         self._order = list(order)
         self._started = False
@@ -112,7 +113,7 @@ def task_orders(tasks: list[str], orders: int | list[list[str]], seed: int = 0) 
     """
     if isinstance(orders, int):
         if orders < 1:
-            raise ValueError(f"the number of task orders must be at least 1, got {orders}")
+            raise InputError(f"the number of task orders must be at least 1, got {orders}")
         g = torch.Generator().manual_seed(10007 * seed + 1)
         n, out = len(tasks), []
         while len(out) < orders:
@@ -122,9 +123,9 @@ def task_orders(tasks: list[str], orders: int | list[list[str]], seed: int = 0) 
     out = [list(o) for o in orders]
     for o in out:
         if sorted(o) != sorted(tasks):
-            raise ValueError(f"task order {o} is not a permutation of the suite's tasks {tasks}")
+            raise InputError(f"task order {o} is not a permutation of the suite's tasks {tasks}")
     if not out:
-        raise ValueError("give at least one task order")
+        raise InputError("give at least one task order")
     return out
 
 
@@ -133,10 +134,10 @@ def check_sequential(call: MethodCall) -> str | None:
     spec = get_method(call.name)
     if spec.needs == "sequential":
         if spec.is_addon:
-            raise ValueError(f"{call.name} is a sequential add-on; the sequential protocol runs single methods")
+            raise InputError(f"{call.name} is a sequential add-on; the sequential protocol runs single methods")
         return None
     if spec.is_addon or call.needs() != {"nothing"}:
-        raise ValueError(
+        raise InputError(
             f"{call.name} (needs {sorted(call.needs())}) cannot run under the sequential protocol: the adapter re-runs "
             f"data-free one-shot methods on the experts seen so far; a method using data or a base must be written "
             f"as a sequential method (needs='sequential', `for task, expert in ctx.sequence(): ... yield`)")

@@ -25,10 +25,31 @@ from pathlib import Path
 
 import yaml
 
-from mergebench.io import atomic_write_text
+from mergebench.errors import InputError
+from mergebench.io import atomic_write_text, safe_name
 from mergebench.registry import HyperparameterError
 
 STATES = ("done", "running", "failed", "missing")
+_KEYS = {"methods", "suites", "seeds", "grid", "results_dir", "device", "time_limit_s", "name"}
+
+
+class SweepFileError(InputError):
+    """A sweep's YAML (its config or its saved definition) cannot be read; the message names the file."""
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SweepFileError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise SweepFileError(f"{what} {path} is not valid YAML ({' '.join(str(e).split())}); fix or remove it") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SweepFileError(f"{what} {path} holds a {type(data).__name__}, not a mapping of sweep settings "
+                             f"(methods:, suites:, seeds:, grid:, ...)")
+    return data
 
 
 @dataclass(frozen=True)
@@ -66,12 +87,16 @@ class Sweep:
     name: str = ""
 
     def __post_init__(self):
+        from mergebench.limits import check_seconds
+
         if not self.methods:
             raise HyperparameterError("a sweep needs at least one method")
         if not self.name:
             from mergebench.records import config_hash
             self.name = "sweep-" + config_hash({"methods": self.methods, "suites": self.suites, "seeds": self.seeds,
                                                 "grid": self.grid})[:8]
+        safe_name(self.name, "sweep name")  # it names RESULTS/sweeps/NAME.yaml
+        self.time_limit_s = check_seconds(self.time_limit_s, "the sweep's time limit")
 
     # ------------------------------------------------------------ expansion
     def calls(self) -> list:
@@ -131,19 +156,25 @@ class Sweep:
 
     @classmethod
     def load(cls, name: str, results_dir: str | os.PathLike = "results") -> "Sweep":
-        path = Path(results_dir) / "sweeps" / f"{name}.yaml"
+        from mergebench.errors import MissingFileError
+
+        path = Path(results_dir) / "sweeps" / f"{safe_name(name, 'sweep name')}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.exists() else []
             from mergebench.registry import close_matches
-            raise FileNotFoundError(f"no sweep {name!r} in {path.parent}{close_matches(name, known)} "
-                                    f"(sweeps there: {', '.join(known) or 'none'})")
-        data = yaml.safe_load(path.read_text())
-        return cls(results_dir=str(results_dir), **data)
+            raise MissingFileError(f"no sweep {name!r} in {path.parent}{close_matches(name, known)} "
+                                   f"(sweeps there: {', '.join(known) or 'none'})")
+        data = _read_yaml(path, "sweep definition")
+        unknown = set(data) - _KEYS
+        if unknown or not data.get("methods"):
+            raise SweepFileError(f"sweep definition {path} " + (f"has unknown keys {sorted(unknown)}" if unknown else
+                                                                "names no methods") + "; run the sweep again to rewrite it")
+        return cls(**{**data, "results_dir": str(results_dir)})
 
     @classmethod
     def from_config(cls, path: str | os.PathLike, **overrides) -> tuple["Sweep", dict]:
         """A sweep from a YAML file; returns it and the file's executor settings (``executor``, ``slurm``, ``jobs``)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = _read_yaml(Path(path), "sweep config")
         executor = {k: data.pop(k) for k in ("executor", "slurm", "jobs") if k in data}
         if "time_limit" in data:
             data["time_limit_s"] = data.pop("time_limit")
@@ -151,7 +182,7 @@ class Sweep:
             if isinstance(data.get(k), str):
                 data[k] = [data[k]]
         data.update({k: v for k, v in overrides.items() if v not in (None, [], {})})
-        unknown = set(data) - {"methods", "suites", "seeds", "grid", "results_dir", "device", "time_limit_s", "name"}
+        unknown = set(data) - _KEYS
         if unknown:
             raise HyperparameterError(f"unknown keys in sweep config {path}: {sorted(unknown)}")
         return cls(**data), executor
@@ -236,10 +267,13 @@ def run_job(job: Job | dict) -> dict:
     written atomically by ``run_method``, so a worker killed at any point leaves no partial
     record and the job reads as ``missing``.
     """
+    from mergebench.limits import reserve_threads
     from mergebench.run import run_method
     from mergebench.suites import get_suite
 
     job = Job.from_dict(job) if isinstance(job, dict) else job
+    if job.time_limit_s:  # the merge runs in a forked child: it gets this worker's threads (mergebench.limits)
+        reserve_threads()
     marker = job.marker()
     atomic_write_text(marker, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                           "pipeline": job.pipeline, "seed": job.seed}))

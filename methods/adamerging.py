@@ -64,7 +64,9 @@ _COMMON_DOC = """
 
 @register_method("adamerging_taskwise", display_name="AdaMerging (task-wise)", paper=ADAMERGING, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget=PAPER_BUDGET, smoke=SMOKE)
+                 paper_budget=PAPER_BUDGET, smoke=SMOKE,
+                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
+                         "batches_per_task": "[1, inf)"})
 def adamerging_taskwise(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
                         batches_per_task: int = 2):
     """Task-wise AdaMerging: one coefficient per task, theta = theta_0 + sum_t clamp(l_t, 0, 1) tau_t, trained to
@@ -74,7 +76,9 @@ def adamerging_taskwise(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0
 
 @register_method("adamerging_layerwise", display_name="AdaMerging (layer-wise)", paper=ADAMERGING, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget=PAPER_BUDGET, smoke=SMOKE)
+                 paper_budget=PAPER_BUDGET, smoke=SMOKE,
+                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
+                         "batches_per_task": "[1, inf)"})
 def adamerging_layerwise(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
                          batches_per_task: int = 2):
     """Layer-wise AdaMerging: one coefficient per parameter tensor per task (weight and bias separately, as
@@ -85,7 +89,9 @@ def adamerging_layerwise(ctx, steps: int = 500, lr: float = 1e-3, init: float = 
 
 @register_method("adamerging_taskwise_pp", display_name="AdaMerging++ (task-wise)", paper=ADAMERGING,
                  needs="unlabeled", family="test-time adaptation", defaults_source=DEFAULTS_SOURCE,
-                 hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE)
+                 hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
+                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
+                         "batches_per_task": "[1, inf)", "k": "(0, 100]"})
 def adamerging_taskwise_pp(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
                            batches_per_task: int = 2, k: float = 20.0):
     """Task-wise AdaMerging++: task-wise AdaMerging on TIES-processed task vectors (top-k % trimmed over the
@@ -95,7 +101,9 @@ def adamerging_taskwise_pp(ctx, steps: int = 500, lr: float = 1e-3, init: float 
 
 @register_method("adamerging_layerwise_pp", display_name="AdaMerging++ (layer-wise)", paper=ADAMERGING,
                  needs="unlabeled", family="test-time adaptation", defaults_source=DEFAULTS_SOURCE,
-                 hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE)
+                 hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
+                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
+                         "batches_per_task": "[1, inf)", "k": "(0, 100]"})
 def adamerging_layerwise_pp(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
                             batches_per_task: int = 2, k: float = 20.0):
     """Layer-wise AdaMerging++: layer-wise AdaMerging on TIES-processed task vectors (top-k % trimmed over the

@@ -150,7 +150,9 @@ _DEVIATIONS = """
 
 @register_method("adarank", display_name="AdaRank (TA)", paper=ADARANK, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget={"steps": 10000, "batch_size": 16}, smoke={"steps": 2})
+                 paper_budget={"steps": 10000, "batch_size": 16}, smoke={"steps": 2},
+                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "initial_rank_ratio": "(0, 1]",
+                         "temperature": "(0, inf)", "batch_size": "[1, inf)"})
 def adarank(ctx, steps: int = 10000, lr: float = 1e-3, prior: float = 0.3, initial_rank_ratio: float = 1.0,
             temperature: float = 10.0, batch_size: int = 16):
     """AdaRank on Task Arithmetic: per task and attention/MLP matrix, a learned binary mask over the singular
@@ -161,7 +163,9 @@ def adarank(ctx, steps: int = 10000, lr: float = 1e-3, prior: float = 0.3, initi
 
 @register_method("adarank_cart", display_name="AdaRank (CART)", paper=ADARANK, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget={"steps": 10000, "batch_size": 16}, smoke={"steps": 2})
+                 paper_budget={"steps": 10000, "batch_size": 16}, smoke={"steps": 2},
+                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "initial_rank_ratio": "(0, 1]",
+                         "temperature": "(0, inf)", "batch_size": "[1, inf)"})
 def adarank_cart(ctx, steps: int = 10000, lr: float = 1e-3, prior: float = 2.3, initial_rank_ratio: float = 0.16,
                  temperature: float = 10.0, batch_size: int = 16):
     """AdaRank on CART: origin = average of the experts, tau_t = theta_t - average, masks starting from the top

@@ -35,7 +35,8 @@ def weight_averaging(ctx):
 @register_method("task_arithmetic", display_name="Task Arithmetic", family="data-free", paper=TASK_VECTORS,
                  defaults_source="scaling 0.3: AdaMerging (Yang et al., ICLR 2024) and fusion_bench use 0.3 for "
                                  "ViT-B/32; the task-vectors paper picks it on validation from {0, 0.05, ..., 1}",
-                 hyperparameter_help={"scaling": "lambda in theta_0 + lambda * sum_t tau_t"})
+                 hyperparameter_help={"scaling": "lambda in theta_0 + lambda * sum_t tau_t"},
+                 ranges={"scaling": "[0, inf)"})
 def task_arithmetic(ctx, scaling: float = 0.3):
     """theta = theta_0 + lambda * sum_t (theta_t - theta_0)."""
     return ctx.shared_model(ctx.pretrained_weights + scaling * sum(ctx.task_vectors().values()))

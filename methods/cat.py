@@ -87,7 +87,8 @@ def cat_mask(values: torch.Tensor, scores_in: torch.Tensor | None, lam: float, c
                          "c": "directions (linear weights) or dims (elementwise parameters) removed per task and "
                               "layer",
                          "n_exemplars": "unlabeled training images per task"},
-    paper_budget={"n_exemplars": 2})
+    paper_budget={"n_exemplars": 2},
+    ranges={"scaling": "[0, inf)", "lam": "[0, inf)", "lam_ln": "[0, inf)", "c": "[1, inf)", "n_exemplars": "[1, inf)"})
 def cat_merging(ctx, scaling: float = 0.4, lam: float = 5.0, lam_ln: float = 10.0, c: int = 4,
                 n_exemplars: int = 2):
     """theta = theta_0 + lambda * sum_i Phi(T_i): Task Arithmetic on conflict-trimmed task vectors.

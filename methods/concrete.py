@@ -124,7 +124,9 @@ _DEVIATIONS = """
 
 @register_method("concrete_task_arithmetic", display_name="Concrete TA", paper=CONCRETE, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_TA, hyperparameter_help=HELP,
-                 paper_budget={"steps": 2000, "batch_size": 16}, smoke={"steps": 2})
+                 paper_budget={"steps": 2000, "batch_size": 16}, smoke={"steps": 2},
+                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "scaling": "[0, inf)", "temperature": "(0, inf)",
+                         "batch_size": "[1, inf)"})
 def concrete_task_arithmetic(ctx, steps: int = 2000, lr: float = 1e-3, scaling: float = 0.3, temperature: float = 0.5,
                              init_logits: float = 0.0, batch_size: int = 16, eval_mask: MaskKind = "continuous"):
     """Concrete Task Arithmetic: theta = theta_0 + m * scaling * sum_t tau_t with a Concrete mask m shared by the
@@ -140,7 +142,10 @@ def concrete_task_arithmetic(ctx, steps: int = 2000, lr: float = 1e-3, scaling: 
 @register_method("concrete_adamerging", display_name="Concrete AdaMerging", paper=CONCRETE, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_ADA, hyperparameter_help=HELP,
                  paper_budget={"steps": 1000, "adamerging_steps": 1000, "batch_size": 16},
-                 smoke={"steps": 2, "adamerging_steps": 2})
+                 smoke={"steps": 2, "adamerging_steps": 2},
+                 ranges={"steps": "[1, inf)", "adamerging_steps": "[1, inf)", "lr": "(0, inf)", "base_lr": "(0, inf)",
+                         "adamerging_lr": "(0, inf)", "scaling": "[0, inf)", "temperature": "(0, inf)",
+                         "batch_size": "[1, inf)"})
 def concrete_adamerging(ctx, granularity: Literal["layer", "task"] = "layer", steps: int = 1000,
                         adamerging_steps: int = 1000, lr: float = 1e-3, base_lr: float = 1.0,
                         adamerging_lr: float = 1e-3, scaling: float = 0.3, temperature: float = 0.5,

@@ -61,7 +61,8 @@ def _opcm_cleaned(key: str, previous_tv: Tensor, task_tv: Tensor, alpha: float) 
     defaults_source="alpha 0.5: fusion_bench config/method/opcm/opcm.yaml (the official implementation); the task "
                     "order is the harness's (seeded random orders, like the config's shuffle_order: true)",
     hyperparameter_help={"alpha": "share of the previous merged task vector's singular-value mass whose subspace a "
-                                  "new task vector is projected off"})
+                                  "new task vector is projected off"},
+    ranges={"alpha": "[0, 1]"})
 def opcm(ctx, alpha: float = 0.5):
     """Orthogonal projection-based continual merging with adaptive scaling.
 
@@ -179,7 +180,8 @@ def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
                                              "given; the record's notes say which)",
                          "epsilon": "perturbation size along the task vector",
                          "fisher_examples": "labeled training images of the arriving task for its diagonal Fisher"},
-    paper_budget={"fisher_examples": 256}, smoke={"fisher_examples": 8})
+    paper_budget={"fisher_examples": 256}, smoke={"fisher_examples": 8},
+    ranges={"epsilon": "[0, inf)", "fisher_examples": "[1, inf)"})
 def perturb_and_merge(ctx, perturb_training: bool = True, epsilon: float = 0.5, fisher_examples: int = 256):
     """theta_t = theta_{t-1} + alpha_t (theta_t* - theta_{t-1}), the closed-form alpha_t of P&M.
 

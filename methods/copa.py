@@ -89,7 +89,8 @@ def copa_merge_factors(factors: list[LoraFactor], keep: float = 0.2, floor_quant
 
 
 @register_method("copa_merging", display_name="CoPA-Merging", paper=COPA, needs="nothing", family="LoRA merging",
-                 requires=("lora",), defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP)
+                 requires=("lora",), defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
+                 ranges={"keep": "(0, 1]", "floor_quantile": "[0, 1]", "fuse_weight": "[0, inf)"})
 def copa_merging(ctx, keep: float = 0.2, floor_quantile: float = 0.8, fuse_weight: float = 2.0):
     """CoPA-Merging: training-free merging of LoRA experts in their low-rank factors.
 

@@ -51,7 +51,8 @@ class DareContext(MergeContext):
     hyperparameter_help={"p": "drop rate of each task-vector element",
                          "merge": "the data-free method spec that merges the DARE'd task vectors, e.g. "
                                   "'task_arithmetic' or 'ties_merging(scaling=0.5)'",
-                         "rescale": "divide kept entries by 1 - p (DARE); False is plain random drop"})
+                         "rescale": "divide kept entries by 1 - p (DARE); False is plain random drop"},
+    ranges={"p": "[0, 1)"})
 def dare(ctx, p: float = 0.5, merge: str = "task_arithmetic", rescale: bool = True):
     """tau_t <- m_t ⊙ tau_t / (1 - p), m_t ~ Bernoulli(1 - p) elementwise; then the ``merge`` method on those.
 

@@ -119,7 +119,8 @@ def optimize_delta(task_matrices: torch.Tensor, lambdas: torch.Tensor, projector
 
 @register_method(
     "doge", display_name="DOGE TA", family="data-free", paper=DOGE, defaults_source=DEFAULTS_SOURCE,
-    hyperparameter_help=HELP, paper_budget={"steps": 400}, smoke={"steps": 2})
+    hyperparameter_help=HELP, paper_budget={"steps": 400}, smoke={"steps": 2},
+    ranges={"steps": "[0, inf)", "lr": "(0, inf)", "lamda": "(0, inf)", "subspace": "[1, inf)", "k": "(0, 100]"})
 def doge(ctx, steps: int = 400, lr: float = 1e-4, lamda: float = 0.07, subspace: float = 6.0, k: float = 30.0):
     """DOGE TA: theta = theta_0 + sum_t lambda_t^l (tau_t + delta) * M_t on the blocks' linear weights.
 

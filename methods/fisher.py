@@ -79,7 +79,8 @@ def fisher_average(task_vectors: list[Weights], fishers: list[Weights], coefs: l
                                       "'sampled': one label drawn from p(y|x) per image (cheaper with many classes)",
                          "eps": "added to every Fisher entry (minimal_fisher_weight)",
                          "normalize": "weight each model by 1/||F_k|| (normalized to sum 1)"},
-    paper_budget={"n_exemplars": 256}, smoke={"n_exemplars": 4})
+    paper_budget={"n_exemplars": 256}, smoke={"n_exemplars": 4},
+    ranges={"n_exemplars": "[1, inf)", "eps": "[0, inf)"})
 def fisher_merging(ctx, n_exemplars: int = 256, eps: float = 1e-6, normalize: bool = True,
                    estimator: Literal["exact", "sampled"] = "exact"):
     """theta = sum_k c_k F_k theta_k / sum_k c_k F_k, F_k the diagonal Fisher of expert k on task k.

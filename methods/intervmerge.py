@@ -269,7 +269,9 @@ _DEVIATIONS = """
 
 @register_method("intervmerge", display_name="IntervMerge", paper=INTERVMERGE, needs="unlabeled", adds_params=True,
                  family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE, hyperparameter_help=_HELP,
-                 paper_budget=PAPER_BUDGET, smoke=SMOKE)
+                 paper_budget=PAPER_BUDGET, smoke=SMOKE,
+                 ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
+                         "batches_per_task": "[1, inf)"})
 def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 500, lr: float = 1e-3,
                 batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge: per task and per transformer block a rank-r NoReFT intervention
@@ -282,7 +284,9 @@ def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 500, lr
 
 @register_method("intervmerge_mini", display_name="IntervMerge (mini)", paper=INTERVMERGE, needs="unlabeled",
                  adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI)
+                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI,
+                 ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
+                         "batches_per_task": "[1, inf)", "slice_width": "[1, inf)"})
 def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
                      lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge mini-interventions: the same NoReFT acting only on the first ``slice_width`` dims of the CLS
@@ -294,7 +298,9 @@ def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: in
 
 @register_method("intervmerge_efficient_mini", display_name="IntervMerge (efficient mini)", paper=INTERVMERGE,
                  needs="unlabeled", adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI)
+                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI,
+                 ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
+                         "batches_per_task": "[1, inf)", "slice_width": "[1, inf)"})
 def intervmerge_efficient_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
                                lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
     """IntervMerge efficient mini-interventions (official ``miniInterv_best_efficient``): an input-independent

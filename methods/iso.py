@@ -56,7 +56,8 @@ ISO_DEFAULTS = ("scaling 1.5: fusion_bench's documented ViT-B/32 setting for Iso
 
 
 @register_method("iso_c", display_name="Iso-C", family="data-free", paper=ISO, defaults_source=ISO_DEFAULTS,
-                 hyperparameter_help={"scaling": "alpha in theta_0 + alpha * Delta_iso"})
+                 hyperparameter_help={"scaling": "alpha in theta_0 + alpha * Delta_iso"},
+                 ranges={"scaling": "[0, inf)"})
 def iso_c(ctx, scaling: float = 1.5):
     """Per 2-D weight: Delta = sum_t tau_t, Delta_iso = mean(sigma) U V^T; other tensors: mean tau.
 
@@ -70,7 +71,8 @@ def iso_c(ctx, scaling: float = 1.5):
 @register_method("iso_cts", display_name="Iso-CTS", family="data-free", paper=ISO,
                  defaults_source=ISO_DEFAULTS + "; common_fraction 0.8: official config/method/iso_cts.yaml",
                  hyperparameter_help={"scaling": "alpha in theta_0 + alpha * Delta",
-                                      "common_fraction": "share of the rank given to the common subspace"})
+                                      "common_fraction": "share of the rank given to the common subspace"},
+                 ranges={"scaling": "[0, inf)", "common_fraction": "[0, 1]"})
 def iso_cts(ctx, scaling: float = 1.5, common_fraction: float = 0.8):
     """Iso-CTS: common subspace (top 80% of the rank of sum_t tau_t) + task-specific subspaces (the rest, split
     equally: each task's top directions orthogonal to the common space), orthogonalized, with a flat spectrum.

@@ -47,7 +47,8 @@ def lot_norm_scale(deltas: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
         "rtol": "eigenvalues of sum_k G_k below rtol * the largest are dropped in the pseudo-inverse",
         "io_layers": "'mean': conv1, ln_pre, ln_post and proj take the mean task vector (paper); "
                      "'closed_form': they are solved like the block layers (conv1 as a linear map on patches)",
-    }, paper_budget={"n_exemplars": 64}, smoke={"n_exemplars": 8})
+    }, paper_budget={"n_exemplars": 64}, smoke={"n_exemplars": 8},
+    ranges={"scaling": "[0, inf)", "n_exemplars": "[1, inf)", "rtol": "[0, inf)"})
 def lot_merging(ctx, scaling: float = 1.2, n_exemplars: int = 64, rtol: float = 1e-8,
                 io_layers: Literal["mean", "closed_form"] = "mean"):
     """theta = theta_0 + lambda * T*, T* minimizing each layer's feature drift to every expert in closed form.

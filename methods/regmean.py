@@ -38,7 +38,8 @@ def regmean_linear(task_matrices, grams, alpha: float = 0.95) -> torch.Tensor:
                     "clip_regmean.yaml (reduce_non_diagonal_ratio 0.95, num_regmean_examples 256) for CLIP ViT",
     hyperparameter_help={"n_exemplars": "unlabeled training images per task run through its expert",
                          "alpha": "off-diagonal scaling of the Gram matrices (1: none, 0: diagonal only)"},
-    paper_budget={"n_exemplars": 256}, smoke={"n_exemplars": 8})
+    paper_budget={"n_exemplars": 256}, smoke={"n_exemplars": 8},
+    ranges={"n_exemplars": "[1, inf)", "alpha": "[0, 1]"})
 def regmean(ctx, n_exemplars: int = 256, alpha: float = 0.95):
     """Linear layers: W* = (sum_k W_k G~_k)(sum_k G~_k)^-1, G~_k = G_k with off-diagonals times alpha; the rest averaged.
 

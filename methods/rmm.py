@@ -276,7 +276,11 @@ class RewardData:
 @register_method(
     "rmm", display_name="RMM (Reinforced Model Merging)", family="layer-wise search", paper=RMM, needs="labeled",
     defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-    paper_budget={"episodes": 700, "data_scale": 1.0, "batch_size": 128}, smoke={"episodes": 4})
+    paper_budget={"episodes": 700, "data_scale": 1.0, "batch_size": 128}, smoke={"episodes": 4},
+    ranges={"episodes": "[1, inf)", "data_scale": "(0, 1]", "batch_size": "[1, inf)",
+            "update_every": "[1, inf)", "k_epochs": "[1, inf)",
+            "lr_actor": "(0, inf)", "lr_critic": "(0, inf)", "gamma": "[0, 1]", "eps_clip": "(0, inf)",
+            "dar_scale": "[0, 1]"})
 def rmm(ctx, episodes: int = 700, data_scale: float = 1.0, batch_size: int = 128, merged: str = "ties_merging",
         update_every: int = 4, k_epochs: int = 40, lr_actor: float = 3e-4, lr_critic: float = 1e-3,
         gamma: float = 0.99, eps_clip: float = 0.2, dar_scale: float = 0.8):

@@ -57,7 +57,9 @@ class SurgeryModel(MergedModel):
         "lr": "Adam learning rate (official 1e-3)",
         "batch_size": "unlabeled test images per batch (official 16)",
         "batches_per_task": "batches (= Adam steps) of each task per iteration (official 2)",
-    })
+    },
+    ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
+            "batches_per_task": "[1, inf)"})
 def surgery(ctx, base="task_arithmetic", rank: int = 16, steps: int = 500, lr: float = 1e-3,
             batch_size: int = 16, batches_per_task: int = 2):
     """Representation Surgery: for each task t, f_hat = f - W_up,t ReLU(W_down,t f) on the base model's final

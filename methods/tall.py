@@ -137,7 +137,8 @@ class TallMaskModel(MergedModel):
                          "mtl": "'ta': tau_MTL = sum of task vectors; 'ties': TIES(k=20, sum)",
                          "val_images": "validation images per task used to select lambda_t (at most the split; "
                                        "official: the whole split, capped at 5000)"},
-    paper_budget=VAL_BUDGET, smoke=VAL_SMOKE)
+    paper_budget=VAL_BUDGET, smoke=VAL_SMOKE,
+    ranges={"lam": "[0, inf)", "val_images": "[1, inf)"})
 def tall_masks(ctx, lam: float | None = None, mtl: Literal["ta", "ties"] = "ta", val_images: int = 5000):
     """Per-task models theta_0 + m_t ⊙ tau_MTL with m_t = |tau_t| > lambda_t |tau_MTL - tau_t| (all parameters).
 
@@ -195,7 +196,8 @@ CONSENSUS_HELP = {"k": "keep weights that at least k TALL masks select (k=2 drop
                     "normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py find_optimal_coef "
                     "(n_eval_points 21 in config/config.yaml); both on the whole validation split (at most 5000 "
                     "images: src/datasets/registry.py)",
-    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE)
+    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE,
+    ranges={"k": "[0, inf)", "scaling": "[0, inf)", "lam": "[0, inf)", "val_images": "[1, inf)"})
 def consensus_ta(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 5000):
     """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_MTL), tau_MTL = sum_t tau_t, m_t the TALL masks.
 
@@ -212,7 +214,8 @@ def consensus_ta(ctx, k: int = 2, scaling: float | None = None, lam: float | Non
                     "config/method/consensus.yaml; tau_MTL = TIES (k 20, disjoint sum); alpha selected on val over "
                     "{0.1..1.0} by average normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py "
                     "find_optimal_coef; both on the whole validation split (at most 5000 images)",
-    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE)
+    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE,
+    ranges={"k": "[0, inf)", "scaling": "[0, inf)", "lam": "[0, inf)", "val_images": "[1, inf)"})
 def consensus_ties(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 5000):
     """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_TIES), m_t the TALL masks built against tau_TIES.
 

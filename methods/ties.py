@@ -62,7 +62,8 @@ def ties_task_vectors(task_vectors: list[Weights], k: float = 20) -> tuple[torch
                                  "is available as merge='mean' (then tune scaling near 1)",
                  hyperparameter_help={"k": "percent of each task vector kept (by magnitude, over the whole model)",
                                       "scaling": "lambda applied to the merged task vector",
-                                      "merge": "disjoint 'sum' or 'mean' of sign-agreeing entries"})
+                                      "merge": "disjoint 'sum' or 'mean' of sign-agreeing entries"},
+                 ranges={"k": "(0, 100]", "scaling": "[0, inf)"})
 def ties_merging(ctx, k: float = 20.0, scaling: float = 0.3, merge: Literal["sum", "mean"] = "sum"):
     """theta = theta_0 + lambda * disjoint_merge(elect_sign(trim_k(tau_1..tau_T))).
 

@@ -67,7 +67,8 @@ def tsv_matrix(task_matrices: torch.Tensor, fraction: float | None = None) -> tu
     defaults_source="scaling 1.0 and k = min(m, n) / T singular triplets per task: fusion_bench "
                     "config/method/task_singular_vector (alpha 1.0) and the official TSVM_utils "
                     "compute_and_sum_svd_mem_reduction (the official repo also tunes alpha on val over 0.1..3.0)",
-    hyperparameter_help={"scaling": "alpha in theta_0 + alpha * merged (applied to every parameter)"})
+    hyperparameter_help={"scaling": "alpha in theta_0 + alpha * merged (applied to every parameter)"},
+    ranges={"scaling": "[0, inf)"})
 def tsv_merging(ctx, scaling: float = 1.0):
     """Per 2-D weight: SVD of each task matrix, top min(m,n)/T triplets, orthogonalized U and V, merged.
 

@@ -65,7 +65,8 @@ def wudi_matrix(task_matrices: torch.Tensor, steps: int = 300, lr: float = 1e-5)
                          "others": "'pretrained': non-optimized tensors keep theta_0 (official); "
                                    "'mean': they take the mean task vector and every 2-D tensor is optimized "
                                    "(fusion_bench)"},
-    paper_budget={"steps": 300}, smoke={"steps": 2})
+    paper_budget={"steps": 300}, smoke={"steps": 2},
+    ranges={"steps": "[1, inf)", "lr": "(0, inf)"})
 def wudi_merging(ctx, steps: int = 300, lr: float = 1e-5, others: Literal["pretrained", "mean"] = "pretrained"):
     """Per linear weight: tau_m = argmin sum_t ||(tau_m - tau_t) tau_t^T||^2 / ||tau_t||^2 by Adam; theta = theta_0 + tau_m.
 

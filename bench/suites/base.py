@@ -13,13 +13,14 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
+from mergebench.errors import MergebenchError, NotFoundError
 from mergebench.models import ClassificationHead, build_encoder, load_weights
 from mergebench.weights import Weights
 
 SPLITS = ("train", "val", "test")
 
 
-class NoLoraExpertsError(ValueError):
+class NoLoraExpertsError(MergebenchError, ValueError):
     """A method needs LoRA factors but the suite's experts are full fine-tuned weights."""
 
 
@@ -29,6 +30,7 @@ class TaskData:
 
     images: Tensor
     labels: Tensor
+    read_only: bool = False  # images in a read-only memory map (the real suite's cache): the OS refuses writes
 
     def __len__(self):
         return len(self.labels)
@@ -47,6 +49,9 @@ class Suite:
     std: tuple = (0.5, 0.5, 0.5)
     info: dict = field(default_factory=dict)       # ids and hashes that go into every record
     load_lora: Callable[[str], dict] | None = None  # LoRA experts: task -> {adapter: mergebench.lora.LoraFactor}
+    # loads this suite again from its files (``get_suite`` sets it; picklable): restores it after a method changed
+    # its inputs, and rebuilds it in a fresh process (a time-limited run on CUDA)
+    reload: Callable[[], "Suite"] | None = None
 
     def __post_init__(self):
         self._expert = lru_cache(maxsize=None)(self.load_expert)
@@ -80,7 +85,7 @@ class Suite:
 
     def split(self, split: str, task: str) -> TaskData:
         if split not in self.data:
-            raise KeyError(f"suite {self.name!r} has no split {split!r}; it has {sorted(self.data)}")
+            raise NotFoundError(f"suite {self.name!r} has no split {split!r}; it has {sorted(self.data)}")
         self._check_task(task)
         return self.data[split][task]
 
@@ -93,4 +98,4 @@ class Suite:
     def _check_task(self, task: str):
         if task not in self.tasks:
             from mergebench.registry import close_matches
-            raise KeyError(f"suite {self.name!r} has no task {task!r}{close_matches(task, self.tasks)}")
+            raise NotFoundError(f"suite {self.name!r} has no task {task!r}{close_matches(task, self.tasks)}")

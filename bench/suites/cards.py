@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import yaml
 
+from mergebench.errors import InputError, MissingFileError, NotFoundError
+
 CARD_DIR_ENV = "MERGEBENCH_CARDS"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -23,8 +25,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 REAL_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(MissingFileError):
     """A dataset (or part of it) is not on disk; the message says what and how to get it."""
+
+
+class DatasetError(InputError):
+    """A dataset card, or the dataset on disk, does not follow the protocol (the message names the file)."""
 
 
 def card_dir() -> Path:
@@ -67,17 +73,17 @@ def load_card(path: str | os.PathLike) -> Card:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"dataset card {path} is not valid YAML: {e}") from e
+        raise DatasetError(f"dataset card {path} is not valid YAML: {e}") from e
     for key in ("name", "classnames", "templates", "layout", "splits"):
         if key not in (raw or {}):
-            raise ValueError(f"dataset card {path} lacks the field {key!r}")
+            raise DatasetError(f"dataset card {path} lacks the field {key!r}")
     names = raw["classnames"]["list"]
     if raw["classnames"].get("count", len(names)) != len(names):
-        raise ValueError(f"dataset card {path}: classnames.count is {raw['classnames']['count']} but the list has {len(names)}")
+        raise DatasetError(f"dataset card {path}: classnames.count is {raw['classnames']['count']} but the list has {len(names)}")
     templates = raw["templates"]["list"]
     bad = [t for t in templates if "{c}" not in t]
     if bad:
-        raise ValueError(f"dataset card {path}: template {bad[0]!r} has no '{{c}}' placeholder")
+        raise DatasetError(f"dataset card {path}: template {bad[0]!r} has no '{{c}}' placeholder")
     return Card(name=raw["name"], classnames=[str(n) for n in names], templates=list(templates),
                 template_set=raw["templates"].get("set", "?"), layout=raw["layout"], splits=raw["splits"],
                 sizes=raw.get("sizes", {}), checksums=raw.get("checksums", {}), how_to_get=raw.get("how_to_get", ""),
@@ -94,7 +100,7 @@ def load_cards(directory: str | os.PathLike | None = None) -> dict[str, Card]:
         card = load_card(p)
         cards[card.name] = card
     if not cards:
-        raise FileNotFoundError(f"no dataset cards in {directory}")
+        raise MissingFileError(f"no dataset cards in {directory}")
     return cards
 
 
@@ -103,7 +109,7 @@ def resolve_task(name: str, cards: dict[str, Card]) -> Card:
         if name == card.name or name.lower() in {a.lower() for a in card.aliases} | {card.name.lower()}:
             return card
     from mergebench.registry import close_matches
-    raise KeyError(f"no dataset card for task {name!r}{close_matches(name, list(cards))} (cards: {', '.join(cards)})")
+    raise NotFoundError(f"no dataset card for task {name!r}{close_matches(name, list(cards))} (cards: {', '.join(cards)})")
 
 
 # ------------------------------------------------------------------ sources (one split as stored on disk)
@@ -158,7 +164,7 @@ class ParquetSource(Source):
             pf = pq.ParquetFile(f)
             missing = [c for c in (image_column, label_column) if c not in pf.schema_arrow.names]
             if missing:
-                raise ValueError(f"{f}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+                raise DatasetError(f"{f}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
             labels.append(pf.read(columns=[label_column]).column(0).to_numpy().astype(np.int64))
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
@@ -167,7 +173,7 @@ class ParquetSource(Source):
         self.labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
         if label_map is not None:
             if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(label_map)):
-                raise ValueError(f"{self.files[0].parent}: label {int(self.labels.max())} outside the dataset's "
+                raise DatasetError(f"{self.files[0].parent}: label {int(self.labels.max())} outside the dataset's "
                                  f"{len(label_map)} class names")
             self.labels = label_map[self.labels]
         self._starts = [g[0] for g in self._groups]
@@ -287,7 +293,7 @@ def compare_classnames(card: Card, names: list[str] | None) -> tuple[np.ndarray 
         return None, ["the dataset has no class names (no ClassLabel in its metadata); labels are read as indices "
                       "into the card's list"]
     if len(names) != card.num_classes:
-        raise ValueError(f"{card.name}: the dataset has {len(names)} classes, the card {card.num_classes}")
+        raise DatasetError(f"{card.name}: the dataset has {len(names)} classes, the card {card.num_classes}")
     mapping = card.layout.get("folder_to_classname") or {}
     theirs = [_norm(mapping.get(n, n)) for n in names]
     ours = [_norm(n) for n in card.classnames]
@@ -346,9 +352,9 @@ def _classnames_from_folders(card: Card, folders: list[str]) -> list[str]:
         mapping = card.layout["folder_to_classname"]
         unknown = [f for f in folders if f not in mapping]
         if unknown:
-            raise ValueError(f"{card.name}: class folder {unknown[0]!r} is not in the card's folder_to_classname")
+            raise DatasetError(f"{card.name}: class folder {unknown[0]!r} is not in the card's folder_to_classname")
         return [mapping[f] for f in folders]
-    raise ValueError(f"{card.name}: unknown classname_rule {rule!r}")
+    raise DatasetError(f"{card.name}: unknown classname_rule {rule!r}")
 
 
 def _check_classes(card: Card, derived: list[str], where: Path):
@@ -356,7 +362,7 @@ def _check_classes(card: Card, derived: list[str], where: Path):
         diff = next((i for i, (a, b) in enumerate(zip(derived, card.classnames)) if a != b), min(len(derived), card.num_classes))
         got = derived[diff] if diff < len(derived) else "<none>"
         want = card.classnames[diff] if diff < card.num_classes else "<none>"
-        raise ValueError(f"{card.name}: the classes found in {where} ({len(derived)}) do not match the card "
+        raise DatasetError(f"{card.name}: the classes found in {where} ({len(derived)}) do not match the card "
                          f"({card.num_classes}); first difference at index {diff}: found {got!r}, card has {want!r}")
 
 
@@ -385,7 +391,7 @@ def open_source(card: Card, root: str | os.PathLike, split: str) -> Source:
     if reader == "imagefolder":
         folders = card.layout["folders"]
         if split not in folders:
-            raise ValueError(f"{card.name}: the layout has no stored {split!r} split (it has {sorted(folders)})")
+            raise DatasetError(f"{card.name}: the layout has no stored {split!r} split (it has {sorted(folders)})")
         return _image_folder(card, root, folders[split])
     if reader == "resisc45":
         split_file = _need(card, root, card.layout["split_files"][split])
@@ -411,7 +417,7 @@ def open_source(card: Card, root: str | os.PathLike, split: str) -> Source:
         if split == "train":
             n = len({Path(p).parent.name for p in source.paths})
             if n != card.num_classes:
-                raise ValueError(f"{card.name}: {n} class folders in gtsrb/GTSRB/Training, the card has {card.num_classes}")
+                raise DatasetError(f"{card.name}: {n} class folders in gtsrb/GTSRB/Training, the card has {card.num_classes}")
         return source
     if reader == "torchvision.StanfordCars":
         from torchvision.datasets import StanfordCars
@@ -422,7 +428,7 @@ def open_source(card: Card, root: str | os.PathLike, split: str) -> Source:
         ds = StanfordCars(str(root), split=split, download=False)
         _check_classes(card, [str(c) for c in ds.classes], root / "stanford_cars/devkit/cars_meta.mat")
         return FileSource(ds._samples)
-    raise ValueError(f"{card.name}: unknown reader {reader!r} in {card.path}")
+    raise DatasetError(f"{card.name}: unknown reader {reader!r} in {card.path}")
 
 
 def val_partition(n_train: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -431,7 +437,7 @@ def val_partition(n_train: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
     if spec.get("max") is not None:
         n_val = min(n_val, int(spec["max"]))
     if n_val <= 0 or n_val >= n_train:
-        raise ValueError(f"cannot carve a validation split from {n_train} training images (n_val={n_val})")
+        raise DatasetError(f"cannot carve a validation split from {n_train} training images (n_val={n_val})")
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(spec.get("seed", 0)))).numpy()
     return perm[: n_train - n_val], perm[n_train - n_val:]
 

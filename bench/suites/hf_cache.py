@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mergebench.errors import MissingFileError
+
 
 def hub_dirs(root: str | os.PathLike) -> list[Path]:
     """The folders under ``root`` that may hold ``models--*`` / ``datasets--*``: root itself, root/hub and
@@ -44,7 +46,7 @@ def snapshot(repo_dir: Path) -> Path:
             return snaps / commit
     found = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if snaps.is_dir() else []
     if not found:
-        raise FileNotFoundError(f"{repo_dir} has no snapshot (snapshots/<commit>/): an interrupted download? "
+        raise MissingFileError(f"{repo_dir} has no snapshot (snapshots/<commit>/): an interrupted download? "
                                 f"Download it again where there is network access")
     return found[-1]
 

@@ -12,8 +12,12 @@ import json
 import re
 from pathlib import Path
 
+import pickle
+
 import torch
 from torch import Tensor
+
+from mergebench.errors import MergebenchError
 
 _SIMPLE = {
     "embeddings.class_embedding": "class_embedding",
@@ -35,7 +39,7 @@ _BARE_VISION = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 _LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
-class ConversionError(ValueError):
+class ConversionError(MergebenchError, ValueError):
     pass
 
 
@@ -167,8 +171,9 @@ def hf_vision_config(folder: str | Path) -> dict:
             "act": cfg.get("hidden_act"), "output_dim": cfg.get("projection_dim")}
 
 
-def read_hf_folder(folder: str | Path) -> dict[str, Tensor]:
-    """The raw state dict of an HF model folder (safetensors preferred; ``.bin`` read with weights_only)."""
+def read_hf_folder(folder: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """The raw state dict of an HF model folder (safetensors preferred; ``.bin`` read with weights_only, or with
+    ``trust_pickle`` by mergebench's restricted unpickler when it holds more than a state dict)."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise ConversionError(f"{folder} is not a Hugging Face model folder (no config.json)")
@@ -184,5 +189,15 @@ def read_hf_folder(folder: str | Path) -> dict[str, Tensor]:
         raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin")
     state = {}
     for b in bins:
-        state.update(torch.load(b, map_location="cpu", weights_only=True))
+        try:
+            state.update(torch.load(b, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as e:
+            if not trust_pickle:
+                raise ConversionError(
+                    f"{b} is not a plain state dict: a weights-only load refuses it "
+                    f"({str(e).splitlines()[0][:160]}). Reading it would run pickle code: pass --trust-pickle only "
+                    f"if you trust the file (mergebench then admits only tensor data, see README's Reliability "
+                    f"section), or convert it to model.safetensors.") from None
+            from mergebench.suites.zoo import _as_state_dict, trusted_torch_load
+            state.update(_as_state_dict(trusted_torch_load(b), b))
     return state

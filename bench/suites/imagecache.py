@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from mergebench.io import atomic_write_text, cache_root
 from mergebench.progress import progress
 from mergebench.suites.base import SPLITS, TaskData
-from mergebench.suites.cards import Card, open_source, source_id, val_partition
+from mergebench.suites.cards import Card, DatasetError, open_source, source_id, val_partition
 
 CACHE_VERSION = 1  # bump when the preprocessing changes
 
@@ -57,9 +58,12 @@ def _done(directory: Path, split: str) -> bool:
 
 
 def _open(directory: Path, split: str) -> TaskData:
-    images = np.load(directory / f"{split}.images.npy", mmap_mode="c")  # copy-on-write map: writable, lazy
+    # a read-only map, paged in lazily: no method can change the images (a write is refused by the OS)
+    images = np.load(directory / f"{split}.images.npy", mmap_mode="r")
     labels = np.load(directory / f"{split}.labels.npy")
-    return TaskData(torch.from_numpy(images), torch.from_numpy(labels))
+    with warnings.catch_warnings():  # torch warns that it cannot mark a tensor read-only; the map is
+        warnings.simplefilter("ignore", UserWarning)
+        return TaskData(torch.from_numpy(images), torch.from_numpy(labels), read_only=True)
 
 
 def load_or_build(card: Card, root: str | os.PathLike, size: int, workers: int | None = None,
@@ -149,7 +153,7 @@ def build(card: Card, root, size: int, directory: Path, workers: int | None = No
         source, idx = plan[split]
         labels = source.labels[idx].astype(np.int64)
         if len(labels) and (labels.min() < 0 or labels.max() >= card.num_classes):
-            raise ValueError(f"{card.name}/{split}: label {int(labels.max())} outside the card's {card.num_classes} "
+            raise DatasetError(f"{card.name}/{split}: label {int(labels.max())} outside the card's {card.num_classes} "
                              f"classes")
         tmp_images, tmp_labels = directory / f".{split}.images.npy.{tag}", directory / f".{split}.labels.npy.{tag}"
         try:

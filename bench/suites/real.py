@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mergebench.errors import MissingFileError, NotFoundError
 from mergebench.io import atomic_save_tensors, cache_root
 from mergebench.models import build_encoder, encoder_weights
 from mergebench.suites import cards as cardlib
@@ -60,13 +61,13 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
               workers: int | None = None, device: str | None = None) -> Suite:
     """The real suite from ``manifest`` (backbone + experts) and the datasets under ``data_root``."""
     if manifest is None:
-        raise ValueError("the real suite needs a model-zoo manifest: --manifest M.yaml (see bench/suites/zoo.py)")
+        raise zoo.ManifestError("the real suite needs a model-zoo manifest: --manifest M.yaml (see bench/suites/zoo.py)")
     m = manifest if isinstance(manifest, zoo.Manifest) else zoo.Manifest.load(manifest)
     root = Path(data_root) if data_root else m.data_root
     if root is None:
-        raise ValueError("no data root: pass --data-root DIR (or data_root: in the manifest)")
+        raise zoo.ManifestError("no data root: pass --data-root DIR (or data_root: in the manifest)")
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist; `mergebench data check --root DIR` lists what each "
+        raise MissingFileError(f"data root {root} does not exist; `mergebench data check --root DIR` lists what each "
                                 f"dataset needs")
     all_cards = cardlib.load_cards(cards_dir)
     by_card: dict[str, str] = {}  # card name -> the manifest's key for it (which may be an alias)
@@ -78,7 +79,8 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
     for t in names:
         card = cardlib.resolve_task(t, all_cards)
         if card.name not in by_card:
-            raise KeyError(f"manifest {m.path} has no expert for task {card.name!r} (it has {', '.join(m.experts)})")
+            raise NotFoundError(f"manifest {m.path} has no expert for task {card.name!r} (it has "
+                                f"{', '.join(m.experts)})")
         task_cards[card.name] = card
     expert_name = {c: by_card[c] for c in task_cards}
     log = print if verbose else (lambda *a, **k: None)
@@ -108,7 +110,8 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
             heads[name] = zero_shot_heads(clip, card, cfg["text_cfg"].get("context_length", 77), dev)
             atomic_save_tensors({"head": heads[name]}, path)
         if heads[name].shape != (card.num_classes, cfg["embed_dim"]):
-            raise ValueError(f"head of {name} has shape {tuple(heads[name].shape)}")
+            raise zoo.CheckpointError(f"head of {name} has shape {tuple(heads[name].shape)}, expected "
+                                      f"{(card.num_classes, cfg['embed_dim'])} (a stale file in {path.parent}?)")
     clip.cpu()
     del clip
 

@@ -16,8 +16,9 @@ Formats (``format: auto`` guesses from the path): ``safetensors``; ``torch`` (a 
 with ``torch.load(weights_only=True)``, keys ``visual.*``, ``model.visual.*`` or bare
 VisionTransformer keys); ``openai_jit`` (OpenAI's TorchScript archive, backbone only); ``hf`` (a
 Hugging Face CLIP folder, keys mapped to open_clip); ``task_vectors_pickle`` (the task-vectors
-repository's pickled ``ImageEncoder`` objects: only with ``trust_pickle=True``, converted once to
-safetensors in the cache); ``peft_lora`` (a PEFT LoRA adapter folder, ``adapter_config.json`` +
+repository's pickled ``ImageEncoder`` objects: only with ``trust_pickle=True``, read by a restricted
+unpickler -- see ``_TrustedUnpickler`` for exactly what it allows -- and converted once to safetensors
+in the cache); ``peft_lora`` (a PEFT LoRA adapter folder, ``adapter_config.json`` +
 ``adapter_model.safetensors``, open_clip or HF CLIP module names: the expert is the backbone's
 image tower plus ``scale * B @ A``, see ``mergebench.lora``). Nothing is ever downloaded.
 Every field is described in docs/manifest.md; ``mergebench zoo init`` writes a manifest from a folder or a
@@ -37,16 +38,22 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from torch import Tensor
 
-from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
+from mergebench.errors import InputError, MergebenchError, MissingFileError, NotFoundError
+from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256, safe_name
 
 FORMATS = ("auto", "safetensors", "torch", "openai_jit", "hf", "task_vectors_pickle", "peft_lora")
 _OPENAI_EXTRA = ("input_resolution", "context_length", "vocab_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MergebenchError, ValueError):
     """A checkpoint file is missing, corrupt, unsafe to read without consent, or does not fit the model."""
+
+
+class ManifestError(InputError):
+    """A model-zoo manifest is not valid (the message names the file and the field)."""
 
 
 @dataclass
@@ -72,40 +79,45 @@ class Manifest:
     def load(cls, path: str | os.PathLike) -> "Manifest":
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"manifest {path} does not exist")
+            raise MissingFileError(f"manifest {path} does not exist")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"manifest {path} is not valid YAML: {e}") from e
+            raise ManifestError(f"manifest {path} is not valid YAML: {e}") from e
         base = path.parent
 
         def entry(value, what) -> Entry:
             if isinstance(value, str):
                 value = {"path": value}
             if not isinstance(value, dict) or "path" not in value:
-                raise ValueError(f"manifest {path}: {what} needs a 'path'")
+                raise ManifestError(f"manifest {path}: {what} needs a 'path'")
             fmt = value.get("format", "auto")
             if fmt not in FORMATS:
-                raise ValueError(f"manifest {path}: {what} has format {fmt!r}; formats: {', '.join(FORMATS)}")
+                raise ManifestError(f"manifest {path}: {what} has format {fmt!r}; formats: {', '.join(FORMATS)}")
             p = Path(os.path.expanduser(str(value["path"])))
             return Entry(p if p.is_absolute() else base / p, value.get("sha256"), fmt)
 
         if not raw.get("model") and not raw.get("model_config"):
-            raise ValueError(f"manifest {path}: give 'model' (an open_clip name such as ViT-B-32) or 'model_config'")
+            raise ManifestError(f"manifest {path}: give 'model' (an open_clip name such as ViT-B-32) or 'model_config'")
         if "backbone" not in raw:
-            raise ValueError(f"manifest {path}: no 'backbone' entry")
+            raise ManifestError(f"manifest {path}: no 'backbone' entry")
         experts = raw.get("experts") or {}
         if not experts:
-            raise ValueError(f"manifest {path}: no 'experts'")
+            raise ManifestError(f"manifest {path}: no 'experts'")
         data_root = raw.get("data_root")
         quick_gelu = raw.get("quick_gelu")
         if quick_gelu is not None and not isinstance(quick_gelu, bool):
-            raise ValueError(f"manifest {path}: quick_gelu is {quick_gelu!r}; write true (OpenAI's weights) or false "
-                             f"(GELU weights such as LAION's)")
+            raise ManifestError(f"manifest {path}: quick_gelu is {quick_gelu!r}; write true (OpenAI's weights) or "
+                                f"false (GELU weights such as LAION's)")
+        name = str(raw.get("name") or raw.get("model") or "custom")
+        try:  # it names the results folder results/real-NAME/
+            safe_name(name, "name")
+        except InputError as e:
+            raise ManifestError(f"manifest {path}: {e}") from None
         return cls(path=path, model=raw.get("model"), model_config=raw.get("model_config"),
                    quick_gelu=quick_gelu, backbone=entry(raw["backbone"], "backbone"),
                    experts={str(t): entry(v, f"expert {t!r}") for t, v in experts.items()},
-                   name=str(raw.get("name") or raw.get("model") or "custom"),
+                   name=name,
                    data_root=(base / Path(os.path.expanduser(str(data_root)))) if data_root else None, raw=raw)
 
     def clip_config(self) -> dict:
@@ -122,7 +134,7 @@ class Manifest:
             import open_clip
             cfg = open_clip.get_model_config(self.model)
             if cfg is None:
-                raise ValueError(f"manifest {self.path}: open_clip has no model config {self.model!r}")
+                raise ManifestError(f"manifest {self.path}: open_clip has no model config {self.model!r}")
             cfg = json.loads(json.dumps(cfg))
             # a -quickgelu name settles it; a plain name does not (open_clip forces QuickGELU for OpenAI weights)
             said = {f"model {self.model}": True} if cfg.get("quick_gelu") else {}
@@ -132,12 +144,12 @@ class Manifest:
         if from_file is not None:
             said[f"backbone {self.backbone.path.name}"] = from_file
         if len(set(said.values())) > 1:
-            raise ValueError(f"manifest {self.path}: the backbone's activation is ambiguous: " +
-                             ", ".join(f"{k} says {'QuickGELU' if v else 'GELU'}" for k, v in said.items()) +
-                             "; make them agree (quick_gelu: true for OpenAI's weights, false for GELU weights)")
+            raise ManifestError(f"manifest {self.path}: the backbone's activation is ambiguous: " +
+                                ", ".join(f"{k} says {'QuickGELU' if v else 'GELU'}" for k, v in said.items()) +
+                                "; make them agree (quick_gelu: true for OpenAI's weights, false for GELU weights)")
         if not said:
             arch = self.model or "model_config"
-            raise ValueError(
+            raise ManifestError(
                 f"manifest {self.path}: cannot tell whether the backbone {self.backbone.path} uses QuickGELU (OpenAI's "
                 f"CLIP weights, from which the task-vectors and fusion_bench experts are fine-tuned) or GELU (LAION, "
                 f"DataComp weights): {arch} exists with both and the file does not say. Add `quick_gelu: true` or "
@@ -248,7 +260,9 @@ def _guess_format(path: Path) -> str:
 
 
 class _Opaque(torch.nn.Module):
-    """Stands in for any non-torch class in a trusted pickle: keeps its attributes, runs none of its code."""
+    """Stands in for a model class of a trusted pickle (``_PLACEHOLDER_MODULES``): an empty ``nn.Module`` that keeps
+    the attributes stored with it (its submodules, parameters and buffers, so ``state_dict()`` works) and runs none
+    of the class's code: calling it, or building it from arguments, only makes another placeholder."""
 
     def __init__(self, *args, **kwargs):
         super().__init__()
@@ -258,20 +272,64 @@ class _Opaque(torch.nn.Module):
             torch.nn.Module.__setstate__(self, state)
 
 
-_SAFE_PREFIXES = ("torch", "collections", "builtins", "__builtin__", "copyreg", "copy_reg", "_codecs", "numpy")
+# What --trust-pickle lets a pickle name, exactly. (1) These globals are the real objects: the data
+# constructors that rebuild tensors, parameters and their containers, and nothing else callable.
+_STORAGES = ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+_ALLOWED_GLOBALS = frozenset(
+    {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+     ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+     ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+     ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage")}
+    | {("torch", f"{kind}Storage") for kind in _STORAGES} | {("torch", dtype) for dtype in _DTYPES})
+# (2) Any global of these modules becomes an inert placeholder (_Opaque): the task-vectors repository's classes
+# (src.modeling.ImageEncoder), open_clip's and torch.nn's modules of any version, and the torchvision transforms
+# the checkpoints keep as their preprocessing. Every other global is refused.
+_PLACEHOLDER_MODULES = ("src", "open_clip", "torch.nn.modules", "torchvision.transforms")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A trusted pickle asked for a global outside the allow-list."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.module, self.name = module, name
 
 
 class _TrustedUnpickler(pickle.Unpickler):
+    """The unpickler of ``--trust-pickle``: real objects for ``_ALLOWED_GLOBALS``, placeholders for the model
+    classes of ``_PLACEHOLDER_MODULES``, and :class:`UnsafePickleError` for any other global (``os.system``,
+    ``builtins.exec``/``eval``/``getattr``/``__import__``, ``subprocess``, ``torch.load``, ...)."""
+
     def find_class(self, module, name):
-        if module.split(".")[0] in _SAFE_PREFIXES:
+        key = ("builtins" if module == "__builtin__" else module, name)  # protocol 2 names Python 2's module
+        if key in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        return _Opaque  # src.modeling.ImageEncoder, open_clip.model.CLIP of any version, argparse.Namespace, ...
+        if any(module == m or module.startswith(m + ".") for m in _PLACEHOLDER_MODULES):
+            return _Opaque
+        raise UnsafePickleError(*key)
 
 
 class _TrustedPickleModule:
     Unpickler = _TrustedUnpickler
     load = staticmethod(lambda f, **kw: _TrustedUnpickler(f, **kw).load())
     __name__ = "mergebench_trusted_pickle"
+
+
+def trusted_torch_load(path: Path):
+    """``torch.load`` of ``path`` through :class:`_TrustedUnpickler`; a refused global is a
+    :class:`CheckpointError` naming the file and the global."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_TrustedPickleModule)
+    except UnsafePickleError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle the global {e.module}.{e.name}: --trust-pickle admits only tensor data "
+            f"(torch's tensor and parameter rebuild functions, storages, dtypes, collections.OrderedDict, set) and "
+            f"reads the model classes of {', '.join(m + '.*' for m in _PLACEHOLDER_MODULES)} as inert placeholders; "
+            f"this file asks for something else, so it is not a task-vectors checkpoint, or it is a malicious one. "
+            f"Convert it to safetensors where you trust its code, or replace it.") from None
 
 
 def _as_state_dict(obj, path: Path) -> dict[str, Tensor]:
@@ -293,7 +351,7 @@ def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -
     try:
         if fmt == "hf":  # a CLIPVisionModel (image tower) or a CLIPModel (both towers: usable as the backbone)
             from mergebench.suites.hf_convert import hf_text_to_open_clip, hf_to_open_clip, read_hf_folder
-            raw = read_hf_folder(path)
+            raw = read_hf_folder(path, trust_pickle)
             return {**{f"visual.{k}": v for k, v in hf_to_open_clip(raw, str(path)).items()},
                     **hf_text_to_open_clip(raw, str(path))}
         if fmt == "safetensors":
@@ -317,7 +375,10 @@ def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -
         return _as_state_dict(obj, path)
     except CheckpointError:
         raise
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except MergebenchError as e:  # ConversionError, LoraError: they name the file already
+        raise CheckpointError(str(e)) from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, SafetensorError,
+            pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path}: cannot read it as {fmt} ({type(e).__name__}: {str(e)[:300]}); "
                               f"the file may be corrupt or truncated") from e
 
@@ -332,9 +393,7 @@ def _converted_pickle(path: Path, trust_pickle: bool) -> dict[str, Tensor]:
     if not trust_pickle:
         raise CheckpointError(f"{path} is a pickled checkpoint; reading it runs pickle, so it needs --trust-pickle "
                               f"(trust_pickle=True). It is then converted once to {out}.")
-    with open(path, "rb") as f:
-        data = f.read()
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_TrustedPickleModule)
+    obj = trusted_torch_load(path)
     state = {k: v.detach().clone() for k, v in _as_state_dict(obj, path).items() if isinstance(v, Tensor)}
     atomic_save_tensors(state, out)
     return state
@@ -377,9 +436,10 @@ def encoder_config(clip_cfg: dict) -> dict:
     unsupported = {k: v[k] for k in ("ls_init_value", "attentional_pool", "no_ln_pre", "final_ln_after_pool",
                                      "output_tokens", "timm_model_name") if v.get(k)}
     if v.get("pool_type", "tok") != "tok" or unsupported:
-        raise ValueError(f"image tower options not supported by mergebench's encoder: {unsupported or v.get('pool_type')}")
+        raise ManifestError(f"image tower options not supported by mergebench's encoder: "
+                            f"{unsupported or v.get('pool_type')}")
     if not isinstance(v.get("layers"), int):
-        raise ValueError(f"image tower layers must be an int, got {v.get('layers')!r}")
+        raise ManifestError(f"image tower layers must be an int, got {v.get('layers')!r}")
     width = v["width"]
     return {"image_size": v["image_size"], "patch_size": v["patch_size"], "width": width, "layers": v["layers"],
             "heads": width // v.get("head_width", 64), "mlp_ratio": v.get("mlp_ratio", 4.0),
@@ -404,7 +464,8 @@ def load_expert(manifest: Manifest, task: str, reference: dict[str, Tensor], pre
                 trust_pickle: bool = False) -> tuple[dict[str, Tensor], str, list[str]]:
     """(image-tower weights, sha256, notes) of the expert of ``task``, checked against ``reference`` shapes."""
     if task not in manifest.experts:
-        raise KeyError(f"manifest {manifest.path} has no expert for task {task!r} (it has {', '.join(manifest.experts)})")
+        raise NotFoundError(f"manifest {manifest.path} has no expert for task {task!r} (it has "
+                            f"{', '.join(manifest.experts)})")
     entry = manifest.experts[task]
     digest = verify(entry, f"expert {task}")
     fmt = _guess_format(entry.path) if entry.format == "auto" else entry.format

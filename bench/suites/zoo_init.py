@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from mergebench.errors import MergebenchError, MissingFileError
 from mergebench.suites import cards as cardlib
 from mergebench.suites import zoo
 
@@ -39,7 +40,7 @@ HF_BACKBONES = {"openai/clip-vit-base-patch32": "ViT-B-32", "openai/clip-vit-bas
 _PLAIN_PICKLE = ("torch", "collections", "builtins", "_codecs", "copyreg", "numpy")
 
 
-class InitError(ValueError):
+class InitError(MergebenchError, ValueError):
     """The folder does not say enough to write a manifest; the message says what to pass."""
 
 
@@ -393,7 +394,7 @@ def describe_hash(path) -> str:
     """``zoo hash``: the sha256 a manifest entry expects for ``path``, and how it is made for a folder."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     digest = zoo.sha256_of(path)
     if path.is_dir():
         n = sum(1 for p in path.rglob("*") if p.is_file())
