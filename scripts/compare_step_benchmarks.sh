@@ -34,7 +34,9 @@ for new in sorted(out.glob("new-*.json")):
     old = out / new.name.replace("new-", "old-")
     a, b = (json.loads(p.read_text())["benchmarks"][0]["extra_info"] for p in (old, new))
     name = new.stem[4:]
+    ratio = lambda x, y: f"{x / y:6.2f}" if y > 0 else "   inf"  # noqa: E731 - a step below the timer's noise
     print(f"{name:28s} {a['seconds_per_step']:10.3f} {b['seconds_per_step']:8.3f} "
-          f"{a['seconds_per_step'] / b['seconds_per_step']:6.2f} {a['setup_s']:9.1f} {b['setup_s']:7.1f} "
-          f"{a['projected_paper_s']:9.0f} {b['projected_paper_s']:8.0f} {a['projected_paper_s'] / b['projected_paper_s']:6.2f}")
+          f"{ratio(a['seconds_per_step'], b['seconds_per_step'])} {a['setup_s']:9.1f} {b['setup_s']:7.1f} "
+          f"{a['projected_paper_s']:9.0f} {b['projected_paper_s']:8.0f} "
+          f"{ratio(a['projected_paper_s'], b['projected_paper_s'])}")
 PY
