@@ -54,7 +54,7 @@ class SlurmQueue:
 
     @classmethod
     def classify(cls, state: str | None) -> str | None:
-        """"queued", "running", or None for a job that has ended (or that squeue does not know)."""
+        """``queued``, ``running``, or None for a job that has ended (or that squeue does not know)."""
         state = (state or "").upper()
         return "queued" if state in cls.QUEUED else "running" if state in cls.RUNNING else None
 
@@ -222,7 +222,9 @@ class SubmititExecutor:
         stderr = io.StringIO()  # submitit prints sbatch's stderr itself; it goes into the one-line error instead
         try:
             with contextlib.redirect_stderr(stderr):
-                return self.executor.map_array(run_job, [j.to_dict() for j in jobs])
+                submitted = self.executor.map_array(run_job, [j.to_dict() for j in jobs])
+            sys.stderr.write(stderr.getvalue())  # a warning of a submission that worked is shown as it was
+            return submitted
         except (UncompletedJobError, FailedSubmissionError, OSError, subprocess.SubprocessError) as e:
             # no pickles or submission files of a submission that does not exist
             for path in sorted(set(self.folder.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):

@@ -37,7 +37,7 @@ if tool == "sbatch":
     job, state["next"] = str(state["next"]), state["next"] + 1
     array = re.search(r"#SBATCH --array=0-(\d+)", script)
     for task in (range(int(array.group(1)) + 1) if array else [None]):
-        state["jobs"][job if task is None else f"{job}_{task}"] = "PENDING"
+        state["jobs"][job if task is None else f"{job}_{task}"] = os.environ.get("FAKE_SBATCH_STATE", "PENDING")
     save()
     print(f"Submitted batch job {job}")
 elif tool == "squeue":
@@ -131,6 +131,17 @@ def test_queued_and_requeued_jobs_are_not_submitted_again(fake_slurm, micro, res
         assert run_sweep(sweep, executor, log=_quiet) == []
     finally:
         del os.environ["FAKE_SQUEUE_ERROR"]
+
+
+def test_wait_returns_when_slurm_ends_a_job_without_a_result(fake_slurm, micro, results_dir, tmp_path, monkeypatch):
+    # without accounting (no sacct) submitit alone would wait forever for a cancelled job
+    monkeypatch.setenv("FAKE_SBATCH_STATE", "CANCELLED")
+    sweep = _sweep(results_dir)
+    outcomes = run_sweep(sweep, make_executor("slurm", folder=tmp_path / "submitit", wait=True, poll_s=0.05),
+                         log=_quiet)
+    assert [o.ok for o in outcomes] == [False, False]
+    assert "Slurm job 100_0 ended (CANCELLED) without a result" in outcomes[0].detail
+    assert [e["state"] for e in job_status(sweep.jobs())] == ["missing", "missing"]
 
 
 def test_slurm_queue_reads_squeue(fake_slurm):

@@ -105,7 +105,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-MinJobAge=300
+MinJobAge=900
 MailProg=/bin/true
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
@@ -124,14 +124,17 @@ start() {
     config
     local host
     host=$(hostname -s)
-    munged --foreground --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
+    # each daemon in its own session (setsid, which here does not fork: $! is the daemon's pid), so that a
+    # signal to the test's process group (Ctrl-C, make's timeout) leaves them to `stop`, which cancels the
+    # jobs first
+    setsid munged --foreground --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
         --pid-file="$DIR/munge/munged.daemon.pid" --log-file="$DIR/munge/munged.log" \
-        --seed-file="$DIR/munge/munged.seed" >"$DIR/munged.out" 2>&1 &
+        --seed-file="$DIR/munge/munged.seed" </dev/null >"$DIR/munged.out" 2>&1 &
     echo $! >"$DIR/munged.pid"
     wait_for 20 "munged's socket" test -S "$DIR/munge/munge.socket" || { logs; return 1; }
-    slurmctld -D -i -f "$SLURM_CONF" >"$DIR/slurmctld.out" 2>&1 &
+    setsid slurmctld -D -i -f "$SLURM_CONF" </dev/null >"$DIR/slurmctld.out" 2>&1 &
     echo $! >"$DIR/slurmctld.pid"
-    slurmd -D -N "$host" -f "$SLURM_CONF" >"$DIR/slurmd.out" 2>&1 &
+    setsid slurmd -D -N "$host" -f "$SLURM_CONF" </dev/null >"$DIR/slurmd.out" 2>&1 &
     echo $! >"$DIR/slurmd.pid"
     # bounded: the controller answers, then the node registers and is idle
     wait_for 60 "slurmctld to answer" scontrol ping || { logs; return 1; }
@@ -146,11 +149,10 @@ stop_daemons() {
     local quiet=${1:-}
     for d in slurmd slurmctld munged; do
         if alive "$DIR/$d.pid"; then
-            local pid
+            local pid t=0
             pid=$(cat "$DIR/$d.pid")
             kill -TERM "$pid" 2>/dev/null || true
-            local t=0
-            while kill -0 "$pid" 2>/dev/null && [ $t -lt 20 ]; do sleep 0.5; t=$((t + 1)); done
+            while kill -0 "$pid" 2>/dev/null && [ $t -lt 10 ]; do sleep 0.5; t=$((t + 1)); done
             if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
             [ -n "$quiet" ] || say "stopped $d (pid $pid)"
         fi
@@ -160,9 +162,14 @@ stop_daemons() {
 
 stop() {
     if alive "$DIR/slurmctld.pid"; then
-        # the jobs first, so that no job step outlives the daemons (bounded wait)
+        # the jobs first, so that no job step outlives the daemons (bounded waits)
         timeout 10 scancel --full --quiet --partition=debug 2>/dev/null || true
-        wait_for 20 "the jobs to end" queue_empty || true
+        if ! wait_for 15 "the jobs to end" queue_empty && alive "$DIR/slurmd.pid"; then
+            # still there: the job steps' processes, by the pids slurmd tracks for them
+            local pids
+            pids=$(timeout 10 scontrol listpids 2>/dev/null | awk 'NR > 1 && $1 ~ /^[0-9]+$/ {print $1}') || true
+            [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+        fi
     fi
     stop_daemons
 }
@@ -170,8 +177,12 @@ stop() {
 queue_empty() { [ -z "$(squeue -h -o %i 2>/dev/null)" ]; }
 
 logs() {
-    for f in "$DIR"/munged.out "$DIR"/munge/munged.log "$DIR"/slurmctld.out "$DIR"/slurmctld.log \
-        "$DIR"/slurmd.out "$DIR"/slurmd.log; do
+    # each daemon's log file, or what it printed when it did not get as far as opening one
+    local log out f
+    for pair in munge/munged.log:munged.out slurmctld.log:slurmctld.out slurmd.log:slurmd.out; do
+        log=$DIR/${pair%%:*} out=$DIR/${pair##*:}
+        f=$log
+        [ -s "$f" ] || f=$out
         [ -s "$f" ] || continue
         echo "----- $f (last 60 lines)" >&2
         tail -n 60 "$f" >&2

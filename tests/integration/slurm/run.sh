@@ -31,4 +31,5 @@ bash "$HERE/cluster.sh" install
 bash "$HERE/cluster.sh" start
 eval "$(bash "$HERE/cluster.sh" env)"
 export SLURM_CONF
-MERGEBENCH_SLURM=1 timeout -k 10 420 "$BIN/pytest" -q -p no:cacheprovider "$HERE"
+# --foreground: pytest stays in this process group, so a signal to the group (make's timeout) reaches it
+MERGEBENCH_SLURM=1 timeout --foreground -k 10 420 "$BIN/pytest" -q -p no:cacheprovider "$HERE"
