@@ -39,7 +39,7 @@ test: $(BIN)/.installed
 ## packages if missing, starts the daemons by hand (no systemd), runs tests/integration/slurm, stops them by pid.
 ## At most 10 minutes, installation included.
 test-slurm: $(BIN)/.installed
-	timeout -k 30 600 bash tests/integration/slurm/run.sh
+	timeout -k 60 600 bash tests/integration/slurm/run.sh
 
 ## pytest-benchmark measurements (speed, memory), run on demand; saved under .benchmarks/.
 bench: $(BIN)/.installed

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mergebench.records import load_records
+from mergebench.sweep import Sweep, job_status, summarize
 
 GATE_PROBE = '''
 import os, time
@@ -64,7 +65,11 @@ def _accuracies(results):
 
 
 @pytest.fixture
-def env(tmp_path, micro):
+def env(tmp_path, micro, monkeypatch):
+    """The gate probe as a plugin, here and in every process started from here (Slurm jobs inherit the
+    environment); heartbeats every second."""
+    from mergebench import registry
+
     root = tmp_path / "plugin"
     root.mkdir()
     (root / "slurm_probes.py").write_text(GATE_PROBE)
@@ -72,25 +77,45 @@ def env(tmp_path, micro):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: slurm-probes\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[mergebench.methods]\nslurm_probes = slurm_probes\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-               SLURM_TEST_GATE=str(tmp_path / "gate"), MERGEBENCH_HEARTBEAT_S="1")
-    return env
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("SLURM_TEST_GATE", str(tmp_path / "gate"))
+    monkeypatch.setenv("MERGEBENCH_HEARTBEAT_S", "1")
+    monkeypatch.delitem(sys.modules, "slurm_probes", raising=False)
+    registry.discover_plugins(force=True)
+    yield dict(os.environ)
+    registry.unregister_method("slurm_gate_probe")
 
 
-def _mergebench(env, *args, timeout=300):
+@pytest.fixture
+def cli(capsys):
+    """`mergebench ARGS` in this process (each new process would import torch again): (exit code, output)."""
+    from mergebench.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    return run
+
+
+def _cli_process(env, *args, timeout):
+    """`mergebench ARGS` as a process of its own, bounded."""
     proc = subprocess.run([sys.executable, "-m", "mergebench.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_sweep_on_slurm_resubmits_only_the_missing_job(slurm_cluster, env, tmp_path):
+def test_sweep_on_slurm_resubmits_only_the_missing_job(slurm_cluster, env, cli, tmp_path):
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(SWEEP)
     results, local = tmp_path / "slurm-results", tmp_path / "local-results"
     sweep = ["sweep", "--config", str(cfg), "--name", "ci", "--executor", "slurm", "--results", str(results)]
     status = ["status", "ci", "--results", str(results)]
     try:
-        code, out = _mergebench(env, *sweep)
+        code, out = cli(*sweep)
         assert code == 0, out
         m = re.search(r"submitted 3 jobs \(queued\): (\d+)_0 \1_1 \1_2", out)
         assert m, out
@@ -109,7 +134,7 @@ def test_sweep_on_slurm_resubmits_only_the_missing_job(slurm_cluster, env, tmp_p
         path, first = _wait_until("the first job's worker to start", worker_marker, 120)
         assert first["scheduler"] == "slurm" and first["job_id"] == f"{array}_0", first
         _wait_until("a heartbeat", lambda: json.loads(path.read_text())["heartbeat"] > first["heartbeat"], 30)
-        code, out = _mergebench(env, *status)
+        code, out = cli(*status)
         assert code == 1 and "0 done, 2 queued, 1 running, 0 failed, 0 missing" in out, out
 
         # cancel the last task while it waits (the array runs one task at a time)
@@ -117,11 +142,11 @@ def test_sweep_on_slurm_resubmits_only_the_missing_job(slurm_cluster, env, tmp_p
         subprocess.run(["scancel", f"{array}_2"], check=True, timeout=30)
         _wait_until("the cancelled task to leave the queue",
                     lambda: _squeue().get(f"{array}_2") in (None, "CANCELLED"), 30)
-        code, out = _mergebench(env, *status)
+        code, out = cli(*status)
         assert "2 queued" not in out and "1 missing" in out and "no longer in the queue" in out, out
 
         # re-run with --wait: only the cancelled job is submitted; it runs beside the gate probe and is waited for
-        code, out = _mergebench(env, *sweep, "--wait", timeout=240)
+        code, out = _cli_process(env, *sweep, "--wait", timeout=300)
         assert code == 0, out
         assert "3 jobs; 2 done, queued or running; running 1" in out, out
         resubmitted = re.search(r"submitted 1 job \(slurm\): (\d+);", out)
@@ -129,15 +154,18 @@ def test_sweep_on_slurm_resubmits_only_the_missing_job(slurm_cluster, env, tmp_p
         assert set(_squeue()) == {f"{array}_0", f"{array}_1", resubmitted.group(1)}, "no duplicate was submitted"
 
         Path(env["SLURM_TEST_GATE"]).write_text("")
-        _wait_until("every job to be done", lambda: _mergebench(env, *status)[0] == 0, 240, poll_s=2)
-        code, out = _mergebench(env, *sweep)
+        jobs = Sweep.load("ci", results).jobs(build=False)
+        _wait_until("every job to be done", lambda: summarize(job_status(jobs))["done"] == 3, 240, poll_s=1)
+        code, out = cli(*status)
+        assert code == 0 and "3 done" in out, out
+        code, out = cli(*sweep)
         assert code == 0 and "running 0" in out and "submitted" not in out, out
         assert len(_squeue()) == 3 and not list(marker_dir.glob("*.lock"))
 
         # the same sweep in local processes: the same jobs, the same numbers
         local_sweep = ["sweep", "--config", str(cfg), "--name", "ci", "--executor", "local", "--jobs", "2",
                        "--results", str(local)]
-        code, out = _mergebench(env, *local_sweep)
+        code, out = cli(*local_sweep)
         assert code == 0, out
         on_slurm, on_local = _accuracies(results), _accuracies(local)
         assert len(on_slurm) == 3 and all(v[0] == "ok" for v in on_slurm.values()), on_slurm
