@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-sequential demo-lora test bench leaderboard docs clean-venv
+.PHONY: demo demo-sequential demo-lora test test-slurm bench leaderboard docs clean-venv
 
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
@@ -34,6 +34,12 @@ demo-lora: $(BIN)/.installed
 ## Run the test suite (micro configuration; minutes on 2 cores).
 test: $(BIN)/.installed
 	$(BIN)/pytest -q
+
+## Sweeps on a real single-node Slurm cluster (root, Debian): installs slurmctld, slurmd and munge from Debian's
+## packages if missing, starts the daemons by hand (no systemd), runs tests/integration/slurm, stops them by pid.
+## At most 10 minutes, installation included.
+test-slurm: $(BIN)/.installed
+	timeout -k 60 600 bash tests/integration/slurm/run.sh
 
 ## pytest-benchmark measurements (speed, memory), run on demand; saved under .benchmarks/.
 bench: $(BIN)/.installed

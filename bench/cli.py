@@ -306,10 +306,16 @@ def cmd_sweep(args) -> int:
     except ValueError as e:  # e.g. no Slurm on this machine
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_sweep(sweep, executor, dry_run=args.dry_run)
+    run_sweep(sweep, executor, dry_run=args.dry_run)  # a refused submission: one line (SubmissionError), exit 2
+    if args.dry_run:
+        return 0
     status = job_status(sweep.jobs(build=False))
     print(render_status(sweep, status))
     counts = summarize(status)
+    if counts["queued"] or counts["running"]:
+        print(f"follow them with `mergebench status {sweep.name}`; running the sweep again submits only the "
+              f"missing and failed jobs")
+    # queued and running jobs are a successful submission; failed or missing ones are not
     return 0 if counts["failed"] == counts["missing"] == 0 else 1
 
 
@@ -497,13 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", choices=["local", "slurm", "submitit-local"], help="default local")
     s.add_argument("--jobs", type=int, help="local: processes at a time")
     s.add_argument("--partition", dest="slurm_partition", help="slurm partition")
-    s.add_argument("--gpus", dest="slurm_gpus", type=int, help="slurm: GPUs per job (default 1)")
+    s.add_argument("--gpus", dest="slurm_gpus", type=int, help="slurm: GPUs per job (default: none)")
     s.add_argument("--time", dest="slurm_time", type=int, help="slurm: minutes per job (default 60)")
     s.add_argument("--mem", dest="slurm_mem", help="slurm: memory per job, e.g. 32GB")
     s.add_argument("--cpus", dest="slurm_cpus", type=int, help="slurm: CPUs per job")
     s.add_argument("--account", dest="slurm_account", help="slurm account")
     s.add_argument("--wait", action="store_true", help="slurm: wait for the jobs to finish")
-    s.add_argument("--dry-run", action="store_true", help="list the jobs that would run")
+    s.add_argument("--dry-run", action="store_true", help="list the jobs that would run; writes nothing")
     s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
     s.add_argument("--device", default="auto")
     s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS", help="per-job merge time limit")

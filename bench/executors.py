@@ -4,15 +4,19 @@
   (``python -m mergebench.executors JOB_JSON``), at most N at a time. A worker that crashes or
   is killed is reported and the others go on.
 - :class:`SubmititExecutor` (``--executor slurm``): one submitit job array on a Slurm cluster,
-  with partition, GPUs, time and memory from the command line or the sweep's YAML config
-  (``slurm:`` section). ``cluster="local"`` uses ``submitit.LocalExecutor`` on this machine, so
-  the same submission path runs in CI (``--executor submitit-local``).
+  with partition, GPUs (none unless asked), time and memory from the command line or the sweep's
+  YAML config (``slurm:`` section). Each submitted job gets a marker naming its Slurm job id, so
+  a re-run asks :class:`SlurmQueue` (``squeue``, no accounting database needed) before treating it
+  as missing. ``cluster="local"`` uses ``submitit.LocalExecutor`` on this machine, so the same
+  submission path runs in the tests (``--executor submitit-local``).
 
 Every executor calls :func:`mergebench.sweep.run_job`, which writes the job's record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -21,9 +25,63 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergebench.sweep import Job
+from mergebench.errors import MergebenchError
+from mergebench.sweep import Job, write_submitted_markers
 
 EXECUTORS = ("local", "slurm", "submitit-local")
+
+
+class SchedulerError(RuntimeError):
+    """The scheduler could not be asked (``squeue`` missing, failing or not answering)."""
+
+
+class SubmissionError(MergebenchError, RuntimeError):
+    """A submission failed (e.g. sbatch refused it); the message is one line, and nothing was left behind."""
+
+
+class SlurmQueue:
+    """What ``squeue`` says about Slurm jobs. Needs no accounting database (``sacct`` is not used)."""
+
+    # states of a job that will still run: not to be submitted again
+    QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"})
+    RUNNING = frozenset({"CONFIGURING", "RUNNING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT",
+                         "SUSPENDED", "STOPPED"})
+    # anything else (COMPLETED, CANCELLED, FAILED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, PREEMPTED, BOOT_FAIL,
+    # DEADLINE, REVOKED) has ended, and a job squeue no longer lists has ended too
+
+    def __init__(self, command: str = "squeue", timeout_s: float = 60.0):
+        self.command, self.timeout_s = command, timeout_s
+
+    @classmethod
+    def classify(cls, state: str | None) -> str | None:
+        """``queued``, ``running``, or None for a job that has ended (or that squeue does not know)."""
+        state = (state or "").upper()
+        return "queued" if state in cls.QUEUED else "running" if state in cls.RUNNING else None
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        """``{job_id: STATE}`` for the jobs squeue lists (array tasks as ``ARRAYID_TASK``); unlisted ones ended."""
+        bases = sorted({str(j).split("_")[0] for j in job_ids})
+        if not bases:
+            return {}
+        cmd = [self.command, "--noheader", "--array", "--states=all", f"--jobs={','.join(bases)}",
+               "--format=%i|%T"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
+        except FileNotFoundError:
+            raise SchedulerError(f"{self.command} not found (not on a Slurm login node?)") from None
+        except subprocess.TimeoutExpired:
+            raise SchedulerError(f"{self.command} did not answer within {self.timeout_s:.0f} s") from None
+        if proc.returncode != 0:
+            if "Invalid job id" in proc.stderr:  # squeue says this when it knows none of them
+                return {}
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            raise SchedulerError(f"{self.command} exited with {proc.returncode}: {lines[-1] if lines else '?'}")
+        out = {}
+        for line in proc.stdout.splitlines():
+            job_id, _, state = line.strip().partition("|")
+            if job_id and state:
+                out[job_id] = state.split()[0].upper()  # "CANCELLED by 0" -> CANCELLED
+        return out
 
 
 @dataclass
@@ -84,7 +142,7 @@ class SlurmOptions:
     """Resources of each array task (command line: --partition --gpus --time --mem --cpus)."""
 
     partition: str | None = None
-    gpus: int = 1
+    gpus: int | None = None        # GPUs per job; none unless asked (a CPU partition refuses a GPU request)
     time: int = 60                 # minutes
     mem: str | None = None         # e.g. "32GB"
     cpus: int | None = None
@@ -111,7 +169,9 @@ class SlurmOptions:
 
     def submitit_parameters(self) -> dict:
         """The parameters of ``submitit.SlurmExecutor.update_parameters``."""
-        params = {"time": int(self.time), "gpus_per_node": int(self.gpus), "array_parallelism": int(self.array_parallelism)}
+        params = {"time": int(self.time), "array_parallelism": int(self.array_parallelism)}
+        if self.gpus:
+            params["gpus_per_node"] = int(self.gpus)
         for key in ("partition", "mem", "account", "qos"):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
@@ -128,10 +188,11 @@ class SubmititExecutor:
     """A submitit job array: Slurm (``cluster="slurm"``) or this machine (``cluster="local"``)."""
 
     def __init__(self, folder: str | os.PathLike, cluster: str = "slurm", options: SlurmOptions | None = None,
-                 wait: bool | None = None):
+                 wait: bool | None = None, poll_s: float = 5.0, queue: SlurmQueue | None = None):
         import submitit
 
         self.cluster, self.options = cluster, options or SlurmOptions()
+        self.poll_s, self.queue = poll_s, queue or (SlurmQueue() if cluster == "slurm" else None)
         self.folder = Path(folder)
         self.wait = (cluster == "local") if wait is None else wait
         if cluster == "slurm":
@@ -146,44 +207,134 @@ class SubmititExecutor:
 
             self.executor = submitit.LocalExecutor(folder=self.folder)
             self.executor.update_parameters(timeout_min=int(self.options.time),
-                                            gpus_per_node=min(self.options.gpus, torch.cuda.device_count()))
+                                            gpus_per_node=min(self.options.gpus or 0, torch.cuda.device_count()))
         else:
             raise ValueError(f"unknown submitit cluster {cluster!r}; use 'slurm' or 'local'")
 
-    def run(self, jobs: list[Job], log=print) -> list[Outcome]:
+    def _submit(self, jobs: list[Job]) -> list:
+        """``map_array`` with sbatch's errors as one line, and the folder as it was when it fails."""
+        from submitit.core.utils import FailedSubmissionError, UncompletedJobError
+
         from mergebench.sweep import run_job
 
+        before = set(self.folder.rglob("*")) if self.folder.exists() else set()
+        existed = self.folder.exists()
+        stderr = io.StringIO()  # submitit prints sbatch's stderr itself; it goes into the one-line error instead
+        try:
+            with contextlib.redirect_stderr(stderr):
+                submitted = self.executor.map_array(run_job, [j.to_dict() for j in jobs])
+            sys.stderr.write(stderr.getvalue())  # a warning of a submission that worked is shown as it was
+            return submitted
+        except (UncompletedJobError, FailedSubmissionError, OSError, subprocess.SubprocessError) as e:
+            # no pickles or submission files of a submission that does not exist
+            for path in sorted(set(self.folder.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not path.is_symlink():
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
+                else:
+                    path.unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+            text = "\n".join([str(e), stderr.getvalue()])
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            errors = list(dict.fromkeys(ln for ln in lines if "error" in ln.lower())) or lines[-1:] or ["?"]
+            hint = ""
+            if self.options.gpus and any("gres" in ln.lower() or "gpu" in ln.lower() for ln in errors):
+                hint = f" (asked for --gpus {self.options.gpus}: drop it, or pick a partition with GPUs)"
+            raise SubmissionError(f"{self.cluster} submission of {_n_jobs(len(jobs))} failed: "
+                                  f"{'; '.join(errors)}{hint}") from None
+
+    def run(self, jobs: list[Job], log=print) -> list[Outcome]:
         if not jobs:
             return []
-        submitted = self.executor.map_array(run_job, [j.to_dict() for j in jobs])
-        log(f"submitted {len(submitted)} jobs ({self.cluster}): "
-            + ", ".join(sorted({str(s.job_id).split('_')[0] for s in submitted})))
+        submitted = self._submit(jobs)
+        ids = [str(s.job_id) for s in submitted]
+        if self.cluster == "slurm":  # a re-run asks squeue about these before counting them as missing
+            write_submitted_markers(jobs, ids, "slurm")
         if not self.wait:
-            log("not waiting; follow them with `mergebench status`")
-            return [Outcome(j, True, f"submitted as {s.job_id}") for j, s in zip(jobs, submitted)]
+            log(f"submitted {_n_jobs(len(submitted))} (queued): {_id_summary(ids)}")
+            return [Outcome(j, True, f"submitted as {i}") for j, i in zip(jobs, ids)]
+        log(f"submitted {_n_jobs(len(submitted))} ({self.cluster}): {_id_summary(ids)}; waiting for them")
+        return self._collect(jobs, submitted, log)
+
+    def _collect(self, jobs: list[Job], submitted: list, log) -> list[Outcome]:
+        """Wait until every job has ended: its result is there, or (Slurm) squeue no longer runs it. Without
+        accounting, submitit cannot tell a cancelled job from a running one, so squeue is asked here."""
+        left = list(zip(jobs, submitted))
+        ended_at: dict[str, float] = {}
         outcomes = []
-        for job, sub in zip(jobs, submitted):
-            try:
-                result = sub.result()
-                outcome = Outcome(job, True, json.dumps(result))
-            except Exception as e:  # the worker crashed or was killed: report it, keep collecting
-                lines = str(e).strip().splitlines()
-                outcome = Outcome(job, False, f"{type(e).__name__}: {lines[-1] if lines else ''} "
-                                              f"(logs: {sub.paths.stderr})")
-            log(f"{'done  ' if outcome.ok else 'ERROR '} {_job_tag(job)}: {outcome.detail}")
-            outcomes.append(outcome)
+        while left:
+            states, state_error = None, None
+            if self.queue is not None:
+                try:
+                    states = self.queue.states([str(s.job_id) for _, s in left])
+                except SchedulerError as e:
+                    state_error = str(e)
+            for job, sub in list(left):
+                job_id = str(sub.job_id)
+                if sub.paths.result_pickle.exists():
+                    outcome = self._result(job, sub)
+                elif states is not None and SlurmQueue.classify(states.get(job_id)) is None:
+                    # ended without a result: give the file system a few seconds to show one
+                    if time.monotonic() - ended_at.setdefault(job_id, time.monotonic()) < 3 * self.poll_s:
+                        continue
+                    how = states.get(job_id, "no longer in the queue")
+                    outcome = Outcome(job, False, f"Slurm job {job_id} ended ({how}) without a result "
+                                                  f"(logs: {sub.paths.stderr})")
+                elif self.queue is None and sub.done():
+                    outcome = self._result(job, sub)
+                else:
+                    continue
+                left.remove((job, sub))
+                log(f"{'done  ' if outcome.ok else 'ERROR '} {_job_tag(job)}: {outcome.detail}")
+                outcomes.append(outcome)
+            if left:
+                if state_error:
+                    log(f"waiting: {state_error}")
+                time.sleep(self.poll_s)
         return outcomes
+
+    @staticmethod
+    def _result(job: Job, sub) -> Outcome:
+        try:
+            return Outcome(job, True, json.dumps(sub.result()))
+        except Exception as e:  # the worker crashed or was killed: report it, keep collecting
+            lines = str(e).strip().splitlines()
+            return Outcome(job, False, f"{type(e).__name__}: {lines[-1] if lines else ''} "
+                                       f"(logs: {sub.paths.stderr})")
+
+
+def _n_jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
+
+
+def _id_summary(ids: list[str]) -> str:
+    """The job ids of a submission: all of them when few, else in Slurm's array notation (``12_[0-99]``)."""
+    if len(ids) <= 8:
+        return " ".join(ids)
+    tasks: dict[str, list[int]] = {}
+    singles = []
+    for job_id in ids:
+        base, _, task = job_id.partition("_")
+        if task.isdigit():
+            tasks.setdefault(base, []).append(int(task))
+        else:
+            singles.append(job_id)
+    ranges = [f"{base}_[{min(t)}-{max(t)}]" if sorted(t) == list(range(min(t), max(t) + 1))
+              else f"{base}_[{','.join(map(str, sorted(t)))}]" for base, t in tasks.items()]
+    return " ".join(ranges + singles)
 
 
 def make_executor(kind: str, jobs: int = 1, folder: str | os.PathLike = "results/sweeps/submitit",
-                  slurm: SlurmOptions | dict | None = None, wait: bool | None = None):
+                  slurm: SlurmOptions | dict | None = None, wait: bool | None = None, poll_s: float = 5.0):
     if kind == "local":
         return LocalExecutor(jobs)
     opts = slurm if isinstance(slurm, SlurmOptions) else SlurmOptions.from_dict(slurm)
     if kind == "slurm":
-        return SubmititExecutor(folder, "slurm", opts, wait)
+        return SubmititExecutor(folder, "slurm", opts, wait, poll_s)
     if kind == "submitit-local":
-        return SubmititExecutor(folder, "local", opts, wait)
+        return SubmititExecutor(folder, "local", opts, wait, min(poll_s, 1.0))
     raise ValueError(f"unknown executor {kind!r}; use one of {', '.join(EXECUTORS)}")
 
 

@@ -1,15 +1,27 @@
 """Sweeps: methods x suites (backbones) x seeds x hyperparameter grid, as independent jobs.
 
 Each job is one ``run_method`` call that writes its own record, so a sweep needs no shared
-state: its status is read back from the records. A sweep is saved as a manifest
-(``RESULTS/sweeps/NAME.yaml``); ``mergebench status NAME`` reports every job as
+state: its status is read back from the records, the job markers and the scheduler. A sweep is
+saved as a manifest (``RESULTS/sweeps/NAME.yaml``); ``mergebench status NAME`` reports every job as
 
 - ``done``: an ok record with the job's config hash exists;
+- ``queued``: submitted to Slurm and waiting there (pending, or requeued and pending again);
+- ``running``: a live worker holds the job (see below);
 - ``failed``: only a failed record exists (its error is shown);
-- ``running``: a worker holds the job's marker (``RESULTS/SUITE/.running/HASH.lock``) and,
-  when it runs on this host, its process is alive;
 - ``missing``: nothing yet, or the worker died before writing (a killed worker leaves no
-  record, only a stale marker).
+  record, only a marker that no live worker holds).
+
+The marker (``RESULTS/SUITE/.running/HASH.lock``, JSON) says who holds a job. The Slurm executor
+writes one per job at submission (``scheduler``, ``job_id``); the worker replaces it when it
+starts (``pid``, ``host``, the Slurm job id if any) and rewrites its ``heartbeat`` time every
+``heartbeat_s`` seconds (``MERGEBENCH_HEARTBEAT_S``, default 30) until it removes the marker.
+A job whose marker names a Slurm job is whatever ``squeue`` says that job is (pending or requeued:
+``queued``; running: ``running``; finished, cancelled or no longer known: the worker is gone);
+when ``squeue`` cannot answer, or the marker names no Slurm job, the worker is live if its
+process exists (same host) and its heartbeat is at most ``STALE_BEATS`` (10) intervals old
+(5 minutes by default). So a worker killed with -9, out of memory or with its node leaves a
+job that reads ``missing`` (at once on the same host, else once Slurm drops the job or the
+heartbeat is stale), and a queued or requeued job is never submitted twice.
 
 Running the same sweep again submits only the ``missing`` and ``failed`` jobs.
 """
@@ -20,6 +32,8 @@ import itertools
 import json
 import os
 import socket
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,8 +43,21 @@ from mergebench.errors import InputError
 from mergebench.io import atomic_write_text, safe_name
 from mergebench.registry import HyperparameterError
 
-STATES = ("done", "running", "failed", "missing")
+STATES = ("done", "queued", "running", "failed", "missing")
+STALE_BEATS = 10  # a worker's marker is stale after this many heartbeat intervals without a beat
 _KEYS = {"methods", "suites", "seeds", "grid", "results_dir", "device", "time_limit_s", "name"}
+
+
+def heartbeat_s() -> float:
+    """Seconds between a worker's heartbeats (``MERGEBENCH_HEARTBEAT_S``, default 30)."""
+    value = os.environ.get("MERGEBENCH_HEARTBEAT_S", "30")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise InputError(f"MERGEBENCH_HEARTBEAT_S={value!r}: give a positive number of seconds (default 30)")
+    return seconds
 
 
 class SweepFileError(InputError):
@@ -188,7 +215,7 @@ class Sweep:
         return cls(**data), executor
 
 
-# ------------------------------------------------------------ status
+# ------------------------------------------------------------ markers and status
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -199,8 +226,82 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def job_status(jobs: list[Job]) -> list[dict]:
-    """``[{job, state, error?, note?}]`` from the records and the running markers."""
+def read_marker(job: Job) -> dict | None:
+    """The job's marker as a dict: None when there is none, {} when it cannot be read (nobody holds it)."""
+    path = job.marker()
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    if "pid" in info and "heartbeat" not in info:  # written before markers had heartbeats: the file's time
+        try:
+            info["heartbeat"] = path.stat().st_mtime
+        except OSError:
+            pass
+    return info
+
+
+def write_submitted_markers(jobs: list[Job], job_ids: list[str], scheduler: str = "slurm") -> None:
+    """Mark jobs as held by the scheduler's jobs ``job_ids`` (written right after a submission)."""
+    host, now = socket.gethostname(), time.time()
+    for job, job_id in zip(jobs, job_ids):
+        atomic_write_text(job.marker(), json.dumps({"scheduler": scheduler, "job_id": str(job_id), "host": host,
+                                                    "submitted": now, "pipeline": job.pipeline,
+                                                    "seed": job.seed}))
+
+
+def _holder(info: dict, sched: dict | None, sched_error: str | None, now: float) -> tuple[str | None, str]:
+    """Who holds a job, from its marker: ("queued" | "running", note), or (None, why nobody does)."""
+    from mergebench.executors import SlurmQueue
+
+    job_id = info.get("job_id") if info.get("scheduler") == "slurm" else None
+    pid, host = info.get("pid"), info.get("host")
+    if pid is not None and not isinstance(pid, int):
+        return None, f"a marker with an unreadable pid {pid!r} (no live worker holds the job)"
+    local_dead = pid is not None and host == socket.gethostname() and not _alive(pid)
+    if job_id and sched is not None:
+        # the scheduler knows best: a requeued job whose worker died is queued again, not missing
+        state = sched.get(str(job_id))
+        kind = SlurmQueue.classify(state)
+        if kind == "queued" or (kind == "running" and not local_dead):
+            return kind, f"Slurm job {job_id} {state}" + (f", pid {pid} on {host}" if kind == "running" and pid else "")
+        if not local_dead:
+            if state is None:
+                return None, f"Slurm job {job_id} is no longer in the queue and wrote no record (cancelled or killed?)"
+            return None, f"Slurm job {job_id} ended ({state}) without writing a record"
+    # no word from the scheduler: the worker's process and heartbeat
+    if pid is None:
+        why = "an unreadable marker (no live worker holds the job)"
+    elif local_dead:
+        why = f"worker pid {pid} on {host} died before writing a record (killed?)"
+    else:
+        try:
+            interval, beat = float(info.get("heartbeat_s") or heartbeat_s()), float(info["heartbeat"])
+        except (KeyError, TypeError, ValueError):
+            interval, beat = 0.0, None
+        age, stale = (now - beat if beat is not None else None), STALE_BEATS * interval
+        if age is None:
+            why = f"worker pid {pid} on {host}: the marker has no heartbeat"
+        elif age > stale:
+            why = f"worker pid {pid} on {host}: no heartbeat for {age:.0f} s (stale after {stale:.0f} s); killed?"
+        else:
+            return "running", f"pid {pid} on {host}" + (f" (Slurm job {job_id}; squeue: {sched_error})"
+                                                         if job_id else "")
+    if job_id and sched is None:  # Slurm may still hold it (pending, or requeued): not resubmitted until squeue tells
+        return "queued", f"Slurm job {job_id}, not checked (squeue: {sched_error})" + (f"; {why}" if pid else "")
+    return None, why
+
+
+def job_status(jobs: list[Job], queue=None) -> list[dict]:
+    """``[{job, state, error?, note?}]`` from the records, the markers and (for Slurm jobs) ``squeue``.
+
+    ``queue`` answers ``states(job_ids) -> {job_id: STATE}`` (default: :class:`mergebench.executors.SlurmQueue`,
+    asked only when a marker names a Slurm job, once for all of them).
+    """
     from mergebench.records import load_records
 
     by_hash: dict[tuple, dict] = {}
@@ -209,28 +310,33 @@ def job_status(jobs: list[Job]) -> list[dict]:
             key = (results_dir, suite, rec.get("config_hash"))
             if key not in by_hash or rec.get("status") == "ok":
                 by_hash[key] = rec
+    records = [by_hash.get((j.results_dir, j.suite, j.config_hash)) for j in jobs]
+    markers = [None if rec is not None and rec.get("status") == "ok" else read_marker(job)
+               for job, rec in zip(jobs, records)]
+    slurm_ids = sorted({str(m["job_id"]) for m in markers if m and m.get("scheduler") == "slurm" and m.get("job_id")})
+    sched, sched_error = None, None
+    if slurm_ids:
+        from mergebench.executors import SchedulerError, SlurmQueue
+
+        try:
+            sched = (queue or SlurmQueue()).states(slurm_ids)
+        except SchedulerError as e:
+            sched_error = str(e)
+    now = time.time()
     out = []
-    for job in jobs:
-        rec = by_hash.get((job.results_dir, job.suite, job.config_hash))
+    for job, rec, info in zip(jobs, records, markers):
         entry = {"job": job}
+        holder, why = (None, "") if not info else _holder(info, sched, sched_error, now)
         if rec is not None and rec.get("status") == "ok":
             entry["state"] = "done"
+        elif holder is not None:
+            entry["state"], entry["note"] = holder, why
+        elif rec is not None:
+            entry["state"], entry["error"] = "failed", rec.get("error", "?")
         else:
-            marker = job.marker()
-            info = None
-            if marker.exists():
-                try:
-                    info = json.loads(marker.read_text())
-                except (OSError, ValueError):
-                    info = None
-            if info and (info.get("host") != socket.gethostname() or _alive(int(info.get("pid", -1)))):
-                entry["state"], entry["note"] = "running", f"pid {info.get('pid')} on {info.get('host')}"
-            elif rec is not None:
-                entry["state"], entry["error"] = "failed", rec.get("error", "?")
-            else:
-                entry["state"] = "missing"
-                if info:
-                    entry["note"] = f"worker pid {info.get('pid')} died before writing a record (killed?)"
+            entry["state"] = "missing"
+            if why:
+                entry["note"] = why
         out.append(entry)
     return out
 
@@ -242,9 +348,9 @@ def summarize(status: list[dict]) -> dict[str, int]:
     return counts
 
 
-def pending(jobs: list[Job]) -> list[Job]:
-    """The jobs to (re)submit: missing or failed (done and running ones are left alone)."""
-    return [e["job"] for e in job_status(jobs) if e["state"] in ("missing", "failed")]
+def pending(jobs: list[Job], queue=None) -> list[Job]:
+    """The jobs to (re)submit: missing or failed (done, queued and running ones are left alone)."""
+    return [e["job"] for e in job_status(jobs, queue) if e["state"] in ("missing", "failed")]
 
 
 def render_status(sweep: Sweep, status: list[dict], verbose: bool = False) -> str:
@@ -260,12 +366,51 @@ def render_status(sweep: Sweep, status: list[dict], verbose: bool = False) -> st
 
 
 # ------------------------------------------------------------ the worker
+class _Heartbeat:
+    """Holds the job's marker while the worker runs: writes it, rewrites its heartbeat every ``interval``
+    seconds from a thread, removes it at the end (the thread stopped first, so it cannot write it again)."""
+
+    def __init__(self, job: Job, interval: float):
+        self.path, self.interval, self._stop = job.marker(), interval, threading.Event()
+        now = time.time()
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "pipeline": job.pipeline, "seed": job.seed,
+                     "started": now, "heartbeat": now, "heartbeat_s": interval}
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and os.environ.get("SLURM_JOB_ID"):
+            # a Slurm job submitted by the sweep: the id that `squeue` knows (array task or single job)
+            array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+            self.info.update(scheduler="slurm", job_id=f"{array}_{task}" if array and task else
+                             os.environ["SLURM_JOB_ID"])
+        self._thread = threading.Thread(target=self._beat, name="mergebench-heartbeat", daemon=True)
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.info))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.info["heartbeat"] = time.time()
+            try:
+                self._write()
+            except OSError:  # a full or unreachable results folder: try again at the next beat
+                pass
+
+    def __enter__(self):
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+        return False
+
+
 def run_job(job: Job | dict) -> dict:
     """Run one job in this process (what every executor calls); returns a short summary.
 
-    A marker file says which process holds the job while it runs; the record itself is
-    written atomically by ``run_method``, so a worker killed at any point leaves no partial
-    record and the job reads as ``missing``.
+    The job's marker says which process holds the job while it runs, with a heartbeat; the
+    record itself is written atomically by ``run_method``, so a worker killed at any point
+    leaves no partial record and the job reads as ``missing``.
     """
     from mergebench.limits import reserve_threads
     from mergebench.run import run_method
@@ -274,15 +419,10 @@ def run_job(job: Job | dict) -> dict:
     job = Job.from_dict(job) if isinstance(job, dict) else job
     if job.time_limit_s:  # the merge runs in a forked child: it gets this worker's threads (mergebench.limits)
         reserve_threads()
-    marker = job.marker()
-    atomic_write_text(marker, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                          "pipeline": job.pipeline, "seed": job.seed}))
-    try:
+    with _Heartbeat(job, heartbeat_s()):
         suite = get_suite(job.suite, build=False, verbose=False)
         rec = run_method(job.pipeline, suite, results_dir=job.results_dir, seed=job.seed, device=job.device,
                          time_limit_s=job.time_limit_s, show_progress=False)
-    finally:
-        marker.unlink(missing_ok=True)
     if rec["config_hash"] != job.config_hash:
         raise RuntimeError(f"job {job.pipeline} seed {job.seed}: the suite changed since the sweep was planned "
                            f"(config hash {rec['config_hash']} != {job.config_hash}); run the sweep again")
@@ -291,14 +431,15 @@ def run_job(job: Job | dict) -> dict:
 
 
 def run_sweep(sweep: Sweep, executor, log=print, dry_run: bool = False) -> list:
-    """Save the manifest, then submit every job that is missing or failed; returns the executors' outcomes."""
-    jobs = sweep.jobs()
-    sweep.save()
+    """Submit every job that is missing or failed (queued and running ones are not submitted again) and
+    save the manifest; returns the executors' outcomes. ``dry_run`` lists the jobs and writes nothing."""
+    jobs = sweep.jobs(build=not dry_run)
     todo = pending(jobs)
-    log(f"sweep {sweep.name}: {len(jobs)} jobs; {len(jobs) - len(todo)} done or running; "
+    log(f"sweep {sweep.name}: {len(jobs)} jobs; {len(jobs) - len(todo)} done, queued or running; "
         f"{'would run' if dry_run else 'running'} {len(todo)}")
     if dry_run:
         for job in todo:
             log(f"  {job.suite}  {job.pipeline}  seed {job.seed}")
         return []
+    sweep.save()
     return executor.run(todo, log)

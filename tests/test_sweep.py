@@ -62,7 +62,7 @@ def test_grid_expansion_and_errors(micro, results_dir):
     assert "task_arithmetic(scaling=0.2)" in calls and "weight_averaging" in calls
     jobs = sweep.jobs()
     assert len(jobs) == len(calls) * 2 and len({j.config_hash for j in jobs}) == len(jobs)
-    assert summarize(job_status(jobs)) == {"done": 0, "running": 0, "failed": 0, "missing": len(jobs)}
+    assert summarize(job_status(jobs)) == {"done": 0, "queued": 0, "running": 0, "failed": 0, "missing": len(jobs)}
     with pytest.raises(HyperparameterError, match="scalling.*did you mean: scaling"):
         Sweep(["task_arithmetic"], suites=["micro"], grid={"scalling": [1]}).calls()
     with pytest.raises(registry.UnknownMethodError, match="did you mean"):
@@ -88,7 +88,7 @@ def test_local_sweep_survives_failure_and_killed_worker_then_resumes(probes, mic
     again = Sweep.load("faults", results_dir)
     assert [j.pipeline.split("(")[0] for j in pending(again.jobs())] == ["sweep_raise_probe", "sweep_kill_probe"]
     assert len(run_sweep(again, LocalExecutor(jobs=2), log=lambda *a: None)) == 2
-    assert summarize(job_status(again.jobs())) == {"done": 1, "running": 0, "failed": 1, "missing": 0}
+    assert summarize(job_status(again.jobs())) == {"done": 1, "queued": 0, "running": 0, "failed": 1, "missing": 0}
     assert [j.pipeline for j in pending(again.jobs())] == ["sweep_raise_probe"], "done jobs are not rerun"
 
 
@@ -98,7 +98,7 @@ def test_cli_status_reports_the_sweep(probes, micro, results_dir, capsys):
     Sweep(["task_arithmetic", "sweep_raise_probe"], suites=["micro"], results_dir=str(results_dir), name="st").save()
     assert main(["status", "st", "--results", str(results_dir)]) == 1
     out = capsys.readouterr().out
-    assert "2 jobs: 0 done, 0 running, 0 failed, 2 missing" in out and "sweep_raise_probe" in out
+    assert "2 jobs: 0 done, 0 queued, 0 running, 0 failed, 2 missing" in out and "sweep_raise_probe" in out
     assert main(["status", "nope", "--results", str(results_dir)]) == 2
     assert "no sweep 'nope'" in capsys.readouterr().err
 
