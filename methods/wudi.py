@@ -64,14 +64,14 @@ def wudi_optimize(start: torch.Tensor, s_mat: torch.Tensor, p_mat: torch.Tensor,
     one [out, in] x [in, in] product per step. Returns the result and the loss per step."""
     merged = torch.nn.Parameter(start.clone())
     opt = torch.optim.Adam([merged], lr=lr, weight_decay=0.0)
-    losses = []
+    losses = torch.empty(steps, dtype=torch.float64, device=start.device)   # read once: no sync per step
     with torch.no_grad():
-        for _ in range(steps):
+        for i in range(steps):
             ms = merged @ s_mat
-            losses.append(((ms * merged).sum() - 2 * (merged * p_mat).sum()).item() + const)
+            losses[i] = (ms * merged).sum() - 2 * (merged * p_mat).sum()
             merged.grad = ms.sub_(p_mat).mul_(2)
             opt.step()
-    return merged.detach(), losses
+    return merged.detach(), [loss + const for loss in losses.tolist()]
 
 
 def wudi_matrix(task_matrices: torch.Tensor, steps: int = 300, lr: float = 1e-5) -> tuple[torch.Tensor, list]:
