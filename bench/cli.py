@@ -80,6 +80,10 @@ def _suite(args):
     if args.suite == "real":
         return get_suite("real", manifest=args.manifest, data_root=args.data_root, trust_pickle=args.trust_pickle,
                          tasks=args.tasks.split(",") if args.tasks else None, verbose=not args.quiet)
+    if args.suite.startswith("synthetic-"):
+        fraction = getattr(args, "fraction", None)
+        return get_suite(args.suite, **({} if fraction is None else {"fraction": fraction}),
+                         verbose=not getattr(args, "quiet", False))
     if getattr(args, "time_limit", None):
         _build_in_child(args.suite)
     return get_suite(args.suite)
@@ -404,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_build)
 
     def run_options(s):
-        s.add_argument("--suite", default="mini8", help="mini8 (default), micro, mini8-lora, micro-lora or real")
+        s.add_argument("--suite", default="mini8", help="mini8 (default), micro, mini8-lora, micro-lora, real, or a "
+                                                         "synthetic suite (synthetic-vitb32, ...: speed and memory only)")
         s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -421,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(tensor data only, model classes as inert placeholders; README: Reliability); "
                             "converted once to safetensors")
         s.add_argument("--tasks", help="real suite: comma-separated subset of tasks (default: every expert)")
+        s.add_argument("--fraction", type=float, default=None,
+                       help="synthetic suites (synthetic-vitb32, -vitb16, -vitl14): share of the real test-set sizes "
+                            "(default 1: 87,433 test images)")
         s.add_argument("--protocol", choices=["one-shot", "sequential"], default=None,
                        help="sequential: experts arrive one at a time, evaluated after each on the tasks seen, over "
                             "--orders task orders (default: sequential for methods that need it, else one-shot)")

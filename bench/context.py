@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from mergebench.models import MergedModel, SharedModel, freeze
+from mergebench.models import MergedModel, SharedModel, encoder_from_weights, freeze
 from mergebench.progress import progress as _progress
 from mergebench.suites.base import Suite
 from mergebench.weights import Weights
@@ -42,6 +42,11 @@ class MergeContext:
         self.loops: dict[str, dict] = {}  # progress-bar loops: {desc: {"steps", "seconds"}} (steps/s in the record)
         self.cached_bases: list[dict] = []  # bases read from the base cache: {"pipeline", "seconds" when it ran}
         self._pretrained: Weights | None = None
+        # Storages of the tensors handed to the method (the suite's, cached and shared): a model built from them
+        # copies them; any other tensor given to shared_model is a fresh result the model may own (no copy).
+        self._inputs: set[int] = set()
+        self._owned: set[int] = set()    # storages already owned by a model (a second model copies them)
+        self._note_inputs(suite.pretrained.values())
 
     # ------------------------------------------------------------ weights and models
     @property
@@ -51,23 +56,64 @@ class MergeContext:
         if self._pretrained is None:
             self._pretrained = Weights({k: v for k, v in self.suite.pretrained.items()
                                         if v.is_floating_point()}).to(self.device, copy=True)
+            self._note_inputs(self._pretrained.values())
         return self._pretrained
+
+    def _expert_tensors(self, task: str) -> Weights:
+        """theta_t as the suite stores it (its own tensors, wherever they are, no copy): what ``expert_weights``
+        copies and ``per_tensor`` streams. A context that changes the experts (DARE's, the sequential protocol's)
+        overrides this."""
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not one of this context's tasks {self.tasks}")
+        w = self.suite.expert_weights(task)
+        return Weights({k: w[k] for k in self.pretrained_weights})
 
     def expert_weights(self, task: str) -> Weights:
         """theta_t, the expert fine-tuned on ``task``, on the context's device: a fresh copy at every call (the
         suite's tensors stay untouched, so the caller may change it)."""
-        if task not in self.tasks:
-            raise KeyError(f"task {task!r} is not one of this context's tasks {self.tasks}")
-        w = self.suite.expert_weights(task)
-        return Weights({k: w[k] for k in self.pretrained_weights}).to(self.device, copy=True)
+        return self._expert_tensors(task).to(self.device, copy=True)
 
     def task_vector(self, task: str) -> Weights:
-        """tau_t = theta_t - theta_0."""
+        """tau_t = theta_t - theta_0 (new tensors)."""
         return self.expert_weights(task) - self.pretrained_weights
 
     def task_vectors(self) -> dict[str, Weights]:
-        """{task: tau_t} in task order."""
+        """{task: tau_t} in task order: every task vector at once (T more copies of the model; ``per_tensor`` and
+        ``task_vector_stacks`` stream instead)."""
         return {t: self.task_vector(t) for t in self.tasks}
+
+    def per_tensor(self, keys: Iterable[str] | None = None,
+                   tasks: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
+        """``(key, theta_0[key], [theta_t[key] for each task])``, one tensor at a time, on the context's device
+        (``tasks``: those experts only, default all; ``keys``: those tensors, default all, in theta_0's order).
+
+        The streaming form of ``expert_weights``: a merge that works tensor by tensor holds one tensor across the
+        experts at a time (plus its result), so its memory stays near the experts' own. The expert tensors are
+        the suite's own (on the CPU not even copied: that is the point), so they are read-only: compute new
+        tensors from them, never modify them in place (the harness checks the inputs after every method).
+        """
+        theta0 = self.pretrained_weights
+        experts = [self._expert_tensors(t) for t in (self.tasks if tasks is None else tasks)]
+        for e in experts:
+            self._note_inputs(e.values())
+        for key in (theta0 if keys is None else keys):
+            yield key, theta0[key], [e[key].to(self.device, non_blocking=True) for e in experts]
+
+    def task_vector_stacks(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+        """``(key, [tau_t[key] for each task] stacked: [T, *shape])``, one tensor at a time (a new tensor)."""
+        for key, theta0, experts in self.per_tensor(keys):
+            yield key, torch.stack(experts).sub_(theta0)
+
+    def _note_inputs(self, tensors: Iterable[Tensor]):
+        self._inputs.update(t.untyped_storage().data_ptr() for t in tensors)
+
+    def _may_own(self, tensor: Tensor) -> bool:
+        """Whether a model may keep ``tensor`` without copying it: not an input, not already another model's."""
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in self._inputs or ptr in self._owned:
+            return False
+        self._owned.add(ptr)
+        return True
 
     @property
     def has_lora_experts(self) -> bool:
@@ -82,19 +128,23 @@ class MergeContext:
         """
         return {name: f.to(self.device, copy=True) for name, f in self.suite.lora_factors(task).items()}
 
-    def encoder(self, weights: Weights | None = None) -> torch.nn.Module:
-        """A fresh encoder (an ordinary nn.Module) holding ``weights`` (pretrained by default), on the device."""
+    def encoder(self, weights: Weights | None = None, own: bool = False) -> torch.nn.Module:
+        """A fresh encoder (an ordinary nn.Module) holding copies of ``weights`` (pretrained by default) on the
+        device. ``own=True``: it keeps the tensors of ``weights`` that are fresh results instead of copying them
+        (``shared_model`` does this; do not modify those tensors afterwards)."""
         full = dict(self.suite.pretrained)
         if weights is not None:
             full.update(weights)
-        return self.suite.build_encoder(full).to(self.device).eval()
+        return encoder_from_weights(self.suite.encoder_config, full, self.device,
+                                    self._may_own if own else None).eval()
 
     def expert_encoder(self, task: str) -> torch.nn.Module:
         return freeze(self.encoder(self.expert_weights(task)))
 
     def shared_model(self, weights: Weights) -> MergedModel:
-        """The usual result: one merged encoder for every task."""
-        return SharedModel(freeze(self.encoder(weights)))
+        """The usual result: one merged encoder for every task. It owns the fresh tensors of ``weights`` (no copy);
+        inputs (theta_0, experts) are copied."""
+        return SharedModel(freeze(self.encoder(weights, own=True)))
 
     def head(self, task: str) -> torch.nn.Module:
         """The frozen classification head of ``task`` (features -> logits), on the device."""

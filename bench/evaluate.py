@@ -6,6 +6,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from mergebench.models import MergedModel
 from mergebench.suites.base import Suite
@@ -13,34 +14,54 @@ from mergebench.suites.base import Suite
 
 @torch.no_grad()
 def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu", batch_size: int = 512,
-             tasks: list[str] | None = None, bf16: bool | None = None) -> dict:
+             tasks: list[str] | None = None, bf16: bool | None = None, resident: bool = False,
+             compile: bool | str = False) -> dict:
     """Per-task top-1 accuracy (%) on ``split``, and images/s of the forward passes (data preparation excluded).
 
     Images are stored as uint8 and normalized on the device in batches. On CUDA the forward
-    runs under bf16 autocast unless ``bf16=False``. A task on which the model produces
-    non-finite logits gets accuracy NaN (an argmax over NaNs is not a prediction), and is
-    listed under ``nonfinite``.
+    runs under bf16 autocast unless ``bf16=False`` (then attention runs through PyTorch's fused
+    ``scaled_dot_product_attention``). A task on which the model produces non-finite logits
+    gets accuracy NaN (an argmax over NaNs is not a prediction), and is listed under ``nonfinite``.
+
+    ``resident=True`` moves each task's uint8 tensor to the device before the timed passes (images already
+    there, as a synthetic suite built on the device keeps them, are used in place). ``compile=True`` (or a
+    ``torch.compile`` mode such as ``"reduce-overhead"``: CUDA graphs) runs the model compiled, every batch
+    padded to ``batch_size`` so that one graph serves all of them. Counts stay on the device and are read
+    once per task.
     """
     device = torch.device(device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     model = model.to(device).eval()
+    forward = torch.compile(model, mode=None if compile is True else compile, dynamic=False) if compile else model
     per_task, images, nonfinite = {}, 0, {}
     # Data first (a lazy split is decoded or memory-mapped here, once), so the timer sees forward passes only.
-    prepared = {task: (suite.split(split, task), suite.head(task).to(device)) for task in tasks or suite.tasks}
+    prepared = {}
+    for task in tasks or suite.tasks:
+        data = suite.split(split, task)
+        stored = data.images.to(device, non_blocking=True) if resident else data.images
+        prepared[task] = (stored, data.labels.to(device, non_blocking=True), suite.head(task).to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for task, (data, head) in prepared.items():
-        correct, bad = 0, 0
-        for i in range(0, len(data), batch_size):
-            x = suite.normalize(data.images[i:i + batch_size].to(device, non_blocking=True))
+    for task, (stored, labels, head) in prepared.items():
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        bad = torch.zeros((), dtype=torch.long, device=device)
+        for i in range(0, len(labels), batch_size):
+            x = suite.normalize(stored[i:i + batch_size].to(device, non_blocking=True))
+            n = len(x)
+            if compile and n < batch_size:  # the same shape as every other batch: no recompilation
+                x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_size - n))
             with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-                logits = head(model(x, task).float())
-            correct += (logits.argmax(-1).cpu() == data.labels[i:i + batch_size]).sum().item()
-            bad += (~torch.isfinite(logits)).any(-1).sum().item()
-        per_task[task] = float("nan") if bad else 100.0 * correct / len(data)
+                logits = head(forward(x, task).float())[:n]
+            correct += (logits.argmax(-1) == labels[i:i + n]).sum()
+            bad += (~torch.isfinite(logits)).any(-1).sum()
+        correct, bad = int(correct.item()), int(bad.item())   # one synchronisation per task
+        per_task[task] = float("nan") if bad else 100.0 * correct / len(labels)
         if bad:
             nonfinite[task] = bad
-        images += len(data)
+        images += len(labels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"accuracy": per_task, "nonfinite": nonfinite, "images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
+    return {"accuracy": per_task, "nonfinite": nonfinite, "images": images, "seconds": seconds,
+            "images_per_s": images / max(seconds, 1e-9)}

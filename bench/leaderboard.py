@@ -118,7 +118,8 @@ def table(results_dir, suite: str, tasks: tuple[str, ...] | None = None) -> tupl
     """(rows as a DataFrame, failed records, unreadable files) for ``suite``: the rows over the main task set
     (``task_sets``), or over ``tasks``."""
     loaded = load_records(results_dir, suite)
-    records = [r for r in loaded.records if not _is_sequential(r)]  # sequential runs have their own table
+    # sequential runs have their own table; runs on synthetic data only a speed table (their accuracies are noise)
+    records = [r for r in loaded.records if not _is_sequential(r) and not _is_synthetic(r)]
     ok = _latest_ok(records)
     ok_pipelines = {r["method"]["pipeline"] for r in ok}
     chosen = tuple(tasks) if tasks is not None else next(iter(task_sets(records)), ())
@@ -144,6 +145,54 @@ def table(results_dir, suite: str, tasks: tuple[str, ...] | None = None) -> tupl
     return df, failed, loaded.unreadable
 
 
+# ------------------------------------------------------------------ synthetic suites: speed, never accuracy
+def _is_synthetic(rec: dict) -> bool:
+    return isinstance(rec.get("suite"), dict) and bool(rec["suite"].get("synthetic"))
+
+
+SPEED_NOTE = ("Synthetic suite: random weights, experts and images of the real benchmark's shapes. It measures cost "
+              "only: merge time, evaluation throughput and peak memory; its accuracies are chance level and are not "
+              "shown. Peak memory is the CUDA allocator's peak on a GPU, the process's resident peak during the run "
+              "on a CPU.")
+
+
+def speed_table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict]]:
+    """(rows, failed records) of the runs on synthetic data of ``suite``: the newest ok record per pipeline, with
+    its costs and no accuracy."""
+    records = [r for r in load_records(results_dir, suite).records if _is_synthetic(r) and not _is_sequential(r)]
+    ok = _latest_ok(records)
+    rows = []
+    for rec in ok:
+        t = rec.get("timing", {})
+        peak = t.get("peak_gpu_mb", t.get("peak_rss_mb", t.get("peak_rss_mb_process")))
+        rows.append({"Method": _label(rec), "Pipeline": rec["method"]["pipeline"], "Merge s": t.get("merge_s"),
+                     "Eval images": sum((rec["suite"].get("test_images") or {}).values()) or None,
+                     "Eval s": t.get("eval_s"), "Eval images/s": t.get("eval_images_per_s"),
+                     "Peak MB": peak, "Device": rec.get("device"),
+                     "Fraction": rec["suite"].get("fraction")})
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = df.sort_values("Merge s").reset_index(drop=True)
+    return df, _failed(records, {r["method"]["pipeline"] for r in ok})
+
+
+def _render_speed(df: pd.DataFrame, failed: list[dict], suite: str, fmt: str) -> str:
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "latex":
+        return _latex(df, SPEED_NOTE)
+    if fmt == "html":
+        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mergebench speed: {html.escape(suite)}"
+                f"</title></head><body><h1>mergebench speed: {html.escape(suite)}</h1><p>{html.escape(SPEED_NOTE)}</p>"
+                + (df.to_html(index=False) if not df.empty else "") + "</body></html>\n")
+    lines = [f"# mergebench speed: {suite}", "", SPEED_NOTE, ""]
+    if not df.empty:
+        lines.append(df.to_markdown(index=False))
+    if failed:
+        lines += ["", "## Failed runs", ""] + [f"- `{r['method']['pipeline']}`: {r.get('error', '?')}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------ sequential protocol
 def _is_sequential(rec: dict) -> bool:
     return rec.get("protocol") == "sequential"
@@ -152,7 +201,7 @@ def _is_sequential(rec: dict) -> bool:
 def sequential_table(results_dir, suite: str) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     """(rows, failed records, the ok records shown) of the sequential runs of ``suite``: per method pipeline and
     number of orders, the newest ok record."""
-    records = [r for r in load_records(results_dir, suite).records if _is_sequential(r)]
+    records = [r for r in load_records(results_dir, suite).records if _is_sequential(r) and not _is_synthetic(r)]
     latest: dict = {}
     for rec in records:
         if rec.get("status") != "ok":
@@ -390,7 +439,10 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
     """
     df, failed, unreadable = table(results_dir, suite)
     seq_df, seq_failed, _ = sequential_table(results_dir, suite)
+    speed_df, speed_failed = speed_table(results_dir, suite)
     if df.empty and not failed and seq_df.empty and not seq_failed:
+        if not speed_df.empty or speed_failed:  # only runs on synthetic data: their costs, no accuracy
+            return _render_speed(speed_df, speed_failed, suite, fmt)
         return f"No records for suite {suite!r} in {results_dir}. Run `mergebench run --suite {suite} ...` first.\n"
     filters = describe_view(max_added_params, needs, sort)
     if not df.empty:
@@ -437,6 +489,9 @@ def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | flo
     lines += published_section(results_dir, suite, df)
     if not seq_df.empty or seq_failed:
         lines += [""] + _sequential_lines(seq_df, seq_failed, plots)
+    if not speed_df.empty or speed_failed:  # synthetic runs beside real ones: their costs only
+        lines += [""] + _render_speed(speed_df, speed_failed, suite, "md").replace("# mergebench speed", "## Speed",
+                                                                                   1).splitlines()
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- `{r['method']['pipeline']}`: {r.get('error', '?')}" for r in failed]
     if unreadable:

@@ -7,7 +7,7 @@ names on mini8 as on the real ViT-B/32 (``transformer.resblocks.N.attn``, ``ln_p
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,12 @@ def load_weights(encoder: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module
     """A copy of ``encoder`` holding ``weights`` (strict: a missing or extra key is an error)."""
     model = copy.deepcopy(encoder)
     reference = model.state_dict()
+    _check_weights(reference, weights)
+    model.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
+    return model
+
+
+def _check_weights(reference: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> None:
     missing = sorted(set(reference) - set(weights))
     unexpected = sorted(set(weights) - set(reference))
     if missing or unexpected:
@@ -94,7 +100,32 @@ def load_weights(encoder: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module
     for name, tensor in weights.items():
         if tuple(tensor.shape) != tuple(reference[name].shape):
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the encoder expects {tuple(reference[name].shape)}")
-    model.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
+
+
+def encoder_from_weights(config: Mapping, weights: Mapping[str, Tensor], device: str | torch.device | None = None,
+                         adopt: Callable[[Tensor], bool] | None = None) -> VisionTransformer:
+    """A new encoder holding ``weights`` (strict, like ``load_weights``), on ``device`` (default: the weights').
+
+    Built on the meta device, so nothing is randomly initialised (no time spent, no global RNG drawn) and no
+    second model is allocated. Each tensor is copied, except where ``adopt(tensor)`` says the encoder may own it
+    as it is (a fresh merge result: no copy, no extra memory); a tensor of another dtype or device is copied.
+    """
+    with torch.device("meta"):
+        model = build_encoder(config)
+    reference = model.state_dict()
+    _check_weights(reference, weights)
+    state = {}
+    for name, ref in reference.items():
+        t = weights[name]
+        target = torch.device(device) if device is not None else t.device
+        if adopt is not None and t.dtype == ref.dtype and t.device == target and not t.requires_grad and adopt(t):
+            state[name] = t if t.is_contiguous() else t.contiguous()
+        else:
+            state[name] = t.detach().to(device=target, dtype=ref.dtype, copy=True)
+    model.load_state_dict(state, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # a tensor the state dict does not hold (a non-persistent buffer) would be uninitialised
+        raise RuntimeError(f"encoder tensors not set from the weights: {left[:5]}")
     return model
 
 

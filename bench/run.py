@@ -9,14 +9,13 @@ import functools
 import itertools
 import json
 import random
-import resource
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from mergebench import basecache, integrity, limits
+from mergebench import basecache, integrity, limits, memory
 from mergebench.context import MergeContext
 from mergebench.errors import InputError, MergebenchError
 from mergebench.evaluate import evaluate
@@ -179,10 +178,11 @@ def loop_rates(ctx: MergeContext) -> dict:
 
 
 def _peak_memory_mb(device: torch.device) -> dict:
+    """The run's peak memory: the CUDA allocator's, or on the CPU the process's resident high-water mark since
+    the run's measurement started (Linux), else over the process's lifetime."""
     if device.type == "cuda":
-        return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
-    # ru_maxrss is in KiB on Linux: the process's high-water mark, not this run's alone
-    return {"peak_rss_mb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        return {"peak_gpu_mb": round(memory.peak_cuda_bytes(device) / 2**20, 1)}
+    return memory.host_peak_mb()
 
 
 def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: str = "test",
@@ -354,8 +354,7 @@ def _measure(release, call: MethodCall, suite: Suite, device: torch.device, seed
              data_fraction: float, tune, show_progress: bool, count_flops: bool, order_list) -> dict:
     """The measured part of a run: the record's fields (``status`` ok or failed). Runs in this process, or in the
     child of a time-limited run, which calls ``release()`` when what the limit covers is done."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory.reset_peak(device)
     stored = basecache.stored_count()
     if order_list is None:
         out = _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,

@@ -80,12 +80,12 @@ class SequentialContext(MergeContext):
             self.tasks.append(task)
             yield task, self.expert_weights(task)
 
-    def expert_weights(self, task: str) -> Weights:
+    def _expert_tensors(self, task: str) -> Weights:  # behind expert_weights, per_tensor and task vectors
         if task not in self.tasks:
             raise FutureExpertError(
                 f"expert {task!r} has not arrived yet (arrived: {self.tasks}); a sequential method sees the experts "
                 f"one at a time through `for task, expert in ctx.sequence()`")
-        return super().expert_weights(task)
+        return super()._expert_tensors(task)
 
     def _indices(self, split, task, n):
         if task != self.current:

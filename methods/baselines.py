@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from mergebench.models import PerTaskModel
 from mergebench.registry import Paper, register_method
+from mergebench.weights import Weights
 
 TASK_VECTORS = Paper("Editing Models with Task Arithmetic", 2023, "2212.04089", "ICLR",
                      "https://github.com/mlfoundations/task_vectors")
@@ -28,8 +32,14 @@ def individual(ctx):
                  paper=Paper("Model soups: averaging weights of multiple fine-tuned models improves accuracy "
                              "without increasing inference time", 2022, "2203.05482", "ICML"))
 def weight_averaging(ctx):
-    """theta = mean_t theta_t (equivalently Task Arithmetic with scaling 1/T)."""
-    return ctx.shared_model(sum(ctx.expert_weights(t) for t in ctx.tasks) / len(ctx.tasks))
+    """theta = mean_t theta_t (equivalently Task Arithmetic with scaling 1/T). One tensor at a time."""
+    merged = Weights()
+    for key, _, experts in ctx.per_tensor():
+        acc = experts[0].clone()
+        for theta_t in experts[1:]:
+            acc.add_(theta_t)
+        merged[key] = acc.div_(len(experts))
+    return ctx.shared_model(merged)
 
 
 @register_method("task_arithmetic", display_name="Task Arithmetic", family="data-free", paper=TASK_VECTORS,
@@ -38,5 +48,21 @@ def weight_averaging(ctx):
                  hyperparameter_help={"scaling": "lambda in theta_0 + lambda * sum_t tau_t"},
                  ranges={"scaling": "[0, inf)"})
 def task_arithmetic(ctx, scaling: float = 0.3):
-    """theta = theta_0 + lambda * sum_t (theta_t - theta_0)."""
-    return ctx.shared_model(ctx.pretrained_weights + scaling * sum(ctx.task_vectors().values()))
+    """theta = theta_0 + lambda * sum_t (theta_t - theta_0).
+
+    One tensor at a time, in place (the same operations in the same order as the expression above, so the same
+    result), so that memory stays near the experts' own size.
+    """
+    merged = Weights()
+    for key, theta0, experts in ctx.per_tensor():
+        merged[key] = task_vector_sum(theta0, experts).mul_(scaling).add_(theta0)
+    return ctx.shared_model(merged)
+
+
+def task_vector_sum(theta0: Tensor, experts: list[Tensor]) -> Tensor:
+    """sum_t (theta_t - theta_0) of one tensor, accumulated in task order into a new tensor."""
+    acc = experts[0] - theta0
+    scratch = torch.empty_like(acc)
+    for theta_t in experts[1:]:
+        acc.add_(torch.sub(theta_t, theta0, out=scratch))
+    return acc

@@ -26,17 +26,17 @@ class DareContext(MergeContext):
     """The caller's context, except that each expert is theta_0 + DARE(tau_t).
 
     It shares the caller's state (its data accounting and logs land in the same record). Everything a
-    data-free method reads -- ``expert_weights``, ``task_vector(s)``, ``expert_encoder`` -- derives from
-    ``expert_weights``, so overriding it is enough.
+    data-free method reads -- ``expert_weights``, ``per_tensor``, ``task_vector(s)``, ``expert_encoder`` --
+    derives from ``_expert_tensors``, so overriding it is enough.
     """
 
     def __init__(self, ctx: MergeContext, p: float, rescale: bool):
         self.__dict__.update(ctx.__dict__)
         self._dare_p, self._dare_rescale, self._dare_experts = p, rescale, {}
 
-    def expert_weights(self, task: str) -> Weights:
+    def _expert_tensors(self, task: str) -> Weights:
         if task not in self._dare_experts:
-            tau = super().expert_weights(task) - self.pretrained_weights
+            tau = super()._expert_tensors(task).to(self.device) - self.pretrained_weights
             g = torch.Generator().manual_seed(self.seed * 7919 + 17 * self.tasks.index(task) + 1)
             dropped = Weights({k: dare_drop(v, self._dare_p, g, self._dare_rescale) for k, v in tau.items()})
             self._dare_experts[task] = self.pretrained_weights + dropped

@@ -43,12 +43,11 @@ def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) ->
 
 
 def _iso(ctx, scaling: float, layer_fn) -> Weights:
-    tvs = list(ctx.task_vectors().values())
     merged = Weights()
-    for key, ref in tvs[0].items():
-        stacked = torch.stack([tv[key] for tv in tvs])
-        merged[key] = layer_fn(stacked).to(ref.dtype) if ref.dim() == 2 else stacked.mean(0)
-    return ctx.shared_model(ctx.pretrained_weights + scaling * merged)
+    for key, stacked in ctx.task_vector_stacks():  # one tensor's task vectors at a time
+        delta = layer_fn(stacked).to(stacked.dtype) if stacked.dim() == 3 else stacked.mean(0)
+        merged[key] = delta.mul_(scaling).add_(ctx.pretrained_weights[key])
+    return ctx.shared_model(merged)
 
 
 ISO_DEFAULTS = ("scaling 1.5: fusion_bench's documented ViT-B/32 setting for Iso-C and Iso-CTS (the official code "

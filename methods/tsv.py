@@ -74,14 +74,11 @@ def tsv_merging(ctx, scaling: float = 1.0):
 
     Delta = polar(U_cat) diag(s_cat) polar(V_cat^T) for every 2-D tensor (attention in/out projections, MLP
     layers, proj and the positional embedding); the other tensors (biases, LayerNorms, class embedding, the 4-D
-    patch-embedding kernel) take the mean task vector. theta = theta_0 + alpha * Delta. One layer at a time.
+    patch-embedding kernel) take the mean task vector. theta = theta_0 + alpha * Delta. One layer at a time
+    (the task vectors of one tensor at a time).
     """
-    tvs = list(ctx.task_vectors().values())
     merged = Weights()
-    for key, ref in tvs[0].items():
-        stacked = torch.stack([tv[key] for tv in tvs])
-        if ref.dim() == 2:
-            merged[key] = tsv_matrix(stacked)[0].to(ref.dtype)
-        else:
-            merged[key] = stacked.mean(0)
-    return ctx.shared_model(ctx.pretrained_weights + scaling * merged)
+    for key, stacked in ctx.task_vector_stacks():
+        delta = tsv_matrix(stacked)[0].to(stacked.dtype) if stacked.dim() == 3 else stacked.mean(0)
+        merged[key] = delta.mul_(scaling).add_(ctx.pretrained_weights[key])
+    return ctx.shared_model(merged)

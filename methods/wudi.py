@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 
 from mergebench.methods.activations import is_block_linear_weight
+from mergebench.methods.baselines import task_vector_sum
 from mergebench.registry import Paper, register_method
 from mergebench.weights import Weights
 
@@ -24,35 +25,70 @@ def wudi_loss(merged: torch.Tensor, task_matrices: torch.Tensor, sq_norms: torch
     return (inner.pow(2).sum((-2, -1)) / sq_norms).sum()
 
 
+def wudi_terms(task_matrices: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The quadratic form of one layer's WUDI objective from its task matrices ``[out, in]``, read one at a time.
+
+    With A_t = tau_t^T tau_t / ||tau_t||^2: S = sum_t A_t, P = sum_t tau_t A_t and c = sum_t <tau_t A_t, tau_t>
+    (float64 sums over the tasks, no task axis kept), returned with the start sum_t tau_t as
+    ``(start, S, P, c)``: float32 tensors and a float. tau_t A_t is formed as (tau_t tau_t^T) tau_t / ||tau_t||^2 where that is cheaper
+    (out < in / 2); then c_t = ||tau_t tau_t^T||_F^2 / ||tau_t||^2, the same number.
+    """
+    s64 = p64 = start = None
+    const = 0.0
+    for tau in task_matrices:
+        t64 = tau.double()
+        out, inp = t64.shape
+        sq = t64.pow(2).sum().clamp_min(torch.finfo(torch.float64).tiny)
+        if s64 is None:
+            s64, p64 = t64.new_zeros(inp, inp), torch.zeros_like(t64)
+            start = tau.float().clone()
+        else:
+            start += tau
+        a = (t64.t() @ t64).div_(sq)                                  # A_t, [in, in]
+        s64 += a
+        if 2 * out < inp:
+            gram = t64 @ t64.t()                                      # [out, out]
+            p64.addmm_(gram, t64, alpha=1.0 / sq.item())
+            const += (gram.pow(2).sum() / sq).item()
+        else:
+            ta = t64 @ a
+            p64 += ta
+            const += (ta * t64).sum().item()
+        del a
+    return start, s64.float(), p64.float(), const
+
+
+def wudi_optimize(start: torch.Tensor, s_mat: torch.Tensor, p_mat: torch.Tensor, const: float, steps: int = 300,
+                  lr: float = 1e-5) -> tuple[torch.Tensor, list[float]]:
+    """Adam from ``start`` on loss = tr(tau_m S tau_m^T) - 2 tr(tau_m P^T) + c, whose gradient is 2 (tau_m S - P):
+    one [out, in] x [in, in] product per step. Returns the result and the loss per step."""
+    merged = torch.nn.Parameter(start.clone())
+    opt = torch.optim.Adam([merged], lr=lr, weight_decay=0.0)
+    losses = torch.empty(steps, dtype=torch.float64, device=start.device)   # read once: no sync per step
+    with torch.no_grad():
+        for i in range(steps):
+            ms = merged @ s_mat
+            losses[i] = (ms * merged).sum() - 2 * (merged * p_mat).sum()
+            merged.grad = ms.sub_(p_mat).mul_(2)
+            opt.step()
+    return merged.detach(), [loss + const for loss in losses.tolist()]
+
+
 def wudi_matrix(task_matrices: torch.Tensor, steps: int = 300, lr: float = 1e-5) -> tuple[torch.Tensor, list]:
     """Adam on the WUDI objective from tau_m = sum_t tau_t; returns the result and the loss per step.
 
-    ``task_matrices`` is ``[T, out, in]`` or ``[L, T, out, in]`` (L layers of one shape). The layers' losses
-    are separable and Adam is elementwise, so optimizing them together gives exactly the per-layer results.
+    ``task_matrices`` is ``[T, out, in]`` or ``[L, T, out, in]`` (L layers of one shape, optimized one after the
+    other; the loss per step is their sum).
 
     The objective is a quadratic: with A_t = tau_t^T tau_t / ||tau_t||^2, S = sum_t A_t and P = sum_t tau_t A_t,
     loss = tr(tau_m S tau_m^T) - 2 tr(tau_m P^T) + c and its gradient is 2 (tau_m S - P). S and P are formed
-    once (float64), so each step costs one [out, in] x [in, in] product instead of T products of [out, out]
-    size as in the direct form (``wudi_loss``); the gradients, hence Adam's steps, are the same.
+    once (float64, ``wudi_terms``), so each step costs one [out, in] x [in, in] product instead of T products of
+    [out, out] size as in the direct form (``wudi_loss``); the gradients, hence Adam's steps, are the same.
     """
-    t = task_matrices.float()
-    t64 = t.double()
-    sq = t64.flatten(-2).pow(2).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)        # [..., T]
-    a = t64.transpose(-1, -2) @ t64 / sq[..., None, None]                                 # [..., T, in, in]
-    s_mat = a.sum(-3).float()
-    p_mat = (t64 @ a).sum(-3).float()
-    const = (t64 @ a * t64).sum((-3, -2, -1)).sum().item()
-    del a, t64
-    merged = torch.nn.Parameter(t.sum(-3).clone())
-    opt = torch.optim.Adam([merged], lr=lr, weight_decay=0.0)
-    losses = []
-    with torch.no_grad():
-        for _ in range(steps):
-            ms = merged @ s_mat
-            losses.append(((ms * merged).sum() - 2 * (merged * p_mat).sum()).item() + const)
-            merged.grad = 2 * (ms - p_mat)
-            opt.step()
-    return merged.detach(), losses
+    if task_matrices.dim() == 4:
+        results, per_layer = zip(*(wudi_matrix(layer, steps, lr) for layer in task_matrices))
+        return torch.stack(results), [sum(step) for step in zip(*per_layer)]
+    return wudi_optimize(*wudi_terms(task_matrices.float()), steps, lr)
 
 
 @register_method(
@@ -71,22 +107,24 @@ def wudi_merging(ctx, steps: int = 300, lr: float = 1e-5, others: Literal["pretr
     """Per linear weight: tau_m = argmin sum_t ||(tau_m - tau_t) tau_t^T||^2 / ||tau_t||^2 by Adam; theta = theta_0 + tau_m.
 
     The rows of tau_t approximately span the inputs seen by the layer during fine-tuning, so they stand in for
-    data. Initialized at sum_t tau_t, full batch, float32; the layers of one shape are optimized as one batch
-    (the objective is separable and Adam elementwise, so this equals layer-by-layer optimization). With others='pretrained' (the
+    data. Initialized at sum_t tau_t, full batch, float32, one layer at a time (the objective is separable, so
+    this is the whole model's optimization; memory stays near the experts' own). With others='pretrained' (the
     official script) only attn in_proj/out_proj and mlp c_fc/c_proj weights get a task vector; with 'mean' every
     2-D tensor is optimized and the rest takes the mean task vector.
     """
-    tvs = list(ctx.task_vectors().values())
-    merged = Weights({k: torch.zeros_like(v) if others == "pretrained" else sum(tv[k] for tv in tvs) / len(tvs)
-                      for k, v in tvs[0].items()})
-    groups: dict[tuple, list[str]] = {}    # layers of one shape are optimized together (same result, fewer steps)
-    for key, ref in tvs[0].items():
-        if (is_block_linear_weight(key) if others == "pretrained" else ref.dim() == 2):
-            groups.setdefault(tuple(ref.shape), []).append(key)
-    for shape, keys in groups.items():
-        stacked = torch.stack([torch.stack([tv[k] for tv in tvs]) for k in keys])   # [L, T, out, in]
-        result, losses = wudi_matrix(stacked, steps, lr)
-        ctx.log(f"wudi_loss/{'x'.join(map(str, shape))}", losses[-1])
-        for k, r in zip(keys, result):
-            merged[k] = r.to(tvs[0][k].dtype)
-    return ctx.shared_model(ctx.pretrained_weights + merged)
+    theta0 = ctx.pretrained_weights
+    optimized = [k for k, v in theta0.items() if (is_block_linear_weight(k) if others == "pretrained" else v.dim() == 2)]
+    merged, final_loss = Weights(), {}
+    for key, theta0_k, experts in ctx.per_tensor():   # one layer at a time: its task matrices, then Adam
+        if key in optimized:
+            result, losses = wudi_optimize(*wudi_terms(e - theta0_k for e in experts), steps, lr)
+            shape = "x".join(map(str, theta0_k.shape))
+            final_loss[shape] = final_loss.get(shape, 0.0) + losses[-1]
+            merged[key] = result.to(theta0_k.dtype).add_(theta0_k)
+        elif others == "pretrained":
+            merged[key] = theta0_k
+        else:
+            merged[key] = task_vector_sum(theta0_k, experts).div_(len(experts)).add_(theta0_k)
+    for shape, loss in final_loss.items():   # summed over the layers of one shape
+        ctx.log(f"wudi_loss/{shape}", loss)
+    return ctx.shared_model(merged)

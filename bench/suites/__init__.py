@@ -1,4 +1,5 @@
-"""Suites: ``get_suite('mini8' | 'micro' | 'mini8-lora' | 'micro-lora' | 'real')`` returns the Suite every method runs on."""
+"""Suites: ``get_suite('mini8' | 'micro' | 'mini8-lora' | 'micro-lora' | 'real' | 'synthetic-vitb32' | ...)`` returns
+the Suite every method runs on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import functools
 from mergebench.errors import MissingFileError, NotFoundError
 from mergebench.suites.base import Suite, TaskData
 
-SUITES = ("mini8", "micro", "mini8-lora", "micro-lora", "real")
+SUITES = ("mini8", "micro", "mini8-lora", "micro-lora", "real", "synthetic-vitb32", "synthetic-vitb16",
+          "synthetic-vitl14", "synthetic-tiny")
 
 
 def get_suite(name: str, build: bool = True, verbose: bool = True, **kwargs) -> Suite:
@@ -22,6 +24,9 @@ def get_suite(name: str, build: bool = True, verbose: bool = True, **kwargs) -> 
         elif name in ("mini8-lora", "micro-lora"):  # the same suites with LoRA experts
             from mergebench.suites.mini8_lora import load_mini8_lora
             suite = load_mini8_lora(name, build=build, verbose=verbose, **kwargs)
+        elif name.startswith("synthetic-"):  # get_suite("synthetic-vitb32", fraction=0.01, device="cuda")
+            from mergebench.suites.synthetic import load_synthetic
+            suite = load_synthetic(name, verbose=verbose, **kwargs)
         else:  # get_suite("real", manifest=..., data_root=..., trust_pickle=False, tasks=None)
             from mergebench.suites.real import load_real
             suite = load_real(verbose=verbose, **kwargs)

@@ -52,6 +52,7 @@ class Suite:
     # loads this suite again from its files (``get_suite`` sets it; picklable): restores it after a method changed
     # its inputs, and rebuilds it in a fresh process (a time-limited run on CUDA)
     reload: Callable[[], "Suite"] | None = None
+    _norm: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> (mean, std)
 
     def __post_init__(self):
         self._expert = lru_cache(maxsize=None)(self.load_expert)
@@ -91,9 +92,11 @@ class Suite:
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 images -> float, normalized on the images' device (batched, no per-image work)."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        if images.device not in self._norm:  # made once per device (no host-to-device copy per batch)
+            self._norm[images.device] = (torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1),
+                                         torch.tensor(self.std, device=images.device).view(1, 3, 1, 1))
+        mean, std = self._norm[images.device]
+        return images.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)  # (x / 255 - mean) / std
 
     def _check_task(self, task: str):
         if task not in self.tasks:

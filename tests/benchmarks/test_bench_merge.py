@@ -5,8 +5,9 @@ Skipped by default (``--benchmark-skip`` in pyproject); run with
 
 - ``micro``: the micro suite (the test fixture);
 - ``mini8``: mini8's architecture with 8 experts, random weights and data (nothing to build);
-- ``vit_b32``: the ViT-B/32 architecture with 8 random experts; it runs only on a GPU, or on the CPU when
-  ``MERGEBENCH_BENCH_VITB32=1`` (minutes per method on a CPU).
+- ``vit_b32``: the ``synthetic-vitb32`` suite (open_clip ViT-B/32, random weights, 8 random experts, 1% of the
+  real splits); it runs only on a GPU, or on the CPU when ``MERGEBENCH_BENCH_VITB32=1`` (minutes per method on a
+  CPU). Peak memory per data-free merge: ``test_bench_data_free.py``.
 
 Only the merge is timed (``spec.fn(ctx, **hparams)``: reading experts and exemplars included, evaluation not).
 """
@@ -27,7 +28,6 @@ from mergebench.suites.base import Suite, TaskData
 
 SPECS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "dare(merge='ties_merging(scaling=0.5)')",
          "tall_masks", "consensus_ta", "consensus_ties", "tsv_merging", "iso_c", "iso_cts", "wudi_merging"]
-VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512, act="quick_gelu")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -61,7 +61,9 @@ def mini8_shaped():
 def vit_b32_shaped():
     if DEVICE == "cpu" and os.environ.get("MERGEBENCH_BENCH_VITB32") != "1":
         pytest.skip("ViT-B/32 merge benchmarks need a GPU (or MERGEBENCH_BENCH_VITB32=1)")
-    return random_suite("vit-b32-shaped", VIT_B_32, n_train=256, n_val=64)
+    from mergebench.suites import get_suite
+
+    return get_suite("synthetic-vitb32", fraction=0.01, verbose=False)   # 1% of the real splits: data for exemplars
 
 
 def _merge_once(suite, spec: str) -> MergedModel:
