@@ -90,17 +90,17 @@ def load_synthetic(name: str, fraction: float = 1.0, seed: int = 0, device: str 
         gen = torch.Generator().manual_seed(seed * 7919 + 101 + tasks.index(task))
         return pretrained.map(lambda k, v: torch.empty_like(v).normal_(0.0, _sigma(v, expert_scale), generator=gen).add_(v))
 
-    def make_split(split: str, task: str) -> dict[str, TaskData]:
+    def make_split(split: str, task: str) -> TaskData:
         n, s = sizes[split][task], cfg["image_size"]
         gen = torch.Generator(device=device).manual_seed(seed * 7919 + 1009 * (SPLITS.index(split) + 1)
                                                          + tasks.index(task))
         images = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=gen, device=device)
         labels = torch.randint(0, classes[task], (n,), generator=gen, device=device)
-        return {split: TaskData(images, labels)}
+        return TaskData(images, labels)
 
     from mergebench.suites.imagecache import LazyTasks
 
-    data = {s: LazyTasks(s, tasks, lambda task, s=s: make_split(s, task)) for s in SPLITS}
+    data = {s: LazyTasks(s, tasks, lambda task, split: make_split(split, task)) for s in SPLITS}
     ident = {"name": name, "encoder": cfg, "seed": seed, "fraction": float(fraction), "expert_scale": expert_scale,
              "sizes": sizes, "version": VERSION}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
