@@ -306,13 +306,13 @@ def check_plugin(name: str, **kwargs) -> list[Report]:
     """Check a method by name, or every method a plugin distribution / entry point registers."""
     from importlib.metadata import entry_points
 
-    from mergebench.registry import ENTRY_POINT_GROUP, _REGISTRY, discover_plugins, list_methods
+    from mergebench.registry import ENTRY_POINT_GROUP, METHODS, discover_plugins, list_methods
 
     discover_plugins()
-    if name in _REGISTRY or any(ch in name for ch in "*?["):
+    if name in METHODS or any(ch in name for ch in "*?["):
         names = list_methods(name) or [name]
     else:
         modules = {ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)
                    if ep.name == name or (ep.dist and ep.dist.name.replace("_", "-") == name.replace("_", "-"))}
-        names = sorted(n for n, s in _REGISTRY.items() if s.fn.__module__ in modules) or [name]
+        names = sorted(n for n in METHODS.names() if METHODS.module_of(n) in modules) or [name]
     return [check_method(n, **kwargs) for n in names]

@@ -3,6 +3,8 @@
 Built-in methods live in ``mergebench.methods`` and register on import. External plugins
 declare an entry point in the group ``mergebench.methods`` (value: a module, or
 ``module:object``); loading it imports the module, whose ``@register_method`` calls register.
+The lookup, aliases, wildcards and plugin discovery are those of every registry
+(:class:`mergebench.catalog.Registry`): ``METHODS``.
 
 A method is ``fn(ctx: MergeContext, **hyperparameters) -> MergedModel``. Its hyperparameters
 are its keyword arguments: the defaults are the paper's and the annotations give the types the
@@ -12,16 +14,13 @@ first (a method spec such as ``"task_arithmetic(scaling=0.3)"``) and passes the 
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import inspect
 import typing
-import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from mergebench.errors import InputError, NotFoundError
+from mergebench.catalog import Registry, UnknownNameError, close_matches  # noqa: F401  (close_matches: re-exported)
+from mergebench.errors import InputError
 from mergebench.ranges import Interval
 
 ENTRY_POINT_GROUP = "mergebench.methods"
@@ -41,13 +40,14 @@ NEEDS = {
 BUDGETS = ("paper", "smoke")
 
 
-# What a method may require of the suite's experts beyond full weights.
+# What a method may require of the suite's experts beyond full weights; a suite says which it meets
+# (``Suite.meets``, ``Suite.provides``).
 REQUIREMENTS = {
     "lora": "LoRA experts with their factors (mini8-lora, micro-lora, or PEFT adapters in a real-suite manifest)",
 }
 
 
-class UnknownMethodError(NotFoundError):
+class UnknownMethodError(UnknownNameError):
     pass
 
 
@@ -63,12 +63,15 @@ class Paper:
     venue: str | None = None
     code: str | None = None
 
-    def cite(self) -> str:
-        bits = [self.title]
+    def cite(self, markdown: bool = False) -> str:
+        """"Title, Venue Year, arXiv N"; ``markdown``: the title in italics, the arXiv id and the code linked."""
+        bits = [f"*{self.title}*" if markdown else self.title]
         if self.venue or self.year:
             bits.append(" ".join(str(b) for b in (self.venue, self.year) if b))
         if self.arxiv:
-            bits.append(f"arXiv {self.arxiv}")
+            bits.append(f"[arXiv {self.arxiv}](https://arxiv.org/abs/{self.arxiv})" if markdown else f"arXiv {self.arxiv}")
+        if markdown and self.code:
+            bits.append(f"[code]({self.code})")
         return ", ".join(bits)
 
 
@@ -172,17 +175,25 @@ class MethodSpec:
         }
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
-_PLUGIN_ERRORS: dict[str, str] = {}
-_discovered = False
+def _register_entry_point(name: str, obj) -> None:
+    """``module:function`` pointing at an unregistered function: register it under the entry point's name."""
+    if callable(obj) and not hasattr(obj, "method_spec"):
+        register_method(name)(obj)
 
 
-def register_method(name: str, *, display_name: str | None = None, paper: Paper | dict | None = None,
+METHODS: Registry[MethodSpec] = Registry(
+    "method", group=ENTRY_POINT_GROUP, builtins="mergebench.methods",
+    listing="`mergebench list-methods` lists them all", on_entry_point=_register_entry_point,
+    identity=lambda spec: _qualname(spec.fn), error=UnknownMethodError)
+
+
+def register_method(name: str | Callable | None = None, *, display_name: str | None = None, paper: Paper | dict | None = None,
                     needs: str = "nothing", adds_params: bool = False, defaults_source: str = "",
                     family: str = "", hyperparameter_help: dict | None = None, sequential_data: str = "nothing",
                     requires: tuple | list = (), paper_budget: dict | None = None, smoke: dict | None = None,
-                    ranges: dict | None = None):
-    """Register a merging method (a plain function of ``(ctx, **hyperparameters)``).
+                    ranges: dict | None = None, aliases: tuple | list = ()):
+    """Register a merging method (a plain function of ``(ctx, **hyperparameters)``); the name defaults to the
+    function's name, ``aliases`` are former names that keep resolving (records store names).
 
     Example::
 
@@ -198,6 +209,8 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
     ``ranges={"k": "(0, 100]", "scaling": "[0, inf)", "steps": "[1, inf)"}``; a value outside is an error when
     the method spec is resolved (before any work), naming the method, the value and the range.
     """
+    if callable(name):  # bare @register_method
+        return register_method()(name)
     if needs not in NEEDS:
         raise ValueError(f"needs={needs!r} is not one of {list(NEEDS)}")
     if sequential_data not in ("nothing", "unlabeled", "labeled") or (sequential_data != "nothing" and needs != "sequential"):
@@ -210,19 +223,17 @@ def register_method(name: str, *, display_name: str | None = None, paper: Paper 
         raise ValueError(f"requires={unknown!r}: known requirements are {list(REQUIREMENTS)}")
 
     def decorator(fn: Callable) -> Callable:
-        hyper = _hyperparameters(fn, hyperparameter_help or {}, ranges or {}, name)
+        key = name or fn.__name__
+        hyper = _hyperparameters(fn, hyperparameter_help or {}, ranges or {}, key)
         budget = _budget_values(fn, hyper, paper_budget or {}, "paper_budget")
         smoke_values = _budget_values(fn, hyper, smoke or {}, "smoke")
         spec = MethodSpec(
-            name=name, fn=fn, display_name=display_name or name, paper=paper, needs=needs,
+            name=key, fn=fn, display_name=display_name or key, paper=paper, needs=needs,
             adds_params=adds_params, hyperparameters=hyper, defaults_source=defaults_source,
             family=family, source=_source_of(fn), sequential_data=sequential_data, requires=tuple(requires),
             paper_budget=budget, smoke=smoke_values,
         )
-        previous = _REGISTRY.get(name)
-        if previous is not None and previous.fn is not fn and _qualname(previous.fn) != _qualname(fn):
-            raise ValueError(f"method {name!r} is already registered by {_qualname(previous.fn)}")
-        _REGISTRY[name] = spec
+        METHODS.add(key, spec, aliases=aliases, module=fn.__module__)
         fn.method_spec = spec
         return fn
 
@@ -286,57 +297,27 @@ def _budget_values(fn: Callable, hyper: dict, values: dict, what: str) -> dict:
 
 def discover_plugins(force: bool = False) -> dict[str, str]:
     """Import the built-ins and every entry point of the group; returns plugin load errors."""
-    global _discovered
-    if _discovered and not force:
-        return dict(_PLUGIN_ERRORS)
-    _discovered = True
-    import mergebench.methods  # noqa: F401  (built-ins register on import)
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as e:  # a broken plugin must not take the harness down
-            _PLUGIN_ERRORS[ep.name] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"mergebench plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
-            continue
-        if callable(obj) and not hasattr(obj, "method_spec") and not inspect.ismodule(obj):
-            # ``module:function`` pointing at an unregistered function: register it under the entry name
-            register_method(ep.name)(obj)
-    return dict(_PLUGIN_ERRORS)
-
-
-def close_matches(name: str, candidates) -> str:
-    """'; did you mean: a, b?' for error messages (empty if nothing is close)."""
-    found = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-    if not found:
-        found = [c for c in candidates if name.lower() in c.lower()][:3]
-    return f"; did you mean: {', '.join(found)}?" if found else ""
+    return METHODS.discover(force)
 
 
 def get_method(name: str) -> MethodSpec:
-    discover_plugins()
-    if name not in _REGISTRY:
-        raise UnknownMethodError(
-            f"unknown method {name!r}{close_matches(name, _REGISTRY)} (`mergebench list-methods` lists them all)")
-    return _REGISTRY[name]
+    """The method registered as ``name`` (or under a former name, an alias); close matches when unknown."""
+    return METHODS.get(name)
 
 
 def list_methods(pattern: str | list[str] = "*", needs: str | None = None) -> list[str]:
     """Registered method names matching shell-style wildcards (like ``timm.list_models('vit_*')``)."""
-    discover_plugins()
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    names = [n for n in _REGISTRY if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    names = METHODS.names(pattern, sort=True)
     if needs is not None:
-        names = [n for n in names if _REGISTRY[n].needs == needs]
-    return sorted(names)
+        names = [n for n in names if METHODS.get(n).needs == needs]
+    return names
 
 
 def unmet_requirements(spec: MethodSpec, suite) -> list[str]:
     """The requirements of ``spec`` that ``suite`` does not meet (e.g. ["lora"] on a suite of full experts)."""
-    met = {"lora": bool(getattr(suite, "has_lora", False))}
-    return [r for r in spec.requires if not met.get(r, False)]
+    return [r for r in spec.requires if not suite.meets(r)]
 
 
 def unregister_method(name: str) -> None:
     """Remove a method (tests and plugin development)."""
-    _REGISTRY.pop(name, None)
+    METHODS.unregister(name)

@@ -95,11 +95,10 @@ def new_method(name: str, directory: str | Path = ".", force: bool = False) -> P
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise ValueError(f"method name {name!r}: use lower-case letters, digits and underscores, starting with a "
                          f"letter (e.g. my_merging)")
-    from mergebench.registry import _REGISTRY, discover_plugins
+    from mergebench.registry import get_method, list_methods
 
-    discover_plugins()
-    if name in _REGISTRY:
-        raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].source}); pick another name")
+    if name in list_methods():
+        raise ValueError(f"a method named {name!r} is already registered ({get_method(name).source}); pick another name")
     dash = name.replace("_", "-")
     package = f"mergebench_{name}"
     root = Path(directory) / f"mergebench-{dash}"

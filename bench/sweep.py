@@ -90,6 +90,10 @@ class Job:
     config_hash: str
     device: str = "auto"
     time_limit_s: float | None = None
+    # the registered suite and its options (``get_suite(suite_spec, **suite_options)``); ``suite`` above is the
+    # results folder its records go to (the real suite's is ``real-NAME``)
+    suite_spec: str = ""
+    suite_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +109,8 @@ class Job:
 @dataclass
 class Sweep:
     methods: list[str]
-    suites: list[str] = field(default_factory=lambda: ["mini8"])
+    # suite names, or {name: SUITE, OPTION: VALUE, ...} for a suite with options (the real suite's manifest, ...)
+    suites: list = field(default_factory=lambda: ["mini8"])
     seeds: list[int] = field(default_factory=lambda: [0])
     grid: dict[str, list] = field(default_factory=dict)  # "param" or "method.param" -> values
     results_dir: str = "results"
@@ -164,12 +169,13 @@ class Sweep:
 
         calls = self.calls()
         out = []
-        for suite_name in self.suites:
-            suite = get_suite(suite_name, build=build, verbose=False)
+        for entry in self.suites:
+            name, options = suite_entry(entry)
+            suite = get_suite(name, build=build, verbose=False, **options)
             for call, seed in itertools.product(calls, self.seeds):
                 chash = config_hash(run_config(call, suite, seed))
                 out.append(Job(str(call), suite.name, int(seed), str(self.results_dir), chash, self.device,
-                               self.time_limit_s))
+                               self.time_limit_s, name, options))
         return out
 
     # ------------------------------------------------------------ manifest
@@ -213,6 +219,19 @@ class Sweep:
         if unknown:
             raise HyperparameterError(f"unknown keys in sweep config {path}: {sorted(unknown)}")
         return cls(**data), executor
+
+
+def suite_entry(entry) -> tuple[str, dict]:
+    """(registered name, options) of one of a sweep's suites: ``"mini8"`` or ``{"name": "real", "manifest": ...}``."""
+    from mergebench.suites import get_suite_spec
+
+    if isinstance(entry, str):
+        return entry, {}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise HyperparameterError(f"a sweep's suite is a name or a mapping with a name and the suite's options "
+                                  f"({{name: real, manifest: M.yaml, data_root: DIR}}), not {entry!r}")
+    spec = get_suite_spec(entry["name"])
+    return entry["name"], spec.parse_options({k: v for k, v in entry.items() if k != "name"})
 
 
 # ------------------------------------------------------------ markers and status
@@ -420,7 +439,7 @@ def run_job(job: Job | dict) -> dict:
     if job.time_limit_s:  # the merge runs in a forked child: it gets this worker's threads (mergebench.limits)
         reserve_threads()
     with _Heartbeat(job, heartbeat_s()):
-        suite = get_suite(job.suite, build=False, verbose=False)
+        suite = get_suite(job.suite_spec or job.suite, build=False, verbose=False, **job.suite_options)
         rec = run_method(job.pipeline, suite, results_dir=job.results_dir, seed=job.seed, device=job.device,
                          time_limit_s=job.time_limit_s, show_progress=False)
     if rec["config_hash"] != job.config_hash:

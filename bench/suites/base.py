@@ -52,6 +52,7 @@ class Suite:
     # loads this suite again from its files (``get_suite`` sets it; picklable): restores it after a method changed
     # its inputs, and rebuilds it in a fresh process (a time-limited run on CUDA)
     reload: Callable[[], "Suite"] | None = None
+    provides: frozenset = frozenset()  # requirements it meets beyond full weights (keys of registry.REQUIREMENTS)
     _norm: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> (mean, std)
 
     def __post_init__(self):
@@ -66,6 +67,15 @@ class Suite:
     def has_lora(self) -> bool:
         """Whether every expert is a LoRA adapter whose factors the suite can give (``lora_factors``)."""
         return self.load_lora is not None
+
+    @property
+    def capabilities(self) -> frozenset:
+        """The method requirements this suite meets (``register_method(requires=...)``): ``provides``, and
+        ``"lora"`` when its experts are LoRA adapters with factors."""
+        return frozenset(self.provides) | ({"lora"} if self.has_lora else set())
+
+    def meets(self, requirement: str) -> bool:
+        return requirement in self.capabilities
 
     def lora_factors(self, task: str) -> dict:
         """{adapter name: LoraFactor} of ``task``'s LoRA expert (its weights are pretrained + scale * B @ A)."""

@@ -31,6 +31,7 @@ from mergebench.models import build_encoder, encoder_weights
 from mergebench.suites import cards as cardlib
 from mergebench.suites import imagecache, zoo
 from mergebench.suites.base import SPLITS, Suite
+from mergebench.suites.registry import MergingSanity, register_suite
 from mergebench.weights import Weights
 
 HEADS_VERSION = 1
@@ -152,3 +153,65 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
               "notes": notes, **({"experts": "LoRA (PEFT adapters)"} if lora_experts else {})},
         load_lora=load_lora if lora_experts else None,
     )
+
+
+# ------------------------------------------------------------------ what the real suite knows about its results
+def reference_results() -> dict:
+    """``datasets/reference_results.yaml``: the published averages, the task set and backbone they were measured on."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "datasets" / "reference_results.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def record_model(rec: dict) -> tuple[str | None, bool | None]:
+    """(open_clip architecture without the -quickgelu suffix, QuickGELU?) of a real-suite record, else (None, None)."""
+    import re
+
+    info = rec.get("suite") or {}
+    model = info.get("model")
+    if isinstance(model, dict):
+        return model.get("name"), model.get("quick_gelu")
+    m = re.match(r"open_clip (\S+) \((QuickGELU|GELU)\)", str(info.get("backbone", "")))  # records before "model"
+    if m and m.group(1) != "custom":
+        return re.sub(r"-quickgelu$", "", m.group(1)), m.group(2) == "QuickGELU"
+    return None, None
+
+
+def published(model: str | None, tasks, quick_gelu: bool | None = True) -> list[dict]:
+    """Published averages for runs of ``model`` (an open_clip architecture such as ``ViT-B-32``) over ``tasks``.
+
+    They apply only to the backbone and task set they were measured on (OpenAI's QuickGELU weights, the eight
+    tasks): whatever the suite or manifest is called, a GELU backbone or another task set gets none."""
+    ref = reference_results()
+    if not model or not ref:
+        return []
+    if set(tasks or ()) != set(ref.get("tasks", ())) or bool(quick_gelu) != (ref.get("activation") == "quick_gelu"):
+        return []
+    return ref.get("backbones", {}).get(model, [])
+
+
+def published_references(records: list[dict]):
+    """The published numbers beside a leaderboard's main table, whose rows are ``records``: they must all come
+    from one model (and the published task set, which ``published`` checks)."""
+    from mergebench.suites.registry import References
+
+    models = {record_model(r) for r in records}
+    if len(models) != 1:
+        return None
+    (model, quick_gelu), = models
+    tasks = next(iter(records))["suite"].get("tasks") or list(next(iter(records))["metrics"]["accuracy"])
+    rows = published(model, tasks, quick_gelu)
+    if not rows:
+        return None
+    return References(
+        f"Published numbers ({model}, task-vectors protocol)",
+        "From `datasets/reference_results.yaml`; Measured Avg is the best row of that method in the main table "
+        "(the same backbone and the same eight tasks). Verified = checked against the cited paper.", rows)
+
+
+@register_suite(builds=False, results="real-*", sanity=MergingSanity(), references=published_references)
+def real(manifest: str | None = None, data_root: str | None = None, tasks: list[str] | None = None,
+         trust_pickle: bool = False, build: bool = True, verbose: bool = True) -> Suite:
+    """the published benchmark (open_clip ViT-B/32, B/16, L/14 on the eight datasets) from your files: --manifest, --data-root"""
+    return load_real(manifest, data_root, tasks=tasks, trust_pickle=trust_pickle, verbose=verbose)

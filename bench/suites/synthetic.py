@@ -28,6 +28,7 @@ import torch
 from mergebench.errors import InputError, NotFoundError
 from mergebench.models import build_encoder, encoder_weights
 from mergebench.suites.base import SPLITS, Suite, TaskData
+from mergebench.suites.registry import register_suite
 from mergebench.weights import Weights
 
 # suite name -> open_clip model config (None: the tiny test encoder below)
@@ -121,3 +122,21 @@ def load_synthetic(name: str, fraction: float = 1.0, seed: int = 0, device: str 
 
 def _sigma(v: torch.Tensor, scale: float) -> float:
     return scale * max(v.float().pow(2).mean().sqrt().item(), 1e-2)
+
+
+def _register(name: str) -> None:
+    """``name`` as a registered suite, with ``load_synthetic``'s keyword arguments as its options."""
+    def loader(build: bool = True, verbose: bool = True, fraction: float = 1.0, seed: int = 0, device: str = "cpu",
+               expert_scale: float = 0.01, cards_dir: str | None = None, encoder: dict | None = None) -> Suite:
+        return load_synthetic(name, fraction=fraction, seed=seed, device=device, expert_scale=expert_scale,
+                              cards_dir=cards_dir, verbose=verbose, encoder=encoder)
+
+    loader.__name__ = loader.__qualname__ = f"load_{name.replace('-', '_')}"
+    model = SYNTHETIC[name]
+    what = f"open_clip {model}" if model else "a narrow 2-layer encoder (tests)"
+    register_suite(name, description=f"{what} with random weights, experts and images of the real benchmark's "
+                                     f"shapes: speed and memory only")(loader)
+
+
+for _name in SYNTHETIC:
+    _register(_name)

@@ -1,0 +1,38 @@
+"""mini8 and micro, with fully fine-tuned or LoRA experts: the suites built locally (``bench/suites/mini8.py``,
+``bench/suites/mini8_lora.py``), registered with what they know about their results."""
+
+from __future__ import annotations
+
+from mergebench.suites.base import Suite
+from mergebench.suites.registry import MergingSanity, register_suite
+
+# mini8 must behave like the real benchmark (README, "What mini8 shows today"): these are its thresholds
+SANITY = MergingSanity(expert_gap=25.0, interference=10.0, recovery=0.2)
+
+
+@register_suite(sanity=SANITY)
+def mini8(build: bool = True, verbose: bool = True, cache_dir: str | None = None) -> Suite:
+    """eight procedural 32-px tasks, analogues of the real benchmark's, built on a CPU in minutes (the default)"""
+    from mergebench.suites.mini8 import load_mini8
+    return load_mini8("mini8", cache_dir=cache_dir, build=build, verbose=verbose)
+
+
+@register_suite(sanity=SANITY)
+def micro(build: bool = True, verbose: bool = True, cache_dir: str | None = None) -> Suite:
+    """mini8's code path at test size: three tasks, a 2-layer encoder, built in seconds"""
+    from mergebench.suites.mini8 import load_mini8
+    return load_mini8("micro", cache_dir=cache_dir, build=build, verbose=verbose)
+
+
+@register_suite("mini8-lora", sanity=SANITY)
+def mini8_lora(build: bool = True, verbose: bool = True) -> Suite:
+    """mini8 with LoRA experts (rank 8 on every resblock), their factors given to the methods that ask"""
+    from mergebench.suites.mini8_lora import load_mini8_lora
+    return load_mini8_lora("mini8-lora", build=build, verbose=verbose)
+
+
+@register_suite("micro-lora", sanity=SANITY)
+def micro_lora(build: bool = True, verbose: bool = True) -> Suite:
+    """micro with LoRA experts (rank 2)"""
+    from mergebench.suites.mini8_lora import load_mini8_lora
+    return load_mini8_lora("micro-lora", build=build, verbose=verbose)

@@ -1,0 +1,228 @@
+"""The suite registry: ``@register_suite`` on a loader function, ``get_suite(name, **options)``.
+
+A suite is registered once, with what it knows about its own results::
+
+    @register_suite(sanity=MergingSanity(expert_gap=25), description="eight procedural 32-px tasks")
+    def mini8(build: bool = True, verbose: bool = True) -> Suite:
+        return load_mini8("mini8", build=build, verbose=verbose)
+
+The name defaults to the function's name (``register_suite("mini8-lora")`` for names that are not
+identifiers). The loader's keyword arguments other than ``build`` and ``verbose`` are the suite's options
+(the real suite's ``manifest``, ``data_root``, ...): ``get_suite``, the command line (``--manifest`` ...) and
+sweeps pass them through. ``sanity`` checks the leaderboard's rows (lines such as "(a) ...: holds") and
+``references`` gives the published numbers to show beside them; the leaderboard only displays what they
+return. External packages register suites through the entry-point group ``mergebench.suites`` (value: the
+module that calls ``register_suite``), as methods do through ``mergebench.methods``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mergebench.catalog import Registry, UnknownNameError
+from mergebench.errors import InputError, MissingFileError
+from mergebench.suites.base import Suite
+
+ENTRY_POINT_GROUP = "mergebench.suites"
+
+
+class UnknownSuiteError(UnknownNameError):
+    pass
+
+
+class SuiteOptionError(InputError):
+    """An option (keyword argument) the suite's loader does not take."""
+
+
+@dataclass(frozen=True)
+class References:
+    """Published numbers a suite shows beside its measured rows (``SuiteSpec.references``)."""
+
+    title: str                 # the section's heading
+    note: str                  # where the numbers come from and what they are compared with
+    rows: list[dict]           # {"method", "display", "avg", "verified", "source"} per published number
+
+
+@dataclass(frozen=True)
+class MergingSanity:
+    """The properties a merging benchmark must show, checked on measured numbers (needs the reference rows):
+    (a) the experts far above the pretrained model, (b) interference: Task Arithmetic well below the experts,
+    (c) merging partly works: Task Arithmetic above the pretrained model and Weight Averaging, recovering a
+    share of the pretrained-to-expert gap."""
+
+    expert_gap: float = 25.0     # (a) points between the experts and the pretrained model
+    interference: float = 10.0   # (b) points between the experts and Task Arithmetic
+    recovery: float = 0.2        # (c) share of the gap Task Arithmetic recovers
+    task_arithmetic: str = "task_arithmetic(scaling=0.3)"  # the Task Arithmetic row the checks read
+
+    def __call__(self, rows) -> list[str]:
+        by = {r["Pipeline"].split("(")[0]: r["Avg"] for _, r in rows.iterrows()}
+        pre, ind, wa = by.get("pretrained"), by.get("individual"), by.get("weight_averaging")
+        ta = next((r["Avg"] for _, r in rows.iterrows() if r["Pipeline"] == self.task_arithmetic),
+                  by.get("task_arithmetic"))
+        if None in (pre, ind, wa, ta):
+            return []
+        gap = ind - pre
+        recovered = (ta - pre) / gap if gap else float("nan")
+        mark = lambda ok: "holds" if ok else "FAILS"  # noqa: E731
+        return [
+            f"(a) experts vs pretrained: {ind:.1f} vs {pre:.1f}, +{gap:.1f} points (>= {self.expert_gap:g} required): "
+            f"{mark(gap >= self.expert_gap)}",
+            f"(b) interference: Task Arithmetic {ta:.1f} is {ind - ta:.1f} points below the experts "
+            f"(>= {self.interference:g} required): {mark(ind - ta >= self.interference)}",
+            f"(c) merging partly works: Task Arithmetic {ta:.1f} vs pretrained {pre:.1f} and Weight Averaging {wa:.1f}; "
+            f"recovers {100 * recovered:.0f}% of the pretrained-to-expert gap (>= {100 * self.recovery:g}% required): "
+            f"{mark(ta > pre and ta > wa and recovered >= self.recovery)}",
+        ]
+
+
+def _no_sanity(rows) -> list[str]:
+    return []
+
+
+def _no_references(records: list[dict]) -> References | None:
+    return None
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    name: str
+    loader: Callable[..., Suite]
+    description: str = ""
+    # the loader's keyword arguments beyond build/verbose: name -> inspect.Parameter (default, annotation)
+    options: dict = field(default_factory=dict)
+    builds: bool = True          # built locally on first use (``mergebench build NAME``)
+    results: tuple = ()          # wildcards of the results folders its runs write to (default: its name)
+    sanity: Callable = _no_sanity            # rows (the leaderboard's main table) -> lines
+    references: Callable = _no_references    # the main table's records -> References | None
+
+    def load(self, build: bool = True, verbose: bool = True, **options) -> Suite:
+        unknown = [k for k in options if k not in self.options]
+        if unknown:
+            from mergebench.catalog import close_matches
+            raise SuiteOptionError(f"suite {self.name!r} takes no option {unknown[0]!r}"
+                            f"{close_matches(unknown[0], self.options)} (its options: "
+                            f"{', '.join(self.options) or 'none'})")
+        try:
+            suite = self.loader(build=build, verbose=verbose, **options)
+        except FileNotFoundError as e:  # not built, no manifest, no data root: the user's to fix
+            if isinstance(e, MissingFileError):
+                raise
+            raise MissingFileError(str(e)) from None
+        # the same files, loaded again (built by now, so never a build): restores the suite after a method changed
+        # its inputs, and rebuilds it in a fresh process (a time-limited run on CUDA)
+        suite.reload = functools.partial(get_suite, self.name, build=False, verbose=False, **options)
+        return suite
+
+    def parse_options(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Options given as text (``--suite-option KEY=VALUE``, a sweep's YAML) coerced to the loader's annotated
+        types: ``bool`` (true/false), ``int``, ``float``, ``list[str]`` (comma-separated); others as given."""
+        import typing
+
+        try:
+            hints = typing.get_type_hints(self.loader)
+        except Exception:  # unresolvable annotations: the defaults' types
+            hints = {}
+        out = {}
+        for key, value in values.items():
+            if key not in self.options:
+                from mergebench.catalog import close_matches
+                raise SuiteOptionError(f"suite {self.name!r} takes no option {key!r}{close_matches(key, self.options)} "
+                                       f"(its options: {', '.join(self.options) or 'none'})")
+            out[key] = _coerce(key, value, hints.get(key, type(self.options[key].default)), self.name)
+        return out
+
+    def writes_to(self, folder: str) -> bool:
+        """Whether ``folder`` (a results folder: the suite name its records carry) holds this suite's runs."""
+        return any(fnmatch.fnmatchcase(folder, p) for p in (self.results or (self.name,)))
+
+
+def _coerce(key: str, value: Any, annotation: Any, suite: str) -> Any:
+    import types
+    import typing
+
+    if not isinstance(value, str):
+        return value
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value.lower() == "none":
+            return None
+        annotation = args[0]
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (list, tuple):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if origin is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SuiteOptionError(f"suite {suite!r}: option {key} is true or false, got {value!r}")
+    if origin in (int, float):
+        try:
+            return origin(value)
+        except ValueError:
+            raise SuiteOptionError(f"suite {suite!r}: option {key} expects {origin.__name__}, got {value!r}") from None
+    return value
+
+
+SUITES: Registry[SuiteSpec] = Registry(
+    "suite", group=ENTRY_POINT_GROUP, builtins="mergebench.suites.builtin", error=UnknownSuiteError,
+    identity=lambda spec: f"{spec.loader.__module__}.{spec.loader.__qualname__}")
+
+
+def register_suite(name: str | Callable | None = None, *, description: str | None = None, builds: bool = True,
+                   results: str | tuple | list = (), sanity: Callable | None = None,
+                   references: Callable | None = None, aliases: tuple | list = ()):
+    """Register a suite loader ``fn(build=True, verbose=True, **options) -> Suite`` (see the module docstring).
+
+    ``description`` defaults to the first line of the loader's docstring; ``builds=False`` for suites read from
+    the user's files (not built by ``mergebench build``); ``results`` the wildcards of the results folders its
+    runs go to when they differ from its name (the real suite: ``real-*``, after the manifest's name)."""
+    if callable(name):  # bare @register_suite
+        return register_suite()(name)
+
+    def decorator(fn: Callable) -> Callable:
+        params = inspect.signature(fn).parameters
+        missing = [p for p in ("build", "verbose") if p not in params]
+        if missing:
+            raise TypeError(f"suite loader {fn.__module__}.{fn.__qualname__} must take {' and '.join(missing)} "
+                            f"as keyword arguments (build: build on first use; verbose: print progress)")
+        options = {k: p for k, p in params.items() if k not in ("build", "verbose")
+                   and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        key = name or fn.__name__
+        doc = (inspect.getdoc(fn) or "").strip().splitlines()
+        spec = SuiteSpec(key, fn, description if description is not None else (doc[0] if doc else ""), options,
+                         builds, (results,) if isinstance(results, str) else tuple(results),
+                         sanity or _no_sanity, references or _no_references)
+        SUITES.add(key, spec, aliases=aliases, module=fn.__module__)
+        fn.suite_spec = spec
+        return fn
+
+    return decorator
+
+
+def get_suite_spec(name: str) -> SuiteSpec:
+    return SUITES.get(name)
+
+
+def list_suites(pattern: str | list[str] = "*", builds: bool | None = None) -> list[str]:
+    """Registered suite names matching shell-style wildcards, in registration order (built-ins first)."""
+    names = SUITES.names(pattern)
+    return [n for n in names if builds is None or SUITES.get(n).builds == builds]
+
+
+def get_suite(name: str, build: bool = True, verbose: bool = True, **options: Any) -> Suite:
+    """The suite ``name`` (``mini8``, ``micro``, ``real``, ... or a plugin's), built on first use if ``build``;
+    ``options`` are its loader's keyword arguments (``get_suite("real", manifest=..., data_root=...)``)."""
+    return SUITES.get(name).load(build=build, verbose=verbose, **options)
+
+
+def suite_for_results(folder: str) -> SuiteSpec | None:
+    """The registered suite whose runs a results folder holds (``real-ViT-B-32`` -> ``real``), or None."""
+    if folder in SUITES:
+        return SUITES.get(folder)
+    return next((SUITES.get(n) for n in SUITES.names() if SUITES.get(n).writes_to(folder)), None)
