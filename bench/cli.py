@@ -1,7 +1,7 @@
 """The ``mergebench`` command line.
 
     mergebench list-methods [PATTERN] [--needs KIND] [-v]
-    mergebench build [mini8|micro|mini8-lora|micro-lora]
+    mergebench build [SUITE]                           mergebench list-suites
     mergebench run METHOD_SPEC... [--suite mini8] [--all] [--set k=v] [--tune k=v1,v2] [--seed N] [--force]
     mergebench leaderboard [--suite mini8] [--format md|csv|latex] [--write]
     mergebench run METHOD_SPEC... --suite real --manifest M.yaml --data-root DIR [--trust-pickle] [--tasks A,B]
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from mergebench.errors import MergebenchError, MissingFileError
-from mergebench.registry import HyperparameterError
+from mergebench.registry import NEEDS, HyperparameterError
 
 
 def _kv(items: list[str]) -> dict:
@@ -70,43 +70,67 @@ def cmd_build(args) -> int:
     from mergebench.suites import get_suite
 
     suite = get_suite(args.suite)
-    print(f"{suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}), build info {suite.info['build']}")
+    print(f"{suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}), build info {suite.info.get('build')}")
     return 0
 
 
+def cmd_list_suites(args) -> int:
+    from tabulate import tabulate
+
+    from mergebench.suites import get_suite_spec, list_suites
+
+    rows = []
+    for name in list_suites(args.pattern):
+        spec = get_suite_spec(name)
+        options = ", ".join(f"{k}={p.default!r}" for k, p in spec.options.items())
+        rows.append([name, "yes" if spec.builds else "no", options, spec.description, spec.loader.__module__])
+    print(tabulate(rows, headers=["name", "built here", "options", "description", "module"]))
+    return 0 if rows else 1
+
+
+# the suite options that have flags of their own (the real suite's, the synthetic ones'); any other:
+# --suite-option KEY=VALUE
+SUITE_FLAGS = ("manifest", "data_root", "trust_pickle", "tasks", "fraction")
+
+
+def _suite_options(args) -> dict:
+    """The options given for the suite: ``--suite-option KEY=VALUE`` and the flags of ``SUITE_FLAGS``."""
+    options = _kv(getattr(args, "suite_option", None))
+    for flag in SUITE_FLAGS:
+        value = getattr(args, flag, None)
+        if value not in (None, False):
+            options[flag] = value
+    return options
+
+
 def _suite(args):
-    from mergebench.suites import get_suite
+    from mergebench.suites import get_suite_spec
 
-    if args.suite == "real":
-        return get_suite("real", manifest=args.manifest, data_root=args.data_root, trust_pickle=args.trust_pickle,
-                         tasks=args.tasks.split(",") if args.tasks else None, verbose=not args.quiet)
-    if args.suite.startswith("synthetic-"):
-        fraction = getattr(args, "fraction", None)
-        return get_suite(args.suite, **({} if fraction is None else {"fraction": fraction}),
-                         verbose=not getattr(args, "quiet", False))
+    spec = get_suite_spec(args.suite)
+    options = spec.parse_options(_suite_options(args))
     if getattr(args, "time_limit", None):
-        _build_in_child(args.suite)
-    return get_suite(args.suite)
+        _build_in_child(args.suite, options)
+    return spec.load(verbose=not getattr(args, "quiet", False), **options)
 
 
-def _build_in_child(name: str) -> None:
+def _build_in_child(name: str, options: dict) -> None:
     """Under a time limit this process keeps one thread for its forked children (mergebench.limits); a suite
-    that is not built yet is built in a child that has them all."""
+    that is built here and is not built yet is built in a child that has them all."""
     from mergebench import limits
-    from mergebench.suites import SUITES, get_suite
+    from mergebench.suites import get_suite, get_suite_spec
 
-    if name not in SUITES or name == "real":
+    if not get_suite_spec(name).builds:
         return
     try:
-        get_suite(name, build=False, verbose=False)
+        get_suite(name, build=False, verbose=False, **options)
     except MissingFileError:
-        limits.run_limited(functools.partial(_build_suite, name), None, f"building {name}")
+        limits.run_limited(functools.partial(_build_suite, name, options), None, f"building {name}")
 
 
-def _build_suite(name: str, release) -> None:
+def _build_suite(name: str, options: dict, release) -> None:
     from mergebench.suites import get_suite
 
-    get_suite(name)
+    get_suite(name, **options)
 
 
 def cmd_data(args) -> int:
@@ -289,6 +313,9 @@ def cmd_sweep(args) -> int:
     grid = {k: v.split(",") for k, v in _kv(args.grid).items()}
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     suites = args.suite.split(",") if args.suite else None
+    options = _suite_options(args)
+    if options:  # the same options for every suite named (e.g. --suite real --manifest M --data-root D)
+        suites = [{"name": name, **options} for name in (suites or ["mini8"])]
     over = {"methods": list(args.methods), "suites": suites, "seeds": seeds, "grid": grid, "name": args.name,
             "device": None if args.device == "auto" else args.device, "time_limit_s": args.time_limit,
             "results_dir": args.results}
@@ -398,27 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list-methods", help="list registered methods (built-ins and plugins)")
     s.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'ada*'")
-    s.add_argument("--needs", choices=["nothing", "unlabeled", "labeled", "sequential"], help="filter by data needs")
+    s.add_argument("--needs", choices=list(NEEDS), help="filter by data needs")
     s.add_argument("-v", "--verbose", action="store_true", help="show hyperparameters and papers")
     s.add_argument("--json", action="store_true", help="machine-readable metadata")
     s.set_defaults(fn=cmd_list_methods)
 
+    from mergebench.suites import list_suites
+
     s = sub.add_parser("build", help="build (or load from cache) a suite")
-    s.add_argument("suite", nargs="?", default="mini8", choices=["mini8", "micro", "mini8-lora", "micro-lora"])
+    s.add_argument("suite", nargs="?", default="mini8", choices=list_suites(builds=True))
     s.set_defaults(fn=cmd_build)
 
-    def run_options(s):
-        s.add_argument("--suite", default="mini8", help="mini8 (default), micro, mini8-lora, micro-lora, real, or a "
-                                                         "synthetic suite (synthetic-vitb32, ...: speed and memory only)")
-        s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-        s.add_argument("--force", action="store_true", help="rerun configurations that already have an ok record")
-        s.add_argument("--unlabeled-split", default="test", help="split that unlabeled streams draw from")
-        s.add_argument("--data-fraction", type=float, default=1.0, help="fraction of that split a method may see")
-        s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS",
-                       help="record a method as failed when its merge runs longer than this")
+    s = sub.add_parser("list-suites", help="list registered suites (built-ins and plugins) with their options")
+    s.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'mini*'")
+    s.set_defaults(fn=cmd_list_suites)
+
+    def suite_options(s, default="mini8"):
+        s.add_argument("--suite", default=default, metavar="SUITE",
+                       help=f"{', '.join(list_suites())} (`mergebench list-suites` describes them; default {default})")
+        s.add_argument("--suite-option", action="append", metavar="KEY=VALUE",
+                       help="an option of the suite's loader (`mergebench list-suites` lists them)")
         s.add_argument("--manifest", help="real suite: the model-zoo manifest (YAML) of backbone and experts")
         s.add_argument("--data-root", help="real suite: the folder holding the datasets (see `mergebench data check`)")
         s.add_argument("--trust-pickle", action="store_true",
@@ -429,6 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--fraction", type=float, default=None,
                        help="synthetic suites (synthetic-vitb32, -vitb16, -vitl14): share of the real test-set sizes "
                             "(default 1: 87,433 test images)")
+
+    def run_options(s):
+        suite_options(s)
+        s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+        s.add_argument("--force", action="store_true", help="rerun configurations that already have an ok record")
+        s.add_argument("--unlabeled-split", default="test", help="split that unlabeled streams draw from")
+        s.add_argument("--data-fraction", type=float, default=1.0, help="fraction of that split a method may see")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS",
+                       help="record a method as failed when its merge runs longer than this")
         s.add_argument("--protocol", choices=["one-shot", "sequential"], default=None,
                        help="sequential: experts arrive one at a time, evaluated after each on the tasks seen, over "
                             "--orders task orders (default: sequential for methods that need it, else one-shot)")
@@ -450,17 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("leaderboard", help="render the leaderboard from the records")
     s.add_argument("--suite", default="mini8")
     s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
-    s.add_argument("--format", choices=["md", "csv", "latex", "html"], default="md")
+    from mergebench.leaderboard import sequential_formats, text_formats
+
+    s.add_argument("--format", choices=text_formats(), default="md",
+                   help="the output format (registered formats: mergebench.leaderboard.FORMATS)")
     s.add_argument("--write", action="store_true",
                    help="write LEADERBOARD.md, leaderboard.csv, .tex, .html and the plots (PNG, SVG)")
     s.add_argument("--max-added-params", metavar="BUDGET", help="keep methods within '1%%' of the backbone or a count "
                                                                 "('0', '500k', '2M')")
-    s.add_argument("--needs", metavar="KIND", help="keep methods using at most this data: data-free, unlabeled, labeled")
+    s.add_argument("--needs", metavar="KIND", help="keep methods using at most this data: data-free, "
+                                                   + ", ".join(k for k in NEEDS if k not in ("nothing", "sequential")))
     s.add_argument("--sort", metavar="COLUMN[:asc|desc]", help="sort by any column (e.g. Norm, 'Added params', "
                                                                 "MMACs/img)")
     s.add_argument("--protocol", choices=["one-shot", "sequential"], default="one-shot",
                    help="sequential: print the table of sequential runs (final average over orders +- std, average "
-                        "over steps) in --format md|csv|latex")
+                        "over steps) in --format " + "|".join(sequential_formats()))
     s.set_defaults(fn=cmd_leaderboard)
 
     s = sub.add_parser("data", help="real-suite datasets: check what is on disk, or prepare the preprocessing cache")
@@ -505,7 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("methods", nargs="*", metavar="METHOD_SPEC")
     s.add_argument("--config", help="YAML with methods, suites, seeds, grid, time_limit, executor, jobs, slurm: {...}")
     s.add_argument("--name", help="sweep name (default: a hash of its definition); `mergebench status NAME`")
-    s.add_argument("--suite", help="comma-separated suites (backbones), default mini8")
+    s.add_argument("--suite", help="comma-separated suites (backbones), default mini8; a suite with options: "
+                                   "--suite-option KEY=VALUE or the real suite's flags, or the YAML config's "
+                                   "suites: [{name: real, manifest: M.yaml, data_root: DIR}]")
+    s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="an option of the suites' loader")
+    s.add_argument("--manifest", help="real suite: the model-zoo manifest")
+    s.add_argument("--data-root", help="real suite: the datasets' folder")
+    s.add_argument("--trust-pickle", action="store_true", help="real suite: allow pickled checkpoints")
+    s.add_argument("--tasks", help="real suite: comma-separated subset of tasks")
     s.add_argument("--seeds", help="comma-separated seeds, default 0")
     s.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="hyperparameter values (KEY or method.KEY)")
     s.add_argument("--executor", choices=["local", "slurm", "submitit-local"], help="default local")
@@ -531,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-plugin", help="conformance kit for a method (or every method of a plugin)")
     s.add_argument("name", help="method name, wildcard, or plugin distribution / entry-point name")
-    s.add_argument("--suite", default="micro", help="suite to run on (default micro: seconds)")
+    suite_options(s, default="micro")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--time-limit", type=seconds, default=600.0, metavar="SECONDS",
                    help="fail the checks of a method whose runs take longer than this (default 600; the process is "

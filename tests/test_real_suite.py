@@ -518,15 +518,17 @@ def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(worl
     from mergebench.run import run_method
 
     eight = list(cardlib.REAL_TASKS)
-    rows = {r["method"]: r for r in leaderboard.published("ViT-B-32", eight)}
+    from mergebench.suites import real as real_suite
+
+    rows = {r["method"]: r for r in real_suite.published("ViT-B-32", eight)}
     assert {k: v["avg"] for k, v in rows.items()} == {
         "pretrained": 48.0, "individual": 90.5, "weight_averaging": 65.8, "task_arithmetic": 69.1, "ties_merging": 72.4,
         "adamerging_taskwise": 71.1, "adamerging_layerwise": 80.1, "lot_merging": 82.7, "cat_merging": 78.3}
     from mergebench.registry import get_method
     for name in rows:  # every published row sits beside a registered method
         get_method(name)
-    assert leaderboard.published(None, eight) == [] and leaderboard.published("ViT-B-32", eight[:3]) == []
-    assert leaderboard.published("ViT-B-32", eight, quick_gelu=False) == []  # a GELU backbone is another model
+    assert real_suite.published(None, eight) == [] and real_suite.published("ViT-B-32", eight[:3]) == []
+    assert real_suite.published("ViT-B-32", eight, quick_gelu=False) == []  # a GELU backbone is another model
     rec = run_method("task_arithmetic", suite, results_dir=tmp_path / "r", device="cpu", show_progress=False,
                      count_flops=False)
     assert rec["suite"]["model"] == {"name": None, "open_clip": None, "quick_gelu": True}  # a model_config manifest
@@ -544,7 +546,7 @@ def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(worl
     # records written before the model field: read from the backbone description
     old = {k: v for k, v in rec["suite"].items() if k != "model"}
     old["backbone"] = "open_clip ViT-B-32 (QuickGELU) {}"
-    assert leaderboard.record_model({"suite": old}) == ("ViT-B-32", True)
+    assert real_suite.record_model({"suite": old}) == ("ViT-B-32", True)
 
 
 def test_a_task_subset_run_is_kept_apart_from_the_full_rows(world, suite, tmp_path):
@@ -573,7 +575,7 @@ def test_a_task_subset_run_is_kept_apart_from_the_full_rows(world, suite, tmp_pa
     df = leaderboard.table(results, "real-b32")[0]
     ta = df[df["Pipeline"] == full["method"]["pipeline"]]
     assert len(ta) == 1 and ta["Avg"].iloc[0] == full["metrics"]["avg_accuracy"]  # the full row is still there
-    assert list(leaderboard._tasks(df)) == list(cardlib.REAL_TASKS)
+    assert list(leaderboard.task_columns(df)) == list(cardlib.REAL_TASKS)
     subset = leaderboard.table(results, "real-b32", tasks=tuple(three))[0]
     assert list(subset["Pipeline"]) == [full["method"]["pipeline"]] and subset["Pareto"].tolist() == [True]
     md = leaderboard.render(results, "real-b32")

@@ -134,7 +134,7 @@ def _register(name: str) -> None:
     loader.__name__ = loader.__qualname__ = f"load_{name.replace('-', '_')}"
     model = SYNTHETIC[name]
     what = f"open_clip {model}" if model else "a narrow 2-layer encoder (tests)"
-    register_suite(name, description=f"{what} with random weights, experts and images of the real benchmark's "
+    register_suite(name, builds=False, description=f"{what} with random weights, experts and images of the real benchmark's "
                                      f"shapes: speed and memory only")(loader)
 
 
