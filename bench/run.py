@@ -389,6 +389,31 @@ def _failure(e: Exception, suite: Suite, call: MethodCall) -> dict:
     return out
 
 
+def _checked_accuracy(result: dict, when: str = "") -> dict[str, float]:
+    """The per-task accuracy of an evaluation; out-of-range or non-finite values fail the run."""
+    acc = result["accuracy"]
+    bad = [t for t, a in acc.items() if not (0.0 <= a <= 100.0)]
+    if bad:
+        why = (f"; the merged model gave non-finite outputs for {result['nonfinite']} images"
+               if result.get("nonfinite") else "")
+        raise MethodFailed(f"non-finite or out-of-range accuracy on {bad}{when}{why}")
+    return acc
+
+
+def measure_final(model: MergedModel, acc: dict[str, float], suite: Suite, device, count_flops: bool) -> dict:
+    """The record's ``metrics``, ``params`` and ``flops`` of a run's final model, whose test accuracy per task is
+    ``acc``: one measurement for both protocols (the sequential one measures its last model)."""
+    ref = reference_accuracy(suite, device)
+    norm = {t: 100.0 * acc[t] / ref[t] if ref[t] > 0 else float("nan") for t in acc}
+    backbone = list(suite.pretrained.values())
+    params = parameter_counts(model, sum(v.numel() for v in backbone), sum(tensor_bytes(v) for v in backbone))
+    image_shape = (3, suite.encoder_config["image_size"], suite.encoder_config["image_size"])
+    flops = model_macs(model.cpu(), suite.tasks, image_shape) if count_flops else None
+    return {"metrics": {"accuracy": acc, "normalized_accuracy": norm, "avg_accuracy": sum(acc.values()) / len(acc),
+                        "avg_normalized_accuracy": sum(norm.values()) / len(norm), "reference_accuracy": ref},
+            "params": params, "flops": flops}
+
+
 def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
               count_flops) -> dict:
     out: dict = {}
@@ -410,26 +435,11 @@ def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction
         release()  # the time limit covers the merge and the selection
         _check_finite(model)
         result = evaluate(model, suite, "test", device)
-        acc = result["accuracy"]
-        bad = [t for t, a in acc.items() if not (0.0 <= a <= 100.0)]
-        if bad:
-            why = (f"; the merged model gave non-finite outputs for {result['nonfinite']} images"
-                   if result.get("nonfinite") else "")
-            raise MethodFailed(f"non-finite or out-of-range accuracy on {bad}{why}")
+        acc = _checked_accuracy(result)
         _verify_inputs(suite, call)
-        ref = reference_accuracy(suite, device)
-        norm = {t: 100.0 * acc[t] / ref[t] if ref[t] > 0 else float("nan") for t in acc}
-        backbone = [v for v in suite.pretrained.values()]
-        params = parameter_counts(model, sum(v.numel() for v in backbone), sum(tensor_bytes(v) for v in backbone))
-        image_shape = (3, suite.encoder_config["image_size"], suite.encoder_config["image_size"])
-        flops = model_macs(model.cpu(), suite.tasks, image_shape) if count_flops else None
         out.update({
             "status": "ok",
-            "metrics": {"accuracy": acc, "normalized_accuracy": norm,
-                        "avg_accuracy": sum(acc.values()) / len(acc),
-                        "avg_normalized_accuracy": sum(norm.values()) / len(norm),
-                        "reference_accuracy": ref},
-            "params": params, "flops": flops,
+            **measure_final(model, acc, suite, device, count_flops),
             "timing": {"merge_s": round(merge_s, 3), "stages_s": stage_s, "eval_s": round(result["seconds"], 3),
                        "eval_images_per_s": round(result["images_per_s"], 1), "loops": loop_rates(ctx),
                        "cached_bases": ctx.cached_bases,
@@ -450,13 +460,8 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
     per_order, contexts, final_model = [], [], None
 
     def evaluate_seen(model, tasks):
-        result = evaluate(model, suite, "test", device, tasks=tasks)
-        bad = [t for t, a in result["accuracy"].items() if not (0.0 <= a <= 100.0)]
-        if bad:
-            why = (f"; the merged model gave non-finite outputs for {result['nonfinite']} images"
-                   if result.get("nonfinite") else "")
-            raise MethodFailed(f"non-finite or out-of-range accuracy on {bad} (after {len(tasks)} experts){why}")
-        return result["accuracy"]
+        return _checked_accuracy(evaluate(model, suite, "test", device, tasks=tasks),
+                                 f" (after {len(tasks)} experts)")
 
     try:
         for order in order_list:
@@ -469,19 +474,10 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
                 final_model = model
         _verify_inputs(suite, call)
         summary = summarize(per_order, suite.tasks)
-        acc = summary["final_accuracy"]
-        ref = reference_accuracy(suite, device)
-        norm = {t: 100.0 * acc[t] / ref[t] if ref[t] > 0 else float("nan") for t in acc}
-        backbone = list(suite.pretrained.values())
-        params = parameter_counts(final_model, sum(v.numel() for v in backbone), sum(tensor_bytes(v) for v in backbone))
-        image_shape = (3, suite.encoder_config["image_size"], suite.encoder_config["image_size"])
-        flops = model_macs(final_model.cpu(), suite.tasks, image_shape) if count_flops else None
         return {
             "sequential": {"per_order": per_order, **{k: v for k, v in summary.items() if k != "final_accuracy"}},
             "status": "ok", "selection": {"protocol": "fixed"},
-            "metrics": {"accuracy": acc, "normalized_accuracy": norm, "avg_accuracy": sum(acc.values()) / len(acc),
-                        "avg_normalized_accuracy": sum(norm.values()) / len(norm), "reference_accuracy": ref},
-            "params": params, "flops": flops,
+            **measure_final(final_model, summary["final_accuracy"], suite, device, count_flops),
             "timing": {"merge_s": round(sum(o["merge_s"] for o in per_order), 3),
                        "merge_s_per_order": [o["merge_s"] for o in per_order],
                        "eval_s": round(sum(o["eval_s"] for o in per_order), 3), **_peak_memory_mb(device)},
