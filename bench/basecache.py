@@ -86,7 +86,7 @@ def store(call, ctx, entry: CachedBase) -> None:
 
 
 def _disk_kind(model: MergedModel) -> str | None:
-    from mergebench.methods.functional import AdaMergedModel
+    from mergebench.methods.adaptive import AdaMergedModel
 
     if type(model) is AdaMergedModel:
         return "adamerged"
@@ -110,7 +110,7 @@ def _load(key: str, ctx) -> CachedBase | None:
     for p in encoder.parameters():
         p.requires_grad_(False)
     if meta["kind"] == "adamerged":
-        from mergebench.methods.functional import AdaMergedModel, MergeState
+        from mergebench.methods.adaptive import AdaMergedModel, MergeState
 
         state = MergeState(meta["merge_state"]["granularity"], tensors["merge_state.coefficients"].to(ctx.device),
                            meta["merge_state"]["ties_k"])

@@ -116,6 +116,11 @@ class MergeContext:
         return True
 
     @property
+    def embed_dim(self) -> int:
+        """The width of the encoder's output embedding (what the heads read)."""
+        return int(self.suite.encoder_config["output_dim"])
+
+    @property
     def has_lora_experts(self) -> bool:
         """Whether the experts are LoRA adapters with factors (``lora_factors``): mini8-lora, micro-lora, PEFT."""
         return self.suite.has_lora

@@ -9,7 +9,7 @@ disjoint; each task keeps its own vector and lambda).
 
 from __future__ import annotations
 
-from mergebench.methods.functional import AdaMergedModel, functional_merge, minimize_entropy, unlabeled_streams
+from mergebench.methods.adaptive import AdaMergedModel, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.models import freeze
 from mergebench.registry import Paper, register_method
 
@@ -42,7 +42,8 @@ def run_adamerging(ctx, granularity: str, ties_k: float | None, steps: int, lr: 
     fm = functional_merge(ctx, granularity, init, ties_k)
     name = f"AdaMerging{'++' if ties_k is not None else ''} ({granularity}-wise)"
     key = f"adamerging_{granularity}wise{'_pp' if ties_k is not None else ''}"
-    minimize_entropy(ctx, fm, [fm.lambdas], steps, lr, streams, batches_per_task, name, key)
+    minimize_entropy(ctx, fm, [fm.lambdas], steps=steps, lr=lr, streams=streams, batches_per_task=batches_per_task,
+                     desc=name, log_key=key)
     lam = fm.coefficients().detach()
     for i, t in enumerate(ctx.tasks):
         ctx.log(f"{key}/lambda_mean/{t}", lam[:, i].mean().item())

@@ -20,7 +20,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.functional import FunctionalMerge, minimize_entropy, unlabeled_streams
+from mergebench.methods.adaptive import FunctionalMerge, minimize_entropy, unlabeled_streams
 from mergebench.registry import Paper, register_method
 from mergebench.weights import Weights
 
@@ -102,7 +102,7 @@ def run_adarank(ctx, origin: str, steps: int, lr: float, prior: float, initial_r
     merge = RankMaskedMerge(ctx.encoder(), theta, task_vectors, prior, initial_rank_ratio, temperature)
     del task_vectors
     params = [merge.lambdas, *merge.mask_logits]
-    minimize_entropy(ctx, merge, params, steps, lr, streams, 1, key.replace("_", " "), key)
+    minimize_entropy(ctx, merge, params, steps=steps, lr=lr, streams=streams, desc=key.replace("_", " "), log_key=key)
     ranks = merge.selected_ranks()
     for i, t in enumerate(ctx.tasks):
         kept = sum(r[i].item() for r in ranks.values())

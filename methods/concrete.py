@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.functional import (
+from mergebench.methods.adaptive import (
     FunctionalMerge, entropy_objective, functional_merge, minimize_entropy, unlabeled_streams,
 )
 from mergebench.registry import Paper, register_method
@@ -134,8 +134,8 @@ def concrete_task_arithmetic(ctx, steps: int = 2000, lr: float = 1e-3, scaling: 
     Task Arithmetic has no inner optimisation (its scaling is fixed)."""
     streams, fm, mask = _concrete_setup(ctx, "task", scaling, init_logits, temperature, batch_size)
     fm.lambdas.requires_grad_(False)
-    minimize_entropy(ctx, fm, list(mask.parameters()), steps, lr, streams, 1, "Concrete TA",
-                     "concrete_task_arithmetic", weights=lambda: fm.merged_weights(rescaled(mask.sample())))
+    minimize_entropy(ctx, fm, list(mask.parameters()), steps=steps, lr=lr, streams=streams, desc="Concrete TA",
+                     log_key="concrete_task_arithmetic", weights=lambda: fm.merged_weights(rescaled(mask.sample())))
     return ctx.shared_model(fm.final_weights(_final_mask(ctx, mask, eval_mask, "concrete_task_arithmetic")))
 
 
@@ -178,8 +178,9 @@ def concrete_adamerging(ctx, granularity: Literal["layer", "task"] = "layer", st
     final = _final_mask(ctx, mask, eval_mask, key)
     with torch.no_grad():
         fm.lambdas.copy_(init)
-    minimize_entropy(ctx, fm, [fm.lambdas], adamerging_steps, adamerging_lr, streams, 1,
-                     "Concrete AdaMerging (coefficients)", f"{key}/adamerging", weights=lambda: fm.merged_weights(final))
+    minimize_entropy(ctx, fm, [fm.lambdas], steps=adamerging_steps, lr=adamerging_lr, streams=streams,
+                     desc="Concrete AdaMerging (coefficients)", log_key=f"{key}/adamerging",
+                     weights=lambda: fm.merged_weights(final))
     _log_masked_lambdas(ctx, fm, key)
     return ctx.shared_model(fm.final_weights(final))
 

@@ -58,7 +58,7 @@ def dare(ctx, p: float = 0.5, merge: str = "task_arithmetic", rescale: bool = Tr
 
     DARE acts on the task vectors *before* the base merge, so it cannot be an add-on of the harness (a ``base``
     hyperparameter receives the base's finished model). Instead ``merge`` names a data-free method spec; DARE
-    calls that method's function with a context whose experts are theta_0 + DARE(tau_t). The masks are drawn
+    runs that method through the harness with a context whose experts are theta_0 + DARE(tau_t). The masks are drawn
     from a generator seeded by the run's seed and the task, so a run is reproducible.
 
     Deviation: ``merge`` is a free string in the record (``dare(merge='ties_merging')`` and
@@ -69,4 +69,6 @@ def dare(ctx, p: float = 0.5, merge: str = "task_arithmetic", rescale: bool = Tr
     if spec.is_addon or spec.needs != "nothing" or call.name == "dare":
         raise HyperparameterError(f"dare(merge=...) needs a data-free, non-add-on merge method; {call.name!r} is "
                                   f"{'an add-on' if spec.is_addon else 'needs=' + spec.needs}")
-    return spec.fn(DareContext(ctx, p, rescale), **call.hparams)
+    from mergebench.run import execute  # through the harness: the method's result is checked as any run's
+
+    return execute(call, DareContext(ctx, p, rescale))

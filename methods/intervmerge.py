@@ -14,15 +14,15 @@ called on its own, its behaviour.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.functional import (
-    AdaMergedModel, ExpertEmbeddings, FunctionalSharedModel, freeze_base, functional_merge_from_state, l1,
-    single_encoder,
+from mergebench.methods.adaptive import (
+    AdaMergedModel, ExpertEmbeddings, FunctionalSharedModel, functional_merge_from_state, l1, single_encoder,
 )
 from mergebench.models import MergedModel, SharedModel, freeze
 from mergebench.registry import Paper, register_method
@@ -142,7 +142,7 @@ class InterventionModel(MergedModel):
         for h in self._handles:
             h.remove()
         encoder = single_encoder(base)
-        self.base = freeze_base(base)
+        self.base = freeze(base)
         self._handles = [blk.attn.register_forward_hook(partial(self._hook, b))
                          for b, blk in enumerate(encoder.transformer.resblocks)]
 
@@ -178,13 +178,31 @@ class InterventionModel(MergedModel):
 
 
 # ------------------------------------------------------------------ training
-def train_interventions(ctx, base: MergedModel, kind: str, rank: int, slice_width: int, steps: int, lr: float,
-                        batch_size: int, batches_per_task: int, joint: bool, desc: str,
-                        name: str) -> InterventionModel:
+@dataclass(frozen=True, kw_only=True)
+class InterventionTraining:
+    """What one IntervMerge variant trains, and how: the registered methods' hyperparameters (their defaults are
+    in the methods' signatures, nowhere else)."""
+
+    kind: str                  # a key of INTERVENTIONS: "full", "mini", "efficient_mini"
+    rank: int
+    steps: int
+    lr: float
+    batch_size: int
+    batches_per_task: int
+    joint: bool                # an AdaMerging base's coefficients train too
+    desc: str                  # the progress bar's name
+    log_key: str               # the logs' prefix
+    slice_width: int = 0       # the mini forms' slice (the full form acts on the whole width)
+
+
+def train_interventions(ctx, base: MergedModel, config: InterventionTraining) -> InterventionModel:
+    """Interventions of ``config.kind`` on ``base``, trained to the experts' embeddings (see the methods below)."""
+    kind, rank, slice_width, name = config.kind, config.rank, config.slice_width, config.log_key
+    batch_size, batches_per_task, joint = config.batch_size, config.batches_per_task, config.joint
     experts = ExpertEmbeddings(ctx)
     # (images, expert embedding) per batch; the frozen expert's embeddings are computed once per image
     streams = {t: ctx.unlabeled(t, batch_size, through=(None, partial(experts, task=t))) for t in ctx.tasks}
-    base = freeze_base(base)
+    base = freeze(base)
     state = getattr(base, "merge_state", None)
     fm = None
     if joint and state is not None:
@@ -196,9 +214,9 @@ def train_interventions(ctx, base: MergedModel, kind: str, rank: int, slice_widt
     groups = [{"params": list(student.interventions.parameters())}]
     if fm is not None:
         groups.append({"params": [fm.lambdas]})
-    opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
     shared = isinstance(student.base, (SharedModel, FunctionalSharedModel))
-    for _ in ctx.progress(range(steps), desc=desc):
+    for _ in ctx.progress(range(config.steps), desc=config.desc):
         drawn = {t: [next(streams[t]) for _ in range(batches_per_task)] for t in ctx.tasks}
         batches = {t: [x for x, _ in pairs] for t, pairs in drawn.items()}
         targets = {t: [y for _, y in pairs] for t, pairs in drawn.items()}
@@ -278,8 +296,9 @@ def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 500, lr
     Phi(h) = h + W2^T((W1 h + b1) - (W2 h + b2)) on the CLS token of the attention output, before the residual
     add, trained to minimise the L1 distance between the final embedding and the task's expert embedding on
     unlabeled test batches. Stores T * B * 2r(D + 1) parameters (147,648 for ViT-B/32, 8 tasks, r=1)."""
-    return train_interventions(ctx, base, "full", rank, 64, steps, lr, batch_size, batches_per_task, joint,
-                               "IntervMerge", "intervmerge")
+    return train_interventions(ctx, base, InterventionTraining(
+        kind="full", rank=rank, steps=steps, lr=lr, batch_size=batch_size, batches_per_task=batches_per_task, joint=joint,
+        desc="IntervMerge", log_key="intervmerge"))
 
 
 @register_method("intervmerge_mini", display_name="IntervMerge (mini)", paper=INTERVMERGE, needs="unlabeled",
@@ -292,8 +311,9 @@ def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: in
     """IntervMerge mini-interventions: the same NoReFT acting only on the first ``slice_width`` dims of the CLS
     attention output in every block (the rest unchanged), T * B * 2r(w + 1) parameters (12,480 for ViT-B/32 with
     w=64). On mini8 (width 128) the official 64-dim slice is half of the width, not 1/12 as on ViT-B/32."""
-    return train_interventions(ctx, base, "mini", rank, slice_width, steps, lr, batch_size, batches_per_task,
-                               joint, "IntervMerge mini", "intervmerge_mini")
+    return train_interventions(ctx, base, InterventionTraining(
+        kind="mini", rank=rank, slice_width=slice_width, steps=steps, lr=lr, batch_size=batch_size,
+        batches_per_task=batches_per_task, joint=joint, desc="IntervMerge mini", log_key="intervmerge_mini"))
 
 
 @register_method("intervmerge_efficient_mini", display_name="IntervMerge (efficient mini)", paper=INTERVMERGE,
@@ -309,8 +329,10 @@ def intervmerge_efficient_mini(ctx, base="task_arithmetic", rank: int = 1, slice
     ViT-B/32). Deviations: R is orthonormalised by Gram-Schmidt in the forward (same set of matrices as
     torch's orthogonal parametrisation, different optimisation path; traceable by fvcore), and the slices wrap
     around when blocks x w exceeds the width (mini8: 6 x 64 > 128)."""
-    return train_interventions(ctx, base, "efficient_mini", rank, slice_width, steps, lr, batch_size,
-                               batches_per_task, joint, "IntervMerge efficient mini", "intervmerge_efficient_mini")
+    return train_interventions(ctx, base, InterventionTraining(
+        kind="efficient_mini", rank=rank, slice_width=slice_width, steps=steps, lr=lr, batch_size=batch_size,
+        batches_per_task=batches_per_task, joint=joint, desc="IntervMerge efficient mini",
+        log_key="intervmerge_efficient_mini"))
 
 
 for _fn in (intervmerge, intervmerge_mini, intervmerge_efficient_mini):

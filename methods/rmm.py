@@ -213,6 +213,9 @@ class LayerPlanModel(SharedModel):
 
 
 def merged_pool_members(ctx, merged: str) -> tuple[list[nn.Module], list[str]]:
+    from mergebench.pipeline import MethodCall
+    from mergebench.run import execute
+
     names = [n.strip() for n in merged.split("+") if n.strip()]
     if not names:
         raise ValueError("rmm needs at least one merged model in its pool (merged='ties_merging')")
@@ -222,7 +225,7 @@ def merged_pool_members(ctx, merged: str) -> tuple[list[nn.Module], list[str]]:
         if spec.needs != "nothing" or spec.is_addon:
             raise ValueError(f"rmm's pool takes data-free methods that need no base; {name!r} has needs="
                              f"{spec.needs!r}{' and is an add-on' if spec.is_addon else ''}")
-        model = spec.fn(ctx)
+        model = execute(MethodCall(name).resolve(), ctx)  # through the harness: the same checks as any run
         if not isinstance(model, SharedModel):
             raise ValueError(f"rmm's pool needs one shared encoder per merged model; {name!r} returned "
                              f"{type(model).__name__}")

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.functional import ExpertEmbeddings, freeze_base, l1
-from mergebench.models import MergedModel
+from mergebench.methods.adaptive import ExpertEmbeddings, l1
+from mergebench.models import MergedModel, freeze
 from mergebench.registry import Paper, register_method
 
 SURGERY = Paper("Representation Surgery for Multi-Task Model Merging", 2024, "2402.02705", "ICML",
@@ -34,7 +34,7 @@ class SurgeryModel(MergedModel):
 
     def __init__(self, base: MergedModel, tasks: Sequence[str], dim: int, rank: int):
         super().__init__()
-        self.base = freeze_base(base)
+        self.base = freeze(base)
         self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank) for t in tasks})
 
     def forward(self, images: Tensor, task: str) -> Tensor:
@@ -76,12 +76,12 @@ def surgery(ctx, base="task_arithmetic", rank: int = 16, steps: int = 500, lr: f
     per-batch Adam steps are the official ones. The expert is the true fine-tuned encoder
     for every base, as in the official code.
     """
-    base_model = freeze_base(base)
+    base_model = freeze(base)
     experts = ExpertEmbeddings(ctx)
     # (base embedding, expert embedding) of each batch: both frozen, so computed once per image
     streams = {t: ctx.unlabeled(t, batch_size, through=(partial(base_model, task=t), partial(experts, task=t)))
                for t in ctx.tasks}
-    dim = int(ctx.suite.encoder_config["output_dim"])
+    dim = ctx.embed_dim
     model = SurgeryModel(base_model, ctx.tasks, dim, rank).to(ctx.device)
     opt = torch.optim.Adam(model.adapters.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     for _ in ctx.progress(range(steps), desc="Representation Surgery"):

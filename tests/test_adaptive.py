@@ -11,7 +11,7 @@ import torch
 
 import mergebench
 from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.methods.functional import AdaMergedModel, FunctionalMerge, entropy, functional_merge
+from mergebench.methods.adaptive import AdaMergedModel, FunctionalMerge, entropy, functional_merge
 from mergebench.methods.intervmerge import (
     EfficientMini, InterventionModel, MiniNoReFT, NoReFT, _orthonormal_columns, efficient_slice_start,
     intervention_param_count,

@@ -12,7 +12,7 @@ import mergebench
 from mergebench.context import DataNotDeclaredError, MergeContext
 from mergebench.methods.adarank import RankMaskedMerge, is_low_rank_key
 from mergebench.methods.concrete import ConcreteMask, rescaled
-from mergebench.methods.functional import (
+from mergebench.methods.adaptive import (
     FunctionalMerge, entropy, functional_merge, minimize_entropy, unlabeled_streams,
 )
 from mergebench.pipeline import MethodCall
@@ -119,8 +119,8 @@ def test_adarank_training_prunes_binary_masks_with_straight_through_gradients(mi
     ctx2 = _ctx(micro)
     merge = RankMaskedMerge(ctx2.encoder(), ctx2.pretrained_weights, [ctx2.task_vector(t) for t in ctx2.tasks],
                             0.3, 1.0, 10.0)
-    minimize_entropy(ctx2, merge, [merge.lambdas, *merge.mask_logits], 8, 0.05, unlabeled_streams(ctx2, 16), 1,
-                     "x", "x")
+    minimize_entropy(ctx2, merge, [merge.lambdas, *merge.mask_logits], steps=8, lr=0.05,
+                     streams=unlabeled_streams(ctx2, 16), desc="x", log_key="x")
     w = _weights(model)
     for k in merge.mask_keys:
         U, s, Vh = merge.svd[k]

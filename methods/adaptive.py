@@ -1,4 +1,5 @@
-"""Shared machinery of the test-time adaptive methods (AdaMerging, Surgery, IntervMerge).
+"""Test-time adaptation: the machinery shared by the methods that train on unlabeled test batches (AdaMerging and
+its ++ form, Concrete, AdaRank, Representation Surgery, IntervMerge).
 
 * :class:`FunctionalMerge`: the merged encoder as a function of trainable merge coefficients,
   ``merged[j] = theta_0[j] + sum_t clamp(lambda[j, t], 0, 1) * tau_t[j]``, run with
@@ -12,7 +13,8 @@
   (AdaRank builds each tau_t from its masked SVD).
 * Data helpers: per-task unlabeled streams (always through ``ctx.unlabeled``), expert
   embeddings as distillation targets, and the entropy objective with its Adam loop
-  (:func:`minimize_entropy`).
+  (:func:`minimize_entropy`, configured by keyword: ``minimize_entropy(ctx, merge, params, steps=..., lr=...,
+  streams=..., desc=..., log_key=...)``).
 """
 
 from __future__ import annotations
@@ -174,8 +176,8 @@ def entropy_objective(ctx, merge: FunctionalMerge, weights: dict[str, Tensor], s
     return sum(entropy(heads[t](f)) for t, f in zip(tasks, features))
 
 
-def minimize_entropy(ctx, merge: FunctionalMerge, params: Sequence[Tensor], steps: int, lr: float,
-                     streams: dict[str, Iterator[Tensor]], batches_per_task: int, desc: str, log_key: str,
+def minimize_entropy(ctx, merge: FunctionalMerge, params: Sequence[Tensor], *, steps: int, lr: float,
+                     streams: dict[str, Iterator[Tensor]], desc: str, log_key: str, batches_per_task: int = 1,
                      weights: Callable[[], dict[str, Tensor]] | None = None) -> None:
     """Adam (betas 0.9/0.999, no weight decay, as the official codes) on ``params`` for ``steps`` steps of
     :func:`entropy_objective`; ``weights()`` builds the merged weights of a step (default
@@ -202,13 +204,6 @@ def single_encoder(model: nn.Module) -> VisionTransformer:
         raise ValueError(f"this add-on needs a base with exactly one shared encoder; {type(model).__name__} "
                          f"holds {len(found)} (a per-task model such as 'individual' cannot be intervened on)")
     return found[0]
-
-
-def freeze_base(model: MergedModel) -> MergedModel:
-    """Gradients off and eval mode for every tensor of the base (its weights are never modified)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
 
 
 class FunctionalSharedModel(MergedModel):
