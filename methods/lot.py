@@ -38,7 +38,7 @@ def lot_norm_scale(deltas: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
 @register_method(
     "lot_merging", display_name="LOT Merging", family="data-based closed form", paper=LOT, needs="unlabeled",
     defaults_source="scaling 1.2 (the paper's ViT-B/32 value; 1.5 for ViT-L/14) and 64 unlabeled training exemplars "
-                    "per task (the largest of the paper's 4/16/64; the official code was not read here); rtol 1e-8 and "
+                    "per task (the largest of the paper's 4/16/64); rtol 1e-8 and "
                     "io_layers='mean' (embeddings, final norm and head take the mean task vector, as the paper "
                     "describes) are this project's choices",
     hyperparameter_help={
