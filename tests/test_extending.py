@@ -1,0 +1,158 @@
+"""One registry idea: a suite, a leaderboard format and a method are each one definition plus one registration,
+found by the command line (choices, help) and the leaderboard; external suites come through an entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from mergebench import leaderboard
+from mergebench.catalog import Registry, UnknownNameError
+from mergebench.cli import main
+from mergebench.leaderboard import FORMATS, Format, register_format
+from mergebench.suites import REGISTRY as SUITES, get_suite, list_suites, register_suite
+
+
+def test_registry_names_aliases_lazy_entries_wildcards_and_close_matches():
+    reg: Registry = Registry("widget")
+
+    @reg.register
+    def round_widget():
+        return "round"
+
+    reg.register("square-widget", aliases=("box",))(lambda: "square")
+    reg.register_lazy("json-widget", "json:dumps")
+    assert reg.names() == ["round_widget", "square-widget", "json-widget"]  # the name defaults to the function's
+    assert reg.module_of("round_widget") == __name__ and reg.module_of("json-widget") == "json"
+    assert reg.get("box")() == "square" and "box" in reg  # a former name keeps resolving
+    assert reg.get("json-widget") is json.dumps          # imported on first use
+    assert reg.names("*-widget") == ["square-widget", "json-widget"]
+    with pytest.raises(UnknownNameError, match="unknown widget 'round_widgt'; did you mean: round_widget"):
+        reg.get("round_widgt")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("round_widget")(lambda: "another")
+    reg.unregister("square-widget")
+    assert "box" not in reg and "square-widget" not in reg
+
+
+@pytest.fixture
+def probe_suite(micro):
+    """A throwaway suite registered through the public API: micro's files under another name, with a sanity check
+    of its own and an option."""
+    seen = {}
+
+    def sanity(rows):
+        return [f"(probe) {len(rows)} rows, best {rows['Avg'].max():.1f}"]
+
+    @register_suite("probe-suite", results="probe-*", sanity=sanity)
+    def probe(build: bool = True, verbose: bool = True, label: str = "one") -> "Suite":  # noqa: F821
+        """micro under another name (a test)"""
+        seen["label"] = label
+        base = get_suite("micro", build=build, verbose=False)
+        return dataclasses.replace(base, name=f"probe-{label}", info={**base.info, "suite": f"probe-{label}"})
+
+    yield seen
+    SUITES.unregister("probe-suite")
+
+
+@pytest.fixture
+def probe_format():
+    @register_format("probe-json")
+    class ProbeJson(Format):
+        filename = "leaderboard.json"
+
+        def render(self, page):
+            return json.dumps({"suite": page.suite, "methods": list(page.df["Method"])}) + "\n"
+
+    yield ProbeJson
+    FORMATS.unregister("probe-json")
+
+
+def test_a_registered_suite_and_format_work_from_the_command_line(probe_suite, probe_format, tmp_path, capsys):
+    assert "probe-suite" in list_suites() and "probe-suite" in list_suites(builds=True)
+    results = tmp_path / "results"
+    rc = main(["run", "task_arithmetic", "weight_averaging", "--suite", "probe-suite", "--suite-option", "label=two",
+               "--results", str(results), "-q"])
+    assert rc == 0 and probe_suite["label"] == "two"
+    assert sorted(p.name.split("-")[0] for p in (results / "probe-two").glob("*.json")) == \
+        ["task_arithmetic", "weight_averaging"]
+    capsys.readouterr()
+    assert main(["leaderboard", "--suite", "probe-two", "--results", str(results), "--format", "probe-json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["suite"] == "probe-two" and set(printed["methods"]) == {"Task Arithmetic", "Weight Averaging"}
+    md = leaderboard.render(results, "probe-two")
+    assert "## Benchmark sanity" in md and "(probe) 2 rows" in md  # the suite's own check, displayed
+    paths = leaderboard.write(results, "probe-two", plots=False)
+    assert json.loads(paths["probe-json"].read_text())["suite"] == "probe-two"
+    # a suite option it does not take, and a format nobody registered: errors that say what exists
+    assert main(["run", "task_arithmetic", "--suite", "probe-suite", "--suite-option", "colour=red",
+                 "--results", str(results), "-q"]) == 2
+    assert "takes no option 'colour'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["leaderboard", "--suite", "probe-two", "--results", str(results), "--format", "probe-xml"])
+
+
+def test_a_sweep_passes_the_suite_options_to_its_jobs(probe_suite, tmp_path):
+    from mergebench.sweep import Sweep, job_status, run_job
+
+    sweep = Sweep(methods=["task_arithmetic"], suites=[{"name": "probe-suite", "label": "three"}],
+                  results_dir=str(tmp_path / "results"), name="probe-options")
+    jobs = sweep.jobs()
+    assert [(j.suite, j.suite_spec, j.suite_options) for j in jobs] == [("probe-three", "probe-suite",
+                                                                        {"label": "three"})]
+    probe_suite.clear()
+    assert run_job(jobs[0].to_dict())["status"] == "ok"  # the worker loads the suite with the same options
+    assert probe_suite["label"] == "three" and job_status(jobs)[0]["state"] == "done"
+
+
+def test_cli_choices_and_help_come_from_the_registries(probe_suite, probe_format, capsys):
+    from mergebench.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    build_choices = next(a for a in sub["build"]._actions if a.dest == "suite").choices
+    assert "probe-suite" in build_choices and "real" not in build_choices  # real is read from your files
+    formats = next(a for a in sub["leaderboard"]._actions if a.dest == "format").choices
+    assert "probe-json" in formats and "figures" not in formats  # figures are files, not printable
+    assert "probe-suite" in next(a for a in sub["run"]._actions if a.dest == "suite").help
+    assert main(["list-suites", "probe*"]) == 0
+    assert "micro under another name" in capsys.readouterr().out
+
+
+def test_check_plugin_on_the_real_suite_asks_for_its_manifest(capsys):
+    assert main(["check-plugin", "task_arithmetic", "--suite", "real"]) == 2
+    assert "manifest" in capsys.readouterr().err
+
+
+PLUGIN_SUITE = '''
+import dataclasses
+
+from mergebench.suites import get_suite, register_suite
+
+
+@register_suite("probe-plugin-suite")
+def probe_plugin_suite(build: bool = True, verbose: bool = True):
+    """micro, registered by an installed package"""
+    base = get_suite("micro", build=build, verbose=False)
+    return dataclasses.replace(base, name="probe-plugin-suite", info={**base.info, "suite": "probe-plugin-suite"})
+'''
+
+
+def test_entry_point_suite_is_discovered_and_runs(tmp_path, monkeypatch, micro, capsys):
+    (tmp_path / "mb_probe_suite.py").write_text(PLUGIN_SUITE)
+    dist = tmp_path / "mb_probe_suite-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mb-probe-suite\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mergebench.suites]\nprobe = mb_probe_suite\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    SUITES.discover(force=True)
+    try:
+        assert "probe-plugin-suite" in list_suites()
+        assert SUITES.module_of("probe-plugin-suite") == "mb_probe_suite"
+        results = tmp_path / "results"
+        assert main(["run", "task_arithmetic", "--suite", "probe-plugin-suite", "--results", str(results), "-q"]) == 0
+        assert "Task Arithmetic" in leaderboard.render(results, "probe-plugin-suite")
+    finally:
+        SUITES.unregister("probe-plugin-suite")
