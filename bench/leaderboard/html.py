@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from mergebench.leaderboard.formats import Format, Page, register_format
-from mergebench.leaderboard.model import SPEED_NOTE, budget_note, display, task_columns
+from mergebench.leaderboard.model import SPEED_NOTE, budget_note, column_notes, display, explain_columns, task_columns
 
 
 @register_format("html")
@@ -51,9 +51,7 @@ def to_html(df: pd.DataFrame, failed: list, unreadable: list, suite: str, filter
              "th[data-dir=asc]::after{content:' \\25B2'}th[data-dir=desc]::after{content:' \\25BC'}"
              "tr.pareto td:first-child{font-weight:bold}.plots svg{max-width:48%;height:auto}</style></head><body>",
              f"<h1>mergebench leaderboard: {e(suite)}</h1>",
-             "<p>Top-1 accuracy (%) per task on the test split; Avg = mean over tasks; Norm = mean of accuracy / the "
-             "task's expert accuracy; added parameters are what the merged model stores beyond one backbone; MMACs/img "
-             "counted by fvcore. Bold rows (Pareto = &#9733;) are on the accuracy-versus-added-parameters front. "
+             f"<p>{e(explain_columns())} Pareto = &#9733; (bold rows) {e(column_notes()['Pareto'])}. "
              "Click a column header to sort.</p>"]
     if filters:
         parts.append(f"<p><b>View:</b> {e(filters)}</p>")
