@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from mergebench.errors import MergebenchError, MissingFileError
+from mergebench.errors import InputError, MergebenchError, MissingFileError
 from mergebench.registry import NEEDS, HyperparameterError
 
 
@@ -69,6 +69,14 @@ def cmd_list_methods(args) -> int:
 def cmd_build(args) -> int:
     from mergebench.suites import get_suite
 
+    if args.artifact:
+        from mergebench.suites import mini8, mini8_lora
+
+        builders = {**{n: mini8.build_artifact for n in mini8.CONFIGS}, **{n: mini8_lora.build_artifact for n in mini8_lora.CONFIGS}}
+        if args.suite not in builders:
+            raise InputError(f"--artifact builds the committed suites ({', '.join(builders)}), not {args.suite!r}")
+        print(f"{args.suite}: artifact written to {builders[args.suite](args.suite)}")
+        return 0
     suite = get_suite(args.suite)
     print(f"{suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}), build info {suite.info.get('build')}")
     return 0
@@ -434,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("build", help="build (or load from cache) a suite")
     s.add_argument("suite", nargs="?", default="mini8", choices=list_suites(builds=True))
+    s.add_argument("--artifact", action="store_true",
+                   help="mini8, micro, mini8-lora, micro-lora: rebuild from nothing and write the committed artifact "
+                        "(bench/suites/artifacts/SUITE: checkpoints, sha256, the accuracies measured at build)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("list-suites", help="list registered suites (built-ins and plugins) with their options")

@@ -28,12 +28,17 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
     ``torch.compile`` mode such as ``"reduce-overhead"``: CUDA graphs) runs the model compiled, every batch
     padded to ``batch_size`` so that one graph serves all of them. Counts stay on the device and are read
     once per task.
+
+    ``entropy_auroc``: per task, how well the prediction entropy ranks correct above wrong predictions (the
+    area under the ROC curve of -entropy for "correct"; 0.5 = uninformative; NaN when every prediction is
+    right or every one wrong). It says whether an entropy objective on test images (AdaMerging and its
+    descendants) follows accuracy on this suite.
     """
     device = torch.device(device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     model = model.to(device).eval()
     forward = torch.compile(model, mode=None if compile is True else compile, dynamic=False) if compile else model
-    per_task, images, nonfinite = {}, 0, {}
+    per_task, images, nonfinite, aurocs = {}, 0, {}, {}
     # Data first (a lazy split is decoded or memory-mapped here, once), so the timer sees forward passes only.
     prepared = {}
     for task in tasks or suite.tasks:
@@ -46,6 +51,7 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
     for task, (stored, labels, head) in prepared.items():
         correct = torch.zeros((), dtype=torch.long, device=device)
         bad = torch.zeros((), dtype=torch.long, device=device)
+        hits, entropies = [], []
         for i in range(0, len(labels), batch_size):
             x = suite.normalize(stored[i:i + batch_size].to(device, non_blocking=True))
             n = len(x)
@@ -53,10 +59,14 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
                 x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_size - n))
             with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
                 logits = head(forward(x, task).float())[:n]
-            correct += (logits.argmax(-1) == labels[i:i + n]).sum()
+            hit = logits.argmax(-1) == labels[i:i + n]
+            correct += hit.sum()
             bad += (~torch.isfinite(logits)).any(-1).sum()
+            hits.append(hit)
+            entropies.append(-(logits.softmax(-1) * logits.log_softmax(-1)).nan_to_num().sum(-1))
         correct, bad = int(correct.item()), int(bad.item())   # one synchronisation per task
         per_task[task] = float("nan") if bad else 100.0 * correct / len(labels)
+        aurocs[task] = float("nan") if bad else auroc(-torch.cat(entropies).cpu(), torch.cat(hits).cpu())
         if bad:
             nonfinite[task] = bad
         images += len(labels)
@@ -64,4 +74,19 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"accuracy": per_task, "nonfinite": nonfinite, "images": images, "seconds": seconds,
-            "images_per_s": images / max(seconds, 1e-9)}
+            "images_per_s": images / max(seconds, 1e-9), "entropy_auroc": aurocs}
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean labels ``positive`` (Mann-Whitney U with tied
+    scores counted half); NaN if one class is empty."""
+    positive = positive.bool()
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mid_rank = ends - (counts.double() - 1) / 2          # average 1-based rank of each distinct score
+    rank_sum = mid_rank[inverse][positive].sum().item()
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)

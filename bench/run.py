@@ -437,9 +437,11 @@ def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction
         result = evaluate(model, suite, "test", device)
         acc = _checked_accuracy(result)
         _verify_inputs(suite, call)
+        final = measure_final(model, acc, suite, device, count_flops)
+        final["metrics"]["entropy_auroc"] = result["entropy_auroc"]
         out.update({
             "status": "ok",
-            **measure_final(model, acc, suite, device, count_flops),
+            **final,
             "timing": {"merge_s": round(merge_s, 3), "stages_s": stage_s, "eval_s": round(result["seconds"], 3),
                        "eval_images_per_s": round(result["images_per_s"], 1), "loops": loop_rates(ctx),
                        "cached_bases": ctx.cached_bases,

@@ -56,22 +56,21 @@ def test_build_is_reproducible(tmp_path):
 
 def test_missing_cache_without_build_is_a_clear_error(tmp_path):
     import pytest
-    with pytest.raises(FileNotFoundError, match="mergebench build"):
-        load_mini8("micro", cache_dir=tmp_path, build=False)
+    with pytest.raises(FileNotFoundError, match="mergebench build"):  # a custom configuration has no artifact
+        load_mini8(dataclasses.replace(CONFIGS["micro"], seed=1), cache_dir=tmp_path, build=False)
 
 
 def test_heads_are_the_pretraining_classifiers_class_vectors(micro, tmp_path):
     from safetensors.torch import load_file
 
-    cfg = CONFIGS["micro"]
-    from mergebench.io import cache_root
-
-    classifier = load_file(cache_root() / "pretrain" / f"{cfg.pretrain_key()}.classifier.safetensors")
-    for task in micro.tasks:  # like zero-shot text heads: the class vectors the tower was trained against
-        assert torch.allclose(micro.heads[task], torch.nn.functional.normalize(classifier[task], dim=-1))
+    cfg = dataclasses.replace(CONFIGS["micro"], seed=1)  # built here (micro itself loads from its artifact)
+    built = load_mini8(cfg, cache_dir=tmp_path, verbose=False)
+    classifier = load_file(tmp_path / "pretrain" / f"{cfg.pretrain_key()}.classifier.safetensors")
+    for task in built.tasks:  # like zero-shot text heads: the class vectors the tower was trained against
+        assert torch.allclose(built.heads[task], torch.nn.functional.normalize(classifier[task], dim=-1))
     protos = load_mini8(dataclasses.replace(cfg, heads="prototypes"), cache_dir=tmp_path, verbose=False)
     assert torch.allclose(protos.heads["digits"].norm(dim=-1), torch.ones(10))
-    assert not torch.allclose(protos.heads["digits"], micro.heads["digits"])
+    assert not torch.allclose(protos.heads["digits"], built.heads["digits"])
     try:
         load_mini8(dataclasses.replace(cfg, heads="text"), cache_dir=tmp_path, verbose=False)
     except ValueError as e:

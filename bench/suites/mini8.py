@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
 from mergebench.models import LOGIT_SCALE, build_encoder, encoder_weights
 from mergebench.progress import progress
-from mergebench.suites import mini8_tasks
+from mergebench.suites import artifact, mini8_tasks
 from mergebench.suites.base import SPLITS, Suite, TaskData
 from mergebench.weights import Weights
 
@@ -66,6 +66,11 @@ class Mini8Config:
     finetune_lr: float = 1.5e-4
     batch_size: int = 128
     weight_decay: float = 0.1
+    # Pretraining's view of the eight tasks ("web" images differ from the benchmark's, as for CLIP): each task's
+    # pretraining images are hue-rotated by a fixed per-task angle drawn in [1 - s, 1 + s] x 180 degrees (s =
+    # pretrain_hue_shift; 0: the benchmark's colors).
+    pretrain_hue_shift: float = 0.0
+    pretrain_label_smoothing: float = 0.0
 
     def key(self) -> str:
         """Content address of the whole suite: this config and the source of the generators and the builder."""
@@ -78,7 +83,8 @@ class Mini8Config:
         """Content address of the pretrained backbone alone (reused when only fine-tuning settings change)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items()
                   if k in ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
-                           "pretrain_lr", "batch_size", "weight_decay")}
+                           "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift",
+                           "pretrain_label_smoothing")}
         h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
         h.update(Path(mini8_tasks.__file__).read_bytes())
         return h.hexdigest()[:16]
@@ -100,9 +106,12 @@ CONFIGS = {
 
 def load_mini8(config: str | Mini8Config = "mini8", cache_dir: str | os.PathLike | None = None,
                build: bool = True, verbose: bool = True) -> Suite:
-    """The mini8 suite (or its micro configuration), built on first use and cached."""
+    """The mini8 suite (or its micro configuration): from its committed artifact (``bench/suites/artifacts``) when
+    there is one, else built on first use and cached (custom configurations)."""
     cfg = CONFIGS[config] if isinstance(config, str) else config
     name = config if isinstance(config, str) else "mini8-custom"
+    if isinstance(config, str) and artifact.exists(config):
+        return _load_artifact(name, cfg, cache_dir)
     root = Path(cache_dir or cache_root()) / "mini8" / cfg.key()
     if not (root / "meta.json").exists():
         if not build:
@@ -114,17 +123,65 @@ def load_mini8(config: str | Mini8Config = "mini8", cache_dir: str | os.PathLike
 def _load(cfg: Mini8Config, name: str, root: Path) -> Suite:
     meta = json.loads((root / "meta.json").read_text())
     data_file = load_file(root / "data.safetensors")
-    data = {s: {t: TaskData(data_file[f"{s}/{t}/images"], data_file[f"{s}/{t}/labels"]) for t in cfg.tasks}
+    return _suite(cfg, name, _splits(cfg, data_file), load_file(root / "pretrained.safetensors"),
+                  load_file(root / "heads.safetensors"),
+                  lambda task: load_file(root / "experts" / f"{task}.safetensors"),
+                  {"cache_key": cfg.key(), "checkpoints": meta["sha256"], "build": meta["build"]})
+
+
+def _load_artifact(name: str, cfg: Mini8Config, cache_dir) -> Suite:
+    """The committed build: every file checked against its sha256, the data generated once and checked too."""
+    meta = artifact.read(name)
+    if meta["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        changed = sorted(k for k in meta["config"] if meta["config"][k] != json.loads(json.dumps(dataclasses.asdict(cfg)))[k])
+        raise artifact.ArtifactError(
+            f"the {name} configuration in bench/suites/mini8.py differs from the one its committed artifact was built "
+            f"from (fields {', '.join(changed)}); rebuild the artifact with `make {name}-artifact` (or restore the "
+            f"configuration)")
+    data_file = Path(cache_dir or cache_root()) / "mini8-data" / f"{name}-{meta['data_sha256'][:16]}.safetensors"
+    if data_file.exists() and tensors_sha256(load_file(data_file)) == meta["data_sha256"]:
+        data = load_file(data_file)
+    else:
+        data = generate_data(cfg)
+        digest = tensors_sha256(data)
+        if digest != meta["data_sha256"]:
+            raise artifact.ArtifactError(
+                f"the {name} generators produced data with sha256 {digest[:16]}... on this machine, the committed "
+                f"artifact was built on data {meta['data_sha256'][:16]}... (torch {meta['build'].get('torch')}; this "
+                f"is torch {torch.__version__}): install the torch version of pyproject.toml, or rebuild the artifact "
+                f"with `make {name}-artifact`")
+        atomic_save_tensors(data, data_file)
+    checkpoints = {**{k: v for k, v in meta["files"].items() if k != "suite.json"}, "data": meta["data_sha256"]}
+    return _suite(cfg, name, _splits(cfg, data), artifact.load_tensors(name, "pretrained.safetensors"),
+                  artifact.load_tensors(name, "heads.safetensors"),
+                  lambda task: artifact.load_tensors(name, f"experts/{task}.safetensors"),
+                  {"cache_key": artifact.identity(meta), "checkpoints": checkpoints, "build": meta["build"],
+                   "artifact": str(artifact.path(name)), "built_accuracy": meta.get("accuracy")})
+
+
+def _splits(cfg, data_file):
+    return {s: {t: TaskData(data_file[f"{s}/{t}/images"], data_file[f"{s}/{t}/labels"]) for t in cfg.tasks}
             for s in SPLITS}
-    heads = load_file(root / "heads.safetensors")
+
+
+def _suite(cfg, name, data, pretrained, heads, load_expert, info) -> Suite:
     return Suite(
         name=name, tasks=list(cfg.tasks), encoder_config=dict(cfg.encoder),
-        pretrained=Weights(load_file(root / "pretrained.safetensors")),
-        heads=dict(heads), data=data,
-        load_expert=lambda task: Weights(load_file(root / "experts" / f"{task}.safetensors")),
+        pretrained=Weights(pretrained), heads=dict(heads), data=data,
+        load_expert=lambda task: Weights(load_expert(task)),
         info={"suite": name, "backbone": "open_clip VisionTransformer " + json.dumps(cfg.encoder, sort_keys=True),
-              "cache_key": cfg.key(), "checkpoints": meta["sha256"], "build": meta["build"]},
+              **info},
     )
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors' names, dtypes, shapes and bytes, in name order (independent of file layout)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ build
@@ -140,13 +197,7 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool):
     log = print if verbose else (lambda *a, **k: None)
     log(f"building mini8 into {root} (once; cached afterwards)")
 
-    # Splits: disjoint seeds per task and split; pretraining samples use yet other seeds.
-    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    data = {}
-    for i, spec in enumerate(specs):
-        for j, split in enumerate(SPLITS):
-            x, y = mini8_tasks.generate(spec, sizes[split], seed=cfg.seed * 1000 + 10 * i + j)
-            data[f"{split}/{spec.name}/images"], data[f"{split}/{spec.name}/labels"] = x, y
+    data = generate_data(cfg)
 
     encoder = build_encoder(cfg.encoder)
     t0 = time.perf_counter()
@@ -186,6 +237,18 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool):
     log(f"mini8 built in {meta['build']['total_s']} s")
 
 
+def generate_data(cfg: Mini8Config) -> dict[str, torch.Tensor]:
+    """The benchmark splits, ``{split}/{task}/images|labels``: disjoint seeds per task and split (pretraining
+    samples use yet other seeds)."""
+    sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    data = {}
+    for i, spec in enumerate(_specs(cfg)):
+        for j, split in enumerate(SPLITS):
+            x, y = mini8_tasks.generate(spec, sizes[split], seed=cfg.seed * 1000 + 10 * i + j)
+            data[f"{split}/{spec.name}/images"], data[f"{split}/{spec.name}/labels"] = x, y
+    return data
+
+
 def _heads(cfg, encoder, specs, classifier, data):
     """One frozen head per task: unit class vectors in the encoder's output space."""
     if cfg.heads == "classifier":  # like CLIP's text embeddings: the vectors the image tower was trained against
@@ -211,22 +274,37 @@ def _normalize(x):
     return (x.float() / 255.0 - 0.5) / 0.5
 
 
+def hue_rotate(x, degrees: float):
+    """uint8 images rotated about the gray axis of RGB by ``degrees`` (luminance kept; grays unchanged)."""
+    a = math.radians(degrees)
+    c, s, k = math.cos(a), math.sin(a), 1.0 / 3.0
+    m = torch.tensor([[c + (1 - c) * k, k * (1 - c) - math.sqrt(k) * s, k * (1 - c) + math.sqrt(k) * s],
+                      [k * (1 - c) + math.sqrt(k) * s, c + k * (1 - c), k * (1 - c) - math.sqrt(k) * s],
+                      [k * (1 - c) - math.sqrt(k) * s, k * (1 - c) + math.sqrt(k) * s, c + k * (1 - c)]])
+    out = torch.einsum("ij,njhw->nihw", m, x.float())
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def _pretrain(cfg, encoder, specs, log):
     xs, ys, offset = [], [], 0
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
     for i, spec in enumerate(specs + [mini8_tasks.GENERIC]):
         n = cfg.pretrain_generic if spec is mini8_tasks.GENERIC else cfg.pretrain_per_task
         x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 500 + i)
+        shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand((), generator=g).item() - 1))
+        if cfg.pretrain_hue_shift and spec is not mini8_tasks.GENERIC:
+            x = hue_rotate(x, shift)
         xs.append(x)
         ys.append(y + offset)
         offset += spec.num_classes
     classifier = torch.nn.Parameter(torch.randn(offset, cfg.encoder["output_dim"]) * 0.02)
     _train(encoder, classifier, torch.cat(xs), torch.cat(ys), cfg.pretrain_epochs, cfg.pretrain_lr, cfg,
-           "pretrain", log is not None and log is print)
+           "pretrain", log is not None and log is print, label_smoothing=cfg.pretrain_label_smoothing)
     rows = classifier.detach().split([s.num_classes for s in specs + [mini8_tasks.GENERIC]])
     return {s.name: r.clone().contiguous() for s, r in zip(specs, rows)}  # the generic classes have no task
 
 
-def _train(encoder, head_weight, x, y, epochs, lr, cfg, desc, verbose):
+def _train(encoder, head_weight, x, y, epochs, lr, cfg, desc, verbose, label_smoothing=0.0):
     """Cross-entropy with a cosine classifier; ``head_weight`` trains only if it is a Parameter."""
     params = list(encoder.parameters()) + ([head_weight] if isinstance(head_weight, torch.nn.Parameter) else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -241,7 +319,7 @@ def _train(encoder, head_weight, x, y, epochs, lr, cfg, desc, verbose):
         for idx in torch.randperm(len(y), generator=g).split(cfg.batch_size):
             feats = F.normalize(encoder(_normalize(x[idx])), dim=-1)
             logits = LOGIT_SCALE * feats @ F.normalize(head_weight, dim=-1).t()
-            loss = F.cross_entropy(logits, y[idx])
+            loss = F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -250,3 +328,44 @@ def _train(encoder, head_weight, x, y, epochs, lr, cfg, desc, verbose):
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     encoder.eval()
+
+
+# ------------------------------------------------------------------ the committed artifact
+def build_artifact(name: str = "mini8", verbose: bool = True) -> Path:
+    """Build ``CONFIGS[name]`` from nothing (a fresh temporary cache: no cached pretraining reused) and store it as
+    the committed artifact ``bench/suites/artifacts/<name>``: the pretrained backbone, the heads and the experts in
+    float16 when that changes no accuracy by more than 0.5 points (else float32), with the configuration, the
+    data's sha256 and the accuracies of the pretrained model and of each expert as loaded from the artifact."""
+    import tempfile
+
+    from mergebench.evaluate import evaluate
+    from mergebench.models import SharedModel
+
+    cfg = CONFIGS[name]
+
+    def accuracies(suite):
+        pre = evaluate(SharedModel(suite.build_encoder()), suite)["accuracy"]
+        experts = {t: evaluate(SharedModel(suite.build_encoder({**suite.pretrained, **suite.expert_weights(t)})),
+                               suite, tasks=[t])["accuracy"][t] for t in suite.tasks}
+        return {"pretrained": pre, "experts": experts}
+
+    with tempfile.TemporaryDirectory(prefix="mergebench-artifact-") as tmp:
+        root = Path(tmp) / "mini8" / cfg.key()
+        _build(cfg, root, verbose)
+        built = _load(cfg, name, root)
+        exact = accuracies(built)
+        meta_build = json.loads((root / "meta.json").read_text())["build"]
+        files = {"pretrained.safetensors": dict(built.pretrained), "heads.safetensors": dict(built.heads),
+                 **{f"experts/{t}.safetensors": dict(built.expert_weights(t)) for t in cfg.tasks}}
+        data_sha = tensors_sha256(load_file(root / "data.safetensors"))
+        meta = {"suite": name, "config": json.loads(json.dumps(dataclasses.asdict(cfg))), "data_sha256": data_sha,
+                "build": {**meta_build, "command": f"make {name}-artifact"}}
+        for dtype in (torch.float16, torch.float32):
+            artifact.write(name, files, {**meta, "dtype": str(dtype).removeprefix("torch.")}, dtype)
+            stored = accuracies(_load_artifact(name, cfg, tmp))
+            worst = max(abs(stored[k][t] - exact[k][t]) for k in ("pretrained", "experts") for t in cfg.tasks)
+            if worst <= 0.5 or dtype == torch.float32:
+                break
+        meta = {**meta, "dtype": str(dtype).removeprefix("torch."), "accuracy": stored,
+                "accuracy_float32": exact}
+        return artifact.write(name, files, meta, dtype)

@@ -28,6 +28,7 @@ import torch
 
 from mergebench import lora
 from mergebench.io import atomic_write_text, cache_root, file_sha256
+from mergebench.suites import artifact
 from mergebench.suites.base import Suite
 from mergebench.suites.mini8 import CONFIGS as MINI8_CONFIGS
 from mergebench.suites.mini8 import _train, load_mini8
@@ -59,12 +60,24 @@ def load_mini8_lora(config: str | LoraConfig = "mini8-lora", build: bool = True,
     cfg = CONFIGS[config] if isinstance(config, str) else config
     name = config if isinstance(config, str) else f"{cfg.base}-lora-custom"
     base = load_mini8(cfg.base, build=build, verbose=verbose)
-    root = cache_root() / "mini8-lora" / cfg.key(base.info["cache_key"])
-    if not (root / "meta.json").exists():
-        if not build:
-            raise FileNotFoundError(f"{name} is not built in {root}; run `mergebench build {name}` first")
-        _build(cfg, base, root, verbose)
-    meta = json.loads((root / "meta.json").read_text())
+    if isinstance(config, str) and artifact.exists(config):  # the committed adapters, checked file by file
+        meta = artifact.read(config)
+        if meta["config"] != dataclasses.asdict(cfg) or meta["base"] != base.info["cache_key"]:
+            raise artifact.ArtifactError(
+                f"the committed {config} artifact was built from LoRA settings {meta['config']} on base "
+                f"{meta['base']}, the code asks for {dataclasses.asdict(cfg)} on base {base.info['cache_key']}; "
+                f"rebuild it with `make {config}-artifact`")
+        root = artifact.path(config)
+        meta = {**meta, "sha256": {k: v for k, v in meta["files"].items() if k.startswith("adapters/")}}
+        key = meta["base"] + "+" + artifact.identity(meta)
+    else:
+        root = cache_root() / "mini8-lora" / cfg.key(base.info["cache_key"])
+        if not (root / "meta.json").exists():
+            if not build:
+                raise FileNotFoundError(f"{name} is not built in {root}; run `mergebench build {name}` first")
+            _build(cfg, base, root, verbose)
+        meta = json.loads((root / "meta.json").read_text())
+        key = f"{base.info['cache_key']}+lora-{cfg.key(base.info['cache_key'])}"
     reference = dict(base.pretrained)
 
     def load_lora(task: str) -> dict:
@@ -74,7 +87,7 @@ def load_mini8_lora(config: str | LoraConfig = "mini8-lora", build: bool = True,
         return lora.apply_lora(base.pretrained, load_lora(task))
 
     targets = ", ".join(lora.OPEN_CLIP_TARGETS)
-    info = {**base.info, "suite": name, "cache_key": f"{base.info['cache_key']}+lora-{cfg.key(base.info['cache_key'])}",
+    info = {**base.info, "suite": name, "cache_key": key,
             "checkpoints": {**{k: v for k, v in base.info["checkpoints"].items() if not k.startswith("experts/")},
                             **meta["sha256"]},
             "experts": f"LoRA r={cfg.rank} alpha={cfg.alpha:g} on {targets} of every resblock (PEFT layout); "
@@ -109,3 +122,19 @@ def _build(cfg: LoraConfig, base: Suite, root: Path, verbose: bool):
     atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))  # written last: marks the build complete
     log(f"{cfg.base}-lora built in {meta['build']['total_s']} s")
 
+
+
+def build_artifact(name: str = "mini8-lora", verbose: bool = True) -> Path:
+    """Train ``CONFIGS[name]``'s adapters on the committed base artifact (in a temporary cache) and store them as the
+    committed artifact ``bench/suites/artifacts/<name>`` (PEFT folders as written, sha256 in ``suite.json``)."""
+    import tempfile
+
+    cfg = CONFIGS[name]
+    base = load_mini8(cfg.base, verbose=verbose)
+    with tempfile.TemporaryDirectory(prefix="mergebench-artifact-") as tmp:
+        root = Path(tmp) / "lora"
+        _build(cfg, base, root, verbose)
+        copies = {p.relative_to(root).as_posix(): p for p in (root / "adapters").rglob("*") if p.is_file()}
+        built = json.loads((root / "meta.json").read_text())["build"]
+        return artifact.write(name, {}, {"suite": name, "config": dataclasses.asdict(cfg), "base": base.info["cache_key"],
+                                         "build": {**built, "command": f"make {name}-artifact"}}, copies=copies)

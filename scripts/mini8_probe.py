@@ -1,0 +1,70 @@
+"""Build a mini8 configuration and print its headline numbers (docs/mini8.md's table of builds).
+
+    python scripts/mini8_probe.py NAME '{"finetune_lr": 5e-5, ...}' [--methods tsv_merging iso_cts ...]
+
+Builds the configuration (mini8's defaults plus the JSON overrides) into $MERGEBENCH_CACHE, then runs through the
+harness (records not written) the pretrained model, the experts, Weight Averaging, Task Arithmetic and any further
+``--methods``, and reports each one's per-task test accuracy, with the per-task AUROC of prediction entropy on the
+Task Arithmetic model. Writes results/mini8-builds/NAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mergebench.run import run_method
+from mergebench.suites.mini8 import CONFIGS, load_mini8
+
+HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name")
+    ap.add_argument("overrides", nargs="?", default="{}")
+    ap.add_argument("--base", default="mini8")
+    ap.add_argument("--methods", nargs="*", default=[])
+    ap.add_argument("--out", default="results/mini8-builds")
+    args = ap.parse_args()
+    overrides = json.loads(args.overrides)
+    cfg = dataclasses.replace(CONFIGS[args.base], **overrides)
+    t0 = time.perf_counter()
+    suite = load_mini8(cfg, verbose=True)
+    out = {"name": args.name, "overrides": overrides, "cache_key": cfg.key(), "build": suite.info["build"],
+           "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
+    for method in HEADLINE + args.methods:
+        rec = run_method(method, suite, write=False, show_progress=False, count_flops=False)
+        if rec["status"] != "ok":
+            out["methods"][method] = rec["status"]
+            continue
+        m = rec["metrics"]
+        out["methods"][method] = {"avg": round(m["avg_accuracy"], 2),
+                                  "tasks": {t: round(a, 1) for t, a in m["accuracy"].items()},
+                                  "entropy_auroc": {t: round(a, 3) for t, a in m["entropy_auroc"].items()},
+                                  "merge_s": rec["timing"]["merge_s"]}
+    acc = {k: v["avg"] for k, v in out["methods"].items() if isinstance(v, dict)}
+    pre, ind, ta, wa = (acc[k] for k in HEADLINE[:1] + HEADLINE[1:2] + HEADLINE[3:4] + HEADLINE[2:3])
+    tasks = out["methods"]["pretrained"]["tasks"]
+    out["summary"] = {
+        "pretrained": pre, "experts": ind, "gap": round(ind - pre, 1),
+        "min_task_gap": round(min(out["methods"]["individual"]["tasks"][t] - tasks[t] for t in tasks), 1),
+        "ta": ta, "wa": wa, "ta_recovery": round((ta - pre) / (ind - pre), 3),
+        "ta_min_auroc": min(out["methods"]["task_arithmetic"]["entropy_auroc"].values()),
+        "span": round(max(acc.values() if not args.methods else [acc[m] for m in args.methods + ["task_arithmetic", "weight_averaging"]]) -
+                      min([acc[m] for m in args.methods + ["task_arithmetic", "weight_averaging"]]), 1),
+    }
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["summary"]), json.dumps({k: v["tasks"] if isinstance(v, dict) else v for k, v in out["methods"].items()}), json.dumps(out["methods"]["task_arithmetic"]["entropy_auroc"]), sep="\n")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
