@@ -51,6 +51,14 @@ bench: $(BIN)/.installed
 bench-gpu: $(BIN)/.installed
 	$(BIN)/python -m mergebench.gpu_bench --out results/bench/gpu.json --time-budget 420
 
+## Rebuild a committed suite artifact from nothing (bench/suites/artifacts/SUITE: checkpoints, their sha256 and the
+## accuracies measured at build; docs/mini8.md). One thread: the build is then the same computation on every machine
+## size. mini8-lora-artifact trains its adapters on the committed mini8 artifact.
+ARTIFACTS := mini8-artifact micro-artifact mini8-lora-artifact micro-lora-artifact
+.PHONY: $(ARTIFACTS)
+$(ARTIFACTS): %-artifact: $(BIN)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/mergebench build $* --artifact
+
 leaderboard: $(BIN)/.installed
 	$(BIN)/mergebench leaderboard --suite mini8 --write
 

@@ -271,6 +271,10 @@ def cmd_run(args) -> int:
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
                        show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None),
                        protocol=args.protocol, orders=args.orders, budget=args.budget)
+    reused = [r["method"]["pipeline"] for r in records if r.get("skipped")]
+    if reused:
+        print(f"reused {len(reused)} of {len(records)} runs from the records in {Path(args.results) / suite.name} "
+              f"(same configuration hash: same suite files, method and settings); `--force` runs them again")
     if args.leaderboard:
         from mergebench import leaderboard
         leaderboard.write(args.results, suite.name)

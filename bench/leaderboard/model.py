@@ -285,7 +285,12 @@ class Board:
 
     def sanity(self, df: pd.DataFrame) -> list[str]:
         """The suite's own checks of its measured numbers (``register_suite(sanity=...)``)."""
-        return self.spec.sanity(df) if self.spec is not None and not df.empty else []
+        if self.spec is None or df.empty:
+            return []
+        import inspect
+
+        takes_records = len(inspect.signature(self.spec.sanity).parameters) > 1
+        return self.spec.sanity(df, self.shown()) if takes_records else self.spec.sanity(df)
 
     def references(self, df: pd.DataFrame):
         """The suite's published numbers for the main table ``df`` (``register_suite(references=...)``), or None."""

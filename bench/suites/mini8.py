@@ -70,6 +70,7 @@ class Mini8Config:
     # pretraining images are hue-rotated by a fixed per-task angle drawn in [1 - s, 1 + s] x 180 degrees (s =
     # pretrain_hue_shift; 0: the benchmark's colors).
     pretrain_hue_shift: float = 0.0
+    pretrain_transpose: float = 0.0   # share of each task's pretraining images shown transposed (rows <-> columns)
     pretrain_label_smoothing: float = 0.0
 
     def key(self) -> str:
@@ -83,7 +84,7 @@ class Mini8Config:
         """Content address of the pretrained backbone alone (reused when only fine-tuning settings change)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items()
                   if k in ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
-                           "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift",
+                           "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift", "pretrain_transpose",
                            "pretrain_label_smoothing")}
         h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
         h.update(Path(mini8_tasks.__file__).read_bytes())
@@ -294,6 +295,9 @@ def _pretrain(cfg, encoder, specs, log):
         shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand((), generator=g).item() - 1))
         if cfg.pretrain_hue_shift and spec is not mini8_tasks.GENERIC:
             x = hue_rotate(x, shift)
+        if cfg.pretrain_transpose and spec is not mini8_tasks.GENERIC:
+            flip = torch.rand(len(x), generator=g) < cfg.pretrain_transpose
+            x = torch.where(flip.view(-1, 1, 1, 1), x.transpose(-1, -2), x)
         xs.append(x)
         ys.append(y + offset)
         offset += spec.num_classes

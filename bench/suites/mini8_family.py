@@ -7,7 +7,7 @@ from mergebench.suites.base import Suite
 from mergebench.suites.registry import MergingSanity, register_suite
 
 # mini8 must behave like the real benchmark (README, "What mini8 shows today"): these are its thresholds
-SANITY = MergingSanity(expert_gap=25.0, interference=10.0, recovery=0.2)
+SANITY = MergingSanity(expert_gap=35.0, task_gap=20.0, interference=10.0, recovery=0.35, auroc=0.75, span=10.0)
 
 
 @register_suite(sanity=SANITY)

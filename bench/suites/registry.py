@@ -50,34 +50,78 @@ class References:
 @dataclass(frozen=True)
 class MergingSanity:
     """The properties a merging benchmark must show, checked on measured numbers (needs the reference rows):
-    (a) the experts far above the pretrained model, (b) interference: Task Arithmetic well below the experts,
-    (c) merging partly works: Task Arithmetic above the pretrained model and Weight Averaging, recovering a
-    share of the pretrained-to-expert gap."""
+    (a) the experts far above the pretrained model, on average and on every task; (b) interference: Task
+    Arithmetic well below the experts; (c) merging partly works: Task Arithmetic above the pretrained model and
+    Weight Averaging, recovering a share of the pretrained-to-expert gap; (d) the test-time signal is
+    informative: on the Task Arithmetic model, prediction entropy ranks correct above wrong predictions on every
+    task (AUROC, from the record's evaluation); (e) methods separate: the data-free, closed-form and test-time
+    merges span some points between the weakest and the best. A threshold of 0 leaves its check out."""
 
     expert_gap: float = 25.0     # (a) points between the experts and the pretrained model
+    task_gap: float = 0.0        # (a) ... on every task
     interference: float = 10.0   # (b) points between the experts and Task Arithmetic
     recovery: float = 0.2        # (c) share of the gap Task Arithmetic recovers
+    auroc: float = 0.0           # (d) least per-task entropy AUROC on the Task Arithmetic model
+    span: float = 0.0            # (e) points between the weakest and the best merge of SPAN_FAMILIES
     task_arithmetic: str = "task_arithmetic(scaling=0.3)"  # the Task Arithmetic row the checks read
 
-    def __call__(self, rows) -> list[str]:
-        by = {r["Pipeline"].split("(")[0]: r["Avg"] for _, r in rows.iterrows()}
-        pre, ind, wa = by.get("pretrained"), by.get("individual"), by.get("weight_averaging")
-        ta = next((r["Avg"] for _, r in rows.iterrows() if r["Pipeline"] == self.task_arithmetic),
-                  by.get("task_arithmetic"))
-        if None in (pre, ind, wa, ta):
+    SPAN_FAMILIES = ("data-free", "data-free (masks)", "data-based closed form", "test-time adaptation")
+
+    def __call__(self, rows, records: list[dict] | None = None) -> list[str]:
+        by = {r["Pipeline"].split("(")[0]: r for _, r in rows.iterrows()}
+        ta_row = next((r for _, r in rows.iterrows() if r["Pipeline"] == self.task_arithmetic),
+                      by.get("task_arithmetic"))
+        if any(x is None for x in (by.get("pretrained"), by.get("individual"), by.get("weight_averaging"), ta_row)):
             return []
+        pre, ind, wa, ta = by["pretrained"]["Avg"], by["individual"]["Avg"], by["weight_averaging"]["Avg"], ta_row["Avg"]
+        tasks = [c for c in rows.columns if c in set((records or [{}])[0].get("metrics", {}).get("accuracy", {}))] \
+            if records else []
         gap = ind - pre
         recovered = (ta - pre) / gap if gap else float("nan")
         mark = lambda ok: "holds" if ok else "FAILS"  # noqa: E731
-        return [
-            f"(a) experts vs pretrained: {ind:.1f} vs {pre:.1f}, +{gap:.1f} points (>= {self.expert_gap:g} required): "
-            f"{mark(gap >= self.expert_gap)}",
+        a = f"(a) experts vs pretrained: {ind:.1f} vs {pre:.1f}, +{gap:.1f} points (>= {self.expert_gap:g} required)"
+        ok_a = gap >= self.expert_gap
+        if self.task_gap and tasks:
+            per = {t: by["individual"][t] - by["pretrained"][t] for t in tasks}
+            worst = min(per, key=per.get)
+            a += (f"; every task's expert >= {self.task_gap:g} points above the pretrained model (least: {worst} "
+                  f"+{per[worst]:.1f})")
+            ok_a = ok_a and per[worst] >= self.task_gap
+        lines = [
+            f"{a}: {mark(ok_a)}",
             f"(b) interference: Task Arithmetic {ta:.1f} is {ind - ta:.1f} points below the experts "
             f"(>= {self.interference:g} required): {mark(ind - ta >= self.interference)}",
             f"(c) merging partly works: Task Arithmetic {ta:.1f} vs pretrained {pre:.1f} and Weight Averaging {wa:.1f}; "
             f"recovers {100 * recovered:.0f}% of the pretrained-to-expert gap (>= {100 * self.recovery:g}% required): "
             f"{mark(ta > pre and ta > wa and recovered >= self.recovery)}",
         ]
+        if self.auroc:
+            ta_rec = next((r for r in records or [] if r["method"]["pipeline"] == ta_row["Pipeline"]), None)
+            au = (ta_rec or {}).get("metrics", {}).get("entropy_auroc")
+            if au:
+                shown = ", ".join(f"{t} {v:.2f}" for t, v in au.items())
+                lines.append(f"(d) the test-time signal is informative: on the Task Arithmetic model, prediction "
+                             f"entropy separates correct from wrong predictions with AUROC {shown} (>= {self.auroc:g} "
+                             f"on every task required): {mark(min(au.values()) >= self.auroc)}")
+            else:
+                lines.append("(d) the test-time signal: the Task Arithmetic record has no entropy AUROC (re-run it "
+                             "with `--force`): FAILS")
+        if self.span:
+            from mergebench.registry import get_method
+
+            def family(pipeline):
+                try:
+                    return get_method(pipeline.split("(")[0]).family
+                except KeyError:
+                    return None
+            merged = {r["Method"]: r["Avg"] for _, r in rows.iterrows() if family(r["Pipeline"]) in self.SPAN_FAMILIES}
+            if len(merged) >= 2:
+                lo, hi = min(merged, key=merged.get), max(merged, key=merged.get)
+                spread = merged[hi] - merged[lo]
+                lines.append(f"(e) methods separate: the {len(merged)} data-free, closed-form and test-time merges span "
+                             f"{spread:.1f} points, {merged[lo]:.1f} ({lo}) to {merged[hi]:.1f} ({hi}) "
+                             f"(>= {self.span:g} required): {mark(spread >= self.span)}")
+        return lines
 
 
 def _no_sanity(rows) -> list[str]:

@@ -1,0 +1,29 @@
+"""The table of tried mini8 builds (docs/mini8.md) from the probe results in results/mini8-builds/*.json.
+
+    python scripts/mini8_builds_table.py [results/mini8-builds]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main():
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/mini8-builds")
+    print("| Build | Changes from the v1 defaults | Pretrained | Experts | Gap (least task) | TA | WA | TA recovers "
+          "| Least TA entropy AUROC | Span (TA, WA, TIES, TSV-M, Iso-CTS) | Build s |")
+    print("|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        r = json.loads(path.read_text())
+        s = r["summary"]
+        changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none (v1)"
+        build = (r.get("build") or {}).get("total_s", "")
+        print(f"| {r['name']} | {changes} | {s['pretrained']:.1f} | {s['experts']:.1f} | {s['gap']:.1f} "
+              f"({s['min_task_gap']:.1f}) | {s['ta']:.1f} | {s['wa']:.1f} | {100 * s['ta_recovery']:.0f}% "
+              f"| {s['ta_min_auroc']:.2f} | {s['span']:.1f} | {build} |")
+
+
+if __name__ == "__main__":
+    main()
