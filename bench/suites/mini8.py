@@ -95,7 +95,8 @@ PRETRAIN_VERSION = 2  # bump when the pretraining code changes
 
 
 CONFIGS = {
-    "mini8": Mini8Config(),
+    # v2: pretraining sees each task hue-rotated (docs/mini8.md: the builds tried and what each choice did)
+    "mini8": Mini8Config(pretrain_hue_shift=0.5),
     # Seconds-fast build for tests: the same code path with fewer, smaller everything.
     "micro": Mini8Config(
         encoder=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=32),
