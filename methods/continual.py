@@ -133,10 +133,10 @@ class PerturbedEncoder(nn.Module):
 
 def finetune_recipe(suite):
     """The suite's own expert fine-tuning settings when it can fine-tune (mini8 and micro), else None."""
-    from mergebench.suites.mini8 import CONFIGS
+    from mergebench.suites.mini8 import CONFIGS, mini8_config_dict
 
     cfg = CONFIGS.get(suite.name)
-    if cfg is None or suite.info.get("cache_key") != cfg.key():
+    if cfg is None or suite.info.get("mini8_config") != mini8_config_dict(cfg):
         return None
     return cfg
 

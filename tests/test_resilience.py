@@ -1,6 +1,7 @@
 """Fault injection: time limits, non-finite outputs, killed writers, concurrent writers,
 mismatched expert architectures, a missing cache and corrupt record files."""
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -118,8 +119,12 @@ def test_mismatched_expert_architectures_say_what_to_do(micro, results_dir, how)
 
 
 def test_missing_cache_says_how_to_build(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `mergebench build micro` first"):
-        get_suite("micro", build=False, cache_dir=tmp_path)
+    from mergebench.suites.mini8 import CONFIGS, load_mini8
+
+    custom = dataclasses.replace(CONFIGS["micro"], seed=3)  # no committed artifact: built locally
+    with pytest.raises(FileNotFoundError, match="run `mergebench build mini8-custom` first"):
+        load_mini8(custom, build=False, cache_dir=tmp_path)
+    assert get_suite("micro", build=False, cache_dir=tmp_path).tasks  # committed: nothing to build
     with pytest.raises(KeyError, match="did you mean: micro"):
         get_suite("mikro")
 

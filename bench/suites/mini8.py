@@ -134,8 +134,9 @@ def _load(cfg: Mini8Config, name: str, root: Path) -> Suite:
 def _load_artifact(name: str, cfg: Mini8Config, cache_dir) -> Suite:
     """The committed build: every file checked against its sha256, the data generated once and checked too."""
     meta = artifact.read(name)
-    if meta["config"] != json.loads(json.dumps(dataclasses.asdict(cfg))):
-        changed = sorted(k for k in meta["config"] if meta["config"][k] != json.loads(json.dumps(dataclasses.asdict(cfg)))[k])
+    if meta["config"] != mini8_config_dict(cfg):
+        expected = mini8_config_dict(cfg)
+        changed = sorted(k for k in set(meta["config"]) | set(expected) if meta["config"].get(k) != expected.get(k))
         raise artifact.ArtifactError(
             f"the {name} configuration in bench/suites/mini8.py differs from the one its committed artifact was built "
             f"from (fields {', '.join(changed)}); rebuild the artifact with `make {name}-artifact` (or restore the "
@@ -172,8 +173,13 @@ def _suite(cfg, name, data, pretrained, heads, load_expert, info) -> Suite:
         pretrained=Weights(pretrained), heads=dict(heads), data=data,
         load_expert=lambda task: Weights(load_expert(task)),
         info={"suite": name, "backbone": "open_clip VisionTransformer " + json.dumps(cfg.encoder, sort_keys=True),
-              **info},
+              "mini8_config": mini8_config_dict(cfg), **info},
     )
+
+
+def mini8_config_dict(cfg: Mini8Config) -> dict:
+    """The configuration as JSON values (tuples as lists), as a record or an artifact's suite.json stores it."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -363,7 +369,7 @@ def build_artifact(name: str = "mini8", verbose: bool = True) -> Path:
         files = {"pretrained.safetensors": dict(built.pretrained), "heads.safetensors": dict(built.heads),
                  **{f"experts/{t}.safetensors": dict(built.expert_weights(t)) for t in cfg.tasks}}
         data_sha = tensors_sha256(load_file(root / "data.safetensors"))
-        meta = {"suite": name, "config": json.loads(json.dumps(dataclasses.asdict(cfg))), "data_sha256": data_sha,
+        meta = {"suite": name, "config": mini8_config_dict(cfg), "data_sha256": data_sha,
                 "build": {**meta_build, "command": f"make {name}-artifact"}}
         for dtype in (torch.float16, torch.float32):
             artifact.write(name, files, {**meta, "dtype": str(dtype).removeprefix("torch.")}, dtype)
