@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 1: 87,433 test images)")
 
     def run_options(s):
+        from mergebench.context import PRECISIONS
         suite_options(s)
         s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
         s.add_argument("--seed", type=int, default=0)
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--orders task orders (default: sequential for methods that need it, else one-shot)")
         s.add_argument("--orders", type=int, default=3, metavar="N",
                        help="sequential protocol: number of seeded random task orders (default 3)")
-        s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+        s.add_argument("--precision", choices=list(PRECISIONS), default="bf16",
                        help="test-time adaptation loops' forward and backward passes: bf16 (bfloat16 autocast; merge, "
                             "trained parameters, optimizer and loss in float32) or fp32 (as the official codes)")
         budget_option(s)
