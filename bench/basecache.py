@@ -44,7 +44,7 @@ def base_key(call, ctx) -> str:
     return config_hash({"pipeline": str(call), "checkpoints": ctx.suite.info.get("checkpoints"),
                         "suite": ctx.suite.info.get("cache_key"), "seed": ctx.seed, "tasks": list(ctx.tasks),
                         "data": {"unlabeled_split": ctx.unlabeled_split, "fraction": ctx.data_fraction},
-                        "source": sources.hexdigest()})
+                        "precision": ctx.precision, "source": sources.hexdigest()})
 
 
 def _folder() -> Path:

@@ -270,7 +270,8 @@ def cmd_run(args) -> int:
     records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
                        show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None),
-                       protocol=args.protocol, orders=args.orders, budget=args.budget)
+                       protocol=args.protocol, orders=args.orders, budget=args.budget,
+                       precision=args.precision)
     reused = [r["method"]["pipeline"] for r in records if r.get("skipped")]
     if reused:
         print(f"reused {len(reused)} of {len(records)} runs from the records in {Path(args.results) / suite.name} "
@@ -472,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 1: 87,433 test images)")
 
     def run_options(s):
+        from mergebench.context import PRECISIONS
         suite_options(s)
         s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
         s.add_argument("--seed", type=int, default=0)
@@ -487,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--orders task orders (default: sequential for methods that need it, else one-shot)")
         s.add_argument("--orders", type=int, default=3, metavar="N",
                        help="sequential protocol: number of seeded random task orders (default 3)")
+        s.add_argument("--precision", choices=list(PRECISIONS), default="bf16",
+                       help="test-time adaptation loops' forward and backward passes: bf16 (bfloat16 autocast; merge, "
+                            "trained parameters, optimizer and loss in float32) or fp32 (as the official codes)")
         budget_option(s)
 
     s = sub.add_parser("run", help="merge, evaluate and record one or more methods",

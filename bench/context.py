@@ -7,6 +7,7 @@ the task names and heads from it, and asks it for data only of the kind it decla
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from typing import Callable, Iterable, Iterator, Sequence
@@ -24,11 +25,20 @@ class DataNotDeclaredError(PermissionError):
     """A method asked for data of a kind it did not declare in ``register_method(needs=...)``."""
 
 
+# The precision of the test-time adaptation loops' forward and backward passes (``MergeContext.autocast``): "bf16"
+# (the default: bfloat16 autocast, the merge, the trained parameters, their optimizer and the loss in float32) or
+# "fp32" (everything in float32, as the official codes).
+PRECISIONS = ("bf16", "fp32")
+
+
 class MergeContext:
     def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
                  seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
-                 show_progress: bool = True, tasks: list[str] | None = None):
+                 show_progress: bool = True, tasks: list[str] | None = None, precision: str = "bf16"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.suite = suite
+        self.precision = precision
         # the tasks this context serves (all of the suite's; a sequential step's view: those arrived so far)
         self.tasks: list[str] = list(suite.tasks if tasks is None else tasks)
         self.needs = {needs} if isinstance(needs, str) else set(needs)
@@ -154,6 +164,14 @@ class MergeContext:
     def head(self, task: str) -> torch.nn.Module:
         """The frozen classification head of ``task`` (features -> logits), on the device."""
         return freeze(self.suite.head(task).to(self.device))
+
+    def autocast(self):
+        """The context of an adaptation loop's forward pass (its backward follows it): bfloat16 autocast on the
+        context's device when ``precision`` is "bf16", nothing when it is "fp32". Only the encoder's pass goes
+        inside; the merge, the loss and the optimizer stay in float32 (cast the features back with ``.float()``)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ------------------------------------------------------------ data (only what was declared)
     def _require(self, kind: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mergebench import basecache, integrity, limits, memory
-from mergebench.context import MergeContext
+from mergebench.context import PRECISIONS, MergeContext
 from mergebench.errors import InputError, MergebenchError
 from mergebench.evaluate import evaluate
 from mergebench.io import atomic_write_text, cache_root, check_writable
@@ -187,11 +187,13 @@ def _peak_memory_mb(device: torch.device) -> dict:
 
 def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: str = "test",
                data_fraction: float = 1.0, tune: dict[str, list] | None = None,
-               orders: list[list[str]] | None = None) -> dict:
+               orders: list[list[str]] | None = None, precision: str = "bf16") -> dict:
     """What determines a run's result; its hash (``config_hash``) names the record (sweeps use it too).
 
     ``orders`` (the task orders of a sequential run) is added only for that protocol, so one-shot hashes are stable;
     a method declared ``needs="sequential"`` gets the default orders when none are given (as ``run_method`` does).
+    ``precision`` (of the test-time adaptation loops, ``MergeContext.autocast``) is added only for pipelines with a
+    stage of that family, the only ones it can change.
     """
     if orders is None and get_method(call.name).needs == "sequential":
         orders = task_orders(suite.tasks, DEFAULT_ORDERS, seed)
@@ -199,9 +201,16 @@ def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: s
               "checkpoints": suite.info.get("checkpoints"), "seed": seed,
               "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
               "tune": {k: list(v) for k, v in (tune or {}).items()}}
+    if uses_precision(call):
+        config["precision"] = precision
     if orders is not None:
         config.update({"protocol": "sequential", "orders": [list(o) for o in orders]})
     return config
+
+
+def uses_precision(call: MethodCall) -> bool:
+    """Whether the run's ``precision`` can change ``call``'s result: a stage is a test-time adaptation method."""
+    return any(get_method(s.name).family == "test-time adaptation" for s in call.stages())
 
 
 def resolve_protocol(call: MethodCall, protocol: str | None) -> str:
@@ -221,7 +230,8 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                device="auto", force: bool = False, unlabeled_split: str = "test", data_fraction: float = 1.0,
                tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
                write: bool = True, time_limit_s: float | None = None, protocol: str | None = None,
-               orders: int | list[list[str]] = DEFAULT_ORDERS, budget: str = "paper") -> dict:
+               orders: int | list[list[str]] = DEFAULT_ORDERS, budget: str = "paper",
+               precision: str = "bf16") -> dict:
     """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
 
     ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
@@ -234,11 +244,17 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     Exceptions inside the method become a record with ``status: failed``; so does a method that changed
     the suite's weights, heads or data in place (the suite is then loaded again, :mod:`mergebench.integrity`).
 
+    ``precision``: of the test-time adaptation loops' forward and backward passes, "bf16" (bfloat16 autocast, the
+    default) or "fp32" (:meth:`MergeContext.autocast`); stored in the record (and, for the pipelines it can
+    change, in its configuration).
+
     ``time_limit_s``: the merge (validation selection included; for the sequential protocol every order with
     its evaluations) runs in a child process that is killed at the deadline (:mod:`mergebench.limits`); the run
     is recorded as failed with "exceeded its time limit of N s".
     """
     device = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
     time_limit_s = limits.check_seconds(time_limit_s)
     check_architectures(suite)
     call = MethodCall.parse(method).with_budget(budget).resolve()
@@ -252,7 +268,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
             raise InputError("--tune (validation selection) is not available under the sequential protocol")
         adapter = check_sequential(call)
         order_list = task_orders(suite.tasks, orders, seed)
-    config = run_config(call, suite, seed, unlabeled_split, data_fraction, tune, order_list)
+    config = run_config(call, suite, seed, unlabeled_split, data_fraction, tune, order_list, precision)
     chash = config_hash(config)
     path = record_path(results_dir, suite.name, ("sequential_" if order_list else "") + str(call), chash)
     if not force and write:
@@ -273,7 +289,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                    "family": spec.family},
         "budget": {"requested": budget, "below_paper": call.below_paper_budget()},
         "suite": {"name": suite.name, "tasks": suite.tasks, **suite.info}, "seed": seed, "device": str(device),
-        "config": config, "env": environment(),
+        "precision": precision, "config": config, "env": environment(),
     }
     if time_limit_s:
         record["time_limit_s"] = time_limit_s
@@ -282,7 +298,8 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
         record["sequential"] = {"orders": order_list, "adapter": adapter}
     measure = functools.partial(_measure, call=call, suite=suite, device=device, seed=seed,
                                 unlabeled_split=unlabeled_split, data_fraction=data_fraction, tune=tune,
-                                show_progress=show_progress, count_flops=count_flops, order_list=order_list)
+                                show_progress=show_progress, count_flops=count_flops, order_list=order_list,
+                                precision=precision)
     if time_limit_s:
         what = f"{call.name} ({'all task orders, evaluation included' if order_list else 'merge and selection'})"
         updates = _run_limited(measure, call, suite, device, time_limit_s, what)
@@ -351,17 +368,18 @@ def _spawned_measure(reload, modules: list[str], kwargs: dict, release) -> dict:
 
 
 def _measure(release, call: MethodCall, suite: Suite, device: torch.device, seed: int, unlabeled_split: str,
-             data_fraction: float, tune, show_progress: bool, count_flops: bool, order_list) -> dict:
+             data_fraction: float, tune, show_progress: bool, count_flops: bool, order_list,
+             precision: str = "bf16") -> dict:
     """The measured part of a run: the record's fields (``status`` ok or failed). Runs in this process, or in the
     child of a time-limited run, which calls ``release()`` when what the limit covers is done."""
     memory.reset_peak(device)
     stored = basecache.stored_count()
     if order_list is None:
         out = _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
-                        count_flops)
+                        count_flops, precision)
     else:
         out = _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                          count_flops)
+                          count_flops, precision)
     if out.get("_inputs_modified"):  # what this run cached was computed from inputs that cannot be trusted
         basecache.discard_since(stored)
     out["_threads"] = torch.get_num_threads()
@@ -415,18 +433,19 @@ def measure_final(model: MergedModel, acc: dict[str, float], suite: Suite, devic
 
 
 def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
-              count_flops) -> dict:
+              count_flops, precision) -> dict:
     out: dict = {}
     try:
         selection = {"protocol": "fixed"}
         stage_s: dict = {}
         if tune:
             call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
-                                                    data_fraction, show_progress)
+                                                    data_fraction, show_progress, precision)
             out["method"] = {"pipeline": str(call), "hparams": call.plain_hparams()}
         out["selection"] = selection
         seed_everything(seed)
-        ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
+        ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress,
+                           precision=precision)
         start = time.perf_counter()
         model = execute(call, ctx, stage_s)
         if device.type == "cuda":
@@ -455,7 +474,7 @@ def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction
 
 
 def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                count_flops) -> dict:
+                count_flops, precision) -> dict:
     """The fields of a sequential record: per order, the method's model after each arrival evaluated on
     the tasks seen so far; averages over orders; params and FLOPs of the final model (of the first order).
     A failure in any order makes the record ``failed`` (with the orders done so far)."""
@@ -469,7 +488,7 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
         for order in order_list:
             seed_everything(seed)
             result, model, ctx = run_order(call, suite, order, device, seed, unlabeled_split, data_fraction,
-                                           show_progress, evaluate_seen, _check_finite)
+                                           show_progress, evaluate_seen, _check_finite, precision)
             per_order.append(result)
             contexts.append(ctx)
             if final_model is None:  # params and FLOPs: the final model of the first order
@@ -490,13 +509,15 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
         return {"sequential": {"per_order": per_order}, **_failure(e, suite, call)}
 
 
-def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress):
+def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress,
+                          precision):
     names = list(tune)
     grid = []
     for values in itertools.product(*(tune[n] for n in names)):
         candidate = call.with_hparams(**dict(zip(names, values))).resolve()
         seed_everything(seed)
-        ctx = MergeContext(suite, candidate.needs(), device, seed, unlabeled_split, data_fraction, show_progress)
+        ctx = MergeContext(suite, candidate.needs(), device, seed, unlabeled_split, data_fraction, show_progress,
+                           precision=precision)
         acc = evaluate(execute(candidate, ctx), suite, "val", device)["accuracy"]
         chosen_values = {n: candidate.plain_hparams()[n] for n in names}
         grid.append({"hparams": chosen_values, "val_avg_accuracy": sum(acc.values()) / len(acc)})

@@ -57,11 +57,12 @@ class SequentialContext(MergeContext):
     """
 
     def __init__(self, suite, order: list[str], needs, device="cpu", seed: int = 0, unlabeled_split: str = "test",
-                 data_fraction: float = 1.0, show_progress: bool = True):
+                 data_fraction: float = 1.0, show_progress: bool = True, precision: str = "bf16"):
         unknown = [t for t in order if t not in suite.tasks]
         if unknown or sorted(order) != sorted(suite.tasks):
             raise InputError(f"a task order must be a permutation of the suite's tasks {suite.tasks}, got {order}")
-        super().__init__(suite, needs, device, seed, unlabeled_split, data_fraction, show_progress, tasks=[])
+        super().__init__(suite, needs, device, seed, unlabeled_split, data_fraction, show_progress, tasks=[],
+                         precision=precision)
         self._order = list(order)
         self._started = False
         self.notes: dict = {}
@@ -97,7 +98,7 @@ class SequentialContext(MergeContext):
     def seen_view(self) -> MergeContext:
         """An ordinary context over the tasks arrived so far (what a one-shot method sees in the adapter)."""
         return MergeContext(self.suite, self.needs, self.device, self.seed, self.unlabeled_split, self.data_fraction,
-                            self.show_progress, tasks=list(self.tasks))
+                            self.show_progress, tasks=list(self.tasks), precision=self.precision)
 
     def note(self, key: str, value) -> None:
         """Record a fact about this run (e.g. which path a method took); stored in the record."""
@@ -164,14 +165,16 @@ def steps(call: MethodCall, ctx: SequentialContext) -> Iterator[MergedModel]:
 
 
 def run_order(call: MethodCall, suite, order: list[str], device, seed: int, unlabeled_split: str, data_fraction: float,
-              show_progress: bool, evaluate_fn, check_fn) -> tuple[dict, MergedModel, SequentialContext]:
+              show_progress: bool, evaluate_fn, check_fn,
+              precision: str = "bf16") -> tuple[dict, MergedModel, SequentialContext]:
     """Run one order: after each yielded model, evaluate it on the tasks seen so far.
 
     Returns (the order's result, the final model, its context). ``evaluate_fn(model, tasks) -> {task: acc}``;
     ``check_fn(model)`` raises on a bad model. Merge time counts only the method's own work between yields.
     """
     needs = call.needs()
-    ctx = SequentialContext(suite, order, needs, device, seed, unlabeled_split, data_fraction, show_progress)
+    ctx = SequentialContext(suite, order, needs, device, seed, unlabeled_split, data_fraction, show_progress,
+                            precision)
     gen = steps(call, ctx)
     curve, merge_s, eval_s, model = [], 0.0, 0.0, None
     while True:

@@ -11,6 +11,9 @@ its ++ form, Concrete, AdaRank, Representation Surgery, IntervMerge).
   Options used by later methods: unclamped coefficients, a mask shared by the tasks on the
   task-vector sum (Concrete subspace learning), and an overridable ``combined_task_vector``
   (AdaRank builds each tau_t from its masked SVD).
+* :func:`vit_forward`: the open_clip ViT's forward written out as functions of the merged tensors (the same
+  operations in the same order, the attention as two batched matmuls and a softmax): the adaptation loops'
+  forward and backward pass, under the run's precision (``ctx.autocast()``), for the encoders it covers.
 * Data helpers: per-task unlabeled streams (always through ``ctx.unlabeled``), expert
   embeddings as distillation targets, and the entropy objective with its Adam loop
   (:func:`minimize_entropy`, configured by keyword: ``minimize_entropy(ctx, merge, params, steps=..., lr=...,
@@ -22,13 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
+import open_clip.transformer as oc
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mergebench.models import MergedModel, SharedModel, freeze
+from mergebench.models import MergedModel, SharedModel, _QuickGELU, freeze
 from mergebench.weights import Weights
 
 Granularity = Literal["task", "layer"]
@@ -67,6 +72,7 @@ class FunctionalMerge(nn.Module):
         else:
             raw = torch.full((rows, self.num_tasks), float(init))
         self.lambdas = nn.Parameter(raw.to(next(iter(self.theta0.values())).device))
+        self._fast: bool | None = None  # whether vit_forward covers the skeleton (checked on first use)
 
     def coefficients(self) -> Tensor:
         """The coefficients, (n_tensors or 1, T), clamped to ``clamp`` (hard clamp: zero gradient outside)."""
@@ -87,8 +93,16 @@ class FunctionalMerge(nn.Module):
         return out
 
     def forward(self, images: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
-        """Embeddings of the merged encoder (pass ``weights`` to reuse one merge for several batches)."""
+        """Embeddings of the merged encoder (pass ``weights`` to reuse one merge for several batches), through the
+        skeleton's own modules (their hooks run: IntervMerge's interventions)."""
         return functional_call(self.encoder, weights if weights is not None else self.merged_weights(), (images,))
+
+    def embed(self, images: Tensor, weights: dict[str, Tensor]) -> Tensor:
+        """The same embeddings by the faster :func:`vit_forward` where it covers the skeleton (hooks do not run),
+        else by ``forward``."""
+        if self._fast is None:
+            self._fast = vit_forward_supports(self.encoder)
+        return vit_forward(self.encoder, weights, images) if self._fast else self(images, weights)
 
     @torch.no_grad()
     def final_weights(self, mask: dict[str, Tensor] | None = None) -> Weights:
@@ -139,6 +153,78 @@ def functional_merge_from_state(ctx, state: MergeState) -> FunctionalMerge:
     return functional_merge(ctx, state.granularity, state.coefficients, state.ties_k)
 
 
+# ------------------------------------------------------------------ the encoder's forward as functions
+_ACTIVATIONS = (oc.QuickGELU, _QuickGELU)
+
+
+def vit_forward_supports(encoder: nn.Module) -> bool:
+    """Whether :func:`vit_forward` computes what ``encoder`` (an open_clip VisionTransformer) computes: CLS-token
+    pooling with ln_post before it, no attentional pooler, patch dropout or layer scale, plain pre-norm blocks
+    with exact GELU or QuickGELU."""
+    if not isinstance(encoder, VisionTransformer) or encoder.attn_pool is not None or encoder.pool_type != "tok":
+        return False
+    if encoder.final_ln_after_pool or encoder.output_tokens or not isinstance(encoder.patch_dropout, nn.Identity):
+        return False
+    conv = encoder.conv1
+    if conv.bias is not None or conv.stride != conv.kernel_size or conv.padding != (0, 0) or conv.groups != 1:
+        return False
+    if not encoder.transformer.batch_first or encoder.proj is None:
+        return False
+    if not all(type(m) is oc.LayerNorm for m in (encoder.ln_pre, encoder.ln_post)):
+        return False
+    for block in encoder.transformer.resblocks:
+        if type(block) is not oc.ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            return False
+        if not all(type(m) is oc.LayerNorm for m in (block.ln_1, block.ln_2)):
+            return False
+        if not (isinstance(block.ls_1, nn.Identity) and isinstance(block.ls_2, nn.Identity)):
+            return False
+        act = block.mlp.gelu
+        if not ((type(act) is nn.GELU and act.approximate == "none") or isinstance(act, _ACTIVATIONS)):
+            return False
+        if not block.attn.batch_first or block.attn.in_proj_weight is None or block.attn.bias_k is not None:
+            return False
+    return True
+
+
+def _layer_norm(x: Tensor, weights: dict[str, Tensor], name: str, module: nn.LayerNorm) -> Tensor:
+    """open_clip's LayerNorm: float32 statistics under autocast, cast back to the input's dtype."""
+    return F.layer_norm(x, module.normalized_shape, weights[f"{name}.weight"], weights[f"{name}.bias"],
+                        module.eps).to(x.dtype)
+
+
+def vit_forward(encoder: VisionTransformer, weights: dict[str, Tensor], images: Tensor) -> Tensor:
+    """``functional_call(encoder, weights, (images,))`` for the encoders of :func:`vit_forward_supports`, without
+    the modules: the same operations (patch embedding, class token and positions, ln_pre, pre-norm attention
+    and MLP blocks, ln_post on the class token, projection) on the merged tensors. The attention is softmax(q k^T
+    / sqrt(d)) v as two batched matmuls, in the batch-first layout of the blocks (nn.MultiheadAttention transposes
+    to sequence-first and projects q, k, v as one packed tensor whose backward sums three zero-padded copies):
+    the same values up to rounding, and under bfloat16 autocast the matmuls stay in bfloat16 where the math
+    attention kernel computes in float32."""
+    w = weights
+    # the patch convolution (stride = kernel) as one matmul on the images' patches: its backward is a matmul too
+    kh, kw = encoder.conv1.kernel_size
+    patches = images.unfold(2, kh, kh).unfold(3, kw, kw).permute(0, 2, 3, 1, 4, 5)
+    batch, width = images.shape[0], w["conv1.weight"].shape[0]
+    x = F.linear(patches.reshape(batch, patches.shape[1] * patches.shape[2], -1), w["conv1.weight"].reshape(width, -1))
+    x = torch.cat([w["class_embedding"].view(1, 1, -1).expand(batch, -1, -1).to(x.dtype), x], dim=1)
+    x = _layer_norm(x + w["positional_embedding"].to(x.dtype), w, "ln_pre", encoder.ln_pre)
+    tokens = x.shape[1]
+    for i, block in enumerate(encoder.transformer.resblocks):
+        p = f"transformer.resblocks.{i}."
+        heads = block.attn.num_heads
+        h = _layer_norm(x, w, p + "ln_1", block.ln_1)
+        qkv = F.linear(h, w[p + "attn.in_proj_weight"], w[p + "attn.in_proj_bias"])
+        q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5).softmax(-1).to(v.dtype) @ v
+        attn = attn.transpose(1, 2).reshape(batch, tokens, width)
+        x = x + F.linear(attn, w[p + "attn.out_proj.weight"], w[p + "attn.out_proj.bias"])
+        h = F.linear(_layer_norm(x, w, p + "ln_2", block.ln_2), w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
+        h = F.gelu(h) if type(block.mlp.gelu) is nn.GELU else h * torch.sigmoid(1.702 * h)
+        x = x + F.linear(h, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+    return _layer_norm(x[:, 0], w, "ln_post", encoder.ln_post) @ w["proj"]
+
+
 # ------------------------------------------------------------------ data and targets
 def unlabeled_streams(ctx, batch_size: int = 16) -> dict[str, Iterator[Tensor]]:
     """{task: endless shuffled unlabeled batches} (raises DataNotDeclaredError if undeclared)."""
@@ -169,10 +255,13 @@ def entropy_objective(ctx, merge: FunctionalMerge, weights: dict[str, Tensor], s
     """The test-time objective of AdaMerging and its descendants: the sum over tasks (``batches_per_task``
     batches each, drawn in task order) of each batch's mean prediction entropy under the merged encoder
     ``weights``. All batches go through the encoder in one pass (it is per-image, so this equals one pass
-    per batch)."""
+    per batch), at the run's precision (``ctx.autocast()``: the merge before it and the loss after it stay in
+    float32)."""
     tasks = [t for t in ctx.tasks for _ in range(batches_per_task)]
     batches = [next(streams[t]) for t in tasks]
-    features = merge(torch.cat(batches), weights).split([len(b) for b in batches])
+    with ctx.autocast():
+        features = merge.embed(torch.cat(batches), weights)
+    features = features.float().split([len(b) for b in batches])
     return sum(entropy(heads[t](f)) for t, f in zip(tasks, features))
 
 

@@ -326,3 +326,93 @@ def test_intervmerge_needs_a_single_shared_encoder(micro):
     rec = run_method("intervmerge(base=individual, steps=1)", micro, write=False, show_progress=False)
     assert rec["status"] == "failed" and "exactly one shared encoder" in rec["error"]
 
+
+
+# ------------------------------------------------------------------ precision and the written-out forward
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_vit_forward_equals_the_encoders_own_forward_and_gradients(micro, act):
+    """The adaptation loops' forward (vit_forward) computes what functional_call on the open_clip skeleton does,
+    values and gradients in the coefficients, for both activations."""
+    from mergebench.methods.adaptive import vit_forward, vit_forward_supports
+    from mergebench.models import encoder_from_weights
+
+    ctx = _ctx(micro)
+    config = dict(micro.encoder_config, act=act)
+    encoder = encoder_from_weights(config, dict(micro.pretrained), "cpu").eval()
+    assert vit_forward_supports(encoder)
+    fm = FunctionalMerge(encoder, ctx.pretrained_weights, [ctx.task_vector(t) for t in ctx.tasks], "layer", 0.3)
+    x = torch.randn(6, 3, config["image_size"], config["image_size"])
+    grads = []
+    for forward in (lambda w: fm(x, w), lambda w: vit_forward(fm.encoder, w, x)):
+        fm.lambdas.grad = None
+        out = forward(fm.merged_weights())
+        out.square().sum().backward()
+        grads.append((out.detach(), fm.lambdas.grad.clone()))
+    (ref, ref_grad), (fast, fast_grad) = grads
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fast_grad, ref_grad, atol=1e-4, rtol=1e-4)
+    assert ref_grad.abs().sum() > 0
+
+
+def test_vit_forward_refuses_encoders_it_does_not_cover(micro):
+    """An encoder with layer scale (or any other variant vit_forward does not write out) is not covered, and
+    FunctionalMerge.embed falls back to the skeleton's own forward."""
+    from open_clip.transformer import LayerScale
+
+    from mergebench.methods.adaptive import vit_forward_supports
+
+    ctx = _ctx(micro)
+    fm = functional_merge(ctx, "task", 0.3)
+    assert vit_forward_supports(fm.encoder)
+    block = fm.encoder.transformer.resblocks[0]
+    block.ls_1 = LayerScale(block.ln_1.normalized_shape[0], 0.5)
+    assert not vit_forward_supports(fm.encoder)
+    fm._fast = None
+    x = next(ctx.unlabeled(ctx.tasks[0], 4))
+    with torch.no_grad():
+        w = fm.merged_weights()
+        assert torch.equal(fm.embed(x, w), fm(x, w))  # the layer scale is applied: the skeleton ran
+
+
+def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
+    """ctx.autocast(): bfloat16 under "bf16" (the default), nothing under "fp32"; a few AdaMerging steps in bf16
+    follow the fp32 entropy trajectory closely but not bit for bit."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        seed_everything(0)
+        ctx = MergeContext(micro, "unlabeled", "cpu", 0, show_progress=False, precision=precision)
+        with ctx.autocast():
+            assert torch.is_autocast_enabled("cpu") == (precision == "bf16")
+        mergebench.get_method("adamerging_layerwise").fn(ctx, steps=4)
+        losses[precision] = torch.tensor(ctx.logs["adamerging_layerwise/loss"])
+    assert MergeContext(micro).precision == "bf16"
+    assert torch.allclose(losses["bf16"], losses["fp32"], rtol=2e-2, atol=1e-2), losses
+    assert not torch.equal(losses["bf16"], losses["fp32"])
+    with pytest.raises(ValueError, match="precision must be one of"):
+        MergeContext(micro, precision="fp16")
+
+
+def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_dir):
+    from mergebench.errors import InputError
+    from mergebench.run import run_config
+
+    ada, ta = (MethodCall.parse(m).with_budget("smoke").resolve() for m in ("adamerging_taskwise", "task_arithmetic"))
+    assert run_config(ada, micro, precision="fp32") != run_config(ada, micro, precision="bf16")
+    assert run_config(ada, micro)["precision"] == "bf16"
+    assert run_config(ta, micro, precision="fp32") == run_config(ta, micro, precision="bf16")  # it cannot change TA
+    rec = run_method("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, budget="smoke",
+                     precision="fp32")
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["precision"] == "fp32" and rec["config"]["precision"] == "fp32"
+    with pytest.raises(InputError, match="unknown precision 'half'"):
+        run_method("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, precision="half")
+
+
+def test_cli_precision_option(micro, results_dir):
+    from mergebench.cli import build_parser
+
+    assert build_parser().parse_args(["run", "adamerging_taskwise", "--suite", "micro"]).precision == "bf16"
+    assert build_parser().parse_args(["run", "adamerging_taskwise", "--suite", "micro",
+                                      "--precision", "fp32"]).precision == "fp32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "adamerging_taskwise", "--suite", "micro", "--precision", "fp16"])
