@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true", help="list done jobs too")
     s.set_defaults(fn=cmd_status)
 
-    s = sub.add_parser("demo", help="build mini8 if needed, run every method, write and print the leaderboard")
+    s = sub.add_parser("demo", help="run every method on mini8 (the committed suite; records already made are reused), write and print the leaderboard")
     run_options(s)
     s.set_defaults(fn=cmd_demo)
     return p
