@@ -49,15 +49,15 @@ def main():
                                   "entropy_auroc": {t: round(a, 3) for t, a in m["entropy_auroc"].items()},
                                   "merge_s": rec["timing"]["merge_s"]}
     acc = {k: v["avg"] for k, v in out["methods"].items() if isinstance(v, dict)}
-    pre, ind, ta, wa = (acc[k] for k in HEADLINE[:1] + HEADLINE[1:2] + HEADLINE[3:4] + HEADLINE[2:3])
+    pre, ind, wa, ta = (acc[k] for k in HEADLINE)
     tasks = out["methods"]["pretrained"]["tasks"]
+    merged = [acc[m] for m in ["weight_averaging", "task_arithmetic"] + args.methods if m in acc]
     out["summary"] = {
         "pretrained": pre, "experts": ind, "gap": round(ind - pre, 1),
         "min_task_gap": round(min(out["methods"]["individual"]["tasks"][t] - tasks[t] for t in tasks), 1),
         "ta": ta, "wa": wa, "ta_recovery": round((ta - pre) / (ind - pre), 3),
         "ta_min_auroc": min(out["methods"]["task_arithmetic"]["entropy_auroc"].values()),
-        "span": round(max(acc.values() if not args.methods else [acc[m] for m in args.methods + ["task_arithmetic", "weight_averaging"]]) -
-                      min([acc[m] for m in args.methods + ["task_arithmetic", "weight_averaging"]]), 1),
+        "span": round(max(merged) - min(merged), 1),
     }
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,7 @@ def _load_artifact(name: str, cfg: Mini8Config, cache_dir) -> Suite:
                 f"is torch {torch.__version__}): install the torch version of pyproject.toml, or rebuild the artifact "
                 f"with `make {name}-artifact`")
         atomic_save_tensors(data, data_file)
-    checkpoints = {**{k: v for k, v in meta["files"].items() if k != "suite.json"}, "data": meta["data_sha256"]}
+    checkpoints = {**meta["files"], "data": meta["data_sha256"]}
     return _suite(cfg, name, _splits(cfg, data), artifact.load_tensors(name, "pretrained.safetensors"),
                   artifact.load_tensors(name, "heads.safetensors"),
                   lambda task: artifact.load_tensors(name, f"experts/{task}.safetensors"),

@@ -74,8 +74,8 @@ class MergingSanity:
         if any(x is None for x in (by.get("pretrained"), by.get("individual"), by.get("weight_averaging"), ta_row)):
             return []
         pre, ind, wa, ta = by["pretrained"]["Avg"], by["individual"]["Avg"], by["weight_averaging"]["Avg"], ta_row["Avg"]
-        tasks = [c for c in rows.columns if c in set((records or [{}])[0].get("metrics", {}).get("accuracy", {}))] \
-            if records else []
+        measured = records[0]["metrics"]["accuracy"] if records else {}
+        tasks = [c for c in rows.columns if c in measured]
         gap = ind - pre
         recovered = (ta - pre) / gap if gap else float("nan")
         mark = lambda ok: "holds" if ok else "FAILS"  # noqa: E731
