@@ -271,7 +271,7 @@ def cmd_run(args) -> int:
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
                        show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None),
                        protocol=args.protocol, orders=args.orders, budget=args.budget,
-                       precision=args.precision)
+                       precision=args.precision, jobs=args.jobs or 1)
     reused = [r["method"]["pipeline"] for r in records if r.get("skipped")]
     if reused:
         print(f"reused {len(reused)} of {len(records)} runs from the records in {Path(args.results) / suite.name} "
@@ -301,6 +301,9 @@ def cmd_leaderboard(args) -> int:
 def cmd_demo(args) -> int:
     """Build the suite if needed, run every registered method, write and print the leaderboard."""
     args.methods, args.all, args.set, args.tune, args.leaderboard = [], True, [], [], True
+    if args.jobs is None:  # every core runs a method (a method's small matrix products use one core well)
+        from mergebench.run import resolve_device
+        args.jobs = min(8, len(os.sched_getaffinity(0))) if resolve_device(args.device).type == "cpu" else 1
     if args.protocol == "sequential":  # every sequential method, and the one-shot baselines through the adapter
         from mergebench.registry import list_methods
         from mergebench.sequential import SEQUENTIAL_BASELINES
@@ -331,6 +334,7 @@ def cmd_sweep(args) -> int:
         suites = [{"name": name, **options} for name in (suites or ["mini8"])]
     over = {"methods": list(args.methods), "suites": suites, "seeds": seeds, "grid": grid, "name": args.name,
             "device": None if args.device == "auto" else args.device, "time_limit_s": args.time_limit,
+            "precision": None if args.precision == "auto" else args.precision,
             "results_dir": args.results}
     executor_cfg = {}
     if args.config:
@@ -421,6 +425,16 @@ def budget_option(s):
                         "as below the paper's budget)")
 
 
+def precision_option(s):
+    from mergebench.context import PRECISIONS
+
+    s.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="test-time adaptation loops' forward and backward passes: bf16 (bfloat16 autocast; merge, "
+                        "trained parameters, optimizer and loss in float32), fp32 (as the official codes), or auto "
+                        "(default): bf16 where the device multiplies bfloat16 in hardware (CUDA, AMX, AVX-512 BF16), "
+                        "else fp32")
+
+
 def seconds(text: str) -> float:
     """``--time-limit``: a positive, finite number of seconds (checked when the arguments are parsed)."""
     try:
@@ -473,7 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 1: 87,433 test images)")
 
     def run_options(s):
-        from mergebench.context import PRECISIONS
         suite_options(s)
         s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"), help="records folder")
         s.add_argument("--seed", type=int, default=0)
@@ -489,10 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "--orders task orders (default: sequential for methods that need it, else one-shot)")
         s.add_argument("--orders", type=int, default=3, metavar="N",
                        help="sequential protocol: number of seeded random task orders (default 3)")
-        s.add_argument("--precision", choices=list(PRECISIONS), default="bf16",
-                       help="test-time adaptation loops' forward and backward passes: bf16 (bfloat16 autocast; merge, "
-                            "trained parameters, optimizer and loss in float32) or fp32 (as the official codes)")
+        precision_option(s)
         budget_option(s)
+        s.add_argument("--jobs", type=int, default=None, metavar="N",
+                       help="methods run at once, each in its own single-threaded CPU process, longest first "
+                            "(default: 1 for run; for demo on a CPU, one per core up to 8)")
 
     s = sub.add_parser("run", help="merge, evaluate and record one or more methods",
                        description="METHOD_SPEC is a name or a call: 'ties_merging(k=10)', "
@@ -579,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="hyperparameter values (KEY or method.KEY)")
     s.add_argument("--executor", choices=["local", "slurm", "submitit-local"], help="default local")
     s.add_argument("--jobs", type=int, help="local: processes at a time")
+    precision_option(s)
     s.add_argument("--partition", dest="slurm_partition", help="slurm partition")
     s.add_argument("--gpus", dest="slurm_gpus", type=int, help="slurm: GPUs per job (default: none)")
     s.add_argument("--time", dest="slurm_time", type=int, help="slurm: minutes per job (default 60)")

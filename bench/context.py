@@ -26,19 +26,41 @@ class DataNotDeclaredError(PermissionError):
 
 
 # The precision of the test-time adaptation loops' forward and backward passes (``MergeContext.autocast``): "bf16"
-# (the default: bfloat16 autocast, the merge, the trained parameters, their optimizer and the loss in float32) or
-# "fp32" (everything in float32, as the official codes).
-PRECISIONS = ("bf16", "fp32")
+# (bfloat16 autocast; the merge, the trained parameters, their optimizer and the loss in float32), "fp32"
+# (everything in float32, as the official codes) or "auto" (the default): bf16 where the device multiplies bfloat16
+# matrices natively, else fp32 (``resolve_precision``). Records store the resolved value.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bfloat16 support, or a CPU with
+    AMX tiles or AVX-512 BF16. Elsewhere PyTorch emulates them: on an AVX2-only CPU a layer-wise AdaMerging step of
+    mini8 measured 8.5 s in bfloat16 against 0.74 s in float32 (one thread)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
+                                                                      "_is_avx512_bf16_supported"))
+    return False
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """The precision a run uses on ``device``: "auto" becomes "bf16" where :func:`native_bf16`, else "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 class MergeContext:
     def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
                  seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
-                 show_progress: bool = True, tasks: list[str] | None = None, precision: str = "bf16"):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+                 show_progress: bool = True, tasks: list[str] | None = None, precision: str = "auto"):
         self.suite = suite
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)
         # the tasks this context serves (all of the suite's; a sequential step's view: those arrived so far)
         self.tasks: list[str] = list(suite.tasks if tasks is None else tasks)
         self.needs = {needs} if isinstance(needs, str) else set(needs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import random
 import time
 import traceback
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mergebench import basecache, integrity, limits, memory
-from mergebench.context import PRECISIONS, MergeContext
+from mergebench.context import PRECISIONS, MergeContext, resolve_precision
 from mergebench.errors import InputError, MergebenchError
 from mergebench.evaluate import evaluate
 from mergebench.io import atomic_write_text, cache_root, check_writable
@@ -24,7 +25,7 @@ from mergebench.limits import MethodTimeout  # noqa: F401  (re-exported: the err
 from mergebench.metrics import model_macs, parameter_counts, tensor_bytes
 from mergebench.models import MergedModel
 from mergebench.pipeline import MethodCall
-from mergebench.records import config_hash, environment, find_ok, now, record_path, write_record
+from mergebench.records import config_hash, environment, find_ok, load_records, now, record_path, write_record
 from mergebench.registry import get_method
 from mergebench.sequential import (DEFAULT_ORDERS, check_sequential, merge_data_used, run_order, summarize,
                                    task_orders)
@@ -187,13 +188,14 @@ def _peak_memory_mb(device: torch.device) -> dict:
 
 def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: str = "test",
                data_fraction: float = 1.0, tune: dict[str, list] | None = None,
-               orders: list[list[str]] | None = None, precision: str = "bf16") -> dict:
+               orders: list[list[str]] | None = None, precision: str = "auto") -> dict:
     """What determines a run's result; its hash (``config_hash``) names the record (sweeps use it too).
 
     ``orders`` (the task orders of a sequential run) is added only for that protocol, so one-shot hashes are stable;
     a method declared ``needs="sequential"`` gets the default orders when none are given (as ``run_method`` does).
     ``precision`` (of the test-time adaptation loops, ``MergeContext.autocast``) is added only for pipelines with a
-    stage of that family, the only ones it can change.
+    stage of that family, the only ones it can change; "auto" is resolved for this machine's default device
+    (:func:`mergebench.context.resolve_precision`).
     """
     if orders is None and get_method(call.name).needs == "sequential":
         orders = task_orders(suite.tasks, DEFAULT_ORDERS, seed)
@@ -202,7 +204,7 @@ def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: s
               "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
               "tune": {k: list(v) for k, v in (tune or {}).items()}}
     if uses_precision(call):
-        config["precision"] = precision
+        config["precision"] = resolve_precision(precision, resolve_device("auto"))
     if orders is not None:
         config.update({"protocol": "sequential", "orders": [list(o) for o in orders]})
     return config
@@ -231,7 +233,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
                write: bool = True, time_limit_s: float | None = None, protocol: str | None = None,
                orders: int | list[list[str]] = DEFAULT_ORDERS, budget: str = "paper",
-               precision: str = "bf16") -> dict:
+               precision: str = "auto") -> dict:
     """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
 
     ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
@@ -244,9 +246,10 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     Exceptions inside the method become a record with ``status: failed``; so does a method that changed
     the suite's weights, heads or data in place (the suite is then loaded again, :mod:`mergebench.integrity`).
 
-    ``precision``: of the test-time adaptation loops' forward and backward passes, "bf16" (bfloat16 autocast, the
-    default) or "fp32" (:meth:`MergeContext.autocast`); stored in the record (and, for the pipelines it can
-    change, in its configuration).
+    ``precision``: of the test-time adaptation loops' forward and backward passes, "bf16" (bfloat16 autocast),
+    "fp32" (:meth:`MergeContext.autocast`) or "auto" (the default: bf16 where the device multiplies bfloat16
+    natively, else fp32; :func:`mergebench.context.resolve_precision`); the resolved value is stored in the record
+    (and, for the pipelines it can change, in its configuration).
 
     ``time_limit_s``: the merge (validation selection included; for the sequential protocol every order with
     its evaluations) runs in a child process that is killed at the deadline (:mod:`mergebench.limits`); the run
@@ -255,6 +258,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     device = resolve_device(device)
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
+    precision = resolve_precision(precision, device)
     time_limit_s = limits.check_seconds(time_limit_s)
     check_architectures(suite)
     call = MethodCall.parse(method).with_budget(budget).resolve()
@@ -369,7 +373,7 @@ def _spawned_measure(reload, modules: list[str], kwargs: dict, release) -> dict:
 
 def _measure(release, call: MethodCall, suite: Suite, device: torch.device, seed: int, unlabeled_split: str,
              data_fraction: float, tune, show_progress: bool, count_flops: bool, order_list,
-             precision: str = "bf16") -> dict:
+             precision: str = "auto") -> dict:
     """The measured part of a run: the record's fields (``status`` ok or failed). Runs in this process, or in the
     child of a time-limited run, which calls ``release()`` when what the limit covers is done."""
     memory.reset_peak(device)
@@ -527,21 +531,89 @@ def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data
                     "chosen": best["hparams"]}
 
 
-def run_many(methods: list[str], suite: Suite, **kwargs) -> list[dict]:
-    """Run several methods; each failure is recorded and the rest go on.
+def run_many(methods: list[str], suite: Suite, jobs: int = 1, **kwargs) -> list[dict]:
+    """Run several methods (``run_method`` with ``kwargs``); each failure is recorded and the rest go on. Returns
+    the records in the order of ``methods``.
 
+    ``jobs`` > 1 runs them in that many worker processes at once, one thread each (forked from this one: the
+    suite is shared, not loaded again; CPU only), the longest expected first (:func:`expected_seconds`), so that
+    a machine's cores each run a method instead of sharing one method's small matrix products.
     A results folder that cannot take records is an error before any method runs."""
     if kwargs.get("write", True):
         check_writable(Path(kwargs.get("results_dir", DEFAULT_RESULTS)))
+    if jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and len(methods) > 1:
+        return _run_parallel(methods, suite, jobs, kwargs)
     out = []
     for m in methods:
-        try:
-            rec = run_method(m, suite, **kwargs)
-        except Exception as e:  # bad spec (unknown method / hyperparameter): report, continue
-            rec = {"status": "failed", "method": {"pipeline": m}, "error": f"{type(e).__name__}: {e}"}
+        rec = _run_reporting(m, suite, kwargs)
         out.append(rec)
-        yield_line = _summary_line(rec)
-        print(yield_line, flush=True)
+        print(_summary_line(rec), flush=True)
+    return out
+
+
+def _run_reporting(method: str, suite: Suite, kwargs: dict) -> dict:
+    try:
+        return run_method(method, suite, **kwargs)
+    except Exception as e:  # bad spec (unknown method / hyperparameter): report, continue
+        return {"status": "failed", "method": {"pipeline": method}, "error": f"{type(e).__name__}: {e}"}
+
+
+def expected_seconds(method: str, suite: Suite, results_dir) -> float:
+    """How long ``method`` is expected to take on ``suite`` (to start the longest first): the longest merge and
+    evaluation of its earlier records there, else a guess from its paper budget's steps (half a second each)."""
+    try:
+        name = MethodCall.parse(method).name
+        steps = float(get_method(name).paper_budget.get("steps", 0))
+    except Exception:  # an unknown method fails fast when it runs
+        return 0.0
+    seen = [r["timing"].get("merge_s", 0) + r["timing"].get("eval_s", 0)
+            for r in load_records(results_dir, suite.name).records
+            if r.get("status") == "ok" and r.get("method", {}).get("name") == name and "timing" in r]
+    return max(seen) if seen else 0.5 * steps
+
+
+_PARALLEL: tuple | None = None  # (suite, kwargs) of the running _run_parallel, inherited by its forked workers
+
+
+def _parallel_worker_init():
+    os.environ["MERGEBENCH_QUIET"] = "1"
+    torch.set_num_threads(1)  # GNU OpenMP cannot start a new pool in a forked child; one thread per worker
+
+
+def _parallel_one(method: str) -> dict:
+    suite, kwargs = _PARALLEL
+    return _run_reporting(method, suite, kwargs)
+
+
+def _run_parallel(methods: list[str], suite: Suite, jobs: int, kwargs: dict) -> list[dict]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    global _PARALLEL
+    if resolve_device(kwargs.get("device", "auto")).type != "cpu":
+        raise InputError("--jobs runs methods in forked CPU workers; on a GPU run them in one process (--jobs 1)")
+    results_dir = kwargs.get("results_dir", DEFAULT_RESULTS)
+    order = sorted(range(len(methods)), key=lambda i: -expected_seconds(methods[i], suite, results_dir))
+    kwargs = {**kwargs, "show_progress": False}
+    out: list[dict | None] = [None] * len(methods)
+    _PARALLEL = (suite, kwargs)
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_parallel_worker_init) as pool:
+            futures = {pool.submit(_parallel_one, methods[i]): i for i in order}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    rec = future.result()
+                except Exception as e:  # the worker died (killed, out of memory): the rest go on
+                    rec = {"status": "failed", "method": {"pipeline": methods[i]},
+                           "error": f"worker process failed: {type(e).__name__}: {e}"}
+                out[i] = rec
+                print(_summary_line(rec), flush=True)
+    finally:
+        _PARALLEL = None
     return out
 
 

@@ -57,7 +57,7 @@ class SequentialContext(MergeContext):
     """
 
     def __init__(self, suite, order: list[str], needs, device="cpu", seed: int = 0, unlabeled_split: str = "test",
-                 data_fraction: float = 1.0, show_progress: bool = True, precision: str = "bf16"):
+                 data_fraction: float = 1.0, show_progress: bool = True, precision: str = "auto"):
         unknown = [t for t in order if t not in suite.tasks]
         if unknown or sorted(order) != sorted(suite.tasks):
             raise InputError(f"a task order must be a permutation of the suite's tasks {suite.tasks}, got {order}")
@@ -166,7 +166,7 @@ def steps(call: MethodCall, ctx: SequentialContext) -> Iterator[MergedModel]:
 
 def run_order(call: MethodCall, suite, order: list[str], device, seed: int, unlabeled_split: str, data_fraction: float,
               show_progress: bool, evaluate_fn, check_fn,
-              precision: str = "bf16") -> tuple[dict, MergedModel, SequentialContext]:
+              precision: str = "auto") -> tuple[dict, MergedModel, SequentialContext]:
     """Run one order: after each yielded model, evaluate it on the tasks seen so far.
 
     Returns (the order's result, the final model, its context). ``evaluate_fn(model, tasks) -> {task: acc}``;

@@ -45,7 +45,7 @@ from mergebench.registry import HyperparameterError
 
 STATES = ("done", "queued", "running", "failed", "missing")
 STALE_BEATS = 10  # a worker's marker is stale after this many heartbeat intervals without a beat
-_KEYS = {"methods", "suites", "seeds", "grid", "results_dir", "device", "time_limit_s", "name"}
+_KEYS = {"methods", "suites", "seeds", "grid", "results_dir", "device", "time_limit_s", "name", "precision"}
 
 
 def heartbeat_s() -> float:
@@ -94,6 +94,8 @@ class Job:
     # results folder its records go to (the real suite's is ``real-NAME``)
     suite_spec: str = ""
     suite_options: dict = field(default_factory=dict)
+    # resolved when the sweep is planned (its config hash depends on it), not on the worker
+    precision: str = "bf16"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +119,9 @@ class Sweep:
     device: str = "auto"
     time_limit_s: float | None = None
     name: str = ""
+    # of the test-time adaptation loops; "auto" is resolved on the machine that plans the sweep, for ``device``
+    # (pin bf16 or fp32 when the workers' devices differ from it, e.g. GPU nodes planned from a CPU login node)
+    precision: str = "auto"
 
     def __post_init__(self):
         from mergebench.limits import check_seconds
@@ -129,6 +134,9 @@ class Sweep:
                                                 "grid": self.grid})[:8]
         safe_name(self.name, "sweep name")  # it names RESULTS/sweeps/NAME.yaml
         self.time_limit_s = check_seconds(self.time_limit_s, "the sweep's time limit")
+        from mergebench.context import PRECISIONS
+        if self.precision not in PRECISIONS:
+            raise HyperparameterError(f"sweep precision {self.precision!r} is not one of {list(PRECISIONS)}")
 
     # ------------------------------------------------------------ expansion
     def calls(self) -> list:
@@ -163,19 +171,21 @@ class Sweep:
 
     def jobs(self, build: bool = True) -> list[Job]:
         """Every job of the sweep (loads each suite, building it once here if ``build``)."""
+        from mergebench.context import resolve_precision
         from mergebench.records import config_hash
-        from mergebench.run import run_config
+        from mergebench.run import resolve_device, run_config
         from mergebench.suites import get_suite
 
         calls = self.calls()
+        precision = resolve_precision(self.precision, resolve_device(self.device))
         out = []
         for entry in self.suites:
             name, options = suite_entry(entry)
             suite = get_suite(name, build=build, verbose=False, **options)
             for call, seed in itertools.product(calls, self.seeds):
-                chash = config_hash(run_config(call, suite, seed))
+                chash = config_hash(run_config(call, suite, seed, precision=precision))
                 out.append(Job(str(call), suite.name, int(seed), str(self.results_dir), chash, self.device,
-                               self.time_limit_s, name, options))
+                               self.time_limit_s, name, options, precision))
         return out
 
     # ------------------------------------------------------------ manifest
@@ -184,7 +194,8 @@ class Sweep:
 
     def save(self) -> Path:
         data = {"name": self.name, "methods": self.methods, "suites": self.suites, "seeds": self.seeds,
-                "grid": self.grid, "device": self.device, "time_limit_s": self.time_limit_s}
+                "grid": self.grid, "device": self.device, "time_limit_s": self.time_limit_s,
+                "precision": self.precision}
         return atomic_write_text(self.manifest_path(), yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
@@ -441,7 +452,7 @@ def run_job(job: Job | dict) -> dict:
     with _Heartbeat(job, heartbeat_s()):
         suite = get_suite(job.suite_spec or job.suite, build=False, verbose=False, **job.suite_options)
         rec = run_method(job.pipeline, suite, results_dir=job.results_dir, seed=job.seed, device=job.device,
-                         time_limit_s=job.time_limit_s, show_progress=False)
+                         time_limit_s=job.time_limit_s, show_progress=False, precision=job.precision)
     if rec["config_hash"] != job.config_hash:
         raise RuntimeError(f"job {job.pipeline} seed {job.seed}: the suite changed since the sweep was planned "
                            f"(config hash {rec['config_hash']} != {job.config_hash}); run the sweep again")

@@ -60,9 +60,10 @@ _COMMON_DOC = """
     The trained coefficients ride along on the returned model (``merge_state``, not stored as
     tensors: the merged model is one plain encoder, 0 added parameters), so that an add-on such
     as ``intervmerge(joint=True)`` can keep training them.
-    Deviation from the official fp32 code: the loop's encoder forward and backward passes run under
-    bfloat16 autocast (the run's ``precision``, default ``bf16``; ``--precision fp32`` runs them in float32 as
-    the official code); the merge, the trained parameters, Adam and the loss stay in float32.
+    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
+    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
+    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
+    the loss stay in float32.
     """
 
 

@@ -210,14 +210,26 @@ def vit_forward(encoder: VisionTransformer, weights: dict[str, Tensor], images: 
     x = torch.cat([w["class_embedding"].view(1, 1, -1).expand(batch, -1, -1).to(x.dtype), x], dim=1)
     x = _layer_norm(x + w["positional_embedding"].to(x.dtype), w, "ln_pre", encoder.ln_pre)
     tokens = x.shape[1]
-    for i, block in enumerate(encoder.transformer.resblocks):
+    blocks = encoder.transformer.resblocks
+    for i, block in enumerate(blocks):
         p = f"transformer.resblocks.{i}."
         heads = block.attn.num_heads
+        # the output reads the class token alone: the last block computes its query, attention output and MLP for
+        # that token only (keys and values still for every token); the same values and gradients, a sixth of its cost
+        last = i == len(blocks) - 1
+        queries = 1 if last else tokens
         h = _layer_norm(x, w, p + "ln_1", block.ln_1)
-        qkv = F.linear(h, w[p + "attn.in_proj_weight"], w[p + "attn.in_proj_bias"])
-        q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        w_in, b_in = w[p + "attn.in_proj_weight"], w[p + "attn.in_proj_bias"]
+        if last:
+            q = F.linear(h[:, :1], w_in[:width], b_in[:width]).view(batch, 1, heads, width // heads).transpose(1, 2)
+            kv = F.linear(h, w_in[width:], b_in[width:])
+            k, v = kv.view(batch, tokens, 2, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            x = x[:, :1]
+        else:
+            qkv = F.linear(h, w_in, b_in)
+            q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5).softmax(-1).to(v.dtype) @ v
-        attn = attn.transpose(1, 2).reshape(batch, tokens, width)
+        attn = attn.transpose(1, 2).reshape(batch, queries, width)
         x = x + F.linear(attn, w[p + "attn.out_proj.weight"], w[p + "attn.out_proj.bias"])
         h = F.linear(_layer_norm(x, w, p + "ln_2", block.ln_2), w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"])
         h = F.gelu(h) if type(block.mlp.gelu) is nn.GELU else h * torch.sigmoid(1.702 * h)

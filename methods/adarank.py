@@ -145,9 +145,10 @@ _DEVIATIONS = """
     split through ``ctx.unlabeled`` (shuffled, seeded by the run's seed). The kept ranks per task and
     transformer block are logged (``kept_ranks``, ``kept_fraction``). The result is one plain encoder
     (0 added parameters).
-    Deviation from the official fp32 code: the loop's encoder forward and backward passes run under
-    bfloat16 autocast (the run's ``precision``, default ``bf16``; ``--precision fp32`` runs them in float32 as
-    the official code); the merge, the trained parameters, Adam and the loss stay in float32.
+    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
+    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
+    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
+    the loss stay in float32.
     """
 
 

@@ -119,9 +119,10 @@ _DEVIATIONS = """
     same set); the data is the test split through ``ctx.unlabeled`` (shuffled, seeded by the run's
     seed). The returned model is the one evaluation-mask sample drawn under the run's seed, as
     the official code draws one; it is one plain encoder (0 added parameters).
-    Deviation from the official fp32 code: the loop's encoder forward and backward passes run under
-    bfloat16 autocast (the run's ``precision``, default ``bf16``; ``--precision fp32`` runs them in float32 as
-    the official code); the merge, the trained parameters, Adam and the loss stay in float32.
+    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
+    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
+    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
+    the loss stay in float32.
     """
 
 

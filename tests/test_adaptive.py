@@ -375,8 +375,11 @@ def test_vit_forward_refuses_encoders_it_does_not_cover(micro):
 
 
 def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
-    """ctx.autocast(): bfloat16 under "bf16" (the default), nothing under "fp32"; a few AdaMerging steps in bf16
-    follow the fp32 entropy trajectory closely but not bit for bit."""
+    """ctx.autocast(): bfloat16 under "bf16", nothing under "fp32"; a few AdaMerging steps in bf16 follow the fp32
+    entropy trajectory closely but not bit for bit. The default "auto" is bf16 where the CPU multiplies bfloat16
+    natively, else fp32."""
+    from mergebench.context import native_bf16
+
     losses = {}
     for precision in ("fp32", "bf16"):
         seed_everything(0)
@@ -385,7 +388,7 @@ def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
             assert torch.is_autocast_enabled("cpu") == (precision == "bf16")
         mergebench.get_method("adamerging_layerwise").fn(ctx, steps=4)
         losses[precision] = torch.tensor(ctx.logs["adamerging_layerwise/loss"])
-    assert MergeContext(micro).precision == "bf16"
+    assert MergeContext(micro).precision == ("bf16" if native_bf16("cpu") else "fp32")
     assert torch.allclose(losses["bf16"], losses["fp32"], rtol=2e-2, atol=1e-2), losses
     assert not torch.equal(losses["bf16"], losses["fp32"])
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -393,12 +396,13 @@ def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
 
 
 def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_dir):
+    from mergebench.context import native_bf16
     from mergebench.errors import InputError
     from mergebench.run import run_config
 
     ada, ta = (MethodCall.parse(m).with_budget("smoke").resolve() for m in ("adamerging_taskwise", "task_arithmetic"))
     assert run_config(ada, micro, precision="fp32") != run_config(ada, micro, precision="bf16")
-    assert run_config(ada, micro)["precision"] == "bf16"
+    assert run_config(ada, micro)["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # "auto", resolved
     assert run_config(ta, micro, precision="fp32") == run_config(ta, micro, precision="bf16")  # it cannot change TA
     rec = run_method("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, budget="smoke",
                      precision="fp32")
@@ -411,8 +415,24 @@ def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_di
 def test_cli_precision_option(micro, results_dir):
     from mergebench.cli import build_parser
 
-    assert build_parser().parse_args(["run", "adamerging_taskwise", "--suite", "micro"]).precision == "bf16"
+    assert build_parser().parse_args(["run", "adamerging_taskwise", "--suite", "micro"]).precision == "auto"
     assert build_parser().parse_args(["run", "adamerging_taskwise", "--suite", "micro",
                                       "--precision", "fp32"]).precision == "fp32"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "adamerging_taskwise", "--suite", "micro", "--precision", "fp16"])
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    """"auto" is bf16 exactly where the device has bfloat16 matrix hardware (CUDA bf16, AMX, AVX-512 BF16)."""
+    from mergebench import context
+
+    for amx, avx512_bf16, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert context.resolve_precision("auto", "cpu") == expected
+        assert context.resolve_precision("fp32", "cpu") == "fp32" and context.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert context.resolve_precision("auto", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        context.resolve_precision("half", "cpu")

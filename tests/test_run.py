@@ -75,6 +75,35 @@ def test_failures_are_recorded_and_the_suite_goes_on(micro, results_dir):
     assert "## Failed runs" in md and "raises_probe" in md
 
 
+def test_parallel_workers_give_the_records_of_one_process_in_the_given_order(micro, tmp_path, monkeypatch):
+    """run_many(jobs=2): each method in a forked single-threaded worker (methods registered at run time included),
+    the longest expected first, the records returned in the order asked and equal to those of one process."""
+    @registry.register_method("raises_in_worker_probe")
+    def raises(ctx):
+        raise RuntimeError("boom in a worker")
+
+    methods = ["weight_averaging", "raises_in_worker_probe", "no_such_method", "adamerging_taskwise",
+               "task_arithmetic"]
+    try:
+        one = run_many(methods, micro, results_dir=tmp_path / "one", budget="smoke", show_progress=False)
+        two = run_many(methods, micro, results_dir=tmp_path / "two", budget="smoke", show_progress=False, jobs=2)
+    finally:
+        registry.unregister_method("raises_in_worker_probe")
+    assert [r["status"] for r in two] == ["ok", "failed", "failed", "ok", "ok"]
+    assert "boom in a worker" in two[1]["error"] and "unknown method" in two[2]["error"]
+    for a, b in zip(one, two):
+        assert a["method"]["pipeline"] == b["method"]["pipeline"]
+        if a["status"] == "ok":
+            assert a["config_hash"] == b["config_hash"] and a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+            assert b["env"]["threads"] == 1
+    assert sorted(r["status"] for r in load_records(tmp_path / "two", micro.name).records) == ["failed"] + ["ok"] * 3
+    from mergebench.run import expected_seconds
+    assert expected_seconds("adamerging_taskwise", micro, tmp_path / "two") > 0  # from its record now
+    assert expected_seconds("no_such_method", micro, tmp_path / "two") == 0
+    with pytest.raises(Exception, match="--jobs must be at least 1"):
+        run_many(methods, micro, results_dir=tmp_path / "two", jobs=0)
+
+
 def test_context_serves_only_declared_data(micro):
     ctx = MergeContext(micro, needs="nothing")
     with pytest.raises(DataNotDeclaredError):

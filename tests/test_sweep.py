@@ -69,6 +69,22 @@ def test_grid_expansion_and_errors(micro, results_dir):
         Sweep(["task_arithmetc"], suites=["micro"]).calls()
 
 
+def test_a_sweep_plans_its_jobs_at_one_resolved_precision(micro, results_dir):
+    """The precision is resolved when the sweep is planned (the config hash depends on it) and travels with the
+    job, so a worker on another device computes the same hash; a job of the planned hash runs and matches it."""
+    from mergebench.context import resolve_precision
+    from mergebench.sweep import run_job
+
+    auto = Sweep(["adamerging_taskwise(steps=1)"], suites=["micro"], results_dir=str(results_dir))
+    pinned = Sweep(["adamerging_taskwise(steps=1)"], suites=["micro"], results_dir=str(results_dir), precision="fp32")
+    (job,), (fp32_job,) = auto.jobs(), pinned.jobs()
+    assert job.precision == resolve_precision("auto", "cpu") and fp32_job.precision == "fp32"
+    assert (job.config_hash == fp32_job.config_hash) == (job.precision == "fp32")
+    assert run_job(fp32_job)["config_hash"] == fp32_job.config_hash
+    with pytest.raises(Exception, match="precision 'half'"):
+        Sweep(["task_arithmetic"], suites=["micro"], precision="half")
+
+
 def test_local_sweep_survives_failure_and_killed_worker_then_resumes(probes, micro, results_dir):
     sweep = Sweep(["sweep_raise_probe", "sweep_kill_probe"], suites=["micro"], results_dir=str(results_dir),
                   name="faults")

@@ -62,14 +62,15 @@ def load_mini8_lora(config: str | LoraConfig = "mini8-lora", build: bool = True,
     base = load_mini8(cfg.base, build=build, verbose=verbose)
     if isinstance(config, str) and artifact.exists(config):  # the committed adapters, checked file by file
         meta = artifact.read(config)
-        if meta["config"] != dataclasses.asdict(cfg) or meta["base"] != base.info["cache_key"]:
+        base_artifact = base.info.get("artifact_identity", base.info["cache_key"])  # data as committed
+        if meta["config"] != dataclasses.asdict(cfg) or meta["base"] != base_artifact:
             raise artifact.ArtifactError(
                 f"the committed {config} artifact was built from LoRA settings {meta['config']} on base "
-                f"{meta['base']}, the code asks for {dataclasses.asdict(cfg)} on base {base.info['cache_key']}; "
+                f"{meta['base']}, the code asks for {dataclasses.asdict(cfg)} on base {base_artifact}; "
                 f"rebuild it with `make {config}-artifact`")
         root = artifact.path(config)
         meta = {**meta, "sha256": {k: v for k, v in meta["files"].items() if k.startswith("adapters/")}}
-        key = meta["base"] + "+" + artifact.identity(meta)
+        key = base.info["cache_key"] + "+" + artifact.identity(meta)  # the base's identity: its data on this machine
     else:
         root = cache_root() / "mini8-lora" / cfg.key(base.info["cache_key"])
         if not (root / "meta.json").exists():
@@ -136,5 +137,6 @@ def build_artifact(name: str = "mini8-lora", verbose: bool = True) -> Path:
         _build(cfg, base, root, verbose)
         copies = {p.relative_to(root).as_posix(): p for p in (root / "adapters").rglob("*") if p.is_file()}
         built = json.loads((root / "meta.json").read_text())["build"]
-        return artifact.write(name, {}, {"suite": name, "config": dataclasses.asdict(cfg), "base": base.info["cache_key"],
+        base_key = base.info.get("artifact_identity", base.info["cache_key"])
+        return artifact.write(name, {}, {"suite": name, "config": dataclasses.asdict(cfg), "base": base_key,
                                          "build": {**built, "command": f"make {name}-artifact"}}, copies=copies)
