@@ -63,7 +63,7 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
             correct += hit.sum()
             bad += (~torch.isfinite(logits)).any(-1).sum()
             hits.append(hit)
-            entropies.append(-(logits.softmax(-1) * logits.log_softmax(-1)).nan_to_num().sum(-1))
+            entropies.append(prediction_entropy(logits))
         correct, bad = int(correct.item()), int(bad.item())   # one synchronisation per task
         per_task[task] = float("nan") if bad else 100.0 * correct / len(labels)
         aurocs[task] = float("nan") if bad else auroc(-torch.cat(entropies).cpu(), torch.cat(hits).cpu())
@@ -75,6 +75,12 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
     seconds = time.perf_counter() - start
     return {"accuracy": per_task, "nonfinite": nonfinite, "images": images, "seconds": seconds,
             "images_per_s": images / max(seconds, 1e-9), "entropy_auroc": aurocs}
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the Shannon entropy of softmax(logits) (0 log 0 counted as 0): the evaluation's confidence measure
+    and the test-time objective of AdaMerging and its descendants (their batch mean)."""
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).nan_to_num().sum(-1)
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:

@@ -33,6 +33,7 @@ from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mergebench.evaluate import prediction_entropy
 from mergebench.models import MergedModel, SharedModel, _QuickGELU, freeze
 from mergebench.weights import Weights
 
@@ -259,7 +260,7 @@ class ExpertEmbeddings:
 
 def entropy(logits: Tensor) -> Tensor:
     """Mean over the batch of the Shannon entropy of softmax(logits)."""
-    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+    return prediction_entropy(logits).mean()
 
 
 def entropy_objective(ctx, merge: FunctionalMerge, weights: dict[str, Tensor], streams: dict[str, Iterator[Tensor]],

@@ -20,6 +20,25 @@ def test_generators_are_deterministic_and_well_formed():
         assert x1.float().std() > 5, f"{spec.name} images are nearly constant"
 
 
+def test_float64_generators_draw_the_same_bytes_under_generic_and_vector_kernels():
+    """generator_dtype="float64" draws every task's images identically under torch's generic kernels
+    (ATEN_CPU_CAPABILITY=default) and this CPU's vector kernels, as it must for a suite that is the same bytes on
+    every machine (float32 does not: measured, docs/mini8.md)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import dataclasses; from mergebench.suites import mini8; "
+            "cfg = dataclasses.replace(mini8.CONFIGS['micro'], tasks=tuple(t.name for t in mini8.mini8_tasks.TASKS), "
+            "generator_dtype='float64'); print(mini8.tensors_sha256(mini8.generate_data(cfg)))")
+    digests = {cap: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                   env={**os.environ, "ATEN_CPU_CAPABILITY": cap}).stdout.strip()
+               for cap in ("default", "")}
+    assert len(set(digests.values())) == 1 and len(digests["default"]) == 64, digests
+    x, _ = mini8_tasks.generate(mini8_tasks.TASKS[0], 4, seed=0, dtype=torch.float64)
+    assert x.dtype == torch.uint8 and torch.get_default_dtype() == torch.float32  # the default is restored
+
+
 def test_eight_tasks_with_distinct_analogues():
     assert len(mini8_tasks.TASKS) == 8
     assert {t.analogue for t in mini8_tasks.TASKS} == {

@@ -78,6 +78,9 @@ class Mini8Config:
     # Imperfect zero-shot heads (as CLIP's text heads are): each class vector is mixed with a fixed seeded random unit
     # direction, weight head_noise, and renormalised (0: the pretraining classifier's vectors as they are).
     head_noise: float = 0.0
+    # dtype of the generators' drawing arithmetic and of the pretraining views' hue rotation: "float64" draws the
+    # same bytes on every CPU measured, "float32" (the v1/v2 builds) does not (docs/mini8.md)
+    generator_dtype: str = "float32"
 
     def key(self) -> str:
         """Content address of the whole suite: this config and the source of the generators and the builder."""
@@ -94,6 +97,8 @@ class Mini8Config:
                            "pretrain_label_smoothing", "pretrain_per_task_overrides")}
         if not fields["pretrain_per_task_overrides"]:  # off: the key of the builds before the option existed
             del fields["pretrain_per_task_overrides"]
+        if self.generator_dtype != "float32":
+            fields["generator_dtype"] = self.generator_dtype
         h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
         h.update(Path(mini8_tasks.__file__).read_bytes())
         return h.hexdigest()[:16]
@@ -292,7 +297,8 @@ def generate_data(cfg: Mini8Config) -> dict[str, torch.Tensor]:
     data = {}
     for i, spec in enumerate(_specs(cfg)):
         for j, split in enumerate(SPLITS):
-            x, y = mini8_tasks.generate(spec, sizes[split], seed=cfg.seed * 1000 + 10 * i + j)
+            x, y = mini8_tasks.generate(spec, sizes[split], seed=cfg.seed * 1000 + 10 * i + j,
+                                        dtype=generator_dtype(cfg))
             data[f"{split}/{spec.name}/images"], data[f"{split}/{spec.name}/labels"] = x, y
     return data
 
@@ -328,14 +334,21 @@ def _normalize(x):
     return (x.float() / 255.0 - 0.5) / 0.5
 
 
-def hue_rotate(x, degrees: float):
-    """uint8 images rotated about the gray axis of RGB by ``degrees`` (luminance kept; grays unchanged)."""
+def generator_dtype(cfg: Mini8Config) -> torch.dtype:
+    if cfg.generator_dtype not in ("float32", "float64"):
+        raise ValueError(f"generator_dtype must be 'float32' or 'float64', got {cfg.generator_dtype!r}")
+    return getattr(torch, cfg.generator_dtype)
+
+
+def hue_rotate(x, degrees: float, dtype: torch.dtype = torch.float32):
+    """uint8 images rotated about the gray axis of RGB by ``degrees`` (luminance kept; grays unchanged), computed
+    in ``dtype``."""
     a = math.radians(degrees)
     c, s, k = math.cos(a), math.sin(a), 1.0 / 3.0
     m = torch.tensor([[c + (1 - c) * k, k * (1 - c) - math.sqrt(k) * s, k * (1 - c) + math.sqrt(k) * s],
                       [k * (1 - c) + math.sqrt(k) * s, c + k * (1 - c), k * (1 - c) - math.sqrt(k) * s],
-                      [k * (1 - c) - math.sqrt(k) * s, k * (1 - c) + math.sqrt(k) * s, c + k * (1 - c)]])
-    out = torch.einsum("ij,njhw->nihw", m, x.float())
+                      [k * (1 - c) - math.sqrt(k) * s, k * (1 - c) + math.sqrt(k) * s, c + k * (1 - c)]], dtype=dtype)
+    out = torch.einsum("ij,njhw->nihw", m, x.to(dtype))
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
@@ -345,10 +358,10 @@ def _pretrain(cfg, encoder, specs, log):
     for i, spec in enumerate(specs + [mini8_tasks.GENERIC]):
         n = (cfg.pretrain_generic if spec is mini8_tasks.GENERIC
              else cfg.pretrain_per_task_overrides.get(spec.name, cfg.pretrain_per_task))
-        x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 500 + i)
+        x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 500 + i, dtype=generator_dtype(cfg))
         shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand((), generator=g).item() - 1))
         if cfg.pretrain_hue_shift and spec is not mini8_tasks.GENERIC:
-            x = hue_rotate(x, shift)
+            x = hue_rotate(x, shift, generator_dtype(cfg))
         if cfg.pretrain_transpose and spec is not mini8_tasks.GENERIC:
             flip = torch.rand(len(x), generator=g) < cfg.pretrain_transpose
             x = torch.where(flip.view(-1, 1, 1, 1), x.transpose(-1, -2), x)

@@ -3,7 +3,9 @@
 Each task is an offline analogue of one dataset of the real eight-task benchmark, with its
 own label space and visual statistics. A generator maps (n, torch.Generator) to uint8 RGB
 images of shape (n, 3, 32, 32) and int64 labels; it is batched (signed-distance fields on a
-pixel grid) and deterministic given the generator's seed.
+pixel grid) and deterministic given the generator's seed. The drawing arithmetic runs in the ``dtype`` of
+:func:`generate`: in float32 CPUs whose vector kernels round differently (torch's generic kernels, an AVX2-only
+AMD EPYC) draw some pixels differently; in float64 the bytes measured the same under every kernel tried.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import torch
 import torch.nn.functional as F
 
 SIZE = 32
-_Y, _X = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
+
+
+def _grid(dtype):
+    return torch.meshgrid(torch.arange(SIZE, dtype=dtype) + 0.5, torch.arange(SIZE, dtype=dtype) + 0.5, indexing="ij")
+
+
+# the pixel grid of the running generate() call, in its dtype
+_Y, _X = _grid(torch.float32)
 
 
 # ---------------------------------------------------------------- random helpers
@@ -118,7 +127,7 @@ def _digit_coverage(g, digits, cx, cy, height):
     width = height * _u(g, n, 0.45, 0.6)
     shear = _u(g, n, -0.35, 0.35)
     thick = _u(g, n, 1.0, 2.2) * height / 20
-    pts = _SEGMENTS.view(1, 7, 2, 2).expand(n, 7, 2, 2).clone()
+    pts = _SEGMENTS.to(_X.dtype).view(1, 7, 2, 2).expand(n, 7, 2, 2).clone()
     pts = pts + 0.08 * torch.randn(pts.shape, generator=g)
     ys = (pts[..., 1] - 1) * _b(height / 2).view(-1, 1, 1)[:, :, :1]
     xs = (pts[..., 0] - 0.5) * width.view(-1, 1, 1) - shear.view(-1, 1, 1) * ys
@@ -161,14 +170,14 @@ def signs(n, g):
                          _ngon(cx, cy, r, 3, spin + math.pi / 2), _ngon(cx, cy, r, 4, spin)], 1)
     inner = torch.stack([_circle(cx, cy, r * 0.72), _ngon(cx, cy, r * 0.6, 3, spin - math.pi / 2),
                          _ngon(cx, cy, r * 0.6, 3, spin + math.pi / 2), _ngon(cx, cy, r * 0.68, 4, spin)], 1)
-    pick = F.one_hot(shape, 4).float().view(n, 4, 1, 1)
+    pick = F.one_hot(shape, 4).to(_X.dtype).view(n, 4, 1, 1)
     img = _paint(img, (outer * pick).sum(1), rim)
     img = _paint(img, (inner * pick).sum(1), _colors(g, n, 0.85, 1.0))
     s = r * 0.45
     bar = _box(cx, cy + r * 0.1, s, s * 0.3)
     dot = _circle(cx, cy + r * 0.1, s * 0.6)
     cross = torch.maximum(_box(cx, cy + r * 0.1, s, s * 0.25), _box(cx, cy + r * 0.1, s * 0.25, s))
-    sym = torch.stack([bar, dot, cross], 1) * F.one_hot(symbol, 3).float().view(n, 3, 1, 1)
+    sym = torch.stack([bar, dot, cross], 1) * F.one_hot(symbol, 3).to(_X.dtype).view(n, 3, 1, 1)
     img = _paint(img, sym.sum(1), _colors(g, n, 0.0, 0.25))
     return _to_uint8(img * _u(g, n, 0.6, 1.2).view(-1, 1, 1, 1), g, 0.05), y
 
@@ -194,8 +203,8 @@ def textures(n, g):
         torch.sin(f * x + 2.0 * torch.sin(0.5 * f * yy) + p) > 0,           # waves
         blob > 0.5,                                                         # blotches
         fib > 0.5,                                                          # fibrous
-    ], 1).float()
-    a = (patterns * F.one_hot(y, 8).float().view(n, 8, 1, 1)).sum(1)
+    ], 1).to(_X.dtype)
+    a = (patterns * F.one_hot(y, 8).to(_X.dtype).view(n, 8, 1, 1)).sum(1)
     img = _paint(_fill(c0), a, c1)
     return _to_uint8(img, g, 0.05), y
 
@@ -211,31 +220,31 @@ def landcover(n, g):
     f = _b(_u(g, n, 0.5, 0.9))
     layers = []
     # 0 forest: dark green, blotchy canopy
-    layers.append(_paint(_fill(jitter([0.1, 0.3, 0.1])), (noise > 0.55).float(), jitter([0.05, 0.2, 0.05])))
+    layers.append(_paint(_fill(jitter([0.1, 0.3, 0.1])), (noise > 0.55).to(_X.dtype), jitter([0.05, 0.2, 0.05])))
     # 1 river: curved blue band across green
-    band = ((yy + 4 * torch.sin(0.2 * x)).abs() < _b(_u(g, n, 2, 4))).float()
+    band = ((yy + 4 * torch.sin(0.2 * x)).abs() < _b(_u(g, n, 2, 4))).to(_X.dtype)
     layers.append(_paint(_fill(jitter([0.3, 0.5, 0.2])), band, jitter([0.1, 0.3, 0.6])))
     # 2 sea/lake: blue with gentle waves
     layers.append(_fill(jitter([0.05, 0.25, 0.5])) * (0.85 + 0.3 * noise.unsqueeze(1)))
     # 3 residential: many small gray-red houses
-    houses = ((torch.sin(f * x * 1.6) > 0.3) & (torch.sin(f * yy * 1.6) > 0.3)).float()
+    houses = ((torch.sin(f * x * 1.6) > 0.3) & (torch.sin(f * yy * 1.6) > 0.3)).to(_X.dtype)
     layers.append(_paint(_fill(jitter([0.4, 0.45, 0.35])), houses, jitter([0.7, 0.55, 0.5])))
     # 4 industrial: few large gray blocks
-    blocks = ((torch.sin(0.35 * f * x) > 0) & (torch.sin(0.35 * f * yy) > -0.2)).float()
+    blocks = ((torch.sin(0.35 * f * x) > 0) & (torch.sin(0.35 * f * yy) > -0.2)).to(_X.dtype)
     layers.append(_paint(_fill(jitter([0.45, 0.45, 0.45])), blocks, jitter([0.75, 0.75, 0.78])))
     # 5 highway: straight gray road across vegetation
-    road = (yy.abs() < _b(_u(g, n, 1.5, 3))).float()
+    road = (yy.abs() < _b(_u(g, n, 1.5, 3))).to(_X.dtype)
     layers.append(_paint(_fill(jitter([0.35, 0.45, 0.25])), road, jitter([0.55, 0.55, 0.55])))
     # 6 pasture: smooth light green
     layers.append(_fill(jitter([0.45, 0.65, 0.3])) * (0.9 + 0.2 * noise.unsqueeze(1)))
     # 7 annual crop: parallel field stripes of two colors
-    layers.append(_paint(_fill(jitter([0.6, 0.55, 0.25])), (torch.sin(f * x) > 0).float(), jitter([0.35, 0.5, 0.2])))
+    layers.append(_paint(_fill(jitter([0.6, 0.55, 0.25])), (torch.sin(f * x) > 0).to(_X.dtype), jitter([0.35, 0.5, 0.2])))
     # 8 permanent crop: rows of dots (orchards)
-    dots = ((torch.sin(1.5 * f * x) * torch.sin(1.5 * f * yy)) > 0.5).float()
+    dots = ((torch.sin(1.5 * f * x) * torch.sin(1.5 * f * yy)) > 0.5).to(_X.dtype)
     layers.append(_paint(_fill(jitter([0.55, 0.5, 0.3])), dots, jitter([0.15, 0.35, 0.1])))
     # 9 herbaceous vegetation: fine mixed yellow-green speckle
-    layers.append(_paint(_fill(jitter([0.4, 0.5, 0.2])), (fine > 0.5).float(), jitter([0.6, 0.6, 0.3])))
-    img = (torch.stack(layers, 1) * F.one_hot(y, 10).float().view(n, 10, 1, 1, 1)).sum(1)
+    layers.append(_paint(_fill(jitter([0.4, 0.5, 0.2])), (fine > 0.5).to(_X.dtype), jitter([0.6, 0.6, 0.3])))
+    img = (torch.stack(layers, 1) * F.one_hot(y, 10).to(_X.dtype).view(n, 10, 1, 1, 1)).sum(1)
     return _to_uint8(img * _u(g, n, 0.8, 1.2).view(-1, 1, 1, 1), g, 0.04), y
 
 
@@ -246,7 +255,7 @@ def scenes(n, g):
     sky_top, sky_bottom = _colors(g, n, 0.4, 1.0), _colors(g, n, 0.4, 1.0)
     t = (_Y / SIZE).unsqueeze(0)
     sky = sky_top.view(-1, 3, 1, 1) * (1 - t.unsqueeze(1)) + sky_bottom.view(-1, 3, 1, 1) * t.unsqueeze(1)
-    ground_mask = (_Y > horizon).float()
+    ground_mask = (_Y > horizon).to(_X.dtype)
     cx = _u(g, n, 6, 26)
     palette = torch.tensor([
         [0.85, 0.75, 0.5],   # 0 beach: sand
@@ -263,20 +272,20 @@ def scenes(n, g):
     ground = (palette[y] + 0.07 * torch.randn(n, 3, generator=g)).clamp(0, 1)
     img = _paint(sky, ground_mask, ground)
     obj = torch.zeros(n, 10, SIZE, SIZE)
-    obj[:, 0] = ((_Y > horizon) & (_Y < horizon + 4)).float()                                   # sea band
+    obj[:, 0] = ((_Y > horizon) & (_Y < horizon + 4)).to(_X.dtype)                                   # sea band
     obj[:, 1] = sum(_ngon(_u(g, n, 2, 30), horizon.view(-1) - 3, _u(g, n, 4, 7), 3, -math.pi / 2 * torch.ones(n)) for _ in range(3)).clamp(0, 1)
     obj[:, 2] = _circle(cx, horizon.view(-1) - 8, _u(g, n, 2, 4))                               # sun disc
     obj[:, 3] = sum(_box(_u(g, n, 2, 30), horizon.view(-1) - 5, _u(g, n, 2, 4), _u(g, n, 4, 9)) for _ in range(3)).clamp(0, 1)
     obj[:, 4] = _ngon(cx, horizon.view(-1), _u(g, n, 8, 12), 3, -math.pi / 2 * torch.ones(n))  # white peak
-    obj[:, 5] = ((torch.rand(n, SIZE, SIZE, generator=g) > 0.93) & (_Y < horizon)).float()   # lit windows
-    obj[:, 6] = ((torch.rand(n, SIZE, SIZE, generator=g) > 0.9) & (_Y > horizon)).float()    # flowers
+    obj[:, 5] = ((torch.rand(n, SIZE, SIZE, generator=g) > 0.93) & (_Y < horizon)).to(_X.dtype)   # lit windows
+    obj[:, 6] = ((torch.rand(n, SIZE, SIZE, generator=g) > 0.9) & (_Y > horizon)).to(_X.dtype)    # flowers
     obj[:, 7] = _box(cx, horizon.view(-1) + 2, _u(g, n, 5, 10), _u(g, n, 0.6, 1.2))             # shoreline
-    obj[:, 8] = (_Y < horizon - 2).float() * 0.5                                                 # dusk haze
+    obj[:, 8] = (_Y < horizon - 2).to(_X.dtype) * 0.5                                                 # dusk haze
     obj[:, 9] = _ngon(cx, horizon.view(-1) + 1, _u(g, n, 9, 14), 3, -math.pi / 2 * torch.ones(n))  # dark peak
     obj_color = torch.tensor([[0.1, 0.35, 0.7], [0.05, 0.25, 0.05], [1.0, 0.95, 0.6], [0.55, 0.5, 0.45],
                               [1.0, 1.0, 1.0], [1.0, 0.9, 0.3], [0.9, 0.3, 0.5], [0.3, 0.5, 0.2],
                               [1.0, 0.45, 0.1], [0.25, 0.2, 0.2]])[y]
-    img = _paint(img, (obj * F.one_hot(y, 10).float().view(n, 10, 1, 1)).sum(1), obj_color)
+    img = _paint(img, (obj * F.one_hot(y, 10).to(_X.dtype).view(n, 10, 1, 1)).sum(1), obj_color)
     return _to_uint8(img, g, 0.05), y
 
 
@@ -301,7 +310,7 @@ def vehicles(n, g):
     cx, ground = _u(g, n, 14, 18), _u(g, n, 22, 26)
     flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     img = _fill(_colors(g, n, 0.5, 1.0))
-    img = _paint(img, (_Y > _b(ground)).float(), _colors(g, n, 0.2, 0.5))
+    img = _paint(img, (_Y > _b(ground)).to(_X.dtype), _colors(g, n, 0.2, 0.5))
     paint = _colors(g, n)
     body_cy = ground - spec[:, 5] * s - height / 2 + 1
     img = _paint(img, _box(cx, body_cy, length / 2, height / 2), paint)
@@ -331,18 +340,18 @@ def aerial(n, g):
     light = _colors(g, n, 0.7, 1.0)
     one = torch.ones(n)
     shapes = torch.stack([
-        (yy.abs() < 3).float(),                                                            # 0 runway
+        (yy.abs() < 3).to(_X.dtype),                                                            # 0 runway
         sum(_circle(cx + dx, cy + dy, 3.5 * one) for dx, dy in [(-6, -6), (6, -6), (-6, 6), (6, 6)]).clamp(0, 1),  # 1 storage tanks
         _box(cx, cy, 9 * one, 5 * one, theta) - _box(cx, cy, 8 * one, 4 * one, theta) * 0.7,   # 2 tennis court
         _ring(cx, cy, 8 * one, 1.5 * one),                                                 # 3 roundabout
-        ((torch.sin(0.9 * yy) > 0.2) & (x.abs() < 12)).float(),                            # 4 parking lot rows
-        _ring(cx, cy, 10 * one, 3 * one) * (x.abs() < 6).float() + _ring(cx, cy, 10 * one, 3 * one) * 0.5,  # 5 stadium
-        _circle(cx, cy, 11 * one) * (torch.sin(0.8 * x) > 0).float(),                      # 6 circular farmland
-        ((x.abs() < 1.5) | (yy.abs() < 1.5)).float(),                                      # 7 intersection
+        ((torch.sin(0.9 * yy) > 0.2) & (x.abs() < 12)).to(_X.dtype),                            # 4 parking lot rows
+        _ring(cx, cy, 10 * one, 3 * one) * (x.abs() < 6).to(_X.dtype) + _ring(cx, cy, 10 * one, 3 * one) * 0.5,  # 5 stadium
+        _circle(cx, cy, 11 * one) * (torch.sin(0.8 * x) > 0).to(_X.dtype),                      # 6 circular farmland
+        ((x.abs() < 1.5) | (yy.abs() < 1.5)).to(_X.dtype),                                      # 7 intersection
         _ngon(cx, cy, 8 * one, 4, theta + math.pi / 4),                                    # 8 baseball diamond
-        ((torch.sin(0.5 * x) > 0.6) & (torch.sin(0.5 * yy) > 0.6)).float(),                # 9 dense buildings
+        ((torch.sin(0.5 * x) > 0.6) & (torch.sin(0.5 * yy) > 0.6)).to(_X.dtype),                # 9 dense buildings
     ], 1)
-    a = (shapes * F.one_hot(y, 10).float().view(n, 10, 1, 1)).sum(1).clamp(0, 1)
+    a = (shapes * F.one_hot(y, 10).to(_X.dtype).view(n, 10, 1, 1)).sum(1).clamp(0, 1)
     img = _paint(img, a, light)
     return _to_uint8(img, g, 0.05), y
 
@@ -357,7 +366,7 @@ def generic_shapes(n, g):
     one = torch.ones(n)
     shapes = torch.stack([_circle(cx, cy, r), _box(cx, cy, r, r * 0.6, _u(g, n, 0, 3)),
                           _ngon(cx, cy, r, 5, _u(g, n, 0, 3)), _ring(cx, cy, r, one * 1.5)], 1)
-    a = (shapes * F.one_hot(kind, 4).float().view(n, 4, 1, 1)).sum(1)
+    a = (shapes * F.one_hot(kind, 4).to(_X.dtype).view(n, 4, 1, 1)).sum(1)
     img = _paint(img, a, (palette[hue] + 0.1 * torch.randn(n, 3, generator=g)).clamp(0, 1))
     return _to_uint8(img, g, 0.05), y
 
@@ -383,12 +392,21 @@ TASKS = [
 GENERIC = TaskSpec("generic_shapes", "pretraining mixture", 16, generic_shapes)
 
 
-def generate(spec: TaskSpec, n: int, seed: int, batch: int = 2048):
-    """Deterministic images and labels for one task (generated in batches to bound memory)."""
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for start in range(0, n, batch):
-        x, y = spec.generate(min(batch, n - start), g)
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
+def generate(spec: TaskSpec, n: int, seed: int, batch: int = 2048, dtype: torch.dtype = torch.float32):
+    """Deterministic images and labels for one task (generated in batches to bound memory), drawn in ``dtype``
+    (float32, or float64: the same bytes on every CPU)."""
+    global _X, _Y
+    saved = torch.get_default_dtype(), _X, _Y
+    torch.set_default_dtype(dtype)  # random draws and literals of the generators in the same dtype
+    _Y, _X = _grid(dtype)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        xs, ys = [], []
+        for start in range(0, n, batch):
+            x, y = spec.generate(min(batch, n - start), g)
+            xs.append(x)
+            ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+    finally:
+        default, _X, _Y = saved
+        torch.set_default_dtype(default)
