@@ -14,7 +14,8 @@ $(BIN)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
 	$(BIN)/pip install -q --no-deps -e $(EXAMPLE_PLUGIN)
 	touch $@
 
-## Build mini8 if it is not cached, run every registered method on it, write and print the leaderboard.
+## Run every registered method on mini8 (one single-threaded process per core, longest first; committed records are
+## reused), write and print the leaderboard.
 demo: $(BIN)/.installed
 	$(BIN)/mergebench demo --suite mini8
 
