@@ -54,6 +54,32 @@ def test_a_configuration_that_differs_from_the_artifact_is_an_error(artifacts_co
         mini8.load_mini8("micro", cache_dir=tmp_path)
 
 
+def test_an_artifact_built_before_a_config_field_existed_loads_with_the_field_at_its_default(artifacts_copy, tmp_path):
+    manifest = artifacts_copy / "micro" / artifact.MANIFEST
+    meta = json.loads(manifest.read_text())
+    for field in ("pretrain_per_task_overrides", "head_noise", "pretrain_transpose"):  # micro has their defaults
+        meta["config"].pop(field, None)
+    # this machine's data, so that the test checks the configuration alone on any CPU
+    meta["data_sha256"] = mini8.tensors_sha256(mini8.generate_data(mini8.CONFIGS["micro"]))
+    manifest.write_text(json.dumps(meta))
+    suite = mini8.load_mini8("micro", cache_dir=tmp_path)
+    assert suite.info["mini8_config"]["head_noise"] == 0.0
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.pop("finetune_lr"), "finetune_lr"),  # absent: its default 1.5e-4, not micro's 1e-3
+    (lambda c: c.update(head_noise=0.3), "head_noise"),
+    (lambda c: c.update(no_such_field=1), "no_such_field"),
+])
+def test_a_stored_config_field_that_differs_is_absent_or_unknown_is_an_error(artifacts_copy, tmp_path, edit, field):
+    manifest = artifacts_copy / "micro" / artifact.MANIFEST
+    meta = json.loads(manifest.read_text())
+    edit(meta["config"])
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(artifact.ArtifactError, match=f"fields {field}\\).*make micro-artifact"):
+        mini8.load_mini8("micro", cache_dir=tmp_path)
+
+
 def test_data_that_differ_from_the_artifact_are_an_error(artifacts_copy, tmp_path):
     manifest = artifacts_copy / "micro" / artifact.MANIFEST
     meta = json.loads(manifest.read_text())

@@ -72,6 +72,11 @@ class Mini8Config:
     pretrain_hue_shift: float = 0.0
     pretrain_transpose: float = 0.0   # share of each task's pretraining images shown transposed (rows <-> columns)
     pretrain_label_smoothing: float = 0.0
+    # {task: n}: that task's number of pretraining images instead of pretrain_per_task (empty: pretrain_per_task for all)
+    pretrain_per_task_overrides: dict = field(default_factory=dict)
+    # Imperfect zero-shot heads (as CLIP's text heads are): each class vector is mixed with a fixed seeded random unit
+    # direction, weight head_noise, and renormalised (0: the pretraining classifier's vectors as they are).
+    head_noise: float = 0.0
 
     def key(self) -> str:
         """Content address of the whole suite: this config and the source of the generators and the builder."""
@@ -85,7 +90,9 @@ class Mini8Config:
         fields = {k: v for k, v in dataclasses.asdict(self).items()
                   if k in ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
                            "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift", "pretrain_transpose",
-                           "pretrain_label_smoothing")}
+                           "pretrain_label_smoothing", "pretrain_per_task_overrides")}
+        if not fields["pretrain_per_task_overrides"]:  # off: the key of the builds before the option existed
+            del fields["pretrain_per_task_overrides"]
         h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
         h.update(Path(mini8_tasks.__file__).read_bytes())
         return h.hexdigest()[:16]
@@ -134,9 +141,10 @@ def _load(cfg: Mini8Config, name: str, root: Path) -> Suite:
 def _load_artifact(name: str, cfg: Mini8Config, cache_dir) -> Suite:
     """The committed build: every file checked against its sha256, the data generated once and checked too."""
     meta = artifact.read(name)
-    if meta["config"] != mini8_config_dict(cfg):
+    stored = stored_config(meta["config"])
+    if stored != mini8_config_dict(cfg):
         expected = mini8_config_dict(cfg)
-        changed = sorted(k for k in set(meta["config"]) | set(expected) if meta["config"].get(k) != expected.get(k))
+        changed = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
         raise artifact.ArtifactError(
             f"the {name} configuration in bench/suites/mini8.py differs from the one its committed artifact was built "
             f"from (fields {', '.join(changed)}); rebuild the artifact with `make {name}-artifact` (or restore the "
@@ -180,6 +188,13 @@ def _suite(cfg, name, data, pretrained, heads, load_expert, info) -> Suite:
 def mini8_config_dict(cfg: Mini8Config) -> dict:
     """The configuration as JSON values (tuples as lists), as a record or an artifact's suite.json stores it."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def stored_config(stored: dict) -> dict:
+    """An artifact's stored configuration with the fields it predates (added to Mini8Config after it was built) at
+    their defaults, which are the values those builds had."""
+    defaults = mini8_config_dict(Mini8Config())
+    return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -260,7 +275,13 @@ def generate_data(cfg: Mini8Config) -> dict[str, torch.Tensor]:
 def _heads(cfg, encoder, specs, classifier, data):
     """One frozen head per task: unit class vectors in the encoder's output space."""
     if cfg.heads == "classifier":  # like CLIP's text embeddings: the vectors the image tower was trained against
-        return {s.name: F.normalize(classifier[s.name].float(), dim=-1) for s in specs}
+        heads = {s.name: F.normalize(classifier[s.name].float(), dim=-1) for s in specs}
+        if cfg.head_noise:
+            g = torch.Generator().manual_seed(cfg.seed * 1000 + 777)
+            for s in specs:
+                noise = F.normalize(torch.randn(heads[s.name].shape, generator=g), dim=-1)
+                heads[s.name] = F.normalize(heads[s.name] + cfg.head_noise * noise, dim=-1)
+        return heads
     if cfg.heads != "prototypes":
         raise ValueError(f"heads must be 'classifier' or 'prototypes', got {cfg.heads!r}")
     heads = {}
@@ -297,7 +318,8 @@ def _pretrain(cfg, encoder, specs, log):
     xs, ys, offset = [], [], 0
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
     for i, spec in enumerate(specs + [mini8_tasks.GENERIC]):
-        n = cfg.pretrain_generic if spec is mini8_tasks.GENERIC else cfg.pretrain_per_task
+        n = (cfg.pretrain_generic if spec is mini8_tasks.GENERIC
+             else cfg.pretrain_per_task_overrides.get(spec.name, cfg.pretrain_per_task))
         x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 500 + i)
         shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand((), generator=g).item() - 1))
         if cfg.pretrain_hue_shift and spec is not mini8_tasks.GENERIC:
