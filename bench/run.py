@@ -560,17 +560,16 @@ def _run_reporting(method: str, suite: Suite, kwargs: dict) -> dict:
         return {"status": "failed", "method": {"pipeline": method}, "error": f"{type(e).__name__}: {e}"}
 
 
-def expected_seconds(method: str, suite: Suite, results_dir) -> float:
-    """How long ``method`` is expected to take on ``suite`` (to start the longest first): the longest merge and
-    evaluation of its earlier records there, else a guess from its paper budget's steps (half a second each)."""
+def expected_seconds(method: str, records: list[dict]) -> float:
+    """How long ``method`` is expected to take (to start the longest first): the longest merge and evaluation of
+    its earlier ``records`` (the suite's), else a guess from its paper budget's steps (half a second each)."""
     try:
         name = MethodCall.parse(method).name
         steps = float(get_method(name).paper_budget.get("steps", 0))
     except Exception:  # an unknown method fails fast when it runs
         return 0.0
     seen = [r["timing"].get("merge_s", 0) + r["timing"].get("eval_s", 0)
-            for r in load_records(results_dir, suite.name).records
-            if r.get("status") == "ok" and r.get("method", {}).get("name") == name and "timing" in r]
+            for r in records if r.get("status") == "ok" and r.get("method", {}).get("name") == name and "timing" in r]
     return max(seen) if seen else 0.5 * steps
 
 
@@ -594,8 +593,8 @@ def _run_parallel(methods: list[str], suite: Suite, jobs: int, kwargs: dict) -> 
     global _PARALLEL
     if resolve_device(kwargs.get("device", "auto")).type != "cpu":
         raise InputError("--jobs runs methods in forked CPU workers; on a GPU run them in one process (--jobs 1)")
-    results_dir = kwargs.get("results_dir", DEFAULT_RESULTS)
-    order = sorted(range(len(methods)), key=lambda i: -expected_seconds(methods[i], suite, results_dir))
+    records = load_records(kwargs.get("results_dir", DEFAULT_RESULTS), suite.name).records  # read once
+    order = sorted(range(len(methods)), key=lambda i: -expected_seconds(methods[i], records))
     kwargs = {**kwargs, "show_progress": False}
     out: list[dict | None] = [None] * len(methods)
     _PARALLEL = (suite, kwargs)

@@ -94,7 +94,8 @@ class Job:
     # results folder its records go to (the real suite's is ``real-NAME``)
     suite_spec: str = ""
     suite_options: dict = field(default_factory=dict)
-    # resolved when the sweep is planned (its config hash depends on it), not on the worker
+    # resolved when the sweep is planned (its config hash depends on it), not on the worker; jobs planned before
+    # the field existed ran at the then default, bf16
     precision: str = "bf16"
 
     def to_dict(self) -> dict:

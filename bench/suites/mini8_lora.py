@@ -55,6 +55,12 @@ CONFIGS = {
 }
 
 
+def _base_identity(base: Suite) -> str:
+    """The identity of the base suite as committed (its artifact's, with the committed data), which a LoRA artifact
+    names: the same on machines whose generators draw other bytes."""
+    return base.info.get("artifact_identity", base.info["cache_key"])
+
+
 def load_mini8_lora(config: str | LoraConfig = "mini8-lora", build: bool = True, verbose: bool = True) -> Suite:
     """The mini8 (or micro) suite with LoRA experts, built on first use and cached."""
     cfg = CONFIGS[config] if isinstance(config, str) else config
@@ -62,7 +68,7 @@ def load_mini8_lora(config: str | LoraConfig = "mini8-lora", build: bool = True,
     base = load_mini8(cfg.base, build=build, verbose=verbose)
     if isinstance(config, str) and artifact.exists(config):  # the committed adapters, checked file by file
         meta = artifact.read(config)
-        base_artifact = base.info.get("artifact_identity", base.info["cache_key"])  # data as committed
+        base_artifact = _base_identity(base)
         if meta["config"] != dataclasses.asdict(cfg) or meta["base"] != base_artifact:
             raise artifact.ArtifactError(
                 f"the committed {config} artifact was built from LoRA settings {meta['config']} on base "
@@ -137,6 +143,6 @@ def build_artifact(name: str = "mini8-lora", verbose: bool = True) -> Path:
         _build(cfg, base, root, verbose)
         copies = {p.relative_to(root).as_posix(): p for p in (root / "adapters").rglob("*") if p.is_file()}
         built = json.loads((root / "meta.json").read_text())["build"]
-        base_key = base.info.get("artifact_identity", base.info["cache_key"])
-        return artifact.write(name, {}, {"suite": name, "config": dataclasses.asdict(cfg), "base": base_key,
+        return artifact.write(name, {}, {"suite": name, "config": dataclasses.asdict(cfg),
+                                         "base": _base_identity(base),
                                          "build": {**built, "command": f"make {name}-artifact"}}, copies=copies)
