@@ -71,6 +71,10 @@ class Mini8Config:
     # pretraining images are hue-rotated by a fixed per-task angle drawn in [1 - s, 1 + s] x 180 degrees (s =
     # pretrain_hue_shift; 0: the benchmark's colors).
     pretrain_hue_shift: float = 0.0
+    # "task": one angle per task (its shapes' colours are consistently permuted, so the zero-shot head is confidently
+    # wrong on colour-defined classes); "image": each pretraining image draws its own angle in the same range (the
+    # colours are inconsistent, so the zero-shot head is unsure between classes that differ by colour)
+    pretrain_hue_per: str = "task"
     pretrain_transpose: float = 0.0   # share of each task's pretraining images shown transposed (rows <-> columns)
     pretrain_label_smoothing: float = 0.0
     # {task: n}: that task's number of pretraining images instead of pretrain_per_task (empty: pretrain_per_task for all)
@@ -94,9 +98,11 @@ class Mini8Config:
         fields = {k: v for k, v in dataclasses.asdict(self).items()
                   if k in ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
                            "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift", "pretrain_transpose",
-                           "pretrain_label_smoothing", "pretrain_per_task_overrides")}
+                           "pretrain_label_smoothing", "pretrain_per_task_overrides", "pretrain_hue_per")}
         if not fields["pretrain_per_task_overrides"]:  # off: the key of the builds before the option existed
             del fields["pretrain_per_task_overrides"]
+        if fields["pretrain_hue_per"] == "task":
+            del fields["pretrain_hue_per"]
         if self.generator_dtype != "float32":
             fields["generator_dtype"] = self.generator_dtype
         h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
@@ -343,6 +349,14 @@ def generator_dtype(cfg: Mini8Config) -> torch.dtype:
 def hue_rotate(x, degrees: float, dtype: torch.dtype = torch.float32):
     """uint8 images rotated about the gray axis of RGB by ``degrees`` (luminance kept; grays unchanged), computed
     in ``dtype``."""
+    if isinstance(degrees, torch.Tensor):  # one angle per image
+        a = torch.deg2rad(degrees.to(torch.float64))
+        c, s, k, r = a.cos(), a.sin(), 1.0 / 3.0, math.sqrt(1.0 / 3.0)
+        m = torch.stack([torch.stack([c + (1 - c) * k, k * (1 - c) - r * s, k * (1 - c) + r * s], -1),
+                         torch.stack([k * (1 - c) + r * s, c + k * (1 - c), k * (1 - c) - r * s], -1),
+                         torch.stack([k * (1 - c) - r * s, k * (1 - c) + r * s, c + k * (1 - c)], -1)], -2)
+        out = torch.einsum("nij,njhw->nihw", m.to(dtype), x.to(dtype))
+        return out.round().clamp(0, 255).to(torch.uint8)
     a = math.radians(degrees)
     c, s, k = math.cos(a), math.sin(a), 1.0 / 3.0
     m = torch.tensor([[c + (1 - c) * k, k * (1 - c) - math.sqrt(k) * s, k * (1 - c) + math.sqrt(k) * s],
@@ -353,6 +367,8 @@ def hue_rotate(x, degrees: float, dtype: torch.dtype = torch.float32):
 
 
 def _pretrain(cfg, encoder, specs, log):
+    if cfg.pretrain_hue_per not in ("task", "image"):
+        raise ValueError(f"Mini8Config.pretrain_hue_per={cfg.pretrain_hue_per!r}: use 'task' or 'image'")
     xs, ys, offset = [], [], 0
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
     for i, spec in enumerate(specs + [mini8_tasks.GENERIC]):
@@ -361,6 +377,9 @@ def _pretrain(cfg, encoder, specs, log):
         x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 500 + i, dtype=generator_dtype(cfg))
         shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand((), generator=g).item() - 1))
         if cfg.pretrain_hue_shift and spec is not mini8_tasks.GENERIC:
+            if cfg.pretrain_hue_per == "image":
+                shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand(len(x), generator=g,
+                                                                            dtype=torch.float64) - 1))
             x = hue_rotate(x, shift, generator_dtype(cfg))
         if cfg.pretrain_transpose and spec is not mini8_tasks.GENERIC:
             flip = torch.rand(len(x), generator=g) < cfg.pretrain_transpose
