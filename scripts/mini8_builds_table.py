@@ -36,7 +36,7 @@ def main():
         changes = ", ".join(f"{k}={_value(v)}" for k, v in r["overrides"].items()) or "none (v1)"
         build = (r.get("build") or {}).get("total_s", "")
         print(f"| {r['name']} | {changes} | {s['pretrained']:.1f} | {s['experts']:.1f} | {s['gap']:.1f} "
-              f"({s['min_task_gap']:.1f}) | {s['ta']:.1f} | {s['wa']:.1f} | {100 * s['ta_recovery']:.0f}% "
+              f"({s['min_task_gap']:.1f}) | {s['ta']:.1f} | {s['wa']:.1f} | {100 * s['ta_recovery']:.1f}% "
               f"| {s['ta_min_auroc']:.2f} | {s['span']:.1f} | {build} |")
 
 

@@ -96,3 +96,32 @@ def test_heads_are_the_pretraining_classifiers_class_vectors(micro, tmp_path):
         assert "classifier" in str(e) and "prototypes" in str(e)
     else:
         raise AssertionError("an unknown heads kind must be an error")
+
+
+def test_hue_rotation_per_image_and_per_task_options():
+    import pytest
+
+    from mergebench.suites import mini8
+
+    x, _ = mini8_tasks.generate(mini8_tasks.TASKS[5], 6, seed=3)
+    angles = torch.tensor([0.0, 90.0, 120.0, 180.0, 240.0, 300.0])
+    per_image = mini8.hue_rotate(x, angles)
+    for i, a in enumerate(angles.tolist()):  # one angle per image = that angle for the image alone
+        alone = mini8.hue_rotate(x[i:i + 1], a)[0]
+        assert (per_image[i].int() - alone.int()).abs().max() <= 1, a
+    assert torch.equal(per_image[0], x[0]) and not torch.equal(per_image[3], x[3])
+    gray = x.float().mean(1)  # rotation about the gray axis keeps each pixel's channel mean (up to clamping)
+    assert (mini8.hue_rotate(x, 180.0).float().mean(1) - gray).abs().mean() < 2
+
+    base = CONFIGS["mini8"]
+    keys = {base.pretrain_key(), dataclasses.replace(base, pretrain_hue_per="image").pretrain_key(),
+            dataclasses.replace(base, pretrain_hue_overrides={"signs": 0.0}).pretrain_key(),
+            dataclasses.replace(base, pretrain_invert={"digits": 1.0}).pretrain_key()}
+    assert len(keys) == 4, "each pretraining option is part of the backbone's content address"
+    specs = [s for s in mini8_tasks.TASKS if s.name in base.tasks]
+    with pytest.raises(ValueError, match="pretrain_hue_per"):
+        mini8._pretrain(dataclasses.replace(base, pretrain_hue_per="pixel"), None, specs, None)
+    with pytest.raises(ValueError, match="street_signs"):
+        mini8._pretrain(dataclasses.replace(base, pretrain_hue_overrides={"street_signs": 0.0}), None, specs, None)
+    with pytest.raises(ValueError, match="pretrain_invert names \\['mnist'\\]"):
+        mini8._pretrain(dataclasses.replace(base, pretrain_invert={"mnist": 1.0}), None, specs, None)

@@ -75,7 +75,12 @@ class Mini8Config:
     # wrong on colour-defined classes); "image": each pretraining image draws its own angle in the same range (the
     # colours are inconsistent, so the zero-shot head is unsure between classes that differ by colour)
     pretrain_hue_per: str = "task"
+    # {task: s}: that task's hue shift instead of pretrain_hue_shift (0: shown in the benchmark's colours)
+    pretrain_hue_overrides: dict = field(default_factory=dict)
     pretrain_transpose: float = 0.0   # share of each task's pretraining images shown transposed (rows <-> columns)
+    # {task: share}: that share of the task's pretraining images shown with inverted intensities (255 - x: a white
+    # digit on black becomes a black digit on white; hue rotation leaves grays, and so digits, unchanged)
+    pretrain_invert: dict = field(default_factory=dict)
     pretrain_label_smoothing: float = 0.0
     # {task: n}: that task's number of pretraining images instead of pretrain_per_task (empty: pretrain_per_task for all)
     pretrain_per_task_overrides: dict = field(default_factory=dict)
@@ -98,11 +103,15 @@ class Mini8Config:
         fields = {k: v for k, v in dataclasses.asdict(self).items()
                   if k in ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
                            "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift", "pretrain_transpose",
-                           "pretrain_label_smoothing", "pretrain_per_task_overrides", "pretrain_hue_per")}
+                           "pretrain_label_smoothing", "pretrain_per_task_overrides", "pretrain_hue_per",
+                           "pretrain_hue_overrides", "pretrain_invert")}
         if not fields["pretrain_per_task_overrides"]:  # off: the key of the builds before the option existed
             del fields["pretrain_per_task_overrides"]
         if fields["pretrain_hue_per"] == "task":
             del fields["pretrain_hue_per"]
+        for option in ("pretrain_hue_overrides", "pretrain_invert"):  # off: the keys of the builds before them
+            if not fields[option]:
+                del fields[option]
         if self.generator_dtype != "float32":
             fields["generator_dtype"] = self.generator_dtype
         h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
@@ -369,21 +378,29 @@ def hue_rotate(x, degrees: float, dtype: torch.dtype = torch.float32):
 def _pretrain(cfg, encoder, specs, log):
     if cfg.pretrain_hue_per not in ("task", "image"):
         raise ValueError(f"Mini8Config.pretrain_hue_per={cfg.pretrain_hue_per!r}: use 'task' or 'image'")
+    for option in ("pretrain_hue_overrides", "pretrain_invert"):
+        unknown = sorted(set(getattr(cfg, option)) - {s.name for s in specs})
+        if unknown:
+            raise ValueError(f"Mini8Config.{option} names {unknown}, not tasks of this suite "
+                             f"({[s.name for s in specs]})")
     xs, ys, offset = [], [], 0
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
     for i, spec in enumerate(specs + [mini8_tasks.GENERIC]):
         n = (cfg.pretrain_generic if spec is mini8_tasks.GENERIC
              else cfg.pretrain_per_task_overrides.get(spec.name, cfg.pretrain_per_task))
         x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 500 + i, dtype=generator_dtype(cfg))
-        shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand((), generator=g).item() - 1))
-        if cfg.pretrain_hue_shift and spec is not mini8_tasks.GENERIC:
+        hue_shift = cfg.pretrain_hue_overrides.get(spec.name, cfg.pretrain_hue_shift)
+        shift = 180.0 * (1 + hue_shift * (2 * torch.rand((), generator=g).item() - 1))
+        if hue_shift and spec is not mini8_tasks.GENERIC:
             if cfg.pretrain_hue_per == "image":
-                shift = 180.0 * (1 + cfg.pretrain_hue_shift * (2 * torch.rand(len(x), generator=g,
-                                                                            dtype=torch.float64) - 1))
+                shift = 180.0 * (1 + hue_shift * (2 * torch.rand(len(x), generator=g, dtype=torch.float64) - 1))
             x = hue_rotate(x, shift, generator_dtype(cfg))
         if cfg.pretrain_transpose and spec is not mini8_tasks.GENERIC:
             flip = torch.rand(len(x), generator=g) < cfg.pretrain_transpose
             x = torch.where(flip.view(-1, 1, 1, 1), x.transpose(-1, -2), x)
+        if cfg.pretrain_invert.get(spec.name):
+            invert = torch.rand(len(x), generator=g) < cfg.pretrain_invert[spec.name]
+            x = torch.where(invert.view(-1, 1, 1, 1), 255 - x, x)
         xs.append(x)
         ys.append(y + offset)
         offset += spec.num_classes
