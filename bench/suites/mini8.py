@@ -100,26 +100,22 @@ class Mini8Config:
 
     def pretrain_key(self) -> str:
         """Content address of the pretrained backbone alone (reused when only fine-tuning settings change)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k in ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
-                           "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift", "pretrain_transpose",
-                           "pretrain_label_smoothing", "pretrain_per_task_overrides", "pretrain_hue_per",
-                           "pretrain_hue_overrides", "pretrain_invert")}
-        if not fields["pretrain_per_task_overrides"]:  # off: the key of the builds before the option existed
-            del fields["pretrain_per_task_overrides"]
-        if fields["pretrain_hue_per"] == "task":
-            del fields["pretrain_hue_per"]
-        for option in ("pretrain_hue_overrides", "pretrain_invert"):  # off: the keys of the builds before them
-            if not fields[option]:
-                del fields[option]
-        if self.generator_dtype != "float32":
-            fields["generator_dtype"] = self.generator_dtype
+        values, defaults = dataclasses.asdict(self), dataclasses.asdict(Mini8Config())
+        fields = {k: values[k] for k in PRETRAIN_FIELDS}
+        # an option added later is keyed only when it is on (off: the key of the builds made before it existed)
+        fields.update({k: values[k] for k in PRETRAIN_OPTIONS_ADDED if values[k] != defaults[k]})
         h = hashlib.sha256(json.dumps({**fields, "version": PRETRAIN_VERSION}, sort_keys=True).encode())
         h.update(Path(mini8_tasks.__file__).read_bytes())
         return h.hexdigest()[:16]
 
 
 PRETRAIN_VERSION = 2  # bump when the pretraining code changes
+# the fields that decide the pretrained backbone; those added later enter its key only when not at their defaults
+PRETRAIN_FIELDS = ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_generic", "pretrain_epochs",
+                   "pretrain_lr", "batch_size", "weight_decay", "pretrain_hue_shift", "pretrain_transpose",
+                   "pretrain_label_smoothing")
+PRETRAIN_OPTIONS_ADDED = ("pretrain_per_task_overrides", "pretrain_hue_per", "pretrain_hue_overrides",
+                          "pretrain_invert", "generator_dtype")
 
 
 CONFIGS = {
