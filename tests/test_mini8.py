@@ -125,3 +125,5 @@ def test_hue_rotation_per_image_and_per_task_options():
         mini8._pretrain(dataclasses.replace(base, pretrain_hue_overrides={"street_signs": 0.0}), None, specs, None)
     with pytest.raises(ValueError, match="pretrain_invert names \\['mnist'\\]"):
         mini8._pretrain(dataclasses.replace(base, pretrain_invert={"mnist": 1.0}), None, specs, None)
+    with pytest.raises(ValueError, match="pretrain_per_task_overrides names \\['svhn'\\]"):
+        mini8._pretrain(dataclasses.replace(base, pretrain_per_task_overrides={"svhn": 900}), None, specs, None)

@@ -374,7 +374,7 @@ def hue_rotate(x, degrees: float, dtype: torch.dtype = torch.float32):
 def _pretrain(cfg, encoder, specs, log):
     if cfg.pretrain_hue_per not in ("task", "image"):
         raise ValueError(f"Mini8Config.pretrain_hue_per={cfg.pretrain_hue_per!r}: use 'task' or 'image'")
-    for option in ("pretrain_hue_overrides", "pretrain_invert"):
+    for option in ("pretrain_per_task_overrides", "pretrain_hue_overrides", "pretrain_invert"):
         unknown = sorted(set(getattr(cfg, option)) - {s.name for s in specs})
         if unknown:
             raise ValueError(f"Mini8Config.{option} names {unknown}, not tasks of this suite "
