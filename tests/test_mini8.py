@@ -113,7 +113,8 @@ def test_hue_rotation_per_image_and_per_task_options():
     gray = x.float().mean(1)  # rotation about the gray axis keeps each pixel's channel mean (up to clamping)
     assert (mini8.hue_rotate(x, 180.0).float().mean(1) - gray).abs().mean() < 2
 
-    base = CONFIGS["mini8"]
+    base = dataclasses.replace(CONFIGS["mini8"], pretrain_hue_per="task", pretrain_hue_overrides={},
+                               pretrain_invert={})
     keys = {base.pretrain_key(), dataclasses.replace(base, pretrain_hue_per="image").pretrain_key(),
             dataclasses.replace(base, pretrain_hue_overrides={"signs": 0.0}).pretrain_key(),
             dataclasses.replace(base, pretrain_invert={"digits": 1.0}).pretrain_key()}
@@ -127,3 +128,26 @@ def test_hue_rotation_per_image_and_per_task_options():
         mini8._pretrain(dataclasses.replace(base, pretrain_invert={"mnist": 1.0}), None, specs, None)
     with pytest.raises(ValueError, match="pretrain_per_task_overrides names \\['svhn'\\]"):
         mini8._pretrain(dataclasses.replace(base, pretrain_per_task_overrides={"svhn": 900}), None, specs, None)
+
+
+def test_pretrain_zoom_is_identity_at_one_enlarges_above_and_is_validated():
+    import pytest
+
+    from mergebench.suites import mini8
+
+    x, _ = mini8_tasks.generate(mini8_tasks.TASKS[6], 4, seed=2, dtype=torch.float64)
+    assert torch.equal(mini8.zoom(x, torch.ones(4, dtype=torch.float64), torch.float64), x)
+    zoomed = mini8.zoom(x, torch.full((4,), 1.5, dtype=torch.float64), torch.float64)
+    assert not torch.equal(zoomed, x)
+    # zooming in spreads a bright digit over more pixels: its bright area grows by about 1.5^2
+    bright = lambda im: (im.float().mean(1) > 128).sum().item()
+    assert bright(zoomed) > 1.5 * bright(x)
+
+    base = CONFIGS["mini8"]
+    zoom = {"digits": [1.2, 1.4]}
+    assert dataclasses.replace(base, pretrain_zoom=zoom).pretrain_key() != base.pretrain_key()
+    specs = [s for s in mini8_tasks.TASKS if s.name in base.tasks]
+    with pytest.raises(ValueError, match="pretrain_zoom names \\['mnist'\\]"):
+        mini8._pretrain(dataclasses.replace(base, pretrain_zoom={"mnist": [1.2, 1.4]}), None, specs, None)
+    with pytest.raises(ValueError, match="0 < lo <= hi"):
+        mini8._pretrain(dataclasses.replace(base, pretrain_zoom={"digits": [1.4, 1.2]}), None, specs, None)
