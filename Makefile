@@ -55,7 +55,7 @@ bench-gpu: $(BIN)/.installed
 ## Rebuild a committed suite artifact from nothing (bench/suites/artifacts/SUITE: checkpoints, their sha256 and the
 ## accuracies measured at build; docs/mini8.md). One thread: the build is then the same computation on every machine
 ## size. mini8-lora-artifact trains its adapters on the committed mini8 artifact.
-ARTIFACTS := mini8-artifact mini8-v3-artifact micro-artifact mini8-lora-artifact micro-lora-artifact
+ARTIFACTS := mini8-artifact micro-artifact mini8-lora-artifact micro-lora-artifact
 .PHONY: $(ARTIFACTS)
 $(ARTIFACTS): %-artifact: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/mergebench build $* --artifact

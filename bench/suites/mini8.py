@@ -123,12 +123,10 @@ PRETRAIN_OPTIONS_ADDED = ("pretrain_per_task_overrides", "pretrain_hue_per", "pr
 
 
 CONFIGS = {
-    # v2: pretraining sees each task hue-rotated (docs/mini8.md: the builds tried and what each choice did)
-    "mini8": Mini8Config(pretrain_hue_shift=0.5),
-    # v3, the next build of mini8, committed with its artifact beside v2 until its full leaderboard is made: each
-    # pretraining image under its own hue rotation (signs in their true colours), more images of the colour-defined
-    # tasks, 20 pretraining epochs; experts fine-tuned for 15; portable float64 generators
-    "mini8-v3": Mini8Config(
+    # v3 (docs/mini8.md: the builds tried and what each choice did): each pretraining image under its own hue
+    # rotation (signs in their true colours), more images of the colour-defined tasks, 20 pretraining epochs;
+    # experts fine-tuned for 15; generators drawn in float64 (the same bytes on every CPU)
+    "mini8": Mini8Config(
         pretrain_hue_shift=0.5, pretrain_hue_per="image", pretrain_hue_overrides={"signs": 0.0},
         pretrain_per_task_overrides={"scenes": 1500, "landcover": 1500, "signs": 300, "house_numbers": 850,
                                      "vehicles": 800, "digits": 700, "aerial": 200, "textures": 500},

@@ -17,13 +17,6 @@ def mini8(build: bool = True, verbose: bool = True, cache_dir: str | None = None
     return load_mini8("mini8", cache_dir=cache_dir, build=build, verbose=verbose)
 
 
-@register_suite("mini8-v3", sanity=SANITY)
-def mini8_v3(build: bool = True, verbose: bool = True, cache_dir: str | None = None) -> Suite:
-    """mini8's next build (docs/mini8.md): 20 pretraining epochs, a hue angle per image, portable float64 data"""
-    from mergebench.suites.mini8 import load_mini8
-    return load_mini8("mini8-v3", cache_dir=cache_dir, build=build, verbose=verbose)
-
-
 @register_suite(sanity=SANITY)
 def micro(build: bool = True, verbose: bool = True, cache_dir: str | None = None) -> Suite:
     """mini8's code path at test size: three tasks, a 2-layer encoder, built in seconds"""
