@@ -2,9 +2,9 @@
 
     python scripts/mini8_probe.py NAME '{"finetune_lr": 5e-5, ...}' [--methods tsv_merging iso_cts ...]
 
-Builds the configuration (mini8's defaults plus the JSON overrides) into $MERGEBENCH_CACHE, then runs through the
-harness (records not written) the pretrained model, the experts, Weight Averaging, Task Arithmetic and any further
-``--methods``, and reports each one's per-task test accuracy, with the per-task AUROC of prediction entropy on the
+Builds the configuration (``--base``, default mini8, plus the JSON overrides) into $MERGEBENCH_CACHE, then runs
+through the harness (records not written) the pretrained model, the experts, Weight Averaging, Task Arithmetic and
+any further ``--methods``, and reports each one's per-task test accuracy, with the per-task AUROC of prediction entropy on the
 Task Arithmetic model. Writes results/mini8-builds/NAME.json.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mergebench.run import run_method
-from mergebench.suites.mini8 import CONFIGS, load_mini8
+from mergebench.suites.mini8 import CONFIGS, Mini8Config, load_mini8
 
 HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
 
@@ -36,7 +36,10 @@ def main():
     cfg = dataclasses.replace(CONFIGS[args.base], **overrides)
     t0 = time.perf_counter()
     suite = load_mini8(cfg, verbose=True)
-    out = {"name": args.name, "overrides": overrides, "cache_key": cfg.key(), "build": suite.info["build"],
+    # the table's "changes from the v1 defaults": every field that differs from Mini8Config(), whatever the base
+    defaults = dataclasses.asdict(Mini8Config())
+    changes = {k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults[k]}
+    out = {"name": args.name, "base": args.base, "delta": overrides, "overrides": changes, "cache_key": cfg.key(), "build": suite.info["build"],
            "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
     for method in HEADLINE + args.methods:
         rec = run_method(method, suite, write=False, show_progress=False, count_flops=False)
