@@ -4,8 +4,8 @@
 
 Builds the configuration (``--base``, default mini8, plus the JSON overrides) into $MERGEBENCH_CACHE, then runs
 through the harness (records not written) the pretrained model, the experts, Weight Averaging, Task Arithmetic and
-any further ``--methods``, and reports each one's per-task test accuracy, with the per-task AUROC of prediction entropy on the
-Task Arithmetic model. Writes results/mini8-builds/NAME.json.
+any further ``--methods``, and reports each one's per-task test accuracy, with the per-task AUROC of prediction
+entropy on the Task Arithmetic model. Writes results/mini8-builds/NAME.json.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mergebench.run import run_method
-from mergebench.suites.mini8 import CONFIGS, Mini8Config, load_mini8
+from mergebench.suites.mini8 import CONFIGS, Mini8Config, load_mini8, mini8_config_dict
 
 HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
 
@@ -37,10 +37,10 @@ def main():
     t0 = time.perf_counter()
     suite = load_mini8(cfg, verbose=True)
     # the table's "changes from the v1 defaults": every field that differs from Mini8Config(), whatever the base
-    defaults = dataclasses.asdict(Mini8Config())
-    changes = {k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults[k]}
-    out = {"name": args.name, "base": args.base, "delta": overrides, "overrides": changes, "cache_key": cfg.key(), "build": suite.info["build"],
-           "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
+    defaults = mini8_config_dict(Mini8Config())
+    changes = {k: v for k, v in mini8_config_dict(cfg).items() if v != defaults[k]}
+    out = {"name": args.name, "base": args.base, "delta": overrides, "overrides": changes, "cache_key": cfg.key(),
+           "build": suite.info["build"], "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
     for method in HEADLINE + args.methods:
         rec = run_method(method, suite, write=False, show_progress=False, count_flops=False)
         if rec["status"] != "ok":
