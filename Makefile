@@ -57,8 +57,10 @@ bench-gpu: $(BIN)/.installed
 ## size. mini8-lora-artifact trains its adapters on the committed mini8 artifact.
 ARTIFACTS := mini8-artifact micro-artifact mini8-lora-artifact micro-lora-artifact
 .PHONY: $(ARTIFACTS)
+# one thread per process (the bytes the committed artifacts were built with), the experts in one process per core
+BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 $(ARTIFACTS): %-artifact: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/mergebench build $* --artifact
+	OMP_NUM_THREADS=1 $(BIN)/mergebench build $* --artifact --jobs $(BUILD_JOBS)
 
 leaderboard: $(BIN)/.installed
 	$(BIN)/mergebench leaderboard --suite mini8 --write

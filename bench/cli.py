@@ -75,8 +75,10 @@ def cmd_build(args) -> int:
         builders = {**{n: mini8.build_artifact for n in mini8.CONFIGS}, **{n: mini8_lora.build_artifact for n in mini8_lora.CONFIGS}}
         if args.suite not in builders:
             raise InputError(f"--artifact builds the committed suites ({', '.join(builders)}), not {args.suite!r}")
-        print(f"{args.suite}: artifact written to {builders[args.suite](args.suite)}")
+        print(f"{args.suite}: artifact written to {builders[args.suite](args.suite, jobs=args.jobs)}")
         return 0
+    if args.jobs is not None:
+        os.environ["MERGEBENCH_BUILD_JOBS"] = str(args.jobs)
     suite = get_suite(args.suite)
     print(f"{suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}), build info {suite.info.get('build')}")
     return 0
@@ -464,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifact", action="store_true",
                    help="mini8, micro, mini8-lora, micro-lora: rebuild from nothing and write the committed artifact "
                         "(bench/suites/artifacts/SUITE: checkpoints, sha256, the accuracies measured at build)")
+    s.add_argument("--jobs", type=int, metavar="N",
+                   help="mini8 suites: fine-tune the experts (or LoRA adapters) in N processes at once, each with "
+                        "the threads this one has (same bytes: each expert's run is seeded on its own; default "
+                        "$MERGEBENCH_BUILD_JOBS, else 1)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("list-suites", help="list registered suites (built-ins and plugins) with their options")

@@ -151,3 +151,43 @@ def test_pretrain_zoom_is_identity_at_one_enlarges_above_and_is_validated():
         mini8._pretrain(dataclasses.replace(base, pretrain_zoom={"mnist": [1.2, 1.4]}), None, specs, None)
     with pytest.raises(ValueError, match="0 < lo <= hi"):
         mini8._pretrain(dataclasses.replace(base, pretrain_zoom={"digits": [1.4, 1.2]}), None, specs, None)
+
+
+def test_experts_fine_tuned_in_parallel_have_the_bytes_of_those_fine_tuned_in_turn(tmp_path):
+    """``mergebench build --jobs N`` fine-tunes the experts and the LoRA adapters in N spawned processes; each
+    run is seeded on its own, so the files are the same as when they train one after another."""
+    import json
+
+    from mergebench.suites import mini8, mini8_lora
+
+    cfg = CONFIGS["micro"]
+    meta = {}
+    for jobs in (1, 2):
+        root = tmp_path / f"jobs{jobs}" / "mini8" / cfg.key()
+        mini8._build(cfg, root, False, jobs)
+        meta[jobs] = json.loads((root / "meta.json").read_text())
+        assert meta[jobs]["build"]["jobs"] == jobs
+    assert meta[1]["sha256"] == meta[2]["sha256"]
+
+    lora_cfg, base = mini8_lora.CONFIGS["micro-lora"], load_mini8("micro", verbose=False)
+    mini8_lora._build(lora_cfg, base, tmp_path / "lora", False, jobs=2)
+    adapters = json.loads((tmp_path / "lora" / "meta.json").read_text())["sha256"]
+    committed = mini8_lora.artifact.read("micro-lora")["files"]
+    assert list(adapters) == [f"adapters/{t}/adapter_model.safetensors" for t in base.tasks]
+    assert adapters == {k: v for k, v in committed.items() if k in adapters}
+
+
+def test_build_jobs_come_from_the_argument_or_the_environment(monkeypatch):
+    import pytest
+
+    from mergebench.suites.mini8 import build_jobs
+
+    monkeypatch.delenv("MERGEBENCH_BUILD_JOBS", raising=False)
+    assert build_jobs(None, 8) == 1 and build_jobs(16, 8) == 8
+    monkeypatch.setenv("MERGEBENCH_BUILD_JOBS", "4")
+    assert build_jobs(None, 8) == 4 and build_jobs(2, 8) == 2
+    monkeypatch.setenv("MERGEBENCH_BUILD_JOBS", "two")
+    with pytest.raises(ValueError, match="MERGEBENCH_BUILD_JOBS='two'"):
+        build_jobs(None, 8)
+    with pytest.raises(ValueError, match="at least 1"):
+        build_jobs(0, 8)

@@ -264,7 +264,7 @@ def _specs(cfg):
     return [by_name[t] for t in cfg.tasks]
 
 
-def _build(cfg: Mini8Config, root: Path, verbose: bool):
+def _build(cfg: Mini8Config, root: Path, verbose: bool, jobs: int | None = None):
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     specs = _specs(cfg)
@@ -291,12 +291,15 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool):
 
     (root / "experts").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for spec in specs:
-        expert = build_encoder(cfg.encoder)
-        expert.load_state_dict(pretrained)
-        x, y = data[f"train/{spec.name}/images"], data[f"train/{spec.name}/labels"]
-        _train(expert, heads[spec.name], x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, f"fine-tune {spec.name}", verbose)
-        atomic_save_tensors(encoder_weights(expert), root / "experts" / f"{spec.name}.safetensors")
+    jobs = build_jobs(jobs, len(specs))
+    runs = [(cfg, pretrained, heads[s.name], data[f"train/{s.name}/images"], data[f"train/{s.name}/labels"],
+             f"fine-tune {s.name}", root / "experts" / f"{s.name}.safetensors") for s in specs]
+    if jobs == 1:
+        for run in runs:
+            _finetune_expert(*run, verbose)
+    else:
+        log(f"fine-tuning {len(runs)} experts in {jobs} processes of {torch.get_num_threads()} thread(s) each")
+        parallel_map(_finetune_expert, [(*run, False) for run in runs], jobs, lambda desc: log(f"{desc}: done"))
     finetune_s = time.perf_counter() - t0
 
     atomic_save_tensors(pretrained, root / "pretrained.safetensors")
@@ -306,9 +309,52 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool):
     meta = {"config": dataclasses.asdict(cfg), "sha256": {f: file_sha256(root / f) for f in files},
             "build": {"pretrain_s": round(pretrain_s, 1), "finetune_s": round(finetune_s, 1),
                       "total_s": round(time.perf_counter() - t_start, 1), "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}}
+                      "threads": torch.get_num_threads(), "jobs": jobs}}
     atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))  # written last: marks the build complete
     log(f"mini8 built in {meta['build']['total_s']} s")
+
+
+def build_jobs(jobs: int | None, tasks: int) -> int:
+    """Processes that fine-tune experts at once: ``jobs``, else $MERGEBENCH_BUILD_JOBS, else 1; at most one per
+    task."""
+    if jobs is None:
+        value = os.environ.get("MERGEBENCH_BUILD_JOBS", "1")
+        try:
+            jobs = int(value)
+        except ValueError:
+            raise ValueError(f"MERGEBENCH_BUILD_JOBS={value!r}: use a whole number of processes (e.g. 2)") from None
+    if jobs < 1:
+        raise ValueError(f"build jobs must be at least 1, got {jobs}")
+    return min(jobs, tasks)
+
+
+def _worker_threads(threads: int):
+    torch.set_num_threads(threads)
+
+
+def parallel_map(fn, calls: list[tuple], jobs: int, on_done=lambda result: None) -> list:
+    """``[fn(*call) for call in calls]`` in ``jobs`` fresh (spawned) processes with this process's thread count
+    each, calling ``on_done(result)`` as each finishes. Spawned, not forked: the parent has used its OpenMP pool
+    (pretraining), which a forked child cannot use again."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        futures = [pool.submit(fn, *call) for call in calls]
+        for future in as_completed(futures):
+            on_done(future.result())
+        return [future.result() for future in futures]
+
+
+def _finetune_expert(cfg, pretrained, head, x, y, desc, path, verbose):
+    """One expert: the pretrained backbone fine-tuned on a task's training split, saved to ``path``. Each expert's
+    run is independent and seeded, so the bytes are the same whether the experts train in turn or in parallel."""
+    expert = build_encoder(cfg.encoder)
+    expert.load_state_dict(pretrained)
+    _train(expert, head, x, y, cfg.finetune_epochs, cfg.finetune_lr, cfg, desc, verbose)
+    atomic_save_tensors(encoder_weights(expert), path)
+    return desc
 
 
 def generate_data(cfg: Mini8Config) -> dict[str, torch.Tensor]:
@@ -460,7 +506,7 @@ def _train(encoder, head_weight, x, y, epochs, lr, cfg, desc, verbose, label_smo
 
 
 # ------------------------------------------------------------------ the committed artifact
-def build_artifact(name: str = "mini8", verbose: bool = True) -> Path:
+def build_artifact(name: str = "mini8", verbose: bool = True, jobs: int | None = None) -> Path:
     """Build ``CONFIGS[name]`` from nothing (a fresh temporary cache: no cached pretraining reused) and store it as
     the committed artifact ``bench/suites/artifacts/<name>``: the pretrained backbone, the heads and the experts in
     float16 when that changes no accuracy by more than 0.5 points (else float32), with the configuration, the
@@ -480,7 +526,7 @@ def build_artifact(name: str = "mini8", verbose: bool = True) -> Path:
 
     with tempfile.TemporaryDirectory(prefix="mergebench-artifact-") as tmp:
         root = Path(tmp) / "mini8" / cfg.key()
-        _build(cfg, root, verbose)
+        _build(cfg, root, verbose, jobs)
         built = _load(cfg, name, root)
         exact = accuracies(built)
         meta_build = json.loads((root / "meta.json").read_text())["build"]

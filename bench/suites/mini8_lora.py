@@ -28,10 +28,11 @@ import torch
 
 from mergebench import lora
 from mergebench.io import atomic_write_text, cache_root, file_sha256
+from mergebench.models import build_encoder, load_weights
 from mergebench.suites import artifact
 from mergebench.suites.base import Suite
 from mergebench.suites.mini8 import CONFIGS as MINI8_CONFIGS
-from mergebench.suites.mini8 import _train, load_mini8
+from mergebench.suites.mini8 import _train, build_jobs, load_mini8, parallel_map
 
 
 @dataclass(frozen=True)
@@ -105,33 +106,41 @@ def load_mini8_lora(config: str | LoraConfig = "mini8-lora", build: bool = True,
                  mean=base.mean, std=base.std, info=info, load_lora=load_lora)
 
 
-def _build(cfg: LoraConfig, base: Suite, root: Path, verbose: bool):
+def _build(cfg: LoraConfig, base: Suite, root: Path, verbose: bool, jobs: int | None = None):
     t0 = time.perf_counter()
     log = print if verbose else (lambda *a, **k: None)
     log(f"building {cfg.base}-lora LoRA experts into {root} (once; cached afterwards)")
-    mini8_cfg = MINI8_CONFIGS[cfg.base]
-    layers = base.encoder_config["layers"]
-    files = {}
-    for i, task in enumerate(base.tasks):
-        torch.manual_seed(mini8_cfg.seed)
-        g = torch.Generator().manual_seed(mini8_cfg.seed * 1000 + i)
-        encoder = base.build_encoder()
-        model = lora.LoraEncoder(encoder, cfg.rank, cfg.alpha, layers, g)
-        train = base.split("train", task)
-        _train(model, base.heads[task], train.images, train.labels, cfg.epochs, cfg.lr, mini8_cfg,
-               f"LoRA {task}", verbose)
-        folder = root / "adapters" / task
-        lora.save_peft(folder, model.factors(), cfg.rank, cfg.alpha, base_model=f"mergebench {cfg.base} pretrained")
-        files[f"adapters/{task}/adapter_model.safetensors"] = file_sha256(folder / "adapter_model.safetensors")
+    jobs = build_jobs(jobs, len(base.tasks))
+    runs = [(cfg, base.encoder_config, dict(base.pretrained), base.heads[task], base.split("train", task).images,
+             base.split("train", task).labels, i, task, root / "adapters" / task) for i, task in enumerate(base.tasks)]
+    if jobs == 1:
+        done = [_fit_adapter(*run, verbose) for run in runs]
+    else:
+        log(f"fitting {len(runs)} adapters in {jobs} processes of {torch.get_num_threads()} thread(s) each")
+        done = parallel_map(_fit_adapter, [(*run, False) for run in runs], jobs,
+                            lambda file: log(f"{file[0].split('/')[1]}: done"))
+    files = dict(done)
     meta = {"config": dataclasses.asdict(cfg), "sha256": files,
             "build": {"total_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}}
+                      "threads": torch.get_num_threads(), "jobs": jobs}}
     atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))  # written last: marks the build complete
     log(f"{cfg.base}-lora built in {meta['build']['total_s']} s")
 
 
+def _fit_adapter(cfg: LoraConfig, encoder_config, pretrained, head, images, labels, index, task, folder, verbose):
+    """One task's adapters, fitted on its training split and saved (PEFT layout) in ``folder``; returns the
+    adapter file's relative path and sha256. Seeded per task: the same bytes in turn or in parallel."""
+    mini8_cfg = MINI8_CONFIGS[cfg.base]
+    torch.manual_seed(mini8_cfg.seed)
+    g = torch.Generator().manual_seed(mini8_cfg.seed * 1000 + index)
+    encoder = load_weights(build_encoder(encoder_config), pretrained)
+    model = lora.LoraEncoder(encoder, cfg.rank, cfg.alpha, encoder_config["layers"], g)
+    _train(model, head, images, labels, cfg.epochs, cfg.lr, mini8_cfg, f"LoRA {task}", verbose)
+    lora.save_peft(folder, model.factors(), cfg.rank, cfg.alpha, base_model=f"mergebench {cfg.base} pretrained")
+    return f"adapters/{task}/adapter_model.safetensors", file_sha256(folder / "adapter_model.safetensors")
 
-def build_artifact(name: str = "mini8-lora", verbose: bool = True) -> Path:
+
+def build_artifact(name: str = "mini8-lora", verbose: bool = True, jobs: int | None = None) -> Path:
     """Train ``CONFIGS[name]``'s adapters on the committed base artifact (in a temporary cache) and store them as the
     committed artifact ``bench/suites/artifacts/<name>`` (PEFT folders as written, sha256 in ``suite.json``)."""
     import tempfile
@@ -140,7 +149,7 @@ def build_artifact(name: str = "mini8-lora", verbose: bool = True) -> Path:
     base = load_mini8(cfg.base, verbose=verbose)
     with tempfile.TemporaryDirectory(prefix="mergebench-artifact-") as tmp:
         root = Path(tmp) / "lora"
-        _build(cfg, base, root, verbose)
+        _build(cfg, base, root, verbose, jobs)
         copies = {p.relative_to(root).as_posix(): p for p in (root / "adapters").rglob("*") if p.is_file()}
         built = json.loads((root / "meta.json").read_text())["build"]
         return artifact.write(name, {}, {"suite": name, "config": dataclasses.asdict(cfg),
