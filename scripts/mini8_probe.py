@@ -1,10 +1,12 @@
 """Build a mini8 configuration and print its headline numbers (docs/mini8.md's table of builds).
 
     python scripts/mini8_probe.py NAME '{"finetune_lr": 5e-5, ...}' [--methods tsv_merging iso_cts ...]
+    python scripts/mini8_probe.py NAME '{}' --lora '{"epochs": 10}'     # LoRA experts (mini8-lora) on that build
 
 Builds the configuration (``--base``, default mini8, plus the JSON overrides) into $MERGEBENCH_CACHE, then runs
 through the harness (records not written) the pretrained model, the experts, Weight Averaging, Task Arithmetic and
-any further ``--methods``, and reports each one's per-task test accuracy, with the per-task AUROC of prediction
+any further ``--methods`` (with ``--lora``: on LoRA experts trained on that build, mini8-lora's settings plus
+the ``--lora`` overrides), and reports each one's per-task test accuracy, with the per-task AUROC of prediction
 entropy on the Task Arithmetic model. Writes results/mini8-builds/NAME.json.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mergebench.run import run_method
+from mergebench.suites import mini8, mini8_lora
 from mergebench.suites.mini8 import CONFIGS, Mini8Config, load_mini8, mini8_config_dict
 
 HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
@@ -30,16 +33,24 @@ def main():
     ap.add_argument("overrides", nargs="?", default="{}")
     ap.add_argument("--base", default="mini8")
     ap.add_argument("--methods", nargs="*", default=[])
+    ap.add_argument("--lora", help="JSON overrides of mini8-lora's LoraConfig: probe LoRA experts on the build")
     ap.add_argument("--out", default="results/mini8-builds")
     args = ap.parse_args()
     overrides = json.loads(args.overrides)
     cfg = dataclasses.replace(CONFIGS[args.base], **overrides)
     t0 = time.perf_counter()
-    suite = load_mini8(cfg, verbose=True)
+    if args.lora is None:
+        suite = load_mini8(cfg, verbose=True)
+    else:  # the LoRA suite names its base by configuration name: the probed build under its own
+        base_name = args.base if cfg == CONFIGS[args.base] else f"probe-{args.name}"
+        mini8.CONFIGS.setdefault(base_name, cfg)
+        lora_cfg = dataclasses.replace(mini8_lora.CONFIGS["mini8-lora"], base=base_name, **json.loads(args.lora))
+        suite = mini8_lora.load_mini8_lora(lora_cfg, verbose=True)
     # the table's "changes from the v1 defaults": every field that differs from Mini8Config(), whatever the base
     defaults = mini8_config_dict(Mini8Config())
     changes = {k: v for k, v in mini8_config_dict(cfg).items() if v != defaults[k]}
-    out = {"name": args.name, "base": args.base, "delta": overrides, "overrides": changes, "cache_key": cfg.key(),
+    out = {"name": args.name, "base": args.base, "delta": overrides, "overrides": changes,
+           **({"lora": dataclasses.asdict(lora_cfg)} if args.lora is not None else {}), "cache_key": cfg.key(),
            "build": suite.info["build"], "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
     for method in HEADLINE + args.methods:
         rec = run_method(method, suite, write=False, show_progress=False, count_flops=False)

@@ -111,8 +111,9 @@ def _build(cfg: LoraConfig, base: Suite, root: Path, verbose: bool, jobs: int | 
     log = print if verbose else (lambda *a, **k: None)
     log(f"building {cfg.base}-lora LoRA experts into {root} (once; cached afterwards)")
     jobs = build_jobs(jobs, len(base.tasks))
-    runs = [(cfg, base.encoder_config, dict(base.pretrained), base.heads[task], base.split("train", task).images,
-             base.split("train", task).labels, i, task, root / "adapters" / task) for i, task in enumerate(base.tasks)]
+    runs = [(cfg, MINI8_CONFIGS[cfg.base], base.encoder_config, dict(base.pretrained), base.heads[task],
+             base.split("train", task).images, base.split("train", task).labels, i, task, root / "adapters" / task)
+            for i, task in enumerate(base.tasks)]
     if jobs == 1:
         done = [_fit_adapter(*run, verbose) for run in runs]
     else:
@@ -127,10 +128,10 @@ def _build(cfg: LoraConfig, base: Suite, root: Path, verbose: bool, jobs: int | 
     log(f"{cfg.base}-lora built in {meta['build']['total_s']} s")
 
 
-def _fit_adapter(cfg: LoraConfig, encoder_config, pretrained, head, images, labels, index, task, folder, verbose):
+def _fit_adapter(cfg: LoraConfig, mini8_cfg, encoder_config, pretrained, head, images, labels, index, task, folder,
+                 verbose):
     """One task's adapters, fitted on its training split and saved (PEFT layout) in ``folder``; returns the
     adapter file's relative path and sha256. Seeded per task: the same bytes in turn or in parallel."""
-    mini8_cfg = MINI8_CONFIGS[cfg.base]
     torch.manual_seed(mini8_cfg.seed)
     g = torch.Generator().manual_seed(mini8_cfg.seed * 1000 + index)
     encoder = load_weights(build_encoder(encoder_config), pretrained)
