@@ -294,12 +294,10 @@ def _build(cfg: Mini8Config, root: Path, verbose: bool, jobs: int | None = None)
     jobs = build_jobs(jobs, len(specs))
     runs = [(cfg, pretrained, heads[s.name], data[f"train/{s.name}/images"], data[f"train/{s.name}/labels"],
              f"fine-tune {s.name}", root / "experts" / f"{s.name}.safetensors") for s in specs]
-    if jobs == 1:
-        for run in runs:
-            _finetune_expert(*run, verbose)
-    else:
+    if jobs > 1:
         log(f"fine-tuning {len(runs)} experts in {jobs} processes of {torch.get_num_threads()} thread(s) each")
-        parallel_map(_finetune_expert, [(*run, False) for run in runs], jobs, lambda desc: log(f"{desc}: done"))
+    parallel_map(_finetune_expert, [(*run, verbose and jobs == 1) for run in runs], jobs,
+                 lambda desc: jobs > 1 and log(f"{desc}: done"))
     finetune_s = time.perf_counter() - t0
 
     atomic_save_tensors(pretrained, root / "pretrained.safetensors")
@@ -333,11 +331,18 @@ def _worker_threads(threads: int):
 
 
 def parallel_map(fn, calls: list[tuple], jobs: int, on_done=lambda result: None) -> list:
-    """``[fn(*call) for call in calls]`` in ``jobs`` fresh (spawned) processes with this process's thread count
-    each, calling ``on_done(result)`` as each finishes. Spawned, not forked: the parent has used its OpenMP pool
-    (pretraining), which a forked child cannot use again."""
+    """``[fn(*call) for call in calls]``, calling ``on_done(result)`` as each finishes: in this process for one job,
+    else in ``jobs`` fresh (spawned) processes with this process's thread count each. Spawned, not forked: the
+    parent has used its OpenMP pool (pretraining), which a forked child cannot use again."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if jobs == 1:
+        results = []
+        for call in calls:
+            results.append(fn(*call))
+            on_done(results[-1])
+        return results
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
                              initargs=(torch.get_num_threads(),)) as pool:

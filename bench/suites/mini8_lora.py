@@ -111,16 +111,14 @@ def _build(cfg: LoraConfig, base: Suite, root: Path, verbose: bool, jobs: int | 
     log = print if verbose else (lambda *a, **k: None)
     log(f"building {cfg.base}-lora LoRA experts into {root} (once; cached afterwards)")
     jobs = build_jobs(jobs, len(base.tasks))
+    train = {task: base.split("train", task) for task in base.tasks}
     runs = [(cfg, MINI8_CONFIGS[cfg.base], base.encoder_config, dict(base.pretrained), base.heads[task],
-             base.split("train", task).images, base.split("train", task).labels, i, task, root / "adapters" / task)
+             train[task].images, train[task].labels, i, task, root / "adapters" / task)
             for i, task in enumerate(base.tasks)]
-    if jobs == 1:
-        done = [_fit_adapter(*run, verbose) for run in runs]
-    else:
+    if jobs > 1:
         log(f"fitting {len(runs)} adapters in {jobs} processes of {torch.get_num_threads()} thread(s) each")
-        done = parallel_map(_fit_adapter, [(*run, False) for run in runs], jobs,
-                            lambda file: log(f"{file[0].split('/')[1]}: done"))
-    files = dict(done)
+    files = dict(parallel_map(_fit_adapter, [(*run, verbose and jobs == 1) for run in runs], jobs,
+                              lambda file: jobs > 1 and log(f"{file[0].split('/')[1]}: done")))
     meta = {"config": dataclasses.asdict(cfg), "sha256": files,
             "build": {"total_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "jobs": jobs}}
