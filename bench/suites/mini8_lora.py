@@ -40,7 +40,7 @@ class LoraConfig:
     base: str = "mini8"        # the mini8 configuration whose backbone, heads and data are used
     rank: int = 8
     alpha: float = 16.0        # scale alpha / r = 2, LLaVA's LoRA convention (r=128, alpha=256)
-    epochs: int = 5            # mini8's fine-tuning epochs
+    epochs: int = 10           # mini8's fine-tuning epochs (CONFIGS['mini8'].finetune_epochs)
     lr: float = 1e-3           # LoRA's usual higher rate (mini8 fine-tunes fully at 1.5e-4, micro at 1e-3)
 
     def key(self, base_key: str) -> str:
