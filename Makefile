@@ -24,12 +24,16 @@ demo: $(BIN)/.installed
 demo-sequential: $(BIN)/.installed
 	$(BIN)/mergebench demo --suite mini8 --protocol sequential --orders 3
 
-## mini8 with LoRA experts: build the adapters once (on the cached mini8), then the baselines, the data-free merges
-## of the LoRA deltas and CoPA-Merging (which merges the LoRA factors); writes results/mini8-lora/LEADERBOARD.md.
-## (Every method runs on LoRA experts, since they are also full weights: `mergebench demo --suite mini8-lora`.)
-LORA_METHODS := pretrained individual weight_averaging task_arithmetic ties_merging dare tsv_merging iso_c copa_merging
+## mini8 with LoRA experts: build the adapters once (on the cached mini8), then the baselines, every data-free and
+## closed-form merge of the LoRA deltas, the test-time methods that run in a minute or two (TALL masks, Surgery,
+## layer-wise AdaMerging) and CoPA-Merging (which merges the LoRA factors), two at a time; writes
+## results/mini8-lora/LEADERBOARD.md. (Every method runs on LoRA experts, since they are also full weights:
+## `mergebench demo --suite mini8-lora`; the rest take 10 to 60 minutes each.)
+LORA_METHODS := pretrained individual weight_averaging task_arithmetic ties_merging dare model_breadcrumbs \
+	tsv_merging iso_c iso_cts wudi_merging doge consensus_ta regmean lot_merging cat_merging tall_masks surgery \
+	adamerging_layerwise copa_merging
 demo-lora: $(BIN)/.installed
-	$(BIN)/mergebench run --suite mini8-lora $(LORA_METHODS)
+	$(BIN)/mergebench run --suite mini8-lora --jobs 2 $(LORA_METHODS)
 	$(BIN)/mergebench leaderboard --suite mini8-lora --write
 
 ## Run the test suite (micro configuration; minutes on 2 cores).

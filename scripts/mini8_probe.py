@@ -39,8 +39,8 @@ def main():
     overrides = json.loads(args.overrides)
     cfg = dataclasses.replace(CONFIGS[args.base], **overrides)
     t0 = time.perf_counter()
-    if args.lora is None:
-        suite = load_mini8(cfg, verbose=True)
+    if args.lora is None:  # the base itself by name, so a committed artifact is read rather than rebuilt
+        suite = load_mini8(args.base if cfg == CONFIGS[args.base] else cfg, verbose=True)
     else:  # the LoRA suite names its base by configuration name: the probed build under its own
         base_name = args.base if cfg == CONFIGS[args.base] else f"probe-{args.name}"
         mini8.CONFIGS.setdefault(base_name, cfg)

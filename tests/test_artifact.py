@@ -1,5 +1,6 @@
 """The committed suite artifacts (bench/suites/artifacts): checked by sha256, rebuilt by the same code."""
 
+import dataclasses
 import json
 import shutil
 
@@ -23,6 +24,19 @@ def test_committed_artifacts_exist_and_are_small():
         assert artifact.exists(name), f"bench/suites/artifacts/{name} is not committed (make {name}-artifact)"
     size = sum(p.stat().st_size for p in artifact.ROOT.rglob("*") if p.is_file())
     assert size <= 64 * 2**20, f"the artifacts take {size / 2**20:.1f} MB (64 MB at most)"
+
+
+@pytest.mark.parametrize("name", ["mini8", "micro"])
+def test_each_committed_artifact_was_built_from_the_code_s_configuration(name):
+    """A changed configuration without a rebuild fails here, not at a user's first load (the manifests alone)."""
+    assert mini8.stored_config(artifact.read(name)["config"]) == mini8.mini8_config_dict(mini8.CONFIGS[name])
+
+
+@pytest.mark.parametrize("name", ["mini8-lora", "micro-lora"])
+def test_each_committed_lora_artifact_was_built_on_its_committed_base(name):
+    meta, cfg = artifact.read(name), mini8_lora.CONFIGS[name]
+    assert meta["config"] == dataclasses.asdict(cfg), f"make {name}-artifact"
+    assert meta["base"] == artifact.identity(artifact.read(cfg.base)), f"make {name}-artifact"
 
 
 def test_micro_loads_from_its_artifact_with_a_machine_independent_identity(micro):
