@@ -210,6 +210,18 @@ def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: s
     return config
 
 
+def reusable_hashes(config: dict, requested_precision: str = "auto") -> list[str]:
+    """The configuration hashes whose ok record a run may reuse, its own first. Under ``--precision auto`` a
+    test-time adaptation run also reuses the record of the other precision: auto picks whichever the hardware
+    multiplies fastest, so records made on a machine with bfloat16 hardware serve one without it and the other
+    way round (each record says which it ran at); an explicit precision asks for that one alone."""
+    own = config_hash(config)
+    if requested_precision != "auto" or "precision" not in config:
+        return [own]
+    return [own] + [config_hash({**config, "precision": p}) for p in PRECISIONS
+                    if p not in ("auto", config["precision"])]
+
+
 def uses_precision(call: MethodCall) -> bool:
     """Whether the run's ``precision`` can change ``call``'s result: a stage is a test-time adaptation method."""
     return any(get_method(s.name).family == "test-time adaptation" for s in call.stages())
@@ -258,7 +270,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     device = resolve_device(device)
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
-    precision = resolve_precision(precision, device)
+    requested_precision, precision = precision, resolve_precision(precision, device)
     time_limit_s = limits.check_seconds(time_limit_s)
     check_architectures(suite)
     call = MethodCall.parse(method).with_budget(budget).resolve()
@@ -276,10 +288,11 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     chash = config_hash(config)
     path = record_path(results_dir, suite.name, ("sequential_" if order_list else "") + str(call), chash)
     if not force and write:
-        done = find_ok(results_dir, suite.name, chash)
-        if done is not None:
-            done["skipped"] = True
-            return done
+        for h in reusable_hashes(config, requested_precision):
+            done = find_ok(results_dir, suite.name, h)
+            if done is not None:
+                done["skipped"] = True
+                return done
     if write:  # before any merge work: a record that cannot be written loses the work
         check_writable(path.parent)
 

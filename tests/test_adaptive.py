@@ -412,6 +412,22 @@ def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_di
         run_method("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, precision="half")
 
 
+def test_auto_precision_reuses_a_record_of_either_precision_and_an_explicit_one_asks_for_its_own(micro, results_dir):
+    """Records made where "auto" is bf16 (AMX, CUDA) serve a machine where it is fp32, and the other way round."""
+    from mergebench.context import native_bf16
+
+    here = "bf16" if native_bf16("cpu") else "fp32"
+    other = {"bf16": "fp32", "fp32": "bf16"}[here]
+    kw = dict(results_dir=results_dir, show_progress=False, budget="smoke", count_flops=False)
+    made = run_method("adamerging_taskwise", micro, precision=other, **kw)
+    assert made["status"] == "ok" and not made.get("skipped")
+    reused = run_method("adamerging_taskwise", micro, **kw)  # precision "auto": resolves to `here`, reuses `other`
+    assert reused.get("skipped") and reused["precision"] == other and reused["config_hash"] == made["config_hash"]
+    own = run_method("adamerging_taskwise", micro, precision=here, **kw)  # explicit: runs at its own precision
+    assert not own.get("skipped") and own["precision"] == here and own["config_hash"] != made["config_hash"]
+    assert run_method("adamerging_taskwise", micro, **kw)["config_hash"] == own["config_hash"]  # its own first
+
+
 def test_cli_precision_option(micro, results_dir):
     from mergebench.cli import build_parser
 
