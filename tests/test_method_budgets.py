@@ -141,3 +141,24 @@ def test_built_in_passes_the_conformance_kit_under_its_smoke_budget(name, micro,
     report = check_method(name, suite=suite, budget="smoke", devices=["cpu"])
     assert report.ok, report.render()
     assert {c.name: c.status for c in report.checks}["runs on cpu"] == "pass"
+
+
+def test_test_time_rows_of_two_precisions_are_named_under_the_table(micro, tmp_path):
+    """`--precision auto` reuses records of either precision, so a table says which rows ran at which."""
+    results = tmp_path / "results"
+    kw = dict(results_dir=results, budget="smoke", show_progress=False, count_flops=False)
+    recs = (run_many(["adamerging_taskwise"], micro, precision="bf16", **kw)
+            + run_many(["adamerging_layerwise", "task_arithmetic"], micro, precision="fp32", **kw))
+    assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    task, layer = (get_method(m).display_name for m in ("adamerging_taskwise", "adamerging_layerwise"))
+    paths = leaderboard.write(results, micro.name, out_dir=tmp_path / "lb")
+    md = paths["md"].read_text()
+    assert (f"Test-time adaptation loops ran at two precisions: bfloat16 autocast: {task} (steps=2); "
+            f"float32: {layer} (steps=2).") in md, md
+    table = {r["Pipeline"].split("(")[0]: r for r in csv.DictReader(io.StringIO(paths["csv"].read_text()))}
+    assert (table["adamerging_taskwise"]["Precision"], table["adamerging_layerwise"]["Precision"],
+            table["task_arithmetic"]["Precision"]) == ("bf16", "fp32", "")
+    assert "two precisions" in paths["latex"].read_text() and "two precisions" in paths["html"].read_text()
+    one = tmp_path / "one"  # one precision: no line
+    run_many(["adamerging_taskwise"], micro, precision="fp32", **{**kw, "results_dir": one})
+    assert "two precisions" not in leaderboard.render(one, micro.name, "md")

@@ -26,7 +26,7 @@ from mergebench.leaderboard.formats import (
 )
 from mergebench.leaderboard.model import (  # noqa: F401  (the public table model)
     BUDGET_MARK, NEEDS_ALIASES, Board, below_budget, budget_note, describe_view, parse_budget, pareto_front,
-    sequential_table, speed_table, table, task_columns, task_set, task_sets, view,
+    precision_note, sequential_table, speed_table, table, table_note, task_columns, task_set, task_sets, view,
 )
 
 
@@ -98,5 +98,5 @@ def write(results_dir, suite: str, out_dir: str | os.PathLike | None = None, plo
 from mergebench.leaderboard import builtin  # noqa: E402,F401  (the built-in formats register on import)
 
 __all__ = ["render", "render_sequential", "write", "table", "sequential_table", "speed_table", "view", "pareto_front",
-           "parse_budget", "describe_view", "below_budget", "budget_note", "task_set", "task_sets", "task_columns", "Board", "Page",
+           "parse_budget", "describe_view", "below_budget", "budget_note", "precision_note", "table_note", "task_set", "task_sets", "task_columns", "Board", "Page",
            "Format", "FORMATS", "register_format", "get_format", "text_formats", "UnknownFormatError", "BUDGET_MARK"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from mergebench.leaderboard.formats import Format, Page, register_format
-from mergebench.leaderboard.model import SPEED_NOTE, budget_note, column_notes, display, explain_columns, task_columns
+from mergebench.leaderboard.model import SPEED_NOTE, table_note, column_notes, display, explain_columns, task_columns
 
 
 @register_format("html")
@@ -73,8 +73,8 @@ def to_html(df: pd.DataFrame, failed: list, unreadable: list, suite: str, filter
             cls = " class='pareto'" if df.loc[i, "Pareto"] else ""
             parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
         parts.append("</tbody></table>")
-        if budget_note(df):
-            parts.append(f"<p class='budget'>{e(budget_note(df))}</p>")
+        if table_note(df):
+            parts.append(f"<p class='budget'>{e(table_note(df))}</p>")
     if svgs:
         parts.append("<h2>Budgets</h2><div class='plots'>" + "".join(svgs.values()) + "</div>")
     if failed:

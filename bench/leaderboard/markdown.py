@@ -7,7 +7,7 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    SEQUENTIAL_NOTE, SPEED_NOTE, Board, budget_note, column_notes, display, display_sequential, explain_columns, subset_label,
+    SEQUENTIAL_NOTE, SPEED_NOTE, Board, table_note, column_notes, display, display_sequential, explain_columns, subset_label,
     task_columns, view,
 )
 
@@ -34,8 +34,8 @@ class Markdown(Format):
                       f"below.", ""]
         if not shown.empty:
             lines.append(shown.to_markdown(index=False))
-            if budget_note(df):
-                lines += ["", budget_note(df)]
+            if table_note(df):
+                lines += ["", table_note(df)]
         if page.plots and not df.empty:
             lines += ["", "## Budgets", "", "![Accuracy vs added parameters](pareto_params.svg)",
                       "![Accuracy vs MACs per image](accuracy_flops.svg)",
@@ -84,8 +84,8 @@ def subset_sections(board: Board, view_options: dict | None = None) -> list[str]
         lines += ["", f"## Runs over {subset_label(ts, sets[0])}", "",
                   "Not comparable with the main table (another task set): Avg, Norm and Pareto are over these tasks "
                   "only.", "", display(df, task_columns(df)).to_markdown(index=False)]
-        if budget_note(df):
-            lines += ["", budget_note(df)]
+        if table_note(df):
+            lines += ["", table_note(df)]
     return lines
 
 
@@ -106,8 +106,8 @@ def sequential_lines(df: pd.DataFrame, failed: list[dict], plots: bool) -> list[
     lines = ["## Sequential protocol (continual merging)", "", SEQUENTIAL_NOTE, ""]
     if not df.empty:
         lines.append(display_sequential(df).to_markdown(index=False))
-        if budget_note(df):
-            lines += ["", budget_note(df)]
+        if table_note(df):
+            lines += ["", table_note(df)]
     if plots and not df.empty:
         lines += ["", "![Accuracy on the tasks seen after each expert](sequential_curve.svg)"]
     if failed:

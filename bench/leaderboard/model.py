@@ -131,6 +131,29 @@ def budget_note(df: pd.DataFrame) -> str:
             + "; ".join(f"{m.removesuffix(' ' + BUDGET_MARK)} ({why})" for m, why in rows) + ".")
 
 
+PRECISION_NAMES = {"bf16": "bfloat16 autocast", "fp32": "float32"}
+
+
+def precision_note(df: pd.DataFrame) -> str:
+    """The line that says at which precision the test-time adaptation rows ran, when they did not all run at one
+    ("" otherwise): `--precision auto` reuses records of either precision, so one table can hold both."""
+    if df.empty or "Precision" not in df:
+        return ""
+    by: dict[str, list[str]] = {}
+    for m, p in zip(df["Method"], df["Precision"]):
+        if p:
+            by.setdefault(p, []).append(m.removesuffix(" " + BUDGET_MARK))
+    if len(by) < 2:
+        return ""
+    return ("Test-time adaptation loops ran at two precisions: "
+            + "; ".join(f"{PRECISION_NAMES.get(p, p)}: {', '.join(ms)}" for p, ms in sorted(by.items())) + ".")
+
+
+def table_note(df: pd.DataFrame) -> str:
+    """The lines under a table: its budget marks and, where they differ, its rows' precisions."""
+    return " ".join(n for n in (budget_note(df), precision_note(df)) if n)
+
+
 def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
     """The rows of ok one-shot records, sorted by Avg, with their Pareto marks."""
     rows = []
@@ -143,7 +166,7 @@ def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
             "Added params": p["added"], "Added %": p["added_pct"],
             "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": t["merge_s"],
             "Needs": ",".join(rec["method"]["needs"]), "Selection": rec.get("selection", {}).get("protocol", "fixed"),
-            "Below budget": "; ".join(below_budget(rec)),
+            "Below budget": "; ".join(below_budget(rec)), "Precision": (rec.get("config") or {}).get("precision", ""),
         })
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -189,7 +212,8 @@ def sequential_rows(ok: list[dict]) -> pd.DataFrame:
                      "Avg over steps": q["avg_over_steps_mean"], "Steps std": q["avg_over_steps_std"],
                      "Norm": rec["metrics"]["avg_normalized_accuracy"], "Added params": rec["params"]["added"],
                      "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": rec["timing"]["merge_s"],
-                     "Needs": ",".join(rec["method"]["needs"]), "Below budget": "; ".join(below_budget(rec))})
+                     "Needs": ",".join(rec["method"]["needs"]), "Below budget": "; ".join(below_budget(rec)),
+                     "Precision": (rec.get("config") or {}).get("precision", "")})
     return pd.DataFrame(rows)
 
 
@@ -329,7 +353,7 @@ def fmt_params(n: float) -> str:
 
 
 NON_TASK_COLUMNS = {"Method", "Pipeline", "Avg", "Norm", "Added params", "Added %", "MMACs/img", "Merge s", "Needs",
-                    "Selection", "Pareto", "Below budget"}
+                    "Selection", "Pareto", "Below budget", "Precision"}
 
 
 def task_columns(df: pd.DataFrame) -> list[str]:
@@ -338,7 +362,7 @@ def task_columns(df: pd.DataFrame) -> list[str]:
 
 def display(df: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     """The rows as the tables show them (numbers formatted, bookkeeping columns dropped)."""
-    out = df.drop(columns=["Pipeline", "Needs", "Selection", "Below budget"], errors="ignore").copy()
+    out = df.drop(columns=["Pipeline", "Needs", "Selection", "Below budget", "Precision"], errors="ignore").copy()
     for col in tasks + ["Avg", "Norm"]:
         out[col] = out[col].map(lambda v: f"{v:.1f}")
     out["Added params"] = [f"{fmt_params(n)} ({pct:.2f}%)" for n, pct in zip(df["Added params"], df["Added %"])]

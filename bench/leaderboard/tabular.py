@@ -6,7 +6,7 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    BUDGET_MARK, SPEED_NOTE, Board, budget_note, display, display_sequential, task_columns,
+    BUDGET_MARK, SPEED_NOTE, Board, table_note, display, display_sequential, task_columns,
 )
 
 
@@ -33,11 +33,11 @@ class Latex(Format):
     def render(self, page: Page) -> str:
         df = page.df
         shown = display(df, task_columns(df)) if not df.empty else df
-        return latex(shown, budget_note(df))
+        return latex(shown, table_note(df))
 
     def render_sequential(self, board: Board) -> str:
         df = board.sequential_table()[0]
-        return latex(display_sequential(df) if not df.empty else df, budget_note(df))
+        return latex(display_sequential(df) if not df.empty else df, table_note(df))
 
     def render_speed(self, df: pd.DataFrame, failed: list[dict], suite: str) -> str:
         return latex(df, SPEED_NOTE)
