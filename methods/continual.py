@@ -197,8 +197,8 @@ def perturb_and_merge(ctx, perturb_training: bool = True, epsilon: float = 0.5, 
     projections); here, to keep the experts of every method the same kind and order-independent (cacheable),
     the perturbed experts are full fine-tunings from theta_0 with the suite's own expert recipe, read from the
     suite at run time (mini8: ``finetune_epochs`` 10, AdamW at ``finetune_lr`` 1.5e-4 with warmup and cosine
-    decay, batch 128, weight decay 0.1, frozen head, 2000 training images per task; measured: 330 s for the eight
-    tasks on 2 CPU cores, the first order of the committed sequential record), cached under the cache root by
+    decay, batch 128, weight decay 0.1, frozen head, 12,000 training images per task; measured: 287 s for one task
+    on one thread of an AVX2-only AMD EPYC, about 38 minutes for the eight), cached under the cache root by
     suite key and settings. Suites without a fine-tuning recipe (the real suite) merge the given experts (the
     record's notes say so). The Fisher uses ``fisher_examples`` images; alpha is clamped to [0, 1]. The official
     code could not be read here: the coefficient and the perturbation follow the paper's equations (as summarized
