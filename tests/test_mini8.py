@@ -170,11 +170,15 @@ def test_experts_fine_tuned_in_parallel_have_the_bytes_of_those_fine_tuned_in_tu
     assert meta[1]["sha256"] == meta[2]["sha256"]
 
     lora_cfg, base = mini8_lora.CONFIGS["micro-lora"], load_mini8("micro", verbose=False)
-    mini8_lora._build(lora_cfg, base, tmp_path / "lora", False, jobs=2)
-    adapters = json.loads((tmp_path / "lora" / "meta.json").read_text())["sha256"]
-    committed = mini8_lora.artifact.read("micro-lora")["files"]
-    assert list(adapters) == [f"adapters/{t}/adapter_model.safetensors" for t in base.tasks]
-    assert adapters == {k: v for k, v in committed.items() if k in adapters}
+    adapters = {}
+    for jobs in (1, 2):
+        mini8_lora._build(lora_cfg, base, tmp_path / f"lora{jobs}", False, jobs=jobs)
+        adapters[jobs] = json.loads((tmp_path / f"lora{jobs}" / "meta.json").read_text())["sha256"]
+    assert list(adapters[2]) == [f"adapters/{t}/adapter_model.safetensors" for t in base.tasks]
+    assert adapters[1] == adapters[2]
+    if base.info["data_matches_artifact"]:  # on a CPU that draws the committed data, the committed adapters' bytes
+        committed = mini8_lora.artifact.read("micro-lora")["files"]
+        assert adapters[2] == {k: v for k, v in committed.items() if k in adapters[2]}
 
 
 def test_build_jobs_come_from_the_argument_or_the_environment(monkeypatch):
