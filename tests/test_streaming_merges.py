@@ -207,7 +207,7 @@ def test_per_tensor_reads_the_context_experts(micro):
 
 # ------------------------------------------------------------------ memory
 MEMORY_SCRIPT = r"""
-import ctypes, json, sys
+import ctypes, gc, json, sys
 import torch
 torch.set_num_threads(1)
 from mergebench import memory
@@ -223,14 +223,18 @@ expert_bytes = sum(v.numel() * v.element_size() for e in experts for v in e.valu
 out = {}
 for spec in sys.argv[1:]:
     call = MethodCall.parse(spec).resolve()
-    ctx = MergeContext(suite, call.needs(), "cpu", 0, show_progress=False)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap memory would hide new allocations from the RSS peak
-    start = memory.rss_bytes()
-    memory.reset_peak()
-    with torch.no_grad():
-        model = get_method(call.name).fn(ctx, **call.hparams)
-    out[spec] = (memory.peak_rss_bytes() - start) / expert_bytes
-    del model, ctx
+    peaks = []
+    for _ in range(2):  # the lower of two runs: what a merge holds shows in both, the allocator's timing in one
+        ctx = MergeContext(suite, call.needs(), "cpu", 0, show_progress=False)
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap memory would hide new allocations from the RSS peak
+        start = memory.rss_bytes()
+        memory.reset_peak()
+        with torch.no_grad():
+            model = get_method(call.name).fn(ctx, **call.hparams)
+        peaks.append((memory.peak_rss_bytes() - start) / expert_bytes)
+        del model, ctx
+    out[spec] = min(peaks)
 print(json.dumps(out))
 """
 
