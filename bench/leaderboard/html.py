@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from mergebench.leaderboard.formats import Format, Page, register_format
-from mergebench.leaderboard.model import SPEED_NOTE, table_note, column_notes, display, explain_columns, task_columns
+from mergebench.leaderboard.model import SPEED_NOTE, column_notes, display, explain_columns, table_note, task_columns
 
 
 @register_format("html")

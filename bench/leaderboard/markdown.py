@@ -7,8 +7,8 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    SEQUENTIAL_NOTE, SPEED_NOTE, Board, table_note, column_notes, display, display_sequential, explain_columns, subset_label,
-    task_columns, view,
+    SEQUENTIAL_NOTE, SPEED_NOTE, Board, column_notes, display, display_sequential, explain_columns, subset_label,
+    table_note, task_columns, view,
 )
 
 

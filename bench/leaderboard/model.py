@@ -149,6 +149,11 @@ def precision_note(df: pd.DataFrame) -> str:
             + "; ".join(f"{PRECISION_NAMES.get(p, p)}: {', '.join(ms)}" for p, ms in sorted(by.items())) + ".")
 
 
+def run_precision(rec: dict) -> str:
+    """The precision a test-time adaptation run's loops ran at ("" for a run that has none)."""
+    return (rec.get("config") or {}).get("precision", "")
+
+
 def table_note(df: pd.DataFrame) -> str:
     """The lines under a table: its budget marks and, where they differ, its rows' precisions."""
     return " ".join(n for n in (budget_note(df), precision_note(df)) if n)
@@ -166,7 +171,7 @@ def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
             "Added params": p["added"], "Added %": p["added_pct"],
             "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": t["merge_s"],
             "Needs": ",".join(rec["method"]["needs"]), "Selection": rec.get("selection", {}).get("protocol", "fixed"),
-            "Below budget": "; ".join(below_budget(rec)), "Precision": (rec.get("config") or {}).get("precision", ""),
+            "Below budget": "; ".join(below_budget(rec)), "Precision": run_precision(rec),
         })
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -213,7 +218,7 @@ def sequential_rows(ok: list[dict]) -> pd.DataFrame:
                      "Norm": rec["metrics"]["avg_normalized_accuracy"], "Added params": rec["params"]["added"],
                      "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": rec["timing"]["merge_s"],
                      "Needs": ",".join(rec["method"]["needs"]), "Below budget": "; ".join(below_budget(rec)),
-                     "Precision": (rec.get("config") or {}).get("precision", "")})
+                     "Precision": run_precision(rec)})
     return pd.DataFrame(rows)
 
 

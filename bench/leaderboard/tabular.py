@@ -6,7 +6,7 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    BUDGET_MARK, SPEED_NOTE, Board, table_note, display, display_sequential, task_columns,
+    BUDGET_MARK, SPEED_NOTE, Board, display, display_sequential, table_note, task_columns,
 )
 
 
