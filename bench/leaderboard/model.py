@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from functools import cached_property
+from pathlib import Path
 
 import pandas as pd
 
 from mergebench.errors import InputError
-from mergebench.records import load_records
+from mergebench.records import Items, check_fields, load_records
 from mergebench.registry import NEEDS
 
 BUDGET_MARK = "†"
@@ -42,6 +44,35 @@ def explain_columns() -> str:
 
 
 # ------------------------------------------------------------------ records -> rows
+_NUMBER = (int, float)
+# What the tables read of a record beyond what every record has (``records.check_record``): each field, where a record
+# has it, is of this type; a record that has one of another type is listed as unreadable, never shown half-right.
+SHOWN_FIELDS = {
+    ("method", "name"): str, ("method", "display_name"): str, ("method", "hparams"): dict,
+    ("method", "needs"): Items(list, str), ("suite",): dict, ("suite", "tasks"): Items(list, str),
+    ("suite", "experts"): str, ("suite", "synthetic"): bool, ("suite", "test_images"): Items(dict, int),
+    ("metrics", "accuracy"): Items(dict, _NUMBER), ("metrics", "normalized_accuracy"): Items(dict, _NUMBER),
+    ("metrics", "entropy_auroc"): Items(dict, _NUMBER), ("flops",): dict, ("flops", "mean"): _NUMBER,
+    ("timing",): dict, ("selection",): dict, ("selection", "protocol"): str, ("budget",): dict,
+    ("budget", "below_paper"): Items(list, str), ("config",): dict, ("config", "precision"): str, ("finished",): str,
+    ("protocol",): str, ("sequential", "per_order"): Items(list, dict),
+}
+
+
+def unshowable(rec: dict) -> str | None:
+    """Why ``rec`` (a record ``records.read_record`` accepts) cannot be shown, or None: a field of another type than
+    the tables read (``SHOWN_FIELDS``), or a row that cannot be built from it."""
+    try:
+        check_fields(rec, SHOWN_FIELDS, required=False)
+        if rec["status"] == "ok":
+            rows = (sequential_rows if is_sequential(rec) else speed_rows if is_synthetic(rec) else one_shot_rows)([rec])
+            if not is_sequential(rec) and not is_synthetic(rec):
+                display(rows, task_columns(rows))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return f"cannot be shown: {e if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'}"
+    return None
+
+
 def is_sequential(rec: dict) -> bool:
     return rec.get("protocol") == "sequential"
 
@@ -61,6 +92,13 @@ def latest_ok(records: list[dict]) -> list[dict]:
         if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
             latest[key] = rec
     return list(latest.values())
+
+
+def failed_runs(records: list[dict]) -> list[dict]:
+    """Every failed record, unless an ok record of the same configuration (``config_hash``: method settings, task set,
+    data, seed...) supersedes it: an ok run of the same method over other tasks or other data does not."""
+    ok = {r["config_hash"] for r in records if r.get("status") == "ok"}
+    return [r for r in records if r.get("status") == "failed" and r["config_hash"] not in ok]
 
 
 def task_set(rec: dict) -> tuple[str, ...]:
@@ -88,9 +126,10 @@ def label(rec: dict) -> str:
     from mergebench.pipeline import MethodCall
     from mergebench.registry import UnknownMethodError
 
-    name, hparams = rec["method"]["display_name"], rec["method"]["hparams"]
+    name, hparams = rec["method"].get("display_name") or rec["method"].get("name") or rec["method"]["pipeline"], \
+        rec["method"].get("hparams") or {}
     try:
-        defaults = MethodCall(rec["method"]["name"]).resolve().plain_hparams()
+        defaults = MethodCall(rec["method"].get("name", "")).resolve().plain_hparams() if hparams else {}
     except (UnknownMethodError, ValueError):  # method no longer registered: show everything
         defaults = {}
     changed = {k: v for k, v in hparams.items() if defaults.get(k) != v}
@@ -228,7 +267,15 @@ class Board:
     def __init__(self, results_dir, suite: str):
         self.results_dir, self.suite = results_dir, suite
         loaded = load_records(results_dir, suite)
-        self.records, self.unreadable = loaded.records, loaded.unreadable
+        self.records, self.unreadable = [], list(loaded.unreadable)
+        for rec in loaded.records:  # a record the tables cannot show is named with the unreadable files
+            why = unshowable(rec)
+            if why is None:
+                self.records.append(rec)
+            else:
+                self.unreadable.append((Path(rec["_path"]), why))
+                warnings.warn(f"skipping record {rec['_path']}: {why}", stacklevel=2)
+        self.unreadable.sort(key=lambda item: str(item[0]))
         # sequential runs have their own table; runs on synthetic data only a speed table (their accuracies are noise)
         self.one_shot = [r for r in self.records if not is_sequential(r) and not is_synthetic(r)]
         self.synthetic = [r for r in self.records if is_synthetic(r) and not is_sequential(r)]
@@ -266,10 +313,7 @@ class Board:
         """(rows, failed records): the rows over the main task set (``task_sets``), or over ``tasks``."""
         key = tuple(tasks) if tasks is not None else None
         if key not in self._tables:
-            ok_pipelines = {r["method"]["pipeline"] for r in self.latest}
-            failed = [r for r in self.one_shot if r.get("status") == "failed"
-                      and r["method"]["pipeline"] not in ok_pipelines]  # a later success supersedes a failure
-            self._tables[key] = (one_shot_rows(self.shown(tasks)), failed)
+            self._tables[key] = (one_shot_rows(self.shown(tasks)), failed_runs(self.one_shot))
         df, failed = self._tables[key]
         return df.copy(), failed
 
@@ -284,9 +328,7 @@ class Board:
             if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
                 latest[key] = rec
         ok = sorted(latest.values(), key=lambda r: -r["sequential"]["final_avg_mean"])
-        ok_keys = {r["method"]["pipeline"] for r in ok}
-        failed = [r for r in records if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_keys]
-        return sequential_rows(ok), failed, ok
+        return sequential_rows(ok), failed_runs(records), ok
 
     def sequential_table(self) -> tuple[pd.DataFrame, list[dict], list[dict]]:
         """(rows, failed records, the ok records shown) of the sequential runs: per method pipeline and number
@@ -296,10 +338,7 @@ class Board:
 
     @cached_property
     def _speed(self) -> tuple[pd.DataFrame, list[dict]]:
-        ok = latest_ok(self.synthetic)
-        ok_pipelines = {r["method"]["pipeline"] for r in ok}
-        failed = [r for r in self.synthetic if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_pipelines]
-        return speed_rows(ok), failed
+        return speed_rows(latest_ok(self.synthetic)), failed_runs(self.synthetic)
 
     def speed_table(self) -> tuple[pd.DataFrame, list[dict]]:
         """(rows, failed records) of the runs on synthetic data: the newest ok record per pipeline, with its costs
