@@ -278,6 +278,9 @@ def cmd_run(args) -> int:
     if reused:
         print(f"reused {len(reused)} of {len(records)} runs from the records in {Path(args.results) / suite.name} "
               f"(same configuration hash: same suite files, method and settings); `--force` runs them again")
+    shown_by = f"mergebench leaderboard --suite {suite.name}" + ("" if args.results == "results" else
+                                                                 f" --results {args.results}")
+    print(f"records: {Path(args.results) / suite.name} (`{shown_by}` shows them)")
     if args.leaderboard:
         from mergebench import leaderboard
         leaderboard.write(args.results, suite.name)
@@ -288,6 +291,9 @@ def cmd_leaderboard(args) -> int:
     from mergebench import leaderboard
 
     view = {"max_added_params": args.max_added_params, "needs": args.needs, "sort": args.sort}
+    typed, args.suite = args.suite, leaderboard.resolve_suite(args.results, args.suite)
+    if args.suite != typed:
+        print(f"suite {typed}: the records in {Path(args.results) / args.suite}", file=sys.stderr)
     if args.protocol == "sequential" and not args.write:
         print(leaderboard.render_sequential(args.results, args.suite, args.format), end="")
         return 0

@@ -203,3 +203,57 @@ def test_latex_escapes_record_fields(micro_results):
     cells = re.split(r"(?<!\\)&", row.removesuffix(r"\\"))
     assert len(cells) == len(re.split(r"(?<!\\)&", next(ln for ln in tex.splitlines() if ln.startswith("Method"))))
     assert "†" not in tex  # the budget mark is \dag{}, which every LaTeX engine sets
+
+
+# ------------------------------------------------------------------ failed runs, suite names
+def _failed_copy(folder: Path, source: str, name: str, change) -> None:
+    rec = json.loads((folder / source).read_text())
+    rec.update(status="failed", error="MethodFailed: probe failure")
+    for key in ("metrics", "params", "flops"):
+        rec.pop(key, None)
+    change(rec)
+    (folder / name).write_text(json.dumps(rec))
+
+
+def test_a_failed_run_is_listed_beside_an_ok_run_of_the_same_method_over_other_tasks(micro_results):
+    folder = micro_results / "micro"
+
+    def other_tasks(rec):  # the same method settings over two of the three tasks: another configuration
+        rec["suite"]["tasks"] = ["digits", "signs"]
+        rec["config_hash"] = "fa11ed0000000001"
+    _failed_copy(folder, VICTIM, "task_arithmetic-fa11ed0000000001.json", other_tasks)
+
+    def same_configuration(rec):  # superseded: the same configuration (config hash) has an ok record
+        rec["error"] = "MethodFailed: an earlier failure of the configuration that ran ok"
+    _failed_copy(folder, "ties_merging-1533541cad7892c2.json", "ties_merging-1533541cad7892c2.1.json",
+                 same_configuration)
+    md = leaderboard.render(micro_results, "micro")
+    failed = md.split("## Failed runs")[1].split("\n## ")[0]
+    assert "`task_arithmetic(scaling=0.3)` (over digits, signs): MethodFailed: probe failure" in failed
+    assert "`dare(" in failed and "ties_merging" not in failed
+    assert "| Task Arithmetic" in md  # the ok run is still shown
+    assert "probe failure" in leaderboard.render(micro_results, "micro", "html")
+
+
+def test_the_suite_name_a_user_types_finds_its_folder(tmp_path, capsys):
+    from mergebench.cli import main
+    from mergebench.errors import MissingFileError
+
+    real = Path(__file__).resolve().parent / "data" / "leaderboard" / "records" / "real-ViT-B-32"
+    shutil.copytree(real, tmp_path / "real-ViT-B-32")
+    assert leaderboard.resolve_suite(tmp_path, "real") == "real-ViT-B-32"
+    assert leaderboard.resolve_suite(tmp_path, "real-ViT-B-32") == "real-ViT-B-32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["leaderboard", "--suite", "real", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "# mergebench leaderboard: real-ViT-B-32" in out.out and "| Task Arithmetic" in out.out
+    assert f"suite real: the records in {tmp_path / 'real-ViT-B-32'}" in out.err
+    shutil.copytree(real, tmp_path / "real-ViT-L-14")
+    assert main(["leaderboard", "--suite", "real", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "suite 'real' has records in 2 folders" in err and "real-ViT-B-32, real-ViT-L-14" in err
+    with pytest.raises(MissingFileError, match=r"no records for suite 'mini8' .*\(folders with records: real-ViT-B-32, "
+                                               r"real-ViT-L-14\)"):
+        leaderboard.resolve_suite(tmp_path, "mini8")
+    assert main(["leaderboard", "--suite", "nothing-here", "--results", str(tmp_path)]) == 2

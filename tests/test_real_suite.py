@@ -427,9 +427,18 @@ def test_cli_runs_the_real_suite(world, suite, tmp_path, capsys):
 
     code = main(["run", "weight_averaging", "--suite", "real", "--manifest", str(world.manifest), "--data-root",
                  str(world.data), "--trust-pickle", "--results", str(tmp_path), "-q", "--device", "cpu"])
-    assert code == 0, capsys.readouterr()
+    out = capsys.readouterr()
+    assert code == 0, out
     assert list((tmp_path / "real-tiny").glob("*.json"))
+    assert f"records: {tmp_path / 'real-tiny'} (`mergebench leaderboard --suite real-tiny --results {tmp_path}` " \
+           f"shows them)" in out.out  # the run names its folder
     assert main(["leaderboard", "--suite", "real-tiny", "--results", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| Weight Averaging" in table
+    # the suite's name as typed finds the folder named after the backbone
+    assert main(["leaderboard", "--suite", "real", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out == table and f"suite real: the records in {tmp_path / 'real-tiny'}" in out.err
 
 
 # ------------------------------------------------------------------ clear errors for bad checkpoints

@@ -9,8 +9,8 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    SEQUENTIAL_NOTE, SPEED_NOTE, Board, column_notes, display, display_sequential, explain_columns, subset_label,
-    table_note, task_columns, view,
+    SEQUENTIAL_NOTE, SPEED_NOTE, Board, column_notes, display, display_sequential, explain_columns, over_other_tasks,
+    subset_label, table_note, task_columns, view,
 )
 
 
@@ -56,7 +56,7 @@ class Markdown(Format):
             lines += [""] + self.render_speed(speed_df, speed_failed, suite).replace("# mergebench speed", "## Speed",
                                                                                      1).splitlines()
         if page.failed:
-            lines += ["", "## Failed runs", ""] + failed_lines(page.failed)
+            lines += ["", "## Failed runs", ""] + failed_lines(page.failed, board.main_tasks)
         if board.unreadable:
             lines += ["", "## Unreadable record files (skipped)", ""] + [f"- {md_text(p)}: {md_text(why)}"
                                                                          for p, why in board.unreadable]
@@ -118,9 +118,10 @@ def sequential_lines(df: pd.DataFrame, failed: list[dict], plots: bool) -> list[
     return lines
 
 
-def failed_lines(failed: list[dict]) -> list[str]:
-    """One list item per failed run: its pipeline and its error."""
-    return [f"- {md_code(r['method']['pipeline'])}: {md_text(r.get('error', '?'))}" for r in failed]
+def failed_lines(failed: list[dict], main_tasks: tuple[str, ...] = ()) -> list[str]:
+    """One list item per failed run: its pipeline (and its tasks when they are not ``main_tasks``) and its error."""
+    return [f"- {md_code(r['method']['pipeline'])}{md_text(over_other_tasks(r, main_tasks))}: "
+            f"{md_text(r.get('error', '?'))}" for r in failed]
 
 
 def md_text(text) -> str:

@@ -101,6 +101,12 @@ def failed_runs(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status") == "failed" and r["config_hash"] not in ok]
 
 
+def over_other_tasks(rec: dict, main: tuple[str, ...]) -> str:
+    """" (over digits, signs)" for a run over another task set than the main table's ``main``, else ""."""
+    tasks = task_set(rec)
+    return f" (over {', '.join(tasks)})" if main and tasks and tasks != tuple(main) else ""
+
+
 def task_set(rec: dict) -> tuple[str, ...]:
     """The tasks a record was evaluated on (part of what a leaderboard compares)."""
     tasks = (rec.get("suite") or {}).get("tasks") or list((rec.get("metrics") or {}).get("accuracy", {}))
