@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-sequential demo-lora test test-slurm bench bench-gpu leaderboard docs clean-venv
+.PHONY: demo demo-sequential demo-lora test browser test-slurm bench bench-gpu leaderboard docs clean-venv
 
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
@@ -37,8 +37,16 @@ demo-lora: $(BIN)/.installed
 	$(BIN)/mergebench leaderboard --suite mini8-lora --write
 
 ## Run the test suite (micro configuration; minutes on 2 cores).
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/pytest -q
+
+## Headless Chromium, in which a test sorts the HTML leaderboard: Debian's package, installed where this runs as root
+## with apt-get; elsewhere that test is skipped and says so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	echo "headless Chromium is not installed (it needs root and apt-get): the HTML leaderboard's browser test is skipped"
 
 ## Sweeps on a real single-node Slurm cluster (root, Debian): installs slurmctld, slurmd and munge from Debian's
 ## packages if missing, starts the daemons by hand (no systemd), runs tests/integration/slurm, stops them by pid.

@@ -9,8 +9,8 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    SEQUENTIAL_NOTE, SPEED_NOTE, Board, column_notes, display, display_sequential, explain_columns, over_other_tasks,
-    subset_label, table_note, task_columns, view,
+    FIGURES, SEQUENTIAL_NOTE, SPEED_NOTE, SUBSET_NOTE, Board, column_notes, display, display_sequential,
+    equal_costs_note, explain_columns, over_other_tasks, subset_label, table_note, task_columns,
 )
 
 
@@ -39,9 +39,11 @@ class Markdown(Format):
             if table_note(df):
                 lines += ["", md_text(table_note(df))]
         if page.plots and not df.empty:
-            lines += ["", "## Budgets", "", "![Accuracy vs added parameters](pareto_params.svg)",
-                      "![Accuracy vs MACs per image](accuracy_flops.svg)",
-                      "", "Also as PNG (`pareto_params.png`, `accuracy_flops.png`) and as a sortable page "
+            drawn = [key for key in FIGURES if key != "accuracy_flops" or not equal_costs_note(df)]
+            lines += ["", "## Budgets", ""] + [f"![{FIGURES[key]}]({key}.svg)" for key in drawn]
+            if equal_costs_note(df):
+                lines += ["", equal_costs_note(df)]
+            lines += ["", f"Also as PNG ({', '.join(f'`{key}.png`' for key in drawn)}) and as a sortable page "
                       "(`leaderboard.html`)."]
         checks = board.sanity(df)
         if checks:
@@ -78,31 +80,22 @@ class Markdown(Format):
 def subset_sections(board: Board, view_options: dict | None = None) -> list[str]:
     """One table per other task set (runs with ``--tasks``), each with its own Pareto marks. They never share the
     main table's stars or sit beside the published numbers."""
-    sets = board.task_sets
     lines = []
-    for ts in sets[1:]:
-        df = view(board.table(tasks=ts)[0], **(view_options or {}))
-        if df.empty:
-            continue
-        lines += ["", f"## Runs over {md_text(subset_label(ts, sets[0]))}", "",
-                  "Not comparable with the main table (another task set): Avg, Norm and Pareto are over these tasks "
-                  "only.", "", md_table(display(df, task_columns(df)))]
+    for ts, df in board.subset_tables(view_options):
+        lines += ["", f"## Runs over {md_text(subset_label(ts, board.main_tasks))}", "", SUBSET_NOTE, "",
+                  md_table(display(df, task_columns(df)))]
         if table_note(df):
             lines += ["", md_text(table_note(df))]
     return lines
 
 
 def published_section(board: Board, df: pd.DataFrame) -> list[str]:
-    """Each published number the suite gives (``register_suite(references=...)``) beside the measured one of the
-    same method (its best row in the main table)."""
-    refs = board.references(df)
-    if refs is None or not refs.rows:
+    """Each published number the suite gives beside the measured one of the same method (``Board.published``)."""
+    published = board.published(df)
+    if published is None:
         return []
-    measured = {} if df.empty else {r["Pipeline"].split("(")[0]: r["Avg"] for _, r in df.iloc[::-1].iterrows()}
-    table = pd.DataFrame([{"Method": r["display"], "Published Avg": f"{r['avg']:.1f}",
-                           "Measured Avg": f"{measured[r['method']]:.1f}" if r["method"] in measured else "-",
-                           "Verified": "yes" if r.get("verified") else "no", "Source": r["source"]} for r in refs.rows])
-    return ["", f"## {md_text(refs.title)}", "", md_text(refs.note), "", md_table(table)]
+    title, note, table = published
+    return ["", f"## {md_text(title)}", "", md_text(note), "", md_table(table)]
 
 
 def sequential_lines(df: pd.DataFrame, failed: list[dict], plots: bool) -> list[str]:

@@ -375,6 +375,32 @@ class Board:
         return self.spec.references(records) if records else None
 
 
+    def subset_tables(self, view_options: dict | None = None) -> list[tuple[tuple[str, ...], pd.DataFrame]]:
+        """(task set, rows in the view) for each task set other than the main one that has rows in the view."""
+        out = []
+        for ts in self.task_sets[1:]:
+            df = view(self.table(tasks=ts)[0], **(view_options or {}))
+            if not df.empty:
+                out.append((ts, df))
+        return out
+
+    def published(self, df: pd.DataFrame):
+        """(title, note, table) of each published number the suite gives (``register_suite(references=...)``) beside
+        the measured one of the same method (its best row in the main table ``df``), or None."""
+        refs = self.references(df)
+        if refs is None or not refs.rows:
+            return None
+        measured = {} if df.empty else {r["Pipeline"].split("(")[0]: r["Avg"] for _, r in df.iloc[::-1].iterrows()}
+        rows = pd.DataFrame([{"Method": r["display"], "Published Avg": f"{r['avg']:.1f}",
+                              "Measured Avg": f"{measured[r['method']]:.1f}" if r["method"] in measured else "-",
+                              "Verified": "yes" if r.get("verified") else "no", "Source": r["source"]}
+                             for r in refs.rows])
+        return refs.title, refs.note, rows
+
+
+SUBSET_NOTE = "Not comparable with the main table (another task set): Avg, Norm and Pareto are over these tasks only."
+
+
 def table(results_dir, suite: str, tasks: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, list[dict], list]:
     """(rows as a DataFrame, failed records, unreadable files) for ``suite``: the rows over the main task set
     (``task_sets``), or over ``tasks``."""
@@ -441,6 +467,26 @@ SEQUENTIAL_NOTE = ("Sequential protocol: the experts arrive one at a time in a t
                    "after the last expert, mean ± std over the task orders; Avg over steps = the mean over steps of "
                    "the accuracy on the tasks seen, mean ± std over orders; Norm = final accuracy / the experts'. "
                    "(adapter) = a one-shot method re-run on the experts seen so far. Params and MACs: the final model.")
+
+
+# ------------------------------------------------------------------ figures
+FIGURES = {"pareto_params": "Accuracy vs added parameters", "accuracy_flops": "Accuracy vs MACs per image"}
+EQUAL_COSTS = 0.01  # MACs per image within 1% of one another: accuracy vs MACs would be a vertical line
+
+
+def equal_costs_note(df: pd.DataFrame) -> str:
+    """Why accuracy versus MACs is not plotted for these rows ("" when it is): their costs are all within
+    ``EQUAL_COSTS`` of one another, or not recorded."""
+    if df.empty:
+        return ""
+    macs = [float(v) for v in df["MMACs/img"] if not math.isnan(float(v)) and float(v) > 0]
+    if not macs:
+        return "Accuracy vs MACs per image is not plotted: no row records its MACs."
+    lo, hi = min(macs), max(macs)
+    if hi > lo * (1 + EQUAL_COSTS):
+        return ""
+    cost = f"{lo:.2f} MMACs per image" + (f" (to within {100 * (hi - lo) / lo:.2f}%)" if hi > lo else "")
+    return f"Accuracy vs MACs per image is not plotted: every method costs {cost}."
 
 
 # ------------------------------------------------------------------ budget views
