@@ -107,13 +107,13 @@ def check_record(rec) -> None:
 
 def check_fields(rec: dict, fields: dict, required: bool = True) -> None:
     """Raise ``ValueError`` naming the first field of ``fields`` (``{("metrics", "accuracy"): dict, ...}``) that
-    ``rec`` lacks (when ``required``; otherwise a missing field passes) or holds with another type (a tuple of types:
+    ``rec`` lacks (when ``required``; otherwise a missing or null field passes) or holds with another type (a tuple of types:
     any of them; ``Items(list, str)``: a list of strings, ``Items(dict, float)`` a dict of floats). A bool is not a
     number."""
     for keys, kind in fields.items():
         value, present = rec, True
         for i, key in enumerate(keys):
-            if isinstance(value, dict) and key in value:
+            if isinstance(value, dict) and key in value and (required or value[key] is not None):
                 value = value[key]
             elif required:
                 raise ValueError(f"{'an ok' if rec['status'] == 'ok' else 'a'} record without "

@@ -73,6 +73,9 @@ SHOWN = {
     "no hparams": _delete("method", "hparams"),
     "no flops": _delete("flops"),
     "no finished": _delete("finished"),
+    "flops null": _set(None, "flops"),  # a run with count_flops=False
+    "finished null": _set(None, "finished"),
+    "selection null": _set(None, "selection"),
 }
 UNSHOWABLE = {
     "display_name a number": (_set(7, "method", "display_name"), "'method.display_name' is int"),
@@ -150,6 +153,15 @@ def test_a_record_is_never_written_over_a_fifo(tmp_path):
         warnings.simplefilter("ignore")
         written = _without_blocking(target, lambda: write_record({"status": "ok"}, target))
     assert written.name == "x-0000000000000000.1.json" and target.exists()
+
+
+def test_a_folder_of_unreadable_files_lists_them(tmp_path):
+    (tmp_path / "micro").mkdir()
+    shutil.copy(RECORDS / "broken-0000000000000000.json", tmp_path / "micro")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = leaderboard.render(tmp_path, "micro")
+    assert "broken-0000000000000000.json: JSONDecodeError" in md.split("## Unreadable record files (skipped)")[1]
 
 
 # ------------------------------------------------------------------ escaping

@@ -83,7 +83,8 @@ def html_page(title: str, parts: list[str]) -> str:
             "table{border-collapse:collapse;font-size:13px}th,td{padding:3px 8px;border-bottom:1px solid #ddd;"
             "text-align:right}td:first-child,th:first-child{text-align:left}th{cursor:pointer;background:#f4f4f4}"
             "th[data-dir=asc]::after{content:' \\25B2'}th[data-dir=desc]::after{content:' \\25BC'}"
-            "tr.pareto td:first-child{font-weight:bold}.plots svg{max-width:48%;height:auto}</style></head><body>")
+            "tr.pareto td:first-child{font-weight:bold}.plots svg{width:100%;max-width:1100px;height:auto}"
+            "</style></head><body>")
     return "\n".join([head, f"<h1>{e(title)}</h1>", *parts, f"<script>{SORT_JS}</script></body></html>"]) + "\n"
 
 

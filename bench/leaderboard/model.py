@@ -89,7 +89,7 @@ def latest_ok(records: list[dict]) -> list[dict]:
         if rec.get("status") != "ok":
             continue
         key = (rec["method"]["pipeline"], task_set(rec))
-        if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
+        if key not in latest or (rec.get("finished") or "") > (latest[key].get("finished") or ""):
             latest[key] = rec
     return list(latest.values())
 
@@ -215,7 +215,7 @@ def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
             "Avg": m["avg_accuracy"], "Norm": m["avg_normalized_accuracy"],
             "Added params": p["added"], "Added %": p["added_pct"],
             "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": t["merge_s"],
-            "Needs": ",".join(rec["method"]["needs"]), "Selection": rec.get("selection", {}).get("protocol", "fixed"),
+            "Needs": ",".join(rec["method"]["needs"]), "Selection": (rec.get("selection") or {}).get("protocol", "fixed"),
             "Below budget": "; ".join(below_budget(rec)), "Precision": run_precision(rec),
         })
         rows.append(row)
@@ -331,7 +331,7 @@ class Board:
             if rec.get("status") != "ok":
                 continue
             key = (rec["method"]["pipeline"], len(rec["sequential"]["orders"]))
-            if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
+            if key not in latest or (rec.get("finished") or "") > (latest[key].get("finished") or ""):
                 latest[key] = rec
         ok = sorted(latest.values(), key=lambda r: -r["sequential"]["final_avg_mean"])
         return sequential_rows(ok), failed_runs(records), ok
