@@ -110,7 +110,9 @@ def wudi_merging(ctx, steps: int = 300, lr: float = 1e-5, others: Literal["pretr
     data. Initialized at sum_t tau_t, full batch, float32, one layer at a time (the objective is separable, so
     this is the whole model's optimization; memory stays near the experts' own). With others='pretrained' (the
     official script) only attn in_proj/out_proj and mlp c_fc/c_proj weights get a task vector; with 'mean' every
-    2-D tensor is optimized and the rest takes the mean task vector.
+    2-D tensor is optimized and the rest takes the mean task vector. A tensor whose task vectors are all zero
+    (on LoRA experts: the unadapted ``proj`` and positional embedding) stays at theta_0; fusion_bench's
+    ``wudi_merging`` divides 0 by 0 there and returns NaN (measured on mini8-lora).
 
     On LoRA experts (mini8-lora) WUDI scores 31.7, below the pretrained model (59.2; 71.2 on mini8's
     fully fine-tuned experts), and that is the method's own result: the official code
