@@ -36,6 +36,8 @@ class Markdown(Format):
             lines.append(shown.to_markdown(index=False))
             if table_note(df):
                 lines += ["", table_note(df)]
+            if board.notes:
+                lines += ["", board.notes]
         if page.plots and not df.empty:
             lines += ["", "## Budgets", "", "![Accuracy vs added parameters](pareto_params.svg)",
                       "![Accuracy vs MACs per image](accuracy_flops.svg)",

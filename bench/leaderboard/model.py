@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from functools import cached_property
+from pathlib import Path
 
 import pandas as pd
 
@@ -181,6 +182,8 @@ def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
     return df
 
 
+NOTES_FILE = "NOTES.md"  # in a suite's results folder: text shown under its main table
+
 SPEED_NOTE = ("Synthetic suite: random weights, experts and images of the real benchmark's shapes. It measures cost "
               "only: merge time, evaluation throughput and peak memory; its accuracies are chance level and are not "
               "shown. Peak memory is the CUDA allocator's peak on a GPU, the process's resident peak during the run "
@@ -237,6 +240,13 @@ class Board:
     @property
     def empty(self) -> bool:
         return not self.records
+
+    @cached_property
+    def notes(self) -> str:
+        """The folder's ``NOTES.md`` (what its maintainers found out about rows of its table, with the evidence),
+        shown under the main table; "" when there is none."""
+        path = Path(self.results_dir) / self.suite / NOTES_FILE
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
     @cached_property
     def spec(self):
