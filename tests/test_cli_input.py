@@ -95,7 +95,8 @@ def test_discovery_reports_every_broken_plugin(tmp_path, monkeypatch):
     (["run", "task_arithmetic", "--suite", "micro", "--unlabeled-split", "nope"], "'nope'"),
     (["sweep", "task_arithmetic", "--suite", "micro", "--seeds", "0,x"], "'x'"),
 ])
-def test_bad_values_are_argument_errors(argv, named, capsys):
+def test_bad_values_are_argument_errors(argv, named, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEBENCH_RESULTS", str(tmp_path))  # had a value passed, nothing is written in the repo
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
