@@ -721,23 +721,24 @@ def main(argv: list[str] | None = None) -> int:
         reserve_threads()
     if getattr(args, "quiet", False):  # no progress bars anywhere (mergebench.progress)
         os.environ["MERGEBENCH_QUIET"] = "1"
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning
-        try:
-            return args.fn(args)
-        except MergebenchError as e:  # what the user can fix: the message says what; anything else is a bug
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            print(f"error: {disk_full_message(e.filename, e)}", file=sys.stderr)
-            return 2
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return args.fn(args)
+    except MergebenchError as e:  # what the user can fix: the message says what; anything else is a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {disk_full_message(e.filename, e)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = previous
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """A warning on the command line: one line saying what (the source line of the call is no help to a user)."""
-    print(f"warning: {message}", file=file or sys.stderr)
+    return f"warning: {message}\n"
 
 
 if __name__ == "__main__":

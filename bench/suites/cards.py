@@ -523,7 +523,7 @@ def check_dataset(card: Card, root: str | os.PathLike, verify: bool = False, cou
                 report["checksums"][rel] = "ok" if _md5(p) == md5 else "MISMATCH"
                 if report["checksums"][rel] != "ok":
                     report["problems"].append(f"{rel}: md5 mismatch (expected {md5})")
-    if count and not report["missing"]:
+    if count:  # every stored split that can be read, also when others are missing (a run reads what is there)
         expected = (card.sizes or {}).get("source", {})
         stored = sorted({s.get("source") for s in split_specs(card, root).values() if s.get("source")})
         for split in stored:
@@ -532,7 +532,8 @@ def check_dataset(card: Card, root: str | os.PathLike, verify: bool = False, cou
             try:
                 n = len(open_source(card, root, split))
             except Exception as e:  # noqa: BLE001 - reported, not raised
-                report["problems"].append(f"{split}: {e}")
+                if not report["missing"]:  # else it is one of the missing files, listed above
+                    report["problems"].append(f"{split}: {e}")
                 continue
             report["sizes"][split] = n
             if split in expected and expected[split] != n:
