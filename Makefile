@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-sequential demo-lora test test-slurm bench bench-gpu leaderboard docs clean-venv
+.PHONY: demo demo-sequential demo-lora test test-slurm bench bench-gpu leaderboard docs docs-site clean-venv
 
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
@@ -73,6 +73,15 @@ leaderboard: $(BIN)/.installed
 ## Regenerate the per-method reference pages (a test fails when they are out of date).
 docs: $(BIN)/.installed
 	$(BIN)/mergebench docs --out docs/methods
+
+$(BIN)/.installed-docs: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+## Build the documentation site from docs/ into site/ (mkdocs.yml); --strict: a link to a missing page or heading
+## fails the build. CI runs it after the tests.
+docs-site: $(BIN)/.installed-docs
+	$(BIN)/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)

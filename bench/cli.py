@@ -538,7 +538,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         s.add_argument("--data-root", help="real suite: the folder holding the datasets (see `mergebench data check`)")
         s.add_argument("--trust-pickle", action="store_true",
                        help="real suite: read pickled checkpoints (task-vectors format) with a restricted unpickler "
-                            "(tensor data only, model classes as inert placeholders; README: Reliability); "
+                            "(tensor data only, model classes as inert placeholders; docs/reliability.md); "
                             "converted once to safetensors")
         s.add_argument("--tasks", help="real suite: comma-separated subset of tasks (default: every expert)")
         s.add_argument("--fraction", type=float, default=None,
