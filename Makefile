@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
 $(BIN)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
+	@echo "installing mergebench and its dependencies (torch, open_clip, ...) into $(VENV): a few minutes the first time"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -e ".[test]"
 	# the example external plugin (Model Breadcrumbs), so the tests show it beside the built-ins
 	$(BIN)/pip install -q --no-deps -e $(EXAMPLE_PLUGIN)
 	touch $@

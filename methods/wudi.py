@@ -132,7 +132,8 @@ def wudi_merging(ctx, steps: int = 300, lr: float = 1e-5, others: Literal["pretr
     theta0 = ctx.pretrained_weights
     optimized = [k for k, v in theta0.items() if (is_block_linear_weight(k) if others == "pretrained" else v.dim() == 2)]
     merged, final_loss = Weights(), {}
-    for key, theta0_k, experts in ctx.per_tensor():   # one layer at a time: its task matrices, then Adam
+    for key, theta0_k, experts in ctx.progress(ctx.per_tensor(), total=len(theta0), desc="WUDI (per tensor)"):
+        # one layer at a time: its task matrices, then Adam
         if key in optimized:
             result, losses = wudi_optimize(*wudi_terms(e - theta0_k for e in experts), steps, lr)
             shape = "x".join(map(str, theta0_k.shape))

@@ -19,6 +19,7 @@ from mergebench.records import load_records
 from mergebench.registry import NEEDS
 
 BUDGET_MARK = "†"
+DATA_MARK = "‡"  # a run on data whose split sizes differ from the dataset cards
 
 
 # ------------------------------------------------------------------ what the columns mean (said once)
@@ -117,8 +118,26 @@ def below_budget(rec: dict) -> list[str]:
         return []
 
 
+def incomplete_data(rec: dict) -> list[str]:
+    """The splits of a real-suite run whose image counts differ from the dataset cards (the record's
+    ``suite.data_short``; empty for a run on complete data)."""
+    info = rec.get("suite") if isinstance(rec.get("suite"), dict) else {}
+    return [str(s) for s in info.get("data_short") or ["split sizes"]] if info.get("data_complete") is False else []
+
+
 def method_cell(rec: dict, text: str) -> str:
-    return text + (f" {BUDGET_MARK}" if below_budget(rec) else "")
+    return text + (f" {DATA_MARK}" if incomplete_data(rec) else "") + (f" {BUDGET_MARK}" if below_budget(rec) else "")
+
+
+def data_note(df: pd.DataFrame) -> str:
+    """The line under a table that explains its incomplete-data marks ("" when every row ran on complete data)."""
+    rows = [m.removesuffix(" " + BUDGET_MARK).removesuffix(" " + DATA_MARK) for m in df.get("Method", [])
+            if m.removesuffix(" " + BUDGET_MARK).endswith(DATA_MARK)]
+    if not rows:
+        return ""
+    return (f"{DATA_MARK} ran on data whose split sizes differ from the dataset cards (the record's suite.data_short "
+            f"names them; `mergebench data check` says what is missing), so this table is not compared with "
+            f"published numbers: {', '.join(rows)}.")
 
 
 def budget_note(df: pd.DataFrame) -> str:
@@ -157,7 +176,7 @@ def run_precision(rec: dict) -> str:
 
 def table_note(df: pd.DataFrame) -> str:
     """The lines under a table: its budget marks and, where they differ, its rows' precisions."""
-    return " ".join(n for n in (budget_note(df), precision_note(df)) if n)
+    return " ".join(n for n in (budget_note(df), precision_note(df), data_note(df)) if n)
 
 
 def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
