@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-sequential demo-lora test browser test-slurm bench bench-gpu leaderboard docs clean-venv
+.PHONY: demo demo-sequential demo-lora test browser test-slurm bench bench-gpu leaderboard docs docs-site clean-venv
 
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
 $(BIN)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
+	@echo "installing mergebench and its dependencies (torch, open_clip, ...) into $(VENV): a few minutes the first time"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -e ".[test]"
 	# the example external plugin (Model Breadcrumbs), so the tests show it beside the built-ins
 	$(BIN)/pip install -q --no-deps -e $(EXAMPLE_PLUGIN)
 	touch $@
@@ -80,6 +81,15 @@ leaderboard: $(BIN)/.installed
 ## Regenerate the per-method reference pages (a test fails when they are out of date).
 docs: $(BIN)/.installed
 	$(BIN)/mergebench docs --out docs/methods
+
+$(BIN)/.installed-docs: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+## Build the documentation site from docs/ into site/ (mkdocs.yml); --strict: a link to a missing page or heading
+## fails the build. CI runs it after the tests.
+docs-site: $(BIN)/.installed-docs
+	$(BIN)/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)

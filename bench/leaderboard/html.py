@@ -40,6 +40,8 @@ class Html(Format):
                          "tables below.</p>")
         if not df.empty:
             parts.append(table_html(display(df, tasks), df, note=table_note(df)))
+            if board.notes:  # the folder's NOTES.md, as its text
+                parts.append(f"<div class='notes'>{e(board.notes)}</div>")
             svgs = plot_svgs(df, page.suite)
             parts.append("<h2>Budgets</h2><div class='plots'>" + "".join(svgs.values()) + "</div>")
             if equal_costs_note(df):
@@ -83,7 +85,7 @@ def html_page(title: str, parts: list[str]) -> str:
             "table{border-collapse:collapse;font-size:13px}th,td{padding:3px 8px;border-bottom:1px solid #ddd;"
             "text-align:right}td:first-child,th:first-child{text-align:left}th{cursor:pointer;background:#f4f4f4}"
             "th[data-dir=asc]::after{content:' \\25B2'}th[data-dir=desc]::after{content:' \\25BC'}"
-            "tr.pareto td:first-child{font-weight:bold}.plots svg{width:100%;max-width:1100px;height:auto}"
+            "tr.pareto td:first-child{font-weight:bold}.notes{white-space:pre-wrap}.plots svg{width:100%;max-width:1100px;height:auto}"
             "</style></head><body>")
     return "\n".join([head, f"<h1>{e(title)}</h1>", *parts, f"<script>{SORT_JS}</script></body></html>"]) + "\n"
 

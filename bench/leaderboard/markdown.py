@@ -38,6 +38,8 @@ class Markdown(Format):
             lines.append(md_table(shown))
             if table_note(df):
                 lines += ["", md_text(table_note(df))]
+            if board.notes:  # the maintainers' own Markdown (the folder's NOTES.md), shown as written
+                lines += ["", board.notes]
         if page.plots and not df.empty:
             drawn = [key for key in FIGURES if key != "accuracy_flops" or not equal_costs_note(df)]
             lines += ["", "## Budgets", ""] + [f"![{FIGURES[key]}]({key}.svg)" for key in drawn]

@@ -20,6 +20,7 @@ from mergebench.records import Items, check_fields, load_records
 from mergebench.registry import NEEDS
 
 BUDGET_MARK = "†"
+DATA_MARK = "‡"  # a run on data whose split sizes differ from the dataset cards
 
 
 # ------------------------------------------------------------------ what the columns mean (said once)
@@ -50,7 +51,8 @@ _NUMBER = (int, float)
 SHOWN_FIELDS = {
     ("method", "name"): str, ("method", "display_name"): str, ("method", "hparams"): dict,
     ("method", "needs"): Items(list, str), ("suite",): dict, ("suite", "tasks"): Items(list, str),
-    ("suite", "experts"): str, ("suite", "synthetic"): bool, ("suite", "test_images"): Items(dict, int),
+    ("suite", "experts"): str, ("suite", "synthetic"): bool, ("suite", "data_complete"): bool,
+    ("suite", "data_short"): list, ("suite", "test_images"): Items(dict, int),
     ("metrics", "accuracy"): Items(dict, _NUMBER), ("metrics", "normalized_accuracy"): Items(dict, _NUMBER),
     ("metrics", "entropy_auroc"): Items(dict, _NUMBER), ("flops",): dict, ("flops", "mean"): _NUMBER,
     ("timing",): dict, ("selection",): dict, ("selection", "protocol"): str, ("budget",): dict,
@@ -161,8 +163,26 @@ def below_budget(rec: dict) -> list[str]:
         return []
 
 
+def incomplete_data(rec: dict) -> list[str]:
+    """The splits of a real-suite run whose image counts differ from the dataset cards (the record's
+    ``suite.data_short``; empty for a run on complete data)."""
+    info = rec.get("suite") if isinstance(rec.get("suite"), dict) else {}
+    return [str(s) for s in info.get("data_short") or ["split sizes"]] if info.get("data_complete") is False else []
+
+
 def method_cell(rec: dict, text: str) -> str:
-    return text + (f" {BUDGET_MARK}" if below_budget(rec) else "")
+    return text + (f" {DATA_MARK}" if incomplete_data(rec) else "") + (f" {BUDGET_MARK}" if below_budget(rec) else "")
+
+
+def data_note(df: pd.DataFrame) -> str:
+    """The line under a table that explains its incomplete-data marks ("" when every row ran on complete data)."""
+    rows = [m.removesuffix(" " + BUDGET_MARK).removesuffix(" " + DATA_MARK) for m in df.get("Method", [])
+            if m.removesuffix(" " + BUDGET_MARK).endswith(DATA_MARK)]
+    if not rows:
+        return ""
+    return (f"{DATA_MARK} ran on data whose split sizes differ from the dataset cards (the record's suite.data_short "
+            f"names them; `mergebench data check` says what is missing), so this table is not compared with "
+            f"published numbers: {', '.join(rows)}.")
 
 
 def budget_note(df: pd.DataFrame) -> str:
@@ -201,7 +221,7 @@ def run_precision(rec: dict) -> str:
 
 def table_note(df: pd.DataFrame) -> str:
     """The lines under a table: its budget marks and, where they differ, its rows' precisions."""
-    return " ".join(n for n in (budget_note(df), precision_note(df)) if n)
+    return " ".join(n for n in (budget_note(df), precision_note(df), data_note(df)) if n)
 
 
 def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
@@ -225,6 +245,8 @@ def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
         df["Pareto"] = pareto_front(df["Avg"], df["Added params"])
     return df
 
+
+NOTES_FILE = "NOTES.md"  # in a suite's results folder: text shown under its main table
 
 SPEED_NOTE = ("Synthetic suite: random weights, experts and images of the real benchmark's shapes. It measures cost "
               "only: merge time, evaluation throughput and peak memory; its accuracies are chance level and are not "
@@ -290,6 +312,13 @@ class Board:
     @property
     def empty(self) -> bool:
         return not self.records
+
+    @cached_property
+    def notes(self) -> str:
+        """The folder's ``NOTES.md`` (what its maintainers found out about rows of its table, with the evidence),
+        shown under the main table; "" when there is none."""
+        path = Path(self.results_dir) / self.suite / NOTES_FILE
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
     @cached_property
     def spec(self):

@@ -6,7 +6,7 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    BUDGET_MARK, SPEED_NOTE, Board, display, display_sequential, table_note, task_columns,
+    BUDGET_MARK, DATA_MARK, SPEED_NOTE, Board, display, display_sequential, table_note, task_columns,
 )
 
 
@@ -55,10 +55,10 @@ def latex(shown: pd.DataFrame, note: str = "") -> str:
 
 
 # what each character LaTeX reads as markup is set as, in text mode (< > | through math: the same glyph in every
-# font encoding); the budget mark as \dag, which every engine sets
+# font encoding); the marks as \dag and \ddag, which every engine sets
 _LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
                "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "<": "$<$", ">": "$>$", "|": "$|$",
-               BUDGET_MARK: r"\dag{}", "\n": " ", "\r": " "}
+               BUDGET_MARK: r"\dag{}", DATA_MARK: r"\ddag{}", "\n": " ", "\r": " "}
 
 
 def latex_escape(text: str) -> str:
