@@ -291,6 +291,26 @@ def _coefficient_model(suite: Suite, taus: list[Weights], lam: Tensor):
     return _load(suite.build_encoder(), {k: v.detach() for k, v in merge.merged_weights().items()})
 
 
+def retention(suite: Suite, theta0: Weights, taus: dict[str, Weights], pre: dict, exp: dict,
+              s: DiagnoseSettings) -> dict:
+    """Each expert's own-task gain kept by its task vector trimmed (``trim``), truncated to low rank
+    (``low_rank``) and scaled by lambda (``lambda``), for the tasks of ``taus``."""
+    encoder = suite.build_encoder()
+    acc = lambda w, t: accuracy(_load(encoder, w), suite, t, s)  # noqa: E731
+    def rows(levels, transform):
+        return {str(p): _summary({t: _retention(acc(theta0 + transform(tau, p), t), pre[t], exp[t])
+                                  for t, tau in taus.items()}) for p in levels}
+    return {"trim": rows(TRIM_LEVELS, trimmed), "low_rank": rows(RANK_LEVELS, low_rank),
+            "lambda": rows(LAMBDAS, lambda tau, lam: tau * lam)}
+
+
+def zero_shot_calibration(suite: Suite, theta0: Weights, s: DiagnoseSettings) -> dict:
+    """The pretrained model with the suite's heads: calibration per task and averaged over tasks."""
+    encoder = _load(suite.build_encoder(), theta0)
+    zero = {t: calibration(*task_logits(encoder, suite, t, s.split, s.images)) for t in suite.tasks}
+    return {"tasks": zero, **{k: sum(z[k] for z in zero.values()) / len(zero) for k in next(iter(zero.values()))}}
+
+
 # ------------------------------------------------------------------ the report
 def diagnose(suite: Suite, settings: DiagnoseSettings | None = None, verbose: bool = True) -> dict:
     """Every mechanism measured on ``suite`` (see the module docstring); a JSON-able dict."""
@@ -309,21 +329,14 @@ def diagnose(suite: Suite, settings: DiagnoseSettings | None = None, verbose: bo
     report = {"suite": suite.name, "settings": s.__dict__, "pretrained": pre, "experts": exp}
 
     log("diagnose: trimming and low rank")
-    report["trim"] = {str(p): _summary({t: _retention(acc(theta0 + trimmed(taus[t], p), t), pre[t], exp[t])
-                                        for t in tasks}) for p in TRIM_LEVELS}
-    report["low_rank"] = {str(p): _summary({t: _retention(acc(theta0 + low_rank(taus[t], p), t), pre[t], exp[t])
-                                            for t in tasks}) for p in RANK_LEVELS}
-    report["lambda"] = {str(lam): _summary({t: _retention(acc(theta0 + taus[t] * lam, t), pre[t], exp[t])
-                                            for t in tasks}) for lam in LAMBDAS}
+    report.update(retention(suite, theta0, taus, pre, exp, s))
     report["cosine"] = cosines(theta0, taus)
 
     log("diagnose: layer inputs")
     report["subspace"] = input_subspaces(suite, experts, s)
 
     log("diagnose: the test-time signal")
-    zero = {t: calibration(*task_logits(_load(encoder, theta0), suite, t, s.split, s.images)) for t in tasks}
-    report["calibration"] = {"tasks": zero, **{k: sum(z[k] for z in zero.values()) / len(tasks)
-                                               for k in next(iter(zero.values()))}}
+    report["calibration"] = zero_shot_calibration(suite, theta0, s)
     ta_weights = theta0 + sum(taus.values()) * TA_SCALING
     ta_model = _load(suite.build_encoder(), ta_weights)
     per_task, pooled_e, pooled_l, ta_acc = {}, [], [], {}
@@ -406,3 +419,4 @@ def markdown(report: dict) -> str:
              "| Mechanism | This suite | Real CLIP (published) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
+
