@@ -169,10 +169,9 @@ def _subspace(g: Tensor, energy: float) -> Tensor:
     return evecs[:, :r]
 
 
-def _union_rank(bases: list[Tensor]) -> int:
-    stacked = torch.cat(bases, 1)
-    s = torch.linalg.svdvals(stacked)
-    return int((s > 1e-6 * s.max()).sum().item())
+def _dimensions(g: Tensor, energy: float) -> int:
+    """How many eigen-directions of a PSD Gram hold ``energy`` of its trace."""
+    return _subspace(g, energy).shape[1]
 
 
 def _own_share(merged: Tensor, own: Tensor, g: Tensor) -> float:
@@ -184,10 +183,12 @@ def _own_share(merged: Tensor, own: Tensor, g: Tensor) -> float:
 
 
 def input_subspaces(suite: Suite, experts: dict[str, Weights], s: DiagnoseSettings) -> dict:
-    """Per linear site of the blocks: how much of each task's input energy lies in the other tasks' subspaces,
-    how many dimensions the union of all tasks' subspaces spans relative to one task's, and the share of each
-    task's own layer update that LOT's and RegMean's closed forms (at their default rtol/alpha), the mean task
-    matrix and Task Arithmetic's sum keep on that task's inputs."""
+    """Per linear site of the blocks, with each task's Gram normalised to unit trace (every task weighs the same):
+    ``overlap``, the share of a task's input energy inside the eigen-subspace holding ``energy`` of the other tasks'
+    summed Gram; ``union_over_one``, the dimensions holding ``energy`` of all tasks' summed Gram over those of one
+    task's (1 = every task uses the same directions, T = disjoint ones); and the share of each task's own layer
+    update that LOT's and RegMean's closed forms (at their default rtol / alpha), the mean task matrix and Task
+    Arithmetic's sum keep on that task's inputs."""
     tasks = suite.tasks
     gen = torch.Generator().manual_seed(s.seed)
     walkers = []
@@ -203,24 +204,23 @@ def input_subspaces(suite: Suite, experts: dict[str, Weights], s: DiagnoseSettin
         if site.kind != "linear" or site.group != "block":
             continue
         grams = [gram(x.inputs) for x in sites]
+        unit = [g / torch.trace(g).clamp_min(1e-300) for g in grams]
+        total = sum(unit)
         w0 = as_matrix(site.weight, theta0[site.weight].double())
         taus = [as_matrix(site.weight, experts[t][site.weight].double()) - w0 for t in tasks]
-        bases = [_subspace(g, s.energy) for g in grams]
         overlap = []
         for k in range(len(tasks)):
-            others = torch.cat([b for j, b in enumerate(bases) if j != k], 1)
-            q = torch.linalg.svd(others, full_matrices=False)[0]
-            q = q[:, :_union_rank([others])]
-            overlap.append((torch.trace(q.t() @ grams[k] @ q) / torch.trace(grams[k])).item())
+            q = _subspace(total - unit[k], s.energy)
+            overlap.append(torch.trace(q.t() @ unit[k] @ q).item())
         merged = {"lot": lot_linear(taus, grams), "regmean": regmean_linear(taus, grams),
                   "mean": sum(taus) / len(taus), "sum": sum(taus)}
         rows[site.name] = {
             "overlap": sum(overlap) / len(overlap),
-            "union_over_one": _union_rank(bases) / (sum(b.shape[1] for b in bases) / len(bases)),
+            "union_over_one": _dimensions(total, s.energy) / (sum(_dimensions(g, s.energy) for g in unit) / len(unit)),
             **{f"own_share_{m}": sum(_own_share(u, taus[k], grams[k]) for k in range(len(tasks))) / len(tasks)
                for m, u in merged.items()},
         }
-    kinds = sorted({name.rsplit(".", 1)[-1] if "attn" not in name else name.rsplit(".", 2)[-1] for name in rows})
+    kinds = sorted({name.split(".", 3)[-1] for name in rows})  # attn.in_proj, attn.out_proj, mlp.c_fc, mlp.c_proj
     def mean_of(field, names):
         return sum(rows[n][field] for n in names) / len(names)
     fields = ["overlap", "union_over_one", "own_share_lot", "own_share_regmean", "own_share_mean", "own_share_sum"]
@@ -389,8 +389,9 @@ def markdown(report: dict) -> str:
          "share of its gain over the pretrained model", trim, p["trim"]),
         ("Low-rank task matrices: every task matrix truncated to its top r% singular components", rank,
          p["low_rank"]),
-        ("Distinct input subspaces: share of a task's layer-input energy inside the other tasks' "
-         f"{_pct(r['settings']['energy'])}-energy subspaces; dimensions of all tasks' subspaces together / one task's",
+        ("Distinct input subspaces: share of a task's layer-input energy inside the eigen-subspace holding "
+         f"{_pct(r['settings']['energy'])} of the other tasks' inputs; dimensions holding {_pct(r['settings']['energy'])} "
+         "of all tasks' inputs / of one task's",
          f"{_pct(sub['overlap'])}; {_f(sub['union_over_one'])}x", p["subspace"]),
         ("Own-update share kept on each task's inputs (1 = whole, 1/T = the plain mean)",
          f"LOT {_f(sub['own_share_lot'])}, RegMean {_f(sub['own_share_regmean'])}, mean task matrix "
