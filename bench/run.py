@@ -543,13 +543,9 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
     curves: dict[int, list] = {}
     eval_s: dict[int, float] = {}
     final_model = None
-    folder = Path(tempfile.mkdtemp(prefix="mergebench-sequential-"))
 
-    def on_message(message, reply):
+    def on_step(i, model, seen):
         nonlocal final_model
-        _, i, note, seen = message
-        model = _returned(note, folder, suite, call, device)
-        (folder / note["file"]).unlink(missing_ok=True)
         _check_finite(model)
         start = time.perf_counter()
         acc = _checked_accuracy(evaluate(model, suite, "test", device, tasks=seen), f" (after {len(seen)} experts)")
@@ -557,18 +553,17 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
         curves.setdefault(i, []).append(step_result(len(curves.get(i, [])) + 1, seen, acc))
         if i == 0 and len(seen) == len(suite.tasks):  # params and FLOPs: the final model of the first order
             final_model = model
-        reply(("go", acc))
+        return acc
 
     per_order: list[dict] = []
     try:
         try:
-            job = _job("sequential", call, suite, device, seed, unlabeled_split, data_fraction, show_progress,
-                       precision, folder, orders=order_list)
-            out = worker.run(job, budget.what(call, sequential=True), budget.next(), on_message)
+            out = sequential_in_worker(call, suite, order_list, device, seed, unlabeled_split, data_fraction,
+                                       show_progress, precision, budget.next(), on_step,
+                                       budget.what(call, sequential=True))
         finally:
             per_order = [order_result(order_list[i], curves[i], 0.0, eval_s.get(i, 0.0), {}, {})
                          for i in sorted(curves) if len(curves[i]) == len(order_list[i])]
-            shutil.rmtree(folder, ignore_errors=True)
         per_order = [order_result(order, curves[i], o["merge_s"], eval_s[i], o["logs"], o["notes"])
                      for i, (order, o) in enumerate(zip(order_list, out["orders"]))]
         _verify_inputs(suite, call)
@@ -589,6 +584,32 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
         return record
     except Exception as e:  # a failing method is a result, and the suite goes on
         return {"sequential": {"per_order": per_order}, **_failure(e, suite, call)}
+
+
+def sequential_in_worker(call: MethodCall, suite: Suite, orders: list[list[str]], device, seed: int = 0,
+                         unlabeled_split: str = "test", data_fraction: float = 1.0, show_progress: bool = False,
+                         precision: str = "auto", limits: worker.Limits | None = None, on_step=None,
+                         what: str | None = None) -> dict:
+    """Every order of a sequential run in one fresh worker; each step's model is built here and given to
+    ``on_step(order index, model, tasks seen)``, whose answer (accuracy per task seen) goes back to the worker.
+    Returns the worker's fields (``orders``: merge_s, logs, notes, data_used of each; ``memory``, ``threads``,
+    ``left_running``). Raises :class:`mergebench.worker.WorkerFailed` when the worker ends without them."""
+    device = torch.device(device)
+    folder = Path(tempfile.mkdtemp(prefix="mergebench-sequential-"))
+
+    def on_message(message, reply):
+        _, i, note, seen = message
+        model = _returned(note, folder, suite, call, device)
+        (folder / note["file"]).unlink(missing_ok=True)
+        acc = on_step(i, model, seen) if on_step is not None else dict.fromkeys(seen, 0.0)
+        reply(("go", acc))
+
+    try:
+        job = _job("sequential", call, suite, device, seed, unlabeled_split, data_fraction, show_progress,
+                   resolve_precision(precision, device), folder, orders=orders)
+        return worker.run(job, what or str(call.name), limits, on_message)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress,
@@ -654,6 +675,7 @@ _PARALLEL: tuple | None = None  # (suite, kwargs) of the running _run_parallel, 
 
 
 def _parallel_worker_init():
+    worker.use_inherited_server()
     os.environ["MERGEBENCH_QUIET"] = "1"
     torch.set_num_threads(1)  # GNU OpenMP cannot start a new pool in a forked child; one thread per worker
 
@@ -675,6 +697,7 @@ def _run_parallel(methods: list[str], suite: Suite, jobs: int, kwargs: dict) -> 
     kwargs = {**kwargs, "show_progress": False}
     out: list[dict | None] = [None] * len(methods)
     _PARALLEL = (suite, kwargs)
+    worker.start_server()
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_parallel_worker_init) as pool:

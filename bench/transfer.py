@@ -108,6 +108,7 @@ def load(note: dict, folder: Path, encoder_config: dict, pretrained, device, mod
 _BUILTINS = {"set", "frozenset", "slice", "range", "complex", "int", "float", "bool", "str", "bytes", "bytearray",
              "tuple", "list", "dict", "object"}
 _PREFIXES = ("torch", "open_clip", "mergebench", "collections", "timm", "numpy")
+_ALSO = {("functools", "partial")}  # its callable is unpickled through find_class too
 # functions torch's own pickles call to rebuild tensors and parameters
 _REBUILD = ("torch._utils", "torch._tensor", "torch.serialization", "torch.nn.parameter")
 
@@ -122,6 +123,8 @@ class ModuleUnpickler(pickle.Unpickler):
         if module in ("builtins", "__builtin__"):  # torch saves with pickle protocol 2 (Python 2 names)
             if name in _BUILTINS:
                 return getattr(builtins, name)
+        elif (module, name) in _ALSO:
+            return super().find_class(module, name)
         elif module in self.modules or module.split(".")[0] in _PREFIXES:
             obj = super().find_class(module, name)
             if isinstance(obj, type) or module in _REBUILD or module.startswith("torch._utils") or \

@@ -47,6 +47,7 @@ from mergebench.errors import MergebenchError
 # what the fork server imports once, so that a worker starts in milliseconds with torch and the methods loaded
 PRELOAD = ["mergebench.worker", "mergebench.run", "mergebench.methods"]
 LABELED_SPLITS = ("train", "val")  # mergebench.context.LABELED_SPLITS
+STARTUP_S = 300.0  # a worker's start (the fork server's first start imports torch) before its time limit runs
 _ALIGN = 64
 
 
@@ -211,6 +212,24 @@ def _context():
     return ctx
 
 
+def start_server() -> None:
+    """Start the fork server now (before forking processes that will start workers: they share it)."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
+def use_inherited_server() -> None:
+    """In a process forked from one that started the fork server: start workers from that server (this process
+    cannot wait for it, not being its parent, so it must not check it as the standard library would)."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_address", None) is not None:
+        server.ensure_running = lambda: None
+
+
 def _on_sigterm(signum, frame):
     """This process was told to stop: end every worker first (none is left without its parent), then stop as
     it would have."""
@@ -331,11 +350,11 @@ def run(job: dict, what: str, limits: Limits | None = None,
     payload = cloudpickle.dumps({"job": cloudpickle.dumps(job), "env": dict(os.environ), "cwd": os.getcwd(),
                                  "sys_path": list(sys.path), "threads": worker_threads()})
     proc = mp.Process(target=_worker_main, args=(there, payload), name=f"mergebench: {what}", daemon=False)
-    start = time.monotonic()
     proc.start()
     _LIVE[proc.pid] = proc
     there.close()
-    deadline = None if limits.seconds is None else start + limits.seconds
+    # the time limit runs from the worker's "ready" (the method's first line); its start-up gets a deadline too
+    deadline = None if limits.seconds is None else time.monotonic() + limits.seconds + STARTUP_S
     poll = 0.1 if limits.memory_mb else 0.5
     try:
         while True:
@@ -346,6 +365,10 @@ def run(job: dict, what: str, limits: Limits | None = None,
                 except (EOFError, OSError):
                     raise _ended(proc, what) from None
                 kind = message[0]
+                if kind == "ready":
+                    if limits.seconds is not None:
+                        deadline = time.monotonic() + limits.seconds
+                    continue
                 if kind == "result":
                     return message[1]
                 if kind == "error":
@@ -420,6 +443,8 @@ def _worker_main(conn, payload: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the harness, which ends the worker
     try:
         job = _prepare(payload)
+        job["suite"] = open_inputs(job["inputs"])
+        conn.send(("ready",))
         result = _JOBS[job["kind"]](job, conn)
         conn.send(("result", result))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the harness, which decides
@@ -535,11 +560,11 @@ def _watched(job: dict, work: Callable[[], dict]) -> dict:
 @job("merge")
 def _merge_job(job: dict, conn) -> dict:
     """One merge (a pipeline: its bases first): the model and what the merge used and cost."""
-    from mergebench import memory, transfer
+    from mergebench import integrity, memory, transfer
     from mergebench.context import MergeContext
     from mergebench.run import _peak_memory_mb, execute, seed_everything
 
-    job["suite"] = suite = open_inputs(job["inputs"])
+    suite = job["suite"]
     device = torch.device(job["device"])
     folder = Path(job["folder"])
 
@@ -555,7 +580,10 @@ def _merge_job(job: dict, conn) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         merge_s = time.perf_counter() - start + sum(b["seconds"] for b in ctx.cached_bases)
-        return {"model": model, "merge_s": merge_s, "stages_s": stages, "memory": _peak_memory_mb(device),
+        theta_0 = {} if ctx._pretrained is None else ctx._pretrained  # what every stage of a pipeline reads
+        modified = [f"pretrained {k!r} (ctx.pretrained_weights)" for k, v in theta_0.items()
+                    if integrity.fingerprint(v) != integrity.fingerprint(suite.pretrained[k])]
+        return {"model": model, "merge_s": merge_s, "pretrained_modified": modified, "stages_s": stages, "memory": _peak_memory_mb(device),
                 "data_used": list(ctx.data_used.values()), "logs": dict(ctx.logs), "loops": _loops(ctx),
                 "cached_bases": ctx.cached_bases, "threads": torch.get_num_threads()}
 
@@ -577,7 +605,7 @@ def _sequential_job(job: dict, conn) -> dict:
     from mergebench.run import _peak_memory_mb, seed_everything
     from mergebench.sequential import run_order
 
-    job["suite"] = suite = open_inputs(job["inputs"])
+    suite = job["suite"]
     device = torch.device(job["device"])
     folder = Path(job["folder"])
 
