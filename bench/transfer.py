@@ -115,7 +115,8 @@ _REBUILD = ("torch._utils", "torch._tensor", "torch.serialization", "torch.nn.pa
 
 class ModuleUnpickler(pickle.Unpickler):
     """Unpickles a saved merged model: classes from torch, open_clip, mergebench, numpy and ``modules`` (the
-    methods'); callables that are not classes only from torch's tensor-rebuilding modules."""
+    methods'); callables that are not classes only from torch's tensor-rebuilding modules, ``functools.partial``
+    and the methods of modules (a forward hook is a bound method)."""
 
     modules: frozenset = frozenset()
 
@@ -123,6 +124,8 @@ class ModuleUnpickler(pickle.Unpickler):
         if module in ("builtins", "__builtin__"):  # torch saves with pickle protocol 2 (Python 2 names)
             if name in _BUILTINS:
                 return getattr(builtins, name)
+            if name == "getattr":  # a bound method (a forward hook): only of a module, never a dunder
+                return _module_attribute
         elif (module, name) in _ALSO:
             return super().find_class(module, name)
         elif module in self.modules or module.split(".")[0] in _PREFIXES:
@@ -134,6 +137,12 @@ class ModuleUnpickler(pickle.Unpickler):
             if module == "torch" and isinstance(obj, torch.dtype):
                 return obj
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a returned model")
+
+
+def _module_attribute(obj, name: str):
+    if not isinstance(obj, torch.nn.Module) or name.startswith("__"):
+        raise pickle.UnpicklingError(f"attribute {name!r} of {type(obj).__name__} is not allowed in a returned model")
+    return getattr(obj, name)
 
 
 def _restricted(modules: set[str]) -> types.ModuleType:
