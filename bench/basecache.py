@@ -6,7 +6,8 @@ result: its resolved pipeline, the suite's checkpoints, the seed, the data setti
 the base methods' modules (a code change is a new key). Models of one shared encoder (``SharedModel``, and
 AdaMerging's result with its trained coefficients) are also kept on disk under ``$MERGEBENCH_CACHE/bases``;
 others only in memory. A cached base brings back the data it used, its logs and its merge time, so the add-on's
-record says what the whole pipeline used and cost.
+record says what the whole pipeline used and cost. Only the harness reads and fills it: it looks a run's bases
+up before the method's worker starts and stores the bases the worker sends back (:func:`mergebench.run.merge_in_worker`).
 """
 
 from __future__ import annotations

@@ -1,25 +1,15 @@
-"""Time limits that a method cannot catch: the work runs in a child process that is killed at the deadline.
+"""Limits that work cannot catch: a child process killed at the deadline, and the checked values of limits.
 
-An exception raised inside a method at its deadline (an alarm signal) is caught by any ``except Exception`` or
-bare ``except`` in the method's loop, and a C call that runs for minutes does not see it at all. So the limited
-work runs in a child process; the parent waits for its result and, at the deadline, kills the child's whole
-process group with SIGKILL, which nothing in the child can catch or delay. The parent then raises
-:class:`MethodTimeout` (``"... exceeded its time limit of N s"``), the runner records the run as failed, and the
-next method runs in a fresh child.
+A method's merge runs in a worker process of its own, watched from outside (:mod:`mergebench.worker`); this
+module holds what that shares (:class:`MethodTimeout`, :func:`check_seconds`) and :func:`run_limited`, which runs
+other work in a forked child of this process: building a suite with every thread while this process keeps one
+(:func:`reserve_threads`: GNU OpenMP cannot be used again in a forked child once its parent used its thread
+pool, so the command line keeps the parent at one thread before any parallel work when a time limit is set, and
+a worker then gets the threads set aside).
 
-How the child starts:
-
-- ``fork`` (runs on the CPU): the child shares the parent's memory copy-on-write, so the suite is not loaded
-  again and methods registered at run time are there; nothing the child changes reaches the parent.
-  GNU OpenMP cannot be used again after a fork once the parent has used its thread pool (the child hangs), so
-  the child runs single-threaded unless the parent called :func:`reserve_threads` before any parallel work
-  (the command line does when a time limit is set): then the parent keeps one thread and the child gets them all.
-- ``spawn`` (runs on CUDA, which cannot be used in a forked child): a fresh interpreter; the work and its
-  arguments are pickled, so the suite is loaded again from its files (``Suite.reload``) and a method must be
-  importable (a built-in, an entry-point plugin, or a function at module level of an importable module).
-
-The limited part can end early: the work calls ``release()`` (e.g. when the merge is done and only the
-evaluation is left), after which the parent waits for the result without a deadline.
+``run_limited(work, seconds)`` runs ``work(release)`` in the child; the parent waits for its result and, at the
+deadline, kills the child's whole process group with SIGKILL, which nothing in the child can catch or delay, and
+raises :class:`MethodTimeout`. The work can end the limited part early by calling ``release()``.
 """
 
 from __future__ import annotations
@@ -72,11 +62,6 @@ def reserve_threads() -> None:
 
         _child_threads = torch.get_num_threads()
         torch.set_num_threads(1)
-
-
-def start_method(device) -> str:
-    """``spawn`` when the work uses CUDA, else ``fork``."""
-    return "spawn" if str(device).startswith("cuda") else "fork"
 
 
 def _child_main(conn, work: Callable, threads: int | None):

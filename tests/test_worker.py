@@ -81,7 +81,7 @@ def test_tampered_normalization_reaches_no_later_record_and_no_cache(clean, fres
     shutil.rmtree(cache_root() / "reference", ignore_errors=True)
     tampered, ta = run_many(["probe_tamper_norm", "task_arithmetic"], fresh, results_dir=results_dir,
                             count_flops=False)
-        assert ta["status"] == "ok" and _numbers(ta) == _numbers(clean) and ta["config_hash"] == clean["config_hash"]
+    assert ta["status"] == "ok" and _numbers(ta) == _numbers(clean) and ta["config_hash"] == clean["config_hash"]
     cached = [json.loads(p.read_text()) for p in (cache_root() / "reference").glob("*.json")]
     assert cached == [clean["metrics"]["reference_accuracy"]]
     assert (fresh.mean, fresh.std) == statistics
@@ -98,7 +98,7 @@ def test_a_time_limited_run_fills_no_cache_from_the_method_process(clean, fresh,
 
     shutil.rmtree(cache_root() / "reference", ignore_errors=True)
     run_method("probe_tamper_norm_limited", fresh, results_dir=results_dir, count_flops=False, time_limit_s=120)
-        cached = [json.loads(p.read_text()) for p in (cache_root() / "reference").glob("*.json")]
+    cached = [json.loads(p.read_text()) for p in (cache_root() / "reference").glob("*.json")]
     assert cached == [clean["metrics"]["reference_accuracy"]]
 
 
@@ -124,7 +124,7 @@ def test_a_method_that_edits_the_suite_changes_nothing_after_it(clean, fresh, re
     _, ta = run_many(["probe_edit_suite_" + what, "task_arithmetic"], fresh, results_dir=results_dir,
                      count_flops=False)
     assert (list(fresh.tasks), list(fresh.pretrained), list(fresh.heads), fresh.name, dict(fresh.info)) == before
-        assert ta["status"] == "ok" and _numbers(ta) == _numbers(clean) and ta["config_hash"] == clean["config_hash"]
+    assert ta["status"] == "ok" and _numbers(ta) == _numbers(clean) and ta["config_hash"] == clean["config_hash"]
     assert ta["suite"]["tasks"] == clean["suite"]["tasks"]
     assert os.path.dirname(ta["_path"]).endswith(os.path.join("results", fresh.name))
 
