@@ -279,7 +279,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
         raise InputError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
     requested_precision, precision = precision, resolve_precision(precision, device)
     time_limit_s = limits.check_seconds(time_limit_s)
-    memory_limit_mb = limits.check_seconds(memory_limit_mb, "memory limit (MB)")
+    memory_limit_mb = limits.check_seconds(memory_limit_mb, "memory limit", "MB")
     check_architectures(suite)
     call = MethodCall.parse(method).with_budget(budget).resolve()
     for name, values in (tune or {}).items():  # unknown names and out-of-range values are errors before any work

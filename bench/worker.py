@@ -321,10 +321,8 @@ def _rss_mb(pids: list[int]) -> float:
 
 
 def worker_threads() -> int:
-    """The torch threads a worker gets: this process's (or those ``limits.reserve_threads`` set aside)."""
-    from mergebench import limits
-
-    return limits._child_threads or torch.get_num_threads()
+    """The torch threads a worker gets: this process's."""
+    return torch.get_num_threads()
 
 
 @dataclass

@@ -301,3 +301,21 @@ def test_the_worker_holds_the_inputs_copy_on_write(fresh, results_dir, probe):
     rec = run_method("probe_zero_streamed", fresh, results_dir=results_dir, count_flops=False)
     assert rec["status"] == "failed" and rec["error"].startswith("InputsModifiedError: probe_zero_streamed")
     assert all(torch.equal(before[k], v) for k, v in fresh.expert_weights(fresh.tasks[0]).items())
+
+
+def test_a_memory_limit_is_enforced_from_outside(fresh, results_dir, probe):
+    """A method that keeps allocating (and swallows every exception) is killed at its memory limit and recorded
+    as failed with that reason (the time limit: test_integrity's swallowing probe)."""
+    @probe("probe_hog")
+    def hog(ctx):
+        held = []
+        while True:
+            try:
+                held.append(torch.ones(64 * 2**20 // 4))  # 64 MB at a time, touched
+                time.sleep(0.05)
+            except BaseException:  # noqa: BLE001 - it catches everything it can
+                pass
+
+    rec = run_method("probe_hog", fresh, results_dir=results_dir, count_flops=False, memory_limit_mb=2000)
+    assert rec["status"] == "failed" and "exceeded its memory limit of 2000 MB" in rec["error"]
+    assert rec["memory_limit_mb"] == 2000
