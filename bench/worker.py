@@ -334,7 +334,8 @@ class Limits:
 
 def run(job: dict, what: str, limits: Limits | None = None,
         on_message: Callable[[tuple, Callable[[Any], None]], None] | None = None) -> dict:
-    """Run ``job`` (see :func:`_worker_main`) in a fresh worker; returns its result message's fields.
+    """Run ``job`` (see :func:`_worker_main`) in a fresh worker; returns its result message's fields. The time
+    limit runs from the worker's "ready" (its inputs mapped) to its "release" (the method's part done).
 
     ``on_message(message, reply)`` receives every message that is not the result (a base to cache, a model of a
     sequential step); ``reply`` answers the worker. Raises :class:`WorkerFailed` for everything that ends the
@@ -366,6 +367,9 @@ def run(job: dict, what: str, limits: Limits | None = None,
                 if kind == "ready":
                     if limits.seconds is not None:
                         deadline = time.monotonic() + limits.seconds
+                    continue
+                if kind == "release":  # the limited part is done: its checks and the model's transfer are left
+                    deadline = None
                     continue
                 if kind == "result":
                     return message[1]
@@ -577,6 +581,7 @@ def _merge_job(job: dict, conn) -> dict:
                         bases=_Bases(job["bases"], folder, conn))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        conn.send(("release",))
         merge_s = time.perf_counter() - start + sum(b["seconds"] for b in ctx.cached_bases)
         theta_0 = {} if ctx._pretrained is None else ctx._pretrained  # what every stage of a pipeline reads
         modified = [f"pretrained {k!r} (ctx.pretrained_weights)" for k, v in theta_0.items()
@@ -625,6 +630,7 @@ def _sequential_job(job: dict, conn) -> dict:
                                        job["precision"])
             orders.append({"merge_s": result["merge_s"], "logs": result["logs"], "notes": result["notes"],
                            "data_used": ctx.data_used})
+        conn.send(("release",))
         return {"orders": orders, "memory": _peak_memory_mb(device), "threads": torch.get_num_threads()}
 
     return _watched(job, work)
