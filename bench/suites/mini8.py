@@ -368,11 +368,15 @@ def generate_data(cfg: Mini8Config) -> dict[str, torch.Tensor]:
     samples use yet other seeds)."""
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     data = {}
-    for i, spec in enumerate(_specs(cfg)):
-        for j, split in enumerate(SPLITS):
-            x, y = mini8_tasks.generate(spec, sizes[split], seed=cfg.seed * 1000 + 10 * i + j,
-                                        dtype=generator_dtype(cfg))
-            data[f"{split}/{spec.name}/images"], data[f"{split}/{spec.name}/labels"] = x, y
+    specs = _specs(cfg)
+    with progress(total=len(specs) * len(SPLITS), desc="generating the data (once per machine)", unit="split") as bar:
+        for i, spec in enumerate(specs):
+            for j, split in enumerate(SPLITS):
+                bar.set_postfix_str(f"{spec.name}/{split}", refresh=False)
+                x, y = mini8_tasks.generate(spec, sizes[split], seed=cfg.seed * 1000 + 10 * i + j,
+                                            dtype=generator_dtype(cfg))
+                data[f"{split}/{spec.name}/images"], data[f"{split}/{spec.name}/labels"] = x, y
+                bar.update(1)
     return data
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from mergebench.suites.base import Suite
 from mergebench.suites.registry import MergingSanity, register_suite
 
-# mini8 must behave like the real benchmark (README, "What mini8 shows today"): these are its thresholds
+# mini8 must behave like the real benchmark (docs/leaderboards.md, "What the committed mini8
+# leaderboard shows"): these are its thresholds
 SANITY = MergingSanity(expert_gap=35.0, task_gap=20.0, interference=10.0, recovery=0.35, auroc=0.75, span=10.0)
 
 
