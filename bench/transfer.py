@@ -88,7 +88,10 @@ def save(model: MergedModel, folder: Path, name: str) -> dict:
 
 def load(note: dict, folder: Path, encoder_config: dict, pretrained, device, modules: set[str]) -> MergedModel:
     """The model :func:`save` wrote; a saved module may use classes of ``modules`` (the methods' own)."""
-    path = folder / note["file"]
+    name = note.get("file")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ModelTransferError(f"the returned model's file {name!r} is not a file name in its folder")
+    path = folder / name
     if note["kind"] != "module":
         return from_tensors(load_file(path), note, encoder_config, pretrained, device)
     try:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import atexit
 import copy
-import json
+import io
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -360,7 +361,7 @@ def run(job: dict, what: str, limits: Limits | None = None,
             wait = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
             if here.poll(wait):
                 try:
-                    message = here.recv()
+                    message = plain_loads(here.recv_bytes())
                 except (EOFError, OSError):
                     raise _ended(proc, what) from None
                 kind = message[0]
@@ -395,6 +396,21 @@ def run(job: dict, what: str, limits: Limits | None = None,
         _LIVE.pop(proc.pid, None)
         _end(proc)
         here.close()
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def plain_loads(data: bytes):
+    """A worker's message, read as plain data only (numbers, strings, lists, tuples, dicts, None): a message that
+    names any class or function (a pickle that would run code here) is refused, and the worker with it."""
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise WorkerFailed(f"the worker sent a message that is not plain data ({e}); a method's logs and notes "
+                           f"are numbers and strings", "WorkerMessageRefused") from None
 
 
 def _ended(proc, what: str) -> WorkerFailed:

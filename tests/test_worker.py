@@ -319,3 +319,24 @@ def test_a_memory_limit_is_enforced_from_outside(fresh, results_dir, probe):
     rec = run_method("probe_hog", fresh, results_dir=results_dir, count_flops=False, memory_limit_mb=2000)
     assert rec["status"] == "failed" and "exceeded its memory limit of 2000 MB" in rec["error"]
     assert rec["memory_limit_mb"] == 2000
+
+
+class _Forged:
+    """What a hostile method sends down its worker's pipe: unpickled, it would call a function in the harness."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_a_message_that_would_run_code_in_the_harness_is_refused(fresh, results_dir, probe):
+    """The worker's messages are read as plain data: a forged result naming a function fails the method."""
+    @probe("probe_forge")
+    def forge(ctx):
+        from multiprocessing.connection import Connection
+        for conn in [o for o in gc.get_objects() if isinstance(o, Connection)]:
+            conn.send(("result", _Forged()))
+        os._exit(0)
+
+    rec = run_method("probe_forge", fresh, results_dir=results_dir, count_flops=False)
+    assert rec["status"] == "failed" and rec["error"].startswith("WorkerMessageRefused")
+    assert "posix.getcwd" in rec["error"]
