@@ -279,6 +279,25 @@ def cmd_run(args) -> int:
     return 0 if all(r.get("status") == "ok" for r in records) else 1
 
 
+def cmd_diagnose(args) -> int:
+    from mergebench.diagnose import DiagnoseSettings, diagnose, markdown
+    from mergebench.io import atomic_write_text
+
+    suite = _suite(args)
+    settings = DiagnoseSettings(split=args.split, images=args.images, exemplars=args.exemplars,
+                                coefficient_steps=args.steps, seed=args.seed)
+    report = diagnose(suite, settings, verbose=not args.quiet)
+    text = markdown(report)
+    print(text, end="")
+    if args.write:
+        folder = Path(args.results) / suite.name
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "diagnostics.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(folder / "DIAGNOSTICS.md", text)
+        print(f"wrote {folder / 'DIAGNOSTICS.md'} and {folder / 'diagnostics.json'}")
+    return 0
+
+
 def cmd_leaderboard(args) -> int:
     from mergebench import leaderboard
 
@@ -589,6 +608,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        help="sequential: print the table of sequential runs (final average over orders +- std, average "
                             "over steps) in --format " + "|".join(sequential_formats()))
         s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("diagnose", help="measure the mechanisms merging methods exploit on a suite's experts "
+                                        "(trimming, low rank, input subspaces, entropy signal)")
+    suite_options(s)
+    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"),
+                   help="with --write: the report goes to RESULTS/<suite>/DIAGNOSTICS.md and diagnostics.json")
+    s.add_argument("--write", action="store_true", help="write the report next to the suite's leaderboard")
+    s.add_argument("--split", default="test", choices=("val", "test"), help="where accuracies are measured")
+    s.add_argument("--images", type=int, default=1000, help="at most this many images per task per accuracy")
+    s.add_argument("--exemplars", type=int, default=64, help="training images per task for the layer inputs")
+    s.add_argument("--steps", type=int, default=150, help="Adam steps of each layer-wise coefficient loop")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_diagnose)
 
     s = sub.add_parser("data", help="real-suite datasets: check what is on disk, or prepare the preprocessing cache")
     if wanted("data"):
