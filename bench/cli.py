@@ -282,6 +282,7 @@ def cmd_run(args) -> int:
 def cmd_diagnose(args) -> int:
     from mergebench.diagnose import DiagnoseSettings, diagnose, markdown
     from mergebench.io import atomic_write_text
+    from mergebench.records import DIAGNOSTICS_FILE
 
     suite = _suite(args)
     settings = DiagnoseSettings(split=args.split, images=args.images, exemplars=args.exemplars,
@@ -292,9 +293,9 @@ def cmd_diagnose(args) -> int:
     if args.write:
         folder = Path(args.results) / suite.name
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "diagnostics.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(folder / DIAGNOSTICS_FILE, json.dumps(report, indent=1, sort_keys=True) + "\n")
         atomic_write_text(folder / "DIAGNOSTICS.md", text)
-        print(f"wrote {folder / 'DIAGNOSTICS.md'} and {folder / 'diagnostics.json'}")
+        print(f"wrote {folder / 'DIAGNOSTICS.md'} and {folder / DIAGNOSTICS_FILE}")
     return 0
 
 
