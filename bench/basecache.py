@@ -6,7 +6,8 @@ result: its resolved pipeline, the suite's checkpoints, the seed, the data setti
 the base methods' modules (a code change is a new key). Models of one shared encoder (``SharedModel``, and
 AdaMerging's result with its trained coefficients) are also kept on disk under ``$MERGEBENCH_CACHE/bases``;
 others only in memory. A cached base brings back the data it used, its logs and its merge time, so the add-on's
-record says what the whole pipeline used and cost.
+record says what the whole pipeline used and cost. Only the harness reads and fills it: it looks a run's bases
+up before the method's worker starts and stores the bases the worker sends back (:func:`mergebench.run.merge_in_worker`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from mergebench import transfer
 from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root
-from mergebench.models import MergedModel, SharedModel
+from mergebench.models import MergedModel
 from mergebench.registry import get_method
 from mergebench.records import config_hash
 
@@ -41,8 +43,8 @@ def base_key(call, ctx) -> str:
     sources = hashlib.sha256()
     for stage in call.stages():
         sources.update(Path(get_method(stage.name).fn.__code__.co_filename).read_bytes())
-    return config_hash({"pipeline": str(call), "checkpoints": ctx.suite.info.get("checkpoints"),
-                        "suite": ctx.suite.info.get("cache_key"), "seed": ctx.seed, "tasks": list(ctx.tasks),
+    return config_hash({"pipeline": str(call), "checkpoints": ctx.suite_info.get("checkpoints"),
+                        "suite": ctx.suite_info.get("cache_key"), "seed": ctx.seed, "tasks": list(ctx.tasks),
                         "data": {"unlabeled_split": ctx.unlabeled_split, "fraction": ctx.data_fraction},
                         "precision": ctx.precision, "source": sources.hexdigest()})
 
@@ -68,31 +70,17 @@ def store(call, ctx, entry: CachedBase) -> None:
     _STORED.append(key)
     _MEMORY[key] = CachedBase(copy.deepcopy(entry.model), entry.seconds, copy.deepcopy(entry.data_used),
                               copy.deepcopy(entry.logs))
-    kind = _disk_kind(entry.model)
-    if kind is None:
+    described = transfer.tensors_of(entry.model)
+    if described is None:
         return
-    tensors = {f"encoder.{k}": v.detach().cpu() for k, v in entry.model.encoder.state_dict().items()}
-    meta = {"kind": kind, "pipeline": str(call), "seconds": entry.seconds, "data_used": entry.data_used,
+    tensors, fields = described
+    meta = {**fields, "pipeline": str(call), "seconds": entry.seconds, "data_used": entry.data_used,
             "logs": entry.logs}
-    if kind == "adamerged":
-        state = entry.model.merge_state
-        tensors["merge_state.coefficients"] = state.coefficients.detach().cpu()
-        meta["merge_state"] = {"granularity": state.granularity, "ties_k": state.ties_k}
     try:
         atomic_save_tensors(tensors, _folder() / f"{key}.safetensors")
         atomic_write_text(_folder() / f"{key}.json", json.dumps(meta))
     except OSError:  # a cache that cannot be written only costs a recomputation
         pass
-
-
-def _disk_kind(model: MergedModel) -> str | None:
-    from mergebench.methods.adaptive import AdaMergedModel
-
-    if type(model) is AdaMergedModel:
-        return "adamerged"
-    if type(model) is SharedModel:
-        return "shared"
-    return None
 
 
 def _load(key: str, ctx) -> CachedBase | None:
@@ -104,21 +92,8 @@ def _load(key: str, ctx) -> CachedBase | None:
         tensors = load_file(tensor_path)
     except (OSError, ValueError):  # unreadable: recompute (and overwrite it)
         return None
-    weights = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
-    encoder = ctx.encoder()
-    encoder.load_state_dict(weights)
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    if meta["kind"] == "adamerged":
-        from mergebench.methods.adaptive import AdaMergedModel, MergeState
-
-        state = MergeState(meta["merge_state"]["granularity"], tensors["merge_state.coefficients"].to(ctx.device),
-                           meta["merge_state"]["ties_k"])
-        model: MergedModel = AdaMergedModel(encoder, state)
-    else:
-        model = SharedModel(encoder)
-    return CachedBase(model.to(ctx.device).eval(), float(meta["seconds"]), meta.get("data_used", {}),
-                      meta.get("logs", {}))
+    model = ctx.model_from_tensors(tensors, meta)
+    return CachedBase(model, float(meta["seconds"]), meta.get("data_used", {}), meta.get("logs", {}))
 
 
 def stored_count() -> int:

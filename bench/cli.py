@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import functools
 import json
 import math
 import os
@@ -118,29 +117,7 @@ def _suite(args):
 
     spec = get_suite_spec(args.suite)
     options = spec.parse_options(_suite_options(args))
-    if getattr(args, "time_limit", None):
-        _build_in_child(args.suite, options)
     return spec.load(verbose=not getattr(args, "quiet", False), **options)
-
-
-def _build_in_child(name: str, options: dict) -> None:
-    """Under a time limit this process keeps one thread for its forked children (mergebench.limits); a suite
-    that is built here and is not built yet is built in a child that has them all."""
-    from mergebench import limits
-    from mergebench.suites import get_suite, get_suite_spec
-
-    if not get_suite_spec(name).builds:
-        return
-    try:
-        get_suite(name, build=False, verbose=False, **options)
-    except MissingFileError:
-        limits.run_limited(functools.partial(_build_suite, name, options), None, f"building {name}")
-
-
-def _build_suite(name: str, options: dict, release) -> None:
-    from mergebench.suites import get_suite
-
-    get_suite(name, **options)
 
 
 def cmd_data(args) -> int:
@@ -287,8 +264,8 @@ def cmd_run(args) -> int:
     records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,
                        show_progress=not args.quiet, time_limit_s=getattr(args, "time_limit", None),
-                       protocol=args.protocol, orders=args.orders, budget=args.budget,
-                       precision=args.precision, jobs=args.jobs or 1)
+                       memory_limit_mb=getattr(args, "memory_limit", None), protocol=args.protocol,
+                       orders=args.orders, budget=args.budget, precision=args.precision, jobs=args.jobs or 1)
     reused = [r["method"]["pipeline"] for r in records if r.get("skipped")]
     if reused:
         print(f"reused {len(reused)} of {len(records)} runs from the records in {Path(args.results) / suite.name} "
@@ -305,6 +282,7 @@ def cmd_run(args) -> int:
 def cmd_diagnose(args) -> int:
     from mergebench.diagnose import DiagnoseSettings, diagnose, markdown
     from mergebench.io import atomic_write_text
+    from mergebench.records import DIAGNOSTICS_FILE
 
     suite = _suite(args)
     settings = DiagnoseSettings(split=args.split, images=args.images, exemplars=args.exemplars,
@@ -315,9 +293,9 @@ def cmd_diagnose(args) -> int:
     if args.write:
         folder = Path(args.results) / suite.name
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "diagnostics.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(folder / DIAGNOSTICS_FILE, json.dumps(report, indent=1, sort_keys=True) + "\n")
         atomic_write_text(folder / "DIAGNOSTICS.md", text)
-        print(f"wrote {folder / 'DIAGNOSTICS.md'} and {folder / 'diagnostics.json'}")
+        print(f"wrote {folder / 'DIAGNOSTICS.md'} and {folder / DIAGNOSTICS_FILE}")
     return 0
 
 
@@ -585,6 +563,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS",
                        help="record a method as failed when its merge runs longer than this")
+        s.add_argument("--memory-limit", type=seconds, default=None, metavar="MB",
+                       help="record a method as failed when its process (with those it started) holds more resident "
+                            "memory than this")
         s.add_argument("--protocol", choices=["one-shot", "sequential"], default=None,
                        help="sequential: experts arrive one at a time, evaluated after each on the tasks seen, over "
                             "--orders task orders (default: sequential for methods that need it, else one-shot)")
@@ -755,9 +736,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    if getattr(args, "time_limit", None):  # before any torch work: forked merges get this process's threads
-        from mergebench.limits import reserve_threads
-        reserve_threads()
     if getattr(args, "quiet", False):  # no progress bars anywhere (mergebench.progress)
         os.environ["MERGEBENCH_QUIET"] = "1"
     previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning

@@ -4,9 +4,9 @@ It runs a method on the micro suite (seconds) and checks what the harness relies
 
 1. it is registered and listed, with complete metadata (display name, paper, docstring, data
    needs, typed hyperparameters whose defaults parse back from the command line);
-2. it does not modify its inputs: the suite's pretrained weights, experts, heads, LoRA factors and data
-   (fingerprints before/after, :mod:`mergebench.integrity`), nor the context's theta_0, which every stage of
-   a pipeline shares;
+2. it does not modify its inputs: the pretrained weights, experts, heads, LoRA factors and data its worker
+   holds (fingerprints before/after, :mod:`mergebench.integrity`), nor the context's theta_0, which every stage
+   of a pipeline shares;
 3. it only uses the data kinds it declared (the context raises ``DataNotDeclaredError``), and
    uses some data if it declared any;
 4. the parameters it declares as added match what the merged model stores
@@ -14,8 +14,12 @@ It runs a method on the micro suite (seconds) and checks what the harness relies
 5. it returns a ``MergedModel`` with finite weights and finite outputs;
 6. two runs under the same seed give identical weights and outputs;
 7. it runs on CPU and, where present, on CUDA (outputs close to the CPU ones);
-8. all of that within a time limit (``time_limit_s``, default 600 s; ``--time-limit``): the checks that run
-   the method run in a child process that is killed at the deadline (:mod:`mergebench.limits`).
+8. all of that within a time limit (``time_limit_s``, default 600 s; ``--time-limit``);
+9. it ends normally (no exit, signal or crash of its process), leaves global torch state as it found it and
+   leaves no thread or process running.
+
+Each merge runs as in ``mergebench run``: in a worker process of its own that holds only what the method
+declared (:mod:`mergebench.worker`), killed at the deadline; whatever ended it is reported as the check it fails.
 
 A sequential method (``needs="sequential"``) runs over the suite's task order; its final model is checked.
 
@@ -24,7 +28,6 @@ Every failed check says what to fix.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
 import typing
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergebench import integrity, limits
+from mergebench import limits
 
 DEFAULT_TIME_LIMIT_S = 600.0
 
@@ -89,25 +92,29 @@ def _probe_outputs(model, suite, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def _merge(spec_name, suite, device, seed, budget="smoke"):
-    from mergebench.context import MergeContext
+def _merge(spec_name, suite, device, seed, budget="smoke", limits=None):
+    """The method's merge in its own worker, as ``mergebench run`` does it: (model, worker fields, seconds)."""
     from mergebench.pipeline import MethodCall
     from mergebench.registry import get_method
-    from mergebench.run import execute, seed_everything
+    from mergebench.run import merge_in_worker, sequential_in_worker
 
     call = MethodCall(spec_name).with_budget(budget).resolve()
-    seed_everything(seed)
     start = time.perf_counter()
     if get_method(call.name).needs == "sequential":
         # a sequential method runs over one task order (the suite's); its final model is checked
-        from mergebench.sequential import run_order
+        last = {}
 
-        _, model, ctx = run_order(call, suite, list(suite.tasks), device, seed, "test", 1.0, False,
-                                  lambda m, tasks: dict.fromkeys(tasks, 0.0), lambda m: None)
-        return model, ctx, time.perf_counter() - start
-    ctx = MergeContext(suite, call.needs(), device, seed, show_progress=False)
-    model = execute(call, ctx)
-    return model, ctx, time.perf_counter() - start
+        def keep(i, model, seen):
+            last["model"] = model
+            return dict.fromkeys(seen, 0.0)
+
+        out = sequential_in_worker(call, suite, [list(suite.tasks)], device, seed, limits=limits, on_step=keep,
+                                   what=f"the checks of {spec_name}")
+        out["data_used"] = [u for o in out["orders"] for u in o["data_used"].values()]
+        return last.get("model"), out, time.perf_counter() - start
+    model, out = merge_in_worker(call, suite, device, seed, limits=limits, reuse_bases=False,
+                                 what=f"the checks of {spec_name}")
+    return model, out, time.perf_counter() - start
 
 
 def _metadata(spec, report: Report):
@@ -181,73 +188,63 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
         from mergebench.suites import get_suite
         suite = get_suite("micro-lora" if "lora" in spec.requires else "micro", verbose=False)
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    work = functools.partial(_running_checks, name, suite, seed, devices, budget)
-    if not time_limit_s:
-        report.checks += work(lambda: None)
-        return report
-    start = "spawn" if "cuda" in devices else "fork"
-    try:
-        if start == "spawn":  # CUDA cannot run in a forked child: a fresh interpreter loads the suite and method
-            if suite.reload is None:
-                raise limits.ChildFailed(f"suite {suite.name!r} was not made by get_suite, so a fresh process "
-                                         f"cannot load it; pass devices=['cpu']", "ValueError")
-            work = functools.partial(_spawned_checks, name, spec.fn.__module__, suite.reload, seed, devices, budget)
-        report.checks += limits.run_limited(work, time_limit_s, f"the checks of {name}", start)
-    except limits.MethodTimeout as e:
-        report.add("within the time limit", FAIL,
-                   f"{e} (the process was killed): its merge on the {suite.name} suite did not finish; look for a "
-                   f"loop that never ends or that swallows exceptions (`mergebench run {name} --suite micro "
-                   f"--time-limit 60` shows where it is), or pass a longer --time-limit")
-    except limits.ChildFailed as e:
-        report.add("runs on cpu", FAIL, f"{e.type_name}: {e}")
+    report.checks += _running_checks(name, suite, seed, devices, budget, time_limit_s)
     return report
 
 
-def _spawned_checks(name, module, reload, seed, devices, budget, release) -> list[Check]:
-    import importlib
+# what ended a worker without a model, as check-plugin names it: (check, what to fix)
+_ENDINGS = {
+    "DataNotDeclaredError": ("declared data only", "declare the data it uses in register_method(needs=...)"),
+    "InputsModifiedError": ("inputs untouched", "work on copies (tau = ctx.task_vector(t) returns a new tensor; avoid "
+                                                "add_/mul_/copy_ on ctx.pretrained_weights and on the experts "
+                                                "ctx.per_tensor streams)"),
+    "GlobalStateChangedError": ("leaves global state as it found it", ""),
+    "WorkerExited": ("ends normally", "a method returns its model: no sys.exit, os._exit or argparse parsing of "
+                                      "the command line inside it, no signal to its own process"),
+    "MethodTimeout": ("within the time limit", ""),
+    "MemoryLimitExceeded": ("within the memory limit", ""),
+}
 
-    from mergebench.registry import discover_plugins
 
-    discover_plugins()
-    if module not in ("__main__", "__mp_main__"):
-        importlib.import_module(module)
-    return _running_checks(name, reload(), seed, devices, budget, release)
-
-
-def _running_checks(name, suite, seed, devices, budget, release) -> list[Check]:
-    """The checks that run the method (3-7 of the module docstring); in a child process under a time limit."""
+def _running_checks(name, suite, seed, devices, budget, time_limit_s) -> list[Check]:
+    """The checks that run the method (3-8 of the module docstring), each merge in a worker process of its own
+    (:mod:`mergebench.worker`), as a run does it."""
     from mergebench.metrics import parameter_counts, tensor_bytes
     from mergebench.models import MergedModel
     from mergebench.registry import get_method
+    from mergebench.worker import Limits, WorkerFailed
 
     spec = get_method(name)
     report = Report(name)
-    before = integrity.fingerprints(suite)
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
 
-    from mergebench.context import DataNotDeclaredError
+    def limits():
+        left = None if deadline is None else max(0.01, deadline - time.monotonic())
+        return Limits(left, stated_seconds=time_limit_s)
+
     try:
-        model, ctx, seconds = _merge(name, suite, "cpu", seed, budget)
-    except DataNotDeclaredError as e:
-        report.add("declared data only", FAIL, f"{e}")
-        return report.checks
-    except Exception as e:  # noqa: BLE001 - the method's own error, reported
-        report.add("runs on cpu", FAIL, f"{type(e).__name__}: {e} (run it with `mergebench run {name} --suite micro` "
-                                        f"to see the traceback)")
+        model, out, seconds = _merge(name, suite, "cpu", seed, budget, limits())
+    except WorkerFailed as e:
+        check, fix = _ENDINGS.get(e.type_name, ("runs on cpu", f"run it with `mergebench run {name} --suite micro` "
+                                                               f"to see the traceback"))
+        if "must return a MergedModel" in str(e):
+            check, fix = "returns a MergedModel", "return ctx.shared_model(weights) or a MergedModel subclass"
+        if e.type_name == "MethodTimeout":
+            fix = (f"its merge on the {suite.name} suite did not finish; look for a loop that never ends or that "
+                   f"swallows exceptions, or pass a longer --time-limit")
+        report.add(check, FAIL, f"{e.type_name}: {e}" + (f" ({fix})" if fix else ""))
         return report.checks
     report.add("runs on cpu", PASS, f"merged in {seconds:.2f} s on the {suite.name} suite ({budget} budget)")
+    report.add("inputs untouched", FAIL if out.get("pretrained_modified") else PASS,
+               f"it modified {', '.join(out.get('pretrained_modified', [])[:5])} in place, which the next stage of "
+               f"a pipeline reads; {_ENDINGS['InputsModifiedError'][1]}" if out.get("pretrained_modified") else "")
+    left = out.get("left_running", [])
+    report.add("leaves nothing running", FAIL if left else PASS,
+               f"it left {', '.join(left[:5])} running when it returned (they were ended with its process); join "
+               f"the threads and wait for the processes it starts before returning" if left else "")
+    report.add("leaves global state as it found it", PASS)
 
-    after = integrity.fingerprints(suite)
-    changed = [k for k, v in before.items() if after.get(k, v) != v]
-    if ctx._pretrained is not None:  # the context's theta_0: what the next stage of a pipeline reads
-        theta_0 = {k: v for k, v in suite.pretrained.items() if k in ctx._pretrained}
-        changed += [f"pretrained {k!r} (ctx.pretrained_weights)" for k, v in ctx._pretrained.items()
-                    if integrity.fingerprint(v) != integrity.fingerprint(theta_0[k])]
-    report.add("inputs untouched", FAIL if changed else PASS,
-               f"it modified {', '.join(changed[:5])} in place; work on copies (tau = ctx.task_vector(t) returns a "
-               f"new tensor; avoid add_/mul_/copy_ on ctx.pretrained_weights, and on anything reached through "
-               f"ctx.suite: its weights, heads and data are the harness's)" if changed else "")
-
-    used = sorted({u["kind"] for u in ctx.data_used.values()})
+    used = sorted({u["kind"] for u in out["data_used"]})
     if spec.needs in ("unlabeled", "labeled") and not used:
         report.add("declared data only", WARN, f"declares needs={spec.needs!r} but used no data; "
                                                f"declare needs='nothing' so budgets list it as data-free")
@@ -278,7 +275,11 @@ def _running_checks(name, suite, seed, devices, budget, release) -> list[Check]:
     else:
         report.add("added parameters", PASS, f"{params['added']:,} added ({params['added_pct']:.2f}% of the backbone)")
 
-    again, _, _ = _merge(name, suite, "cpu", seed, budget)
+    try:
+        again, _, _ = _merge(name, suite, "cpu", seed, budget, limits())
+    except WorkerFailed as e:
+        report.add("deterministic under a seed", FAIL, f"the second run failed: {e.type_name}: {e}")
+        return report.checks
     same_weights = _hash_tensors(dict(model.state_dict())) == _hash_tensors(dict(again.state_dict()))
     same_out = all(torch.equal(o, p) for o, p in zip(outputs.values(), _probe_outputs(again, suite, "cpu").values()))
     report.add("deterministic under a seed", PASS if same_weights and same_out else FAIL,
@@ -289,13 +290,14 @@ def _running_checks(name, suite, seed, devices, budget, release) -> list[Check]:
 
     if "cuda" in devices:
         try:
-            gpu_model, _, seconds = _merge(name, suite, "cuda", seed, budget)
+            gpu_model, _, seconds = _merge(name, suite, "cuda", seed, budget, limits())
             gpu_out = _probe_outputs(gpu_model, suite, "cuda")
             close = all(torch.allclose(o, g, atol=1e-2, rtol=1e-2) for o, g in zip(outputs.values(), gpu_out.values()))
             report.add("runs on cuda", PASS if close else WARN,
                        f"merged in {seconds:.2f} s" + ("" if close else "; outputs differ from CPU beyond 1e-2"))
         except Exception as e:  # noqa: BLE001
-            report.add("runs on cuda", FAIL, f"{type(e).__name__}: {e}; create tensors on ctx.device "
+            e = f"{e.type_name}: {e}" if isinstance(e, WorkerFailed) else f"{type(e).__name__}: {e}"
+            report.add("runs on cuda", FAIL, f"{e}; create tensors on ctx.device "
                                              f"(torch.zeros(..., device=ctx.device)), not on the default device")
     else:
         report.add("runs on cuda", SKIP, "no CUDA device here")

@@ -1,8 +1,9 @@
 """MergeContext: everything a method may use, and nothing it did not declare.
 
-The harness builds one context per run. A method reads the pretrained weights, the experts,
-the task names and heads from it, and asks it for data only of the kind it declared
-(``needs``). Every data access is counted so that the record says what the method used.
+The harness builds one context per run, in the method's own worker process (:mod:`mergebench.worker`), over
+the part of the suite the method declared. A method reads the pretrained weights, the experts, the task names
+and heads from it, and asks it for data only of the kind it declared (``needs``); it has no route to the suite
+object. Every data access is counted so that the record says what the method used.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class DataNotDeclaredError(PermissionError):
 # (everything in float32, as the official codes) or "auto" (the default): bf16 where the device multiplies bfloat16
 # matrices natively, else fp32 (``resolve_precision``). Records store the resolved value.
 PRECISIONS = ("auto", "bf16", "fp32")
+
+# the splits whose labels a method that declared needs="labeled" gets (the test split's are for evaluation only)
+LABELED_SPLITS = ("train", "val")
 
 
 def native_bf16(device: str | torch.device) -> bool:
@@ -59,7 +63,7 @@ class MergeContext:
     def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
                  seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
                  show_progress: bool = True, tasks: list[str] | None = None, precision: str = "auto"):
-        self.suite = suite
+        self._source = suite  # the suite, or in a worker process the part of it the method declared
         self.precision = resolve_precision(precision, device)
         # the tasks this context serves (all of the suite's; a sequential step's view: those arrived so far)
         self.tasks: list[str] = list(suite.tasks if tasks is None else tasks)
@@ -86,7 +90,7 @@ class MergeContext:
         """theta_0 (floating-point tensors of the encoder), on the context's device: this context's own copy (taken
         once; the suite's tensors stay untouched), shared by every stage of the run, so do not modify it in place."""
         if self._pretrained is None:
-            self._pretrained = Weights({k: v for k, v in self.suite.pretrained.items()
+            self._pretrained = Weights({k: v for k, v in self._source.pretrained.items()
                                         if v.is_floating_point()}).to(self.device, copy=True)
             self._note_inputs(self._pretrained.values())
         return self._pretrained
@@ -97,7 +101,7 @@ class MergeContext:
         overrides this."""
         if task not in self.tasks:
             raise KeyError(f"task {task!r} is not one of this context's tasks {self.tasks}")
-        w = self.suite.expert_weights(task)
+        w = self._source.expert_weights(task)
         return Weights({k: w[k] for k in self.pretrained_weights})
 
     def expert_weights(self, task: str) -> Weights:
@@ -148,14 +152,43 @@ class MergeContext:
         return True
 
     @property
+    def suite(self):
+        raise AttributeError(
+            "a method has no route to the suite: use the context's accessors (ctx.tasks, ctx.pretrained_weights, "
+            "ctx.expert_weights(t), ctx.head(t), ctx.class_embeddings(t), ctx.suite_name, ctx.suite_info and the "
+            "data accessors of what it declared in register_method(needs=...))")
+
+    @property
+    def suite_name(self) -> str:
+        return self._source.name
+
+    @property
+    def suite_info(self) -> dict:
+        """The suite's identity (ids and hashes that go into every record): a copy."""
+        import copy
+        return copy.deepcopy(self._source.info)
+
+    def class_embeddings(self, task: str) -> Tensor:
+        """The class embeddings of ``task``'s head ((classes, embed_dim), as the suite stores them): a copy."""
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not one of this context's tasks {self.tasks}")
+        return self._source.heads[task].clone()
+
+    def model_from_tensors(self, tensors: dict, fields: dict) -> MergedModel:
+        """A model of one shared encoder written by :func:`mergebench.transfer.tensors_of` (the base cache's)."""
+        from mergebench import transfer
+        return transfer.from_tensors(tensors, fields, self._source.encoder_config, self._source.pretrained,
+                                     self.device)
+
+    @property
     def embed_dim(self) -> int:
         """The width of the encoder's output embedding (what the heads read)."""
-        return int(self.suite.encoder_config["output_dim"])
+        return int(self._source.encoder_config["output_dim"])
 
     @property
     def has_lora_experts(self) -> bool:
         """Whether the experts are LoRA adapters with factors (``lora_factors``): mini8-lora, micro-lora, PEFT."""
-        return self.suite.has_lora
+        return self._source.has_lora
 
     def lora_factors(self, task: str) -> dict:
         """{adapter: LoraFactor(target, A, B, scale, rows)} of ``task``'s LoRA expert, on the context's device.
@@ -163,16 +196,17 @@ class MergeContext:
         ``expert_weights(task)`` equals the pretrained weights plus each factor's ``scale * B @ A``.
         Raises ``NoLoraExpertsError`` on a suite of full fine-tuned experts.
         """
-        return {name: f.to(self.device, copy=True) for name, f in self.suite.lora_factors(task).items()}
+        return {name: f.to(self.device, copy=True) for name, f in self._source.lora_factors(task).items()}
 
-    def encoder(self, weights: Weights | None = None, own: bool = False) -> torch.nn.Module:
+    def encoder(self, weights: Weights | None = None, own: bool = False,
+                device: str | torch.device | None = None) -> torch.nn.Module:
         """A fresh encoder (an ordinary nn.Module) holding copies of ``weights`` (pretrained by default) on the
-        device. ``own=True``: it keeps the tensors of ``weights`` that are fresh results instead of copying them
-        (``shared_model`` does this; do not modify those tensors afterwards)."""
-        full = dict(self.suite.pretrained)
+        context's device (or ``device``). ``own=True``: it keeps the tensors of ``weights`` that are fresh results
+        instead of copying them (``shared_model`` does this; do not modify those tensors afterwards)."""
+        full = dict(self._source.pretrained)
         if weights is not None:
             full.update(weights)
-        return encoder_from_weights(self.suite.encoder_config, full, self.device,
+        return encoder_from_weights(self._source.encoder_config, full, self.device if device is None else device,
                                     self._may_own if own else None).eval()
 
     def expert_encoder(self, task: str) -> torch.nn.Module:
@@ -185,7 +219,7 @@ class MergeContext:
 
     def head(self, task: str) -> torch.nn.Module:
         """The frozen classification head of ``task`` (features -> logits), on the device."""
-        return freeze(self.suite.head(task).to(self.device))
+        return freeze(self._source.head(task).to(self.device))
 
     def autocast(self):
         """The context of an adaptation loop's forward pass (its backward follows it): bfloat16 autocast on the
@@ -196,21 +230,25 @@ class MergeContext:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ------------------------------------------------------------ data (only what was declared)
-    def _require(self, kind: str):
+    def _require(self, kind: str, split: str | None = None):
         allowed = {"unlabeled": {"unlabeled", "labeled"}, "labeled": {"labeled"}}[kind]
         if not (self.needs & allowed):
             raise DataNotDeclaredError(
                 f"this method asked for {kind} data but declared needs={sorted(self.needs)}; "
                 f"declare needs={kind!r} in register_method to use it")
+        if kind == "labeled" and split not in LABELED_SPLITS:
+            raise DataNotDeclaredError(
+                f"this method asked for the labels of the {split!r} split; labeled methods get the labels of the "
+                f"{' and '.join(LABELED_SPLITS)} splits only (test labels are the harness's, for evaluation)")
 
     def split_size(self, split: str, task: str) -> int:
         """How many images of ``task``'s ``split`` this context serves (``data_fraction`` applied), e.g. to size
         batches as a fraction of a split. Reads no images and counts nothing, so it needs no declaration."""
-        return max(1, int(len(self.suite.split(split, task)) * self.data_fraction))
+        return max(1, int(len(self._source.split(split, task)) * self.data_fraction))
 
     def _indices(self, split: str, task: str, n: int | None) -> Tensor:
-        data = self.suite.split(split, task)
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.suite.tasks.index(task))
+        data = self._source.split(split, task)
+        g = torch.Generator().manual_seed(self.seed * 7919 + self._source.tasks.index(task))
         order = torch.randperm(len(data), generator=g)
         limit = self.split_size(split, task)
         order = order[:limit] if n is None else order[: min(n, limit)]
@@ -225,19 +263,19 @@ class MergeContext:
 
         With ``labels=True`` (needs ``labeled``) returns ``(images, labels)``.
         """
-        self._require("labeled" if labels else "unlabeled")
+        self._require("labeled" if labels else "unlabeled", split)
         idx = self._indices(split, task, n)
-        data = self.suite.split(split, task)
-        images = self.suite.normalize(data.images[idx].to(self.device))
+        data = self._source.split(split, task)
+        images = self._source.normalize(data.images[idx].to(self.device))
         self._count("labeled" if labels else "unlabeled", split, task, len(idx))
         return (images, data.labels[idx].to(self.device)) if labels else images
 
     def training_set(self, task: str, split: str = "train") -> tuple[Tensor, Tensor]:
         """Every labeled image of ``task``'s ``split`` as stored (uint8, not normalized, on the CPU) and its labels,
         in a fixed shuffled order: for methods that fine-tune with their own loop (needs ``labeled``)."""
-        self._require("labeled")
+        self._require("labeled", split)
         idx = self._indices(split, task, None)
-        data = self.suite.split(split, task)
+        data = self._source.split(split, task)
         self._count("labeled", split, task, len(idx))
         return data.images[idx], data.labels[idx]
 
@@ -259,36 +297,36 @@ class MergeContext:
 
     @torch.no_grad()
     def _stream_through(self, task, batch_size, split, functions):
-        data = self.suite.split(split, task)
+        data = self._source.split(split, task)
         idx = self._indices(split, task, None)
         tables = []
         for fn in functions:
             if fn is None:
                 tables.append(None)
                 continue
-            chunks = [fn(self.suite.normalize(data.images[part].to(self.device))) for part in idx.split(256)]
+            chunks = [fn(self._source.normalize(data.images[part].to(self.device))) for part in idx.split(256)]
             tables.append(torch.cat(chunks))
-        g = torch.Generator().manual_seed(self.seed * 104729 + self.suite.tasks.index(task))
+        g = torch.Generator().manual_seed(self.seed * 104729 + self._source.tasks.index(task))
         while True:  # the positions drawn by _stream, as positions into idx
             for batch in torch.randperm(len(idx), generator=g).split(batch_size):
                 self._count("unlabeled", split, task, len(batch))
-                yield tuple(self.suite.normalize(data.images[idx[batch]].to(self.device)) if table is None
+                yield tuple(self._source.normalize(data.images[idx[batch]].to(self.device)) if table is None
                             else table[batch.to(table.device)] for table in tables)
 
     def labeled(self, task: str, batch_size: int = 32, split: str = "train") -> Iterator[tuple[Tensor, Tensor]]:
         """An endless stream of shuffled ``(images, labels)`` batches of ``task``."""
-        self._require("labeled")
+        self._require("labeled", split)
         return self._stream(task, batch_size, split, labels=True)
 
     def _stream(self, task, batch_size, split, labels):
-        data = self.suite.split(split, task)
+        data = self._source.split(split, task)
         idx = self._indices(split, task, None)
-        g = torch.Generator().manual_seed(self.seed * 104729 + self.suite.tasks.index(task))
+        g = torch.Generator().manual_seed(self.seed * 104729 + self._source.tasks.index(task))
         kind = "labeled" if labels else "unlabeled"
         while True:
             for batch in idx[torch.randperm(len(idx), generator=g)].split(batch_size):
                 self._count(kind, split, task, len(batch))
-                images = self.suite.normalize(data.images[batch].to(self.device))
+                images = self._source.normalize(data.images[batch].to(self.device))
                 yield (images, data.labels[batch].to(self.device)) if labels else images
 
     # ------------------------------------------------------------ reporting

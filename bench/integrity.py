@@ -1,17 +1,17 @@
-"""Inputs are read-only to methods: fingerprints of a suite's tensors, checked after every method.
+"""Inputs are read-only to methods: fingerprints of a suite's tensors, compared after every method.
 
-A method gets copies of the weights it asks for (``MergeContext``), and data through indexing (copies), but it
-can still reach the suite itself (``ctx.suite``). So the runner takes a fingerprint of everything the suite holds
-in memory -- the pretrained weights, every expert, the heads, the LoRA factors and the data -- once per suite
-(``record_baseline``, after the suite passed ``check_architectures``), and compares after each method
-(``changes``). A method that changed anything is recorded as failed (:class:`InputsModifiedError`, naming what
-changed) and the suite is loaded again from its files (``restore``) before the next method runs; caches (the
-experts' reference accuracies) are filled only after the comparison came out clean.
+A method runs in a worker process of its own (:mod:`mergebench.worker`) over a copy-on-write view of the suite.
+The harness takes a fingerprint of everything that view holds -- the pretrained weights, every expert, the heads,
+the LoRA factors and the data it declared -- when it writes the view, and the worker compares after the method
+(``InputsModifiedError``, naming what changed): a method that changed its inputs in place is recorded as failed.
+The harness also fingerprints its own suite once (``record_baseline``, after the suite passed
+``check_architectures``) and compares after evaluating a returned model (``changes``), whose forward runs in the
+harness's process: a suite changed there is loaded again from its files (``restore``) before the next method,
+and caches (the experts' reference accuracies) are filled only after the comparison came out clean.
 
 The fingerprint is a CRC-32 of each tensor's bytes with its dtype and shape: a detector of changes (1 GB/s here),
-not a defence against a method that forges a checksum -- a method runs in the harness's process with its rights.
-Images in a read-only memory map (the real suite's preprocessing cache) cannot be written at all and are not
-hashed (the OS refuses a write: the process that tries it gets SIGSEGV).
+not a defence against code that forges a checksum. Images in a read-only memory map (the real suite's
+preprocessing cache) cannot be written at all and are not hashed in the harness's suite.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class InputsModifiedError(MergebenchError, RuntimeError):
         super().__init__(
             f"{method} modified its inputs in place ({shown}); inputs are read-only: work on copies "
             f"(ctx.pretrained_weights and ctx.expert_weights(t) are the method's own; out-of-place ops or "
-            f".clone() for anything reached through ctx.suite){after}")
+            f".clone() for the experts ctx.per_tensor streams){after}")
 
 
 class SuiteModifiedError(MergebenchError, RuntimeError):
@@ -72,7 +72,8 @@ def _tensors(suite) -> Iterator[tuple[str, torch.Tensor]]:
         for task, data in list(dict.items(tasks)) if isinstance(tasks, dict) else []:
             if not data.read_only:
                 yield f"data {split}/{task} images", data.images
-            yield f"data {split}/{task} labels", data.labels
+            if data.labels is not None:  # a worker of a method that declared no labels holds none
+                yield f"data {split}/{task} labels", data.labels
 
 
 def fingerprints(suite) -> dict[str, str]:

@@ -187,11 +187,18 @@ class Loaded:
     unreadable: list[tuple[Path, str]]  # (file, why): reported, never silently dropped
 
 
+# JSON files a results folder holds beside its records: a suite's mechanism report (``mergebench diagnose``)
+DIAGNOSTICS_FILE = "diagnostics.json"
+COMPANION_FILES = frozenset({DIAGNOSTICS_FILE})
+
+
 def load_records(results_dir: str | os.PathLike, suite: str | None = None) -> Loaded:
     """Every record under ``results_dir[/suite]``; unreadable files are returned with the reason."""
     root = Path(results_dir) / safe_name(suite, "suite name") if suite else Path(results_dir)
     records, bad = [], []
     for path in sorted(root.rglob("*.json")) if root.exists() else []:
+        if path.name in COMPANION_FILES:
+            continue
         try:
             rec = read_record(path)
             rec["_path"] = str(path)

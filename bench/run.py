@@ -11,14 +11,16 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from mergebench import basecache, integrity, limits, memory
+from mergebench import basecache, integrity, limits, memory, transfer, worker
 from mergebench.context import PRECISIONS, MergeContext, resolve_precision
 from mergebench.errors import InputError, MergebenchError
 from mergebench.evaluate import evaluate
@@ -29,8 +31,8 @@ from mergebench.models import MergedModel
 from mergebench.pipeline import MethodCall
 from mergebench.records import config_hash, environment, find_ok, load_records, now, record_path, write_record
 from mergebench.registry import get_method
-from mergebench.sequential import (DEFAULT_ORDERS, check_sequential, merge_data_used, run_order, summarize,
-                                   task_orders)
+from mergebench.sequential import (DEFAULT_ORDERS, check_sequential, merge_data_used, order_result, step_result,
+                                   summarize, task_orders)
 from mergebench.suites.base import Suite
 
 DEFAULT_RESULTS = Path("results")
@@ -110,16 +112,18 @@ def seed_everything(seed: int):
         pass
 
 
-def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None, reuse_bases: bool = True) -> MergedModel:
+def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None, reuse_bases: bool = True,
+            bases=None) -> MergedModel:
     """Run a resolved pipeline: bases first, then each add-on on the model its base returned.
 
     Every stage starts from the run's seed, so an add-on draws the same randomness whether its base ran or came
-    from the base cache (:mod:`mergebench.basecache`, used unless ``reuse_bases=False``).
+    from the base cache (:mod:`mergebench.basecache`, used unless ``reuse_bases=False``; ``bases``: another
+    object with its ``lookup`` and ``store``, a worker's view of it).
     """
     spec = get_method(call.name)
     kwargs = dict(call.hparams)
     if "base" in kwargs:
-        kwargs["base"] = _execute_base(kwargs["base"], ctx, timings, reuse_bases)
+        kwargs["base"] = _execute_base(kwargs["base"], ctx, timings, reuse_bases, bases or basecache)
     seed_everything(ctx.seed)
     start = time.perf_counter()
     model = spec.fn(ctx, **kwargs)
@@ -131,10 +135,10 @@ def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None, re
     return model
 
 
-def _execute_base(call: MethodCall, ctx: MergeContext, timings: dict | None, reuse: bool) -> MergedModel:
+def _execute_base(call: MethodCall, ctx: MergeContext, timings: dict | None, reuse: bool, bases) -> MergedModel:
     """The base of an add-on: from the base cache, or run (and then cached) with what it used and logged."""
     if reuse:
-        hit = basecache.lookup(call, ctx)
+        hit = bases.lookup(call, ctx)
         if hit is not None:
             ctx.add_usage(hit.data_used, hit.logs)
             ctx.cached_bases.append({"pipeline": str(call), "seconds": round(hit.seconds, 4)})
@@ -143,11 +147,11 @@ def _execute_base(call: MethodCall, ctx: MergeContext, timings: dict | None, reu
             return hit.model
     used, logged = ctx.usage_snapshot()
     start = time.perf_counter()
-    model = execute(call, ctx, timings, reuse)
+    model = execute(call, ctx, timings, reuse, bases)
     seconds = time.perf_counter() - start
     if reuse:
         data, logs = ctx.usage_since(used, logged)
-        basecache.store(call, ctx, basecache.CachedBase(model, seconds, data, logs))
+        bases.store(call, ctx, basecache.CachedBase(model, seconds, data, logs))
     return model
 
 
@@ -247,7 +251,7 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
                write: bool = True, time_limit_s: float | None = None, protocol: str | None = None,
                orders: int | list[list[str]] = DEFAULT_ORDERS, budget: str = "paper",
-               precision: str = "auto") -> dict:
+               precision: str = "auto", memory_limit_mb: float | None = None) -> dict:
     """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
 
     ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
@@ -257,8 +261,10 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     ``tune`` ({hyperparameter: [values]}) selects those values on the validation split (the
     task-vectors protocol) before the test evaluation; otherwise hyperparameters are fixed.
     A configuration that already has an ok record is returned as is unless ``force``.
-    Exceptions inside the method become a record with ``status: failed``; so does a method that changed
-    the suite's weights, heads or data in place (the suite is then loaded again, :mod:`mergebench.integrity`).
+    The merge runs in a worker process of its own that holds only what the method declared
+    (:mod:`mergebench.worker`); the harness evaluates the model it returns, here, on ``suite``. Whatever ends the
+    worker without a model (an exception, an exit, a signal, a time or memory limit), a change of its inputs in
+    place or of global torch state becomes a record with ``status: failed`` and its reason.
 
     ``precision``: of the test-time adaptation loops' forward and backward passes, "bf16" (bfloat16 autocast),
     "fp32" (:meth:`MergeContext.autocast`) or "auto" (the default: bf16 where the device multiplies bfloat16
@@ -266,14 +272,16 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     (and, for the pipelines it can change, in its configuration).
 
     ``time_limit_s``: the merge (validation selection included; for the sequential protocol every order with
-    its evaluations) runs in a child process that is killed at the deadline (:mod:`mergebench.limits`); the run
-    is recorded as failed with "exceeded its time limit of N s".
+    its evaluations) is killed at the deadline; the run is recorded as failed with "exceeded its time limit of
+    N s". ``memory_limit_mb``: the worker (with every process it started) is killed when its resident memory
+    passes it ("exceeded its memory limit of N MB").
     """
     device = resolve_device(device)
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
     requested_precision, precision = precision, resolve_precision(precision, device)
     time_limit_s = limits.check_seconds(time_limit_s)
+    memory_limit_mb = limits.check_seconds(memory_limit_mb, "memory limit", "MB")
     check_architectures(suite)
     call = MethodCall.parse(method).with_budget(budget).resolve()
     for name, values in (tune or {}).items():  # unknown names and out-of-range values are errors before any work
@@ -312,6 +320,8 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     }
     if time_limit_s:
         record["time_limit_s"] = time_limit_s
+    if memory_limit_mb:
+        record["memory_limit_mb"] = memory_limit_mb
     if order_list is not None:
         record["protocol"] = "sequential"
         record["sequential"] = {"orders": order_list, "adapter": adapter}
@@ -319,18 +329,15 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
                                 unlabeled_split=unlabeled_split, data_fraction=data_fraction, tune=tune,
                                 show_progress=show_progress, count_flops=count_flops, order_list=order_list,
                                 precision=precision)
-    if time_limit_s:
-        what = f"{call.name} ({'all task orders, evaluation included' if order_list else 'merge and selection'})"
-        updates = _run_limited(measure, call, suite, device, time_limit_s, what)
-    else:
-        updates = measure(release=lambda: None)
-    modified = updates.pop("_inputs_modified", None)
+    updates = measure(limits=worker.Limits(time_limit_s, memory_limit_mb))
+    changed = updates.pop("_suite_changed", None)
+    updates.pop("_inputs_modified", None)
     record["env"]["threads"] = updates.pop("_threads", record["env"]["threads"])
     record["method"].update(updates.pop("method", {}))
     if "sequential" in updates:
         record["sequential"].update(updates.pop("sequential"))
     record.update(updates)
-    if modified and not time_limit_s:  # a child's changes died with it; here the suite itself was changed
+    if changed:  # the harness's own suite changed (a returned module's code ran here while it was evaluated)
         restored = integrity.restore(suite, call.name)
         record["error"] += ("; the suite was loaded again from its files" if restored else
                             "; the suite cannot be loaded again (no reload), so later runs on it refuse to start")
@@ -340,69 +347,101 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     return record
 
 
-def _run_limited(measure, call: MethodCall, suite: Suite, device, seconds: float, what: str) -> dict:
-    """``measure`` in a child process killed at the deadline; a timeout or a dead child is a failed record."""
-    start = limits.start_method(device)
-    try:
-        if start == "spawn":
-            measure = _spawnable(measure, call, suite)
-        return limits.run_limited(measure, seconds, what, start)
-    except MethodTimeout as e:
-        return {"status": "failed", "error": f"MethodTimeout: {e}", "traceback": ""}
-    except limits.ChildFailed as e:
-        return {"status": "failed", "error": f"{e.type_name}: {e}", "traceback": e.child_traceback}
-    except MergebenchError as e:  # cannot be run in a fresh process
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": ""}
-
-
-def _spawnable(measure: functools.partial, call: MethodCall, suite: Suite) -> functools.partial:
-    """``measure`` for a fresh interpreter: the suite as its recipe, the method's modules to import."""
-    if suite.reload is None:
-        raise InputError(f"a time limit on CUDA runs the merge in a fresh process, which loads suite {suite.name!r} "
-                         f"again; this suite object was not made by get_suite, so it cannot be")
-    modules = []
-    for stage in call.stages():
-        fn = get_method(stage.name).fn
-        if "<locals>" in fn.__qualname__:
-            raise InputError(f"a time limit on CUDA runs the merge in a fresh process, which must import "
-                             f"{stage.name}; it is defined inside a function ({fn.__module__}.{fn.__qualname__}): "
-                             f"define it at module level of an importable module (or an entry-point plugin)")
-        modules.append(fn.__module__)
-    kwargs = {k: v for k, v in measure.keywords.items() if k != "suite"}
-    return functools.partial(_spawned_measure, suite.reload, modules, kwargs)
-
-
-def _spawned_measure(reload, modules: list[str], kwargs: dict, release) -> dict:
-    import importlib
-
-    from mergebench.registry import discover_plugins
-
-    discover_plugins()
-    for module in modules:
-        if module not in ("__main__", "__mp_main__"):
-            importlib.import_module(module)
-    suite = reload()
-    check_architectures(suite)
-    return _measure(release, suite=suite, **kwargs)
-
-
-def _measure(release, call: MethodCall, suite: Suite, device: torch.device, seed: int, unlabeled_split: str,
+def _measure(call: MethodCall, suite: Suite, device: torch.device, seed: int, unlabeled_split: str,
              data_fraction: float, tune, show_progress: bool, count_flops: bool, order_list,
-             precision: str = "auto") -> dict:
-    """The measured part of a run: the record's fields (``status`` ok or failed). Runs in this process, or in the
-    child of a time-limited run, which calls ``release()`` when what the limit covers is done."""
+             precision: str = "auto", limits: worker.Limits | None = None) -> dict:
+    """The measured part of a run: the record's fields (``status`` ok or failed). The merges run in workers
+    (:mod:`mergebench.worker`) under ``limits``: the time limit covers the merge and the selection (for the
+    sequential protocol every order with its evaluations); evaluation and measurement run here."""
     memory.reset_peak(device)
     stored = basecache.stored_count()
+    limits = limits or worker.Limits()
+    deadline = None if limits.seconds is None else time.monotonic() + limits.seconds
     if order_list is None:
-        out = _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
-                        count_flops, precision)
+        out = _one_shot(call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
+                        count_flops, precision, _Budget(limits, deadline))
     else:
         out = _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                          count_flops, precision)
-    if out.get("_inputs_modified"):  # what this run cached was computed from inputs that cannot be trusted
+                          count_flops, precision, _Budget(limits, deadline))
+    if out.get("_inputs_modified") or out.get("_suite_changed"):  # what it cached came from untrusted inputs
         basecache.discard_since(stored)
-    out["_threads"] = torch.get_num_threads()
     return out
+
+
+class _Budget:
+    """What is left of a run's limits for its next worker (the time limit spans every merge of the run)."""
+
+    def __init__(self, limits: worker.Limits, deadline: float | None):
+        self.limits, self.deadline = limits, deadline
+
+    def next(self) -> worker.Limits:
+        seconds = self.limits.seconds
+        if self.deadline is not None:
+            seconds = max(0.01, self.deadline - time.monotonic())
+        return worker.Limits(seconds, self.limits.memory_mb, stated_seconds=self.limits.seconds)
+
+    def what(self, call: MethodCall, sequential: bool = False) -> str:
+        if self.limits.seconds is None:
+            return str(call.name)
+        return f"{call.name} ({'all task orders, evaluation included' if sequential else 'merge and selection'})"
+
+
+
+def _specs(call: MethodCall) -> list:
+    seen = {}
+    for stage in call.stages():
+        seen.setdefault(stage.name, get_method(stage.name))
+    return list(seen.values())
+
+
+def _job(kind: str, call: MethodCall, suite: Suite, device, seed, unlabeled_split, data_fraction, show_progress,
+         precision, folder: Path, **more) -> dict:
+    """A worker's job: the method (its registrations), its run settings and the inputs its needs allow."""
+    return {"kind": kind, "name": str(call.name), "call": call, "specs": _specs(call),
+            "inputs": worker.method_inputs(suite, worker.data_level(call.needs())), "needs": sorted(call.needs()),
+            "device": str(device), "seed": seed, "unlabeled_split": unlabeled_split, "data_fraction": data_fraction,
+            "show_progress": show_progress, "precision": precision, "folder": str(folder), **more}
+
+
+def _returned(note: dict, folder: Path, suite: Suite, call: MethodCall, device) -> MergedModel:
+    """A model a worker returned, built in this process (a saved module: only the methods' own classes)."""
+    modules = {spec.fn.__module__ for spec in _specs(call)}
+    return transfer.load(note, folder, suite.encoder_config, suite.pretrained, device, modules)
+
+
+def merge_in_worker(call: MethodCall, suite: Suite, device, seed: int = 0, unlabeled_split: str = "test",
+                    data_fraction: float = 1.0, show_progress: bool = False, precision: str = "auto",
+                    limits: worker.Limits | None = None, reuse_bases: bool = True,
+                    what: str | None = None) -> tuple[MergedModel, dict]:
+    """Merge ``call`` in a fresh worker holding what it declared; returns the model (built here) and the merge's
+    fields (``merge_s``, ``stages_s``, ``data_used``, ``logs``, ``loops``, ``cached_bases``, ``memory``,
+    ``threads``, ``left_running``). The bases come from and go to the base cache here, never there.
+    Raises :class:`mergebench.worker.WorkerFailed` when the worker ends without a model."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    here = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, False, precision=precision)
+    stages = {str(s): s for s in call.stages()[:-1]}
+    folder = Path(tempfile.mkdtemp(prefix="mergebench-merge-"))
+    try:
+        hits = {}
+        for text, stage in (stages.items() if reuse_bases else ()):
+            hit = basecache.lookup(stage, here)
+            if hit is not None:
+                hits[text] = {"model": transfer.save(hit.model, folder, f"hit-{len(hits)}"), "seconds": hit.seconds,
+                              "data_used": hit.data_used, "logs": hit.logs}
+
+        def on_message(message, reply):
+            if message[0] == "base":  # a base the worker merged: cached here, from the model it sent
+                _, text, note, seconds, data, logs = message
+                model = _returned(note, folder, suite, call, device)
+                basecache.store(stages[text], here, basecache.CachedBase(model, seconds, data, logs))
+
+        job = _job("merge", call, suite, device, seed, unlabeled_split, data_fraction, show_progress, precision,
+                   folder, bases=hits, reuse_bases=reuse_bases)
+        out = worker.run(job, what or str(call.name), limits, on_message)
+        return _returned(out.pop("model"), folder, suite, call, device), out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _verify_inputs(suite: Suite, call: MethodCall) -> None:
@@ -412,17 +451,27 @@ def _verify_inputs(suite: Suite, call: MethodCall) -> None:
         raise integrity.InputsModifiedError(str(call.name), changed)
 
 
-def _failure(e: Exception, suite: Suite, call: MethodCall) -> dict:
+def _failure(e: BaseException, suite: Suite, call: MethodCall) -> dict:
     """The record fields of a failed run; a method that also changed its inputs is named for that first."""
+    if isinstance(e, worker.WorkerFailed):
+        out = {"status": "failed", "error": f"{e.type_name}: {e}", "traceback": e.child_traceback}
+        changed = e.extra.get("inputs_modified")
+        if e.type_name == "InputsModifiedError":
+            out["_inputs_modified"] = True
+        elif changed:
+            err = integrity.InputsModifiedError(str(call.name), changed)
+            out.update({"error": f"InputsModifiedError: {err} (it also raised {e.type_name}: {e})",
+                        "_inputs_modified": changed})
+        return out
     out = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
     if isinstance(e, integrity.InputsModifiedError):
-        out["_inputs_modified"] = e.changed
+        out["_suite_changed"] = e.changed
     else:
         changed = integrity.changes(suite)
         if changed:
             err = integrity.InputsModifiedError(str(call.name), changed)
             out.update({"error": f"InputsModifiedError: {err} (it also raised {type(e).__name__}: {e})",
-                        "_inputs_modified": changed})
+                        "_suite_changed": changed})
     return out
 
 
@@ -451,26 +500,18 @@ def measure_final(model: MergedModel, acc: dict[str, float], suite: Suite, devic
             "params": params, "flops": flops}
 
 
-def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
-              count_flops, precision) -> dict:
+def _one_shot(call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress, count_flops,
+              precision, budget: _Budget) -> dict:
     out: dict = {}
     try:
         selection = {"protocol": "fixed"}
-        stage_s: dict = {}
         if tune:
             call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
-                                                    data_fraction, show_progress, precision)
+                                                    data_fraction, show_progress, precision, budget)
             out["method"] = {"pipeline": str(call), "hparams": call.plain_hparams()}
         out["selection"] = selection
-        seed_everything(seed)
-        ctx = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, show_progress,
-                           precision=precision)
-        start = time.perf_counter()
-        model = execute(call, ctx, stage_s)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        merge_s = time.perf_counter() - start + sum(b["seconds"] for b in ctx.cached_bases)
-        release()  # the time limit covers the merge and the selection
+        model, merged = merge_in_worker(call, suite, device, seed, unlabeled_split, data_fraction, show_progress,
+                                        precision, budget.next(), what=budget.what(call))
         _check_finite(model)
         result = evaluate(model, suite, "test", device)
         acc = _checked_accuracy(result)
@@ -480,64 +521,108 @@ def _one_shot(release, call, suite, device, seed, unlabeled_split, data_fraction
         out.update({
             "status": "ok",
             **final,
-            "timing": {"merge_s": round(merge_s, 3), "stages_s": stage_s, "eval_s": round(result["seconds"], 3),
-                       "eval_images_per_s": round(result["images_per_s"], 1), "loops": loop_rates(ctx),
-                       "cached_bases": ctx.cached_bases,
-                       **_peak_memory_mb(device)},
-            "data_used": list(ctx.data_used.values()),
-            "logs": {k: v for k, v in ctx.logs.items()},
+            "timing": {"merge_s": round(merged["merge_s"], 3), "stages_s": merged["stages_s"],
+                       "eval_s": round(result["seconds"], 3),
+                       "eval_images_per_s": round(result["images_per_s"], 1), "loops": merged["loops"],
+                       "cached_bases": merged["cached_bases"], **merged["memory"]},
+            "data_used": merged["data_used"],
+            "logs": merged["logs"],
+            "_threads": merged["threads"],
         })
+        if merged["left_running"]:
+            out["worker"] = {"left_running": merged["left_running"]}
     except Exception as e:  # a failing method is a result, and the suite goes on
         out.update(_failure(e, suite, call))
     return out
 
 
 def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                count_flops, precision) -> dict:
-    """The fields of a sequential record: per order, the method's model after each arrival evaluated on
+                count_flops, precision, budget: _Budget) -> dict:
+    """The fields of a sequential record: per order, the method's model after each arrival evaluated here on
     the tasks seen so far; averages over orders; params and FLOPs of the final model (of the first order).
+    The orders run in one worker, which sends each step's model and waits for its evaluation.
     A failure in any order makes the record ``failed`` (with the orders done so far)."""
-    per_order, contexts, final_model = [], [], None
+    curves: dict[int, list] = {}
+    eval_s: dict[int, float] = {}
+    final_model = None
 
-    def evaluate_seen(model, tasks):
-        return _checked_accuracy(evaluate(model, suite, "test", device, tasks=tasks),
-                                 f" (after {len(tasks)} experts)")
+    def on_step(i, model, seen):
+        nonlocal final_model
+        _check_finite(model)
+        start = time.perf_counter()
+        acc = _checked_accuracy(evaluate(model, suite, "test", device, tasks=seen), f" (after {len(seen)} experts)")
+        eval_s[i] = eval_s.get(i, 0.0) + time.perf_counter() - start
+        curves.setdefault(i, []).append(step_result(len(curves.get(i, [])) + 1, seen, acc))
+        if i == 0 and len(seen) == len(suite.tasks):  # params and FLOPs: the final model of the first order
+            final_model = model
+        return acc
 
+    per_order: list[dict] = []
     try:
-        for order in order_list:
-            seed_everything(seed)
-            result, model, ctx = run_order(call, suite, order, device, seed, unlabeled_split, data_fraction,
-                                           show_progress, evaluate_seen, _check_finite, precision)
-            per_order.append(result)
-            contexts.append(ctx)
-            if final_model is None:  # params and FLOPs: the final model of the first order
-                final_model = model
+        try:
+            out = sequential_in_worker(call, suite, order_list, device, seed, unlabeled_split, data_fraction,
+                                       show_progress, precision, budget.next(), on_step,
+                                       budget.what(call, sequential=True))
+        finally:
+            per_order = [order_result(order_list[i], curves[i], 0.0, eval_s.get(i, 0.0), {}, {})
+                         for i in sorted(curves) if len(curves[i]) == len(order_list[i])]
+        per_order = [order_result(order, curves[i], o["merge_s"], eval_s[i], o["logs"], o["notes"])
+                     for i, (order, o) in enumerate(zip(order_list, out["orders"]))]
         _verify_inputs(suite, call)
         summary = summarize(per_order, suite.tasks)
-        return {
+        record = {
             "sequential": {"per_order": per_order, **{k: v for k, v in summary.items() if k != "final_accuracy"}},
             "status": "ok", "selection": {"protocol": "fixed"},
             **measure_final(final_model, summary["final_accuracy"], suite, device, count_flops),
             "timing": {"merge_s": round(sum(o["merge_s"] for o in per_order), 3),
                        "merge_s_per_order": [o["merge_s"] for o in per_order],
-                       "eval_s": round(sum(o["eval_s"] for o in per_order), 3), **_peak_memory_mb(device)},
-            "data_used": merge_data_used(contexts),
+                       "eval_s": round(sum(o["eval_s"] for o in per_order), 3), **out["memory"]},
+            "data_used": merge_data_used([o["data_used"] for o in out["orders"]]),
             "logs": {},
+            "_threads": out["threads"],
         }
+        if out["left_running"]:
+            record["worker"] = {"left_running": out["left_running"]}
+        return record
     except Exception as e:  # a failing method is a result, and the suite goes on
         return {"sequential": {"per_order": per_order}, **_failure(e, suite, call)}
 
 
+def sequential_in_worker(call: MethodCall, suite: Suite, orders: list[list[str]], device, seed: int = 0,
+                         unlabeled_split: str = "test", data_fraction: float = 1.0, show_progress: bool = False,
+                         precision: str = "auto", limits: worker.Limits | None = None, on_step=None,
+                         what: str | None = None) -> dict:
+    """Every order of a sequential run in one fresh worker; each step's model is built here and given to
+    ``on_step(order index, model, tasks seen)``, whose answer (accuracy per task seen) goes back to the worker.
+    Returns the worker's fields (``orders``: merge_s, logs, notes, data_used of each; ``memory``, ``threads``,
+    ``left_running``). Raises :class:`mergebench.worker.WorkerFailed` when the worker ends without them."""
+    device = torch.device(device)
+    folder = Path(tempfile.mkdtemp(prefix="mergebench-sequential-"))
+
+    def on_message(message, reply):
+        _, i, note, seen = message
+        model = _returned(note, folder, suite, call, device)
+        (folder / note["file"]).unlink(missing_ok=True)
+        acc = on_step(i, model, seen) if on_step is not None else dict.fromkeys(seen, 0.0)
+        reply(("go", acc))
+
+    try:
+        job = _job("sequential", call, suite, device, seed, unlabeled_split, data_fraction, show_progress,
+                   resolve_precision(precision, device), folder, orders=orders)
+        return worker.run(job, what or str(call.name), limits, on_message)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress,
-                          precision):
+                          precision, budget: _Budget):
     names = list(tune)
     grid = []
     for values in itertools.product(*(tune[n] for n in names)):
         candidate = call.with_hparams(**dict(zip(names, values))).resolve()
-        seed_everything(seed)
-        ctx = MergeContext(suite, candidate.needs(), device, seed, unlabeled_split, data_fraction, show_progress,
-                           precision=precision)
-        acc = evaluate(execute(candidate, ctx), suite, "val", device)["accuracy"]
+        model, _ = merge_in_worker(candidate, suite, device, seed, unlabeled_split, data_fraction, show_progress,
+                                   precision, budget.next(), what=budget.what(call))
+        acc = evaluate(model, suite, "val", device)["accuracy"]
         chosen_values = {n: candidate.plain_hparams()[n] for n in names}
         grid.append({"hparams": chosen_values, "val_avg_accuracy": sum(acc.values()) / len(acc)})
     best = max(grid, key=lambda g: g["val_avg_accuracy"])
@@ -610,6 +695,7 @@ _PARALLEL: tuple | None = None  # (suite, kwargs) of the running _run_parallel, 
 
 
 def _parallel_worker_init():
+    worker.use_inherited_server()
     os.environ["MERGEBENCH_QUIET"] = "1"
     torch.set_num_threads(1)  # GNU OpenMP cannot start a new pool in a forked child; one thread per worker
 
@@ -632,6 +718,7 @@ def _run_parallel(methods: list[str], suite: Suite, jobs: int, kwargs: dict) -> 
     kwargs = {**kwargs, "show_progress": False}
     out: list[dict | None] = [None] * len(methods)
     _PARALLEL = (suite, kwargs)
+    worker.start_server()
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_parallel_worker_init) as pool:

@@ -97,7 +97,7 @@ class SequentialContext(MergeContext):
 
     def seen_view(self) -> MergeContext:
         """An ordinary context over the tasks arrived so far (what a one-shot method sees in the adapter)."""
-        return MergeContext(self.suite, self.needs, self.device, self.seed, self.unlabeled_split, self.data_fraction,
+        return MergeContext(self._source, self.needs, self.device, self.seed, self.unlabeled_split, self.data_fraction,
                             self.show_progress, tasks=list(self.tasks), precision=self.precision)
 
     def note(self, key: str, value) -> None:
@@ -196,17 +196,26 @@ def run_order(call: MethodCall, suite, order: list[str], device, seed: int, unla
         start = time.perf_counter()
         acc = evaluate_fn(model, seen)
         eval_s += time.perf_counter() - start
-        curve.append({"step": len(curve) + 1, "task": ctx.current, "seen": seen, "accuracy": acc,
-                      "avg_accuracy": sum(acc.values()) / len(acc)})
+        curve.append(step_result(len(curve) + 1, seen, acc))
     if len(curve) != len(order):
         raise RuntimeError(f"{call.name} yielded {len(curve)} models for {len(order)} experts; yield one merged model "
                            f"after each expert (and consume the whole `ctx.sequence()`)")
-    result = {"order": list(order), "steps": curve, "final_accuracy": curve[-1]["accuracy"],
-              "final_avg_accuracy": curve[-1]["avg_accuracy"],
-              "avg_accuracy_over_steps": sum(s["avg_accuracy"] for s in curve) / len(curve),
-              "merge_s": round(merge_s, 3), "eval_s": round(eval_s, 3),
-              "logs": {k: v for k, v in ctx.logs.items()}, "notes": dict(ctx.notes)}
-    return result, model, ctx
+    return order_result(order, curve, merge_s, eval_s, dict(ctx.logs), dict(ctx.notes)), model, ctx
+
+
+def step_result(step: int, seen: list[str], acc: dict[str, float]) -> dict:
+    """One step of an order's curve: the model after the arrival of ``seen[-1]``, evaluated on ``seen``."""
+    return {"step": step, "task": seen[-1], "seen": list(seen), "accuracy": acc,
+            "avg_accuracy": sum(acc.values()) / len(acc)}
+
+
+def order_result(order: list[str], curve: list[dict], merge_s: float, eval_s: float, logs: dict,
+                 notes: dict) -> dict:
+    """One order's part of a sequential record, from its curve (:func:`step_result` per step)."""
+    return {"order": list(order), "steps": curve, "final_accuracy": curve[-1]["accuracy"],
+            "final_avg_accuracy": curve[-1]["avg_accuracy"],
+            "avg_accuracy_over_steps": sum(s["avg_accuracy"] for s in curve) / len(curve),
+            "merge_s": round(merge_s, 3), "eval_s": round(eval_s, 3), "logs": logs, "notes": notes}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -225,11 +234,11 @@ def summarize(per_order: list[dict], tasks: list[str]) -> dict:
             "avg_over_steps_mean": steps_mean, "avg_over_steps_std": steps_std, "curve_mean": curve}
 
 
-def merge_data_used(contexts: list[MergeContext]) -> list[dict]:
-    """The data every order's context served, summed over orders."""
+def merge_data_used(used: list[dict]) -> list[dict]:
+    """The data every order's context served (its ``data_used``), summed over orders."""
     out: dict = {}
-    for ctx in contexts:
-        for key, entry in ctx.data_used.items():
+    for data_used in used:
+        for key, entry in data_used.items():
             slot = out.setdefault(key, {"kind": entry["kind"], "split": entry["split"], "images": {}})
             for task, n in entry["images"].items():
                 slot["images"][task] = slot["images"].get(task, 0) + n

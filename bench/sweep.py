@@ -467,13 +467,12 @@ def run_job(job: Job | dict) -> dict:
     record itself is written atomically by ``run_method``, so a worker killed at any point
     leaves no partial record and the job reads as ``missing``.
     """
-    from mergebench.limits import reserve_threads
+    from mergebench import worker
     from mergebench.run import run_method
     from mergebench.suites import get_suite
 
     job = Job.from_dict(job) if isinstance(job, dict) else job
-    if job.time_limit_s:  # the merge runs in a forked child: it gets this worker's threads (mergebench.limits)
-        reserve_threads()
+    worker.start_server()  # the method's worker comes from it: it imports torch while the suite loads
     with _Heartbeat(job, heartbeat_s()):
         suite = get_suite(job.suite_spec or job.suite, build=False, verbose=False, **job.suite_options)
         rec = run_method(job.pipeline, suite, results_dir=job.results_dir, seed=job.seed, device=job.device,

@@ -131,12 +131,13 @@ class PerturbedEncoder(nn.Module):
         return functional_call(self.encoder, params, (images,))
 
 
-def finetune_recipe(suite):
-    """The suite's own expert fine-tuning settings when it can fine-tune (mini8 and micro), else None."""
+def finetune_recipe(name: str, info: dict):
+    """The expert fine-tuning settings of the suite ``name`` (with ``info``) when it can fine-tune (mini8 and
+    micro), else None."""
     from mergebench.suites.mini8 import CONFIGS, mini8_config_dict
 
-    cfg = CONFIGS.get(suite.name)
-    if cfg is None or suite.info.get("mini8_config") != mini8_config_dict(cfg):
+    cfg = CONFIGS.get(name)
+    if cfg is None or info.get("mini8_config") != mini8_config_dict(cfg):
         return None
     return cfg
 
@@ -148,7 +149,7 @@ def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
     """The expert of ``task`` re-fine-tuned from theta_0 with the perturbation, cached by suite key and settings."""
     from mergebench.suites.mini8 import _train
 
-    settings = {"suite": ctx.suite.info["cache_key"], "task": task, "epsilon": epsilon, "seed": cfg.seed,
+    settings = {"suite": ctx.suite_info["cache_key"], "task": task, "epsilon": epsilon, "seed": cfg.seed,
                 "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "batch_size": cfg.batch_size,
                 "weight_decay": cfg.weight_decay, "version": PERTURB_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -157,11 +158,11 @@ def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
     if path.exists():
         from safetensors.torch import load_file
         return Weights(load_file(path)).to(ctx.device)
-    encoder = ctx.suite.build_encoder()  # a fresh copy of theta_0, on the CPU (as the suite's experts were trained)
+    encoder = ctx.encoder(device="cpu")  # a fresh copy of theta_0, on the CPU (as the suite's experts were trained)
     start = encoder_weights(encoder)
     wrapped = PerturbedEncoder(encoder, start, epsilon, torch.Generator().manual_seed(cfg.seed * 31 + 7))
     # the suite's training data is in its stored order there; ours is the context's fixed shuffle (same images)
-    _train(wrapped, ctx.suite.heads[task], images, labels, cfg.finetune_epochs, cfg.finetune_lr, cfg,
+    _train(wrapped, ctx.class_embeddings(task), images, labels, cfg.finetune_epochs, cfg.finetune_lr, cfg,
            f"perturbed fine-tune {task}", ctx.show_progress)
     weights = encoder_weights(encoder)
     atomic_save_tensors(dict(weights), path)
@@ -204,9 +205,9 @@ def perturb_and_merge(ctx, perturb_training: bool = True, epsilon: float = 0.5, 
     code could not be read here: the coefficient and the perturbation follow the paper's equations (as summarized
     in a paper review); check them against the official repository.
     """
-    cfg = finetune_recipe(ctx.suite) if perturb_training else None
+    cfg = finetune_recipe(ctx.suite_name, ctx.suite_info) if perturb_training else None
     if perturb_training and cfg is None:
-        ctx.note("perturb_training", f"skipped: suite {ctx.suite.name!r} has no fine-tuning recipe; merged the "
+        ctx.note("perturb_training", f"skipped: suite {ctx.suite_name!r} has no fine-tuning recipe; merged the "
                                      f"experts as given")
     elif perturb_training:
         ctx.note("perturb_training", f"experts re-fine-tuned from theta_0 with the perturbation (epsilon={epsilon}; "

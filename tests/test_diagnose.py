@@ -9,6 +9,7 @@ from mergebench import cli
 from mergebench.diagnose import (DiagnoseSettings, _own_share, calibration, diagnose, low_rank, markdown, spearman,
                                  trimmed)
 from mergebench.methods.lot import lot_linear
+from mergebench.records import load_records
 from mergebench.weights import Weights
 
 FAST = DiagnoseSettings(images=64, exemplars=8, coefficient_steps=2)
@@ -81,3 +82,18 @@ def test_cli_writes_the_report_next_to_the_leaderboard(tmp_path, capsys):
     written = json.loads((tmp_path / "micro" / "diagnostics.json").read_text())
     assert written["suite"] == "micro" and "trim" in written
     assert (tmp_path / "micro" / "DIAGNOSTICS.md").read_text().startswith("# Mechanisms of micro")
+    assert load_records(tmp_path, "micro").unreadable == []  # the report sits beside the records, not among them
+
+
+def test_sanity_reports_the_mechanism_targets_from_the_report():
+    from mergebench.suites.mini8_family import RANKED
+
+    def report(trim, lot):
+        return {"trim": {"20": {"mean": trim, "min": trim}}, "low_rank": {"10": {"mean": 0.95, "min": 0.9}},
+                "subspace": {"own_share_lot": lot}, "entropy_headroom": {"share_found_by_entropy": 0.7},
+                "calibration": {"entropy_wrong": 0.9, "entropy_correct": 0.3}}
+    mark = lambda ok: "holds" if ok else "FAILS"  # noqa: E731
+    assert RANKED._mechanisms(report(0.95, 0.8), mark).endswith(": holds")
+    failing = RANKED._mechanisms(report(0.76, 0.8), mark)
+    assert "76% of the experts' gain" in failing and failing.endswith(": FAILS")
+    assert RANKED._mechanisms(None, mark).endswith(": FAILS")

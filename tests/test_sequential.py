@@ -162,7 +162,7 @@ def test_failing_sequential_method_is_recorded_and_suite_goes_on(micro, results_
     def probe_seq_peeking(ctx):
         """Asks for an expert that has not arrived."""
         for task, expert in ctx.sequence():
-            ctx.expert_weights([t for t in ctx.suite.tasks if t not in ctx.tasks][0])
+            ctx.expert_weights([t for t in ctx._order if t not in ctx.tasks][0])
             yield ctx.shared_model(expert)
 
     try:

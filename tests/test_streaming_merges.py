@@ -153,7 +153,7 @@ class _CancellingContext(MergeContext):
         w = Weights(super()._expert_tensors(task))
         i = self.tasks.index(task)
         block = w[self.KEY].clone()
-        block[self.ROWS] = self.suite.pretrained[self.KEY][self.ROWS] + (1.0 if i == 0 else -1.0 if i == 1 else 0.0)
+        block[self.ROWS] = self._source.pretrained[self.KEY][self.ROWS] + (1.0 if i == 0 else -1.0 if i == 1 else 0.0)
         w[self.KEY] = block
         return w
 

@@ -7,6 +7,7 @@ Every number in a table comes from a record, and every record from a run. The ou
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -16,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from mergebench.errors import InputError
-from mergebench.records import Items, check_fields, load_records
+from mergebench.records import DIAGNOSTICS_FILE, Items, check_fields, load_records
 from mergebench.registry import NEEDS
 
 BUDGET_MARK = "†"
@@ -392,8 +393,19 @@ class Board:
             return []
         import inspect
 
-        takes_records = len(inspect.signature(self.spec.sanity).parameters) > 1
-        return self.spec.sanity(df, self.shown()) if takes_records else self.spec.sanity(df)
+        params = len(inspect.signature(self.spec.sanity).parameters)
+        if params > 2:
+            return self.spec.sanity(df, self.shown(), self.diagnostics)
+        return self.spec.sanity(df, self.shown()) if params > 1 else self.spec.sanity(df)
+
+    @cached_property
+    def diagnostics(self) -> dict | None:
+        """The folder's mechanism report (``mergebench diagnose --write``), or None."""
+        path = Path(self.results_dir) / self.suite / DIAGNOSTICS_FILE
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
 
     def references(self, df: pd.DataFrame):
         """The suite's published numbers for the main table ``df`` (``register_suite(references=...)``), or None."""

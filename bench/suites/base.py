@@ -26,14 +26,16 @@ class NoLoraExpertsError(MergebenchError, ValueError):
 
 @dataclass
 class TaskData:
-    """Images stored once, preprocessed to uint8 (N, 3, H, W), and their integer labels."""
+    """Images stored once, preprocessed to uint8 (N, 3, H, W), and their integer labels (``None`` in the worker
+    of a method that declared no labels: :mod:`mergebench.worker`)."""
 
     images: Tensor
-    labels: Tensor
+    labels: Tensor | None
     read_only: bool = False  # images in a read-only memory map (the real suite's cache): the OS refuses writes
+    file: str | None = None  # that memory map's .npy file (a worker maps the same file)
 
     def __len__(self):
-        return len(self.labels)
+        return len(self.images)
 
 
 @dataclass

@@ -69,7 +69,8 @@ def _open(directory: Path, split: str) -> TaskData:
     labels = np.load(directory / f"{split}.labels.npy")
     with warnings.catch_warnings():  # torch warns that it cannot mark a tensor read-only; the map is
         warnings.simplefilter("ignore", UserWarning)
-        return TaskData(torch.from_numpy(images), torch.from_numpy(labels), read_only=True)
+        return TaskData(torch.from_numpy(images), torch.from_numpy(labels), read_only=True,
+                        file=str(directory / f"{split}.images.npy"))
 
 
 def load_or_build(card: Card, root: str | os.PathLike, size: int, workers: int | None = None,

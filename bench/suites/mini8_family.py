@@ -13,7 +13,7 @@ from mergebench.suites.registry import MergingSanity, register_suite
 SANITY = MergingSanity(expert_gap=35.0, task_gap=20.0, interference=10.0, recovery=0.35, auroc=0.75, span=10.0)
 # mini8 stands in for the real benchmark's full fine-tuned experts, so its ranking is also checked against the
 # published table (LoRA experts and the test-size suites have no published counterpart)
-RANKED = dataclasses.replace(SANITY, ranking_tau=0.8)
+RANKED = dataclasses.replace(SANITY, ranking_tau=0.8, mechanisms=True)
 
 
 @register_suite(sanity=RANKED)

@@ -66,11 +66,19 @@ class MergingSanity:
     auroc: float = 0.0           # (d) least per-task entropy AUROC on the Task Arithmetic model
     span: float = 0.0            # (e) points between the weakest and the best merge of SPAN_FAMILIES
     ranking_tau: float = 0.0     # (f) Kendall tau with the published averages of the calibration set (suites/ranking)
+    # (g) the mechanisms, from the folder's `mergebench diagnose` report: the share of the experts' gain kept (mean
+    # over experts) by their top-20% entries and by rank 10%, LOT's own-update share, the share of the label-trained layer-wise
+    # coefficients' gain that entropy finds, and the zero-shot model less sure where it is wrong
+    mechanisms: bool = False
+    trim_20: float = 0.90
+    rank_10: float = 0.90
+    lot_share: float = 0.75
+    entropy_share: float = 0.60
     task_arithmetic: str = "task_arithmetic(scaling=0.3)"  # the Task Arithmetic row the checks read
 
     SPAN_FAMILIES = ("data-free", "data-free (masks)", "data-based closed form", "test-time adaptation")
 
-    def __call__(self, rows, records: list[dict] | None = None) -> list[str]:
+    def __call__(self, rows, records: list[dict] | None = None, diagnostics: dict | None = None) -> list[str]:
         by = {r["Pipeline"].split("(")[0]: r for _, r in rows.iterrows()}
         ta_row = next((r for _, r in rows.iterrows() if r["Pipeline"] == self.task_arithmetic),
                       by.get("task_arithmetic"))
@@ -126,7 +134,32 @@ class MergingSanity:
                              f"(>= {self.span:g} required): {mark(spread >= self.span)}")
         if self.ranking_tau:
             lines.append(self._ranking(rows, mark))
+        if self.mechanisms:
+            lines.append(self._mechanisms(diagnostics, mark))
         return lines
+
+    def _mechanisms(self, d: dict | None, mark) -> str:
+        if not d:
+            return ("(g) the mechanisms: no `mergebench diagnose` report in this folder (run `mergebench diagnose "
+                    "--suite SUITE --write`): FAILS")
+        trim, rank = d["trim"]["20"], d["low_rank"]["10"]
+        lot, found = d["subspace"]["own_share_lot"], d["entropy_headroom"]["share_found_by_entropy"]
+        cal = d["calibration"]
+        margin = cal["entropy_wrong"] - cal["entropy_correct"]
+        checks = [
+            (f"trimming to the top 20% keeps {trim['mean']:.0%} of the experts' gain (least {trim['min']:.0%}; >= "
+             f"{self.trim_20:.0%})", trim["mean"] >= self.trim_20),
+            (f"rank 10% keeps {rank['mean']:.0%} (least {rank['min']:.0%}; >= {self.rank_10:.0%})",
+             rank["mean"] >= self.rank_10),
+            (f"LOT's closed form keeps {lot:.2f} of each task's own layer update (>= {self.lot_share:.2f})",
+             lot >= self.lot_share),
+            (f"entropy-trained layer-wise coefficients find {found:.0%} of the label-trained ones' gain over Task "
+             f"Arithmetic (>= {self.entropy_share:.0%})", found >= self.entropy_share),
+            (f"the zero-shot model's mean entropy is {margin:+.2f} nats higher where it is wrong than where it is right "
+             f"(> 0)", margin > 0),
+        ]
+        return ("(g) the mechanisms (DIAGNOSTICS.md): " + "; ".join(f"{text}: {mark(ok)}" for text, ok in checks)
+                + f": {mark(all(ok for _, ok in checks))}")
 
     def _ranking(self, rows, mark) -> str:
         from mergebench.pipeline import MethodCall
