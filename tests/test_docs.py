@@ -143,7 +143,9 @@ def test_every_docs_page_has_a_place_in_the_site():
             value = next(iter(item.values())) if isinstance(item, dict) else item
             yield from pages(value) if isinstance(value, list) else [value]
 
-    in_nav = set(pages(config["nav"]))
+    listed = list(pages(config["nav"]))
+    in_nav = set(listed)
+    assert len(listed) == len(in_nav), f"a page is twice in mkdocs.yml's nav: {sorted(listed)}"
     top_level = {p.name for p in (ROOT / "docs").glob("*.md")} | {
         f"{d.name}/README.md" for d in (ROOT / "docs").iterdir() if (d / "README.md").exists()}
     assert top_level <= in_nav, f"pages missing from mkdocs.yml's nav: {sorted(top_level - in_nav)}"
