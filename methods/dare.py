@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mergebench.context import MergeContext
+from mergebench.methods.baselines import cache_sized_parts
 from mergebench.pipeline import MethodCall
 from mergebench.registry import HyperparameterError, Paper, get_method, register_method
 from mergebench.weights import Weights
@@ -19,8 +20,9 @@ DARE = Paper("Language Models are Super Mario: Absorbing Abilities from Homologo
 MASK_LEVELS = 1 << 16   # the drop decision compares a uniform 16-bit integer with round(p * 2^16)
 
 
-def dare_drop_(tensor: Tensor, p: float, rng: np.random.Generator, rescale: bool = True) -> Tensor:
-    """m ⊙ tensor / (1 - p) in place, m ~ Bernoulli(1 - p) per element, drawn from ``rng`` (numpy, on the CPU).
+def drop_mask(numel: int, p: float, rng: np.random.Generator) -> Tensor | None:
+    """Which of ``numel`` elements DARE drops (a flat bool tensor on the CPU; None when none can be), drawn from
+    ``rng`` (numpy): each element independently with probability p.
 
     An element is dropped when a uniform 16-bit integer is below round(p * 2^16): the drop rate is p exactly for
     multiples of 2^-16 (0.5, the default, 0.25, ...) and within 2^-17 of p otherwise. Four draws of 16 bits cost
@@ -29,10 +31,21 @@ def dare_drop_(tensor: Tensor, p: float, rng: np.random.Generator, rescale: bool
     if not 0.0 <= p < 1.0:
         raise ValueError(f"DARE drop rate p must be in [0, 1), got {p}")
     threshold = round(p * MASK_LEVELS)
-    if threshold:
-        drop = rng.integers(0, MASK_LEVELS, size=tensor.numel(), dtype=np.uint16) < threshold
-        tensor.masked_fill_(torch.from_numpy(drop).view(tensor.shape).to(tensor.device), 0.0)
-    return tensor.div_(1.0 - p) if rescale else tensor
+    if not threshold:
+        return None
+    return torch.from_numpy(rng.integers(0, MASK_LEVELS, size=numel, dtype=np.uint16) < threshold)
+
+
+def rescaled_drop_(tau: Tensor, drop: Tensor | None, p: float, rescale: bool = True) -> Tensor:
+    """m ⊙ tau / (1 - p) in place, m = not ``drop`` (flat, as ``tau.view(-1)``; None: keep everything)."""
+    if drop is not None:
+        tau.view(-1).masked_fill_(drop.to(tau.device), 0.0)
+    return tau.div_(1.0 - p) if rescale else tau
+
+
+def dare_drop_(tensor: Tensor, p: float, rng: np.random.Generator, rescale: bool = True) -> Tensor:
+    """m ⊙ tensor / (1 - p) in place, m ~ Bernoulli(1 - p) per element (``drop_mask``)."""
+    return rescaled_drop_(tensor, drop_mask(tensor.numel(), p, rng), p, rescale)
 
 
 class DareContext(MergeContext):
@@ -54,9 +67,14 @@ class DareContext(MergeContext):
         return np.random.Generator(np.random.PCG64([self.seed, self.tasks.index(task), self._dare_keys[key]]))
 
     def _dropped_expert(self, task: str, key: str, theta0: Tensor, expert: Tensor) -> Tensor:
-        """theta_0 + DARE(theta_t - theta_0) of one tensor (a new tensor)."""
-        tau = dare_drop_(expert.to(self.device) - theta0, self._dare_p, self._mask_rng(task, key), self._dare_rescale)
-        return tau.add_(theta0)
+        """theta_0 + DARE(theta_t - theta_0) of one tensor (a new tensor), computed in cache-sized parts."""
+        drop = drop_mask(theta0.numel(), self._dare_p, self._mask_rng(task, key))
+        out = torch.empty_like(theta0, memory_format=torch.contiguous_format)
+        pieces = (out, theta0, expert.to(self.device)) + (() if drop is None else (drop.to(self.device),))
+        for part, base, theta_t, *dropped in cache_sized_parts(*pieces):
+            torch.sub(theta_t, base, out=part)
+            rescaled_drop_(part, dropped[0] if dropped else None, self._dare_p, self._dare_rescale).add_(base)
+        return out
 
     def per_tensor(self, keys: Iterable[str] | None = None,
                    tasks: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor, list[Tensor]]]:

@@ -112,7 +112,8 @@ def test_eval_overhead_cpu_vit_b32(benchmark):
 
     def compare():
         for _ in range(3):
-            rounds["harness"].append(evaluate(model, suite, "test", "cpu", batch_size=batch, tasks=tasks)["images_per_s"])
+            result = evaluate(model, suite, "test", "cpu", batch_size=batch, tasks=tasks)
+            rounds["harness"].append(result["images_per_s"])
             rounds["bare"].append(bare())
 
     try:

@@ -7,10 +7,11 @@ Run on demand (skipped by ``make test``: ``--benchmark-skip``; needs the optiona
 
 Per method, on ViT-B/32-shaped random experts (open_clip's ViT-B/32 image tower, 8 experts theta_0 + N(0, sigma^2)
 noise: the ``synthetic-tiny`` suite with that encoder at ``DEPTH[method]`` residual blocks), the two sides run
-interleaved (mergebench, fusion_bench, mergebench, ...; ``ROUNDS`` each, or ``ROUNDS_OF[method]``) with ``THREADS`` torch threads. Each side
-gets what it gets in its own pipeline: mergebench a ``MergeContext`` over the loaded experts; fusion_bench a
-``BaseModelPool`` of ``nn.Module`` s whose parameters are those same tensors (a fresh pretrained module per run,
-and a fresh first expert for Simple Average, which it overwrites in place). Both return a merged encoder.
+interleaved (mergebench, fusion_bench, mergebench, ...; ``ROUNDS`` each, or ``ROUNDS_OF[method]``) with ``THREADS``
+torch threads. Each side gets what it gets in its own pipeline: mergebench a ``MergeContext`` over the loaded
+experts; fusion_bench a ``BaseModelPool`` of ``nn.Module`` s whose parameters are those same tensors (a fresh
+pretrained module per run, and a fresh first expert for Simple Average, which it overwrites in place). Both return
+a merged encoder.
 
 Recorded in ``docs/benchmarks/merge_vs_fusion_bench.json`` (``OUT`` overrides), per method: the median seconds of
 each side and their ratio (mergebench / fusion_bench), each side's peak resident memory above what the experts
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import io
 import json
 import os
@@ -39,14 +41,16 @@ from pathlib import Path
 import pytest
 import torch
 
-fusion_bench = pytest.importorskip("fusion_bench", reason="the optional fusion-bench extra is not installed")
+from mergebench import memory
+from mergebench.context import MergeContext
+from mergebench.methods.baselines import cache_sized_parts
+from mergebench.models import build_encoder
+from mergebench.pipeline import MethodCall
+from mergebench.run import execute, seed_everything
 
-from mergebench import memory  # noqa: E402
-from mergebench.context import MergeContext  # noqa: E402
-from mergebench.methods.baselines import cache_sized_parts  # noqa: E402
-from mergebench.models import build_encoder  # noqa: E402
-from mergebench.pipeline import MethodCall  # noqa: E402
-from mergebench.run import execute, seed_everything  # noqa: E402
+# imported only by the test itself: importing fusion_bench (lightning, transformers) changes global state
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("fusion_bench") is None,
+                                reason="the optional fusion-bench extra is not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("MERGEBENCH_FB_OUT", ROOT / "docs" / "benchmarks" / "merge_vs_fusion_bench.json"))
@@ -195,7 +199,7 @@ def _cpu_name() -> str:
 
 
 def _write():
-    meta = {"fusion_bench": getattr(fusion_bench, "__version__", None) or _dist_version("fusion-bench"),
+    meta = {"fusion_bench": _dist_version("fusion-bench"),
             "torch": torch.__version__, "cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "threads": THREADS,
             "experts": "open_clip ViT-B/32 image tower, random weights, 8 experts "
                                         "theta_0 + N(0, (0.01 rms(theta_0))^2) per tensor (synthetic-tiny)",
