@@ -206,8 +206,15 @@ def _write():
             "time": "median wall seconds of the rounds, the two sides interleaved",
             "memory": "lower peak resident bytes of the rounds above the loaded experts; x: over the experts' bytes",
             "weights": "max over tensors of max |mergebench - fusion_bench| / max |fusion_bench|"}
+    methods = {}
+    if OUT.exists():   # a run of some of the methods (-k) replaces their entries and keeps the others'
+        try:
+            methods = json.loads(OUT.read_text())["methods"]
+        except (ValueError, KeyError) as e:
+            raise RuntimeError(f"{OUT} is not a comparison written by this benchmark ({e}); move it away") from e
+    methods.update(RESULTS)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"meta": meta, "methods": RESULTS}, indent=1) + "\n")
+    OUT.write_text(json.dumps({"meta": meta, "methods": methods}, indent=1) + "\n")
 
 
 def _dist_version(name: str) -> str | None:
@@ -260,6 +267,7 @@ def test_merge_vs_fusion_bench(benchmark, spec):
         "mergebench_peak_x_experts": round(min(peaks["mergebench"]) / expert_bytes, 3),
         "fusion_bench_peak_x_experts": round(min(peaks["fusion_bench"]) / expert_bytes, 3),
         "max_relative_weight_difference": _max_relative_difference(outputs["mergebench"], outputs["fusion_bench"]),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "svd_based": spec in SVD_BASED, "load_average_1min": [round(x, 2) for x in load], "cpu": _cpu_name(),
     }
     if with_floor:
