@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-sequential demo-lora test test-slurm bench bench-gpu leaderboard docs clean-venv
+.PHONY: demo demo-sequential demo-lora test browser test-slurm bench bench-gpu leaderboard docs docs-site clean-venv
 
 EXAMPLE_PLUGIN := examples/mergebench-example-plugin
 
 $(BIN)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml
+	@echo "installing mergebench and its dependencies (torch, open_clip, ...) into $(VENV): a few minutes the first time"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -e ".[test]"
 	# the example external plugin (Model Breadcrumbs), so the tests show it beside the built-ins
 	$(BIN)/pip install -q --no-deps -e $(EXAMPLE_PLUGIN)
 	touch $@
@@ -37,8 +38,16 @@ demo-lora: $(BIN)/.installed
 	$(BIN)/mergebench leaderboard --suite mini8-lora --write
 
 ## Run the test suite (micro configuration; minutes on 2 cores).
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/pytest -q
+
+## Headless Chromium, in which a test sorts the HTML leaderboard: Debian's package, installed where this runs as root
+## with apt-get; elsewhere that test is skipped and says so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	echo "headless Chromium is not installed (it needs root and apt-get): the HTML leaderboard's browser test is skipped"
 
 ## Sweeps on a real single-node Slurm cluster (root, Debian): installs slurmctld, slurmd and munge from Debian's
 ## packages if missing, starts the daemons by hand (no systemd), runs tests/integration/slurm, stops them by pid.
@@ -72,6 +81,15 @@ leaderboard: $(BIN)/.installed
 ## Regenerate the per-method reference pages (a test fails when they are out of date).
 docs: $(BIN)/.installed
 	$(BIN)/mergebench docs --out docs/methods
+
+$(BIN)/.installed-docs: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+## Build the documentation site from docs/ into site/ (mkdocs.yml); --strict: a link to a missing page or heading
+## fails the build. CI runs it after the tests.
+docs-site: $(BIN)/.installed-docs
+	$(BIN)/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,16 +1,32 @@
-"""mergebench: a benchmark harness for model-merging methods on CLIP ViT image encoders."""
+"""mergebench: a benchmark harness for model-merging methods on CLIP ViT image encoders.
+
+The public names below are imported on first use, so that the command line answers ``--help`` and ``--version``
+without importing torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from mergebench.context import DataNotDeclaredError, MergeContext  # noqa: E402
-from mergebench.models import MergedModel, PerTaskModel, SharedModel  # noqa: E402
-from mergebench.pipeline import MethodCall  # noqa: E402
-from mergebench.registry import (  # noqa: E402
-    NEEDS, Paper, UnknownMethodError, get_method, list_methods, register_method,
-)
-from mergebench.weights import Weights  # noqa: E402
+_EXPORTS = {
+    "register_method": "mergebench.registry", "get_method": "mergebench.registry",
+    "list_methods": "mergebench.registry", "Paper": "mergebench.registry", "NEEDS": "mergebench.registry",
+    "UnknownMethodError": "mergebench.registry",
+    "MergeContext": "mergebench.context", "DataNotDeclaredError": "mergebench.context",
+    "MergedModel": "mergebench.models", "SharedModel": "mergebench.models", "PerTaskModel": "mergebench.models",
+    "Weights": "mergebench.weights", "MethodCall": "mergebench.pipeline",
+}
 
-__all__ = [
-    "register_method", "get_method", "list_methods", "Paper", "NEEDS", "UnknownMethodError",
-    "MergeContext", "DataNotDeclaredError", "MergedModel", "SharedModel", "PerTaskModel", "Weights", "MethodCall",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

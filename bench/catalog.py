@@ -144,13 +144,15 @@ class Registry(Generic[T]):
             for ep in entry_points(group=self.group):
                 try:
                     obj = ep.load()
-                except Exception as e:  # a broken plugin must not take the harness down
-                    self.plugin_errors[ep.name] = f"{type(e).__name__}: {e}"
-                    warnings.warn(f"mergebench {self.kind} plugin {ep.name!r} ({ep.value}) failed to load: {e}",
+                    if self.on_entry_point is not None and not inspect.ismodule(obj):
+                        self.on_entry_point(ep.name, obj)
+                # a broken plugin must not take the harness down: an import error, a name a built-in has, a
+                # function the registry refuses, a module that ends the process at import (argparse: SystemExit)
+                except (Exception, SystemExit) as e:
+                    reason = f"exited with status {e.code}" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+                    self.plugin_errors[ep.name] = reason
+                    warnings.warn(f"mergebench {self.kind} plugin {ep.name!r} ({ep.value}) failed to load: {reason}",
                                   stacklevel=2)
-                    continue
-                if self.on_entry_point is not None and not inspect.ismodule(obj):
-                    self.on_entry_point(ep.name, obj)
         return dict(self.plugin_errors)
 
     def canonical(self, name: str) -> str:

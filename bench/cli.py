@@ -17,14 +17,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from mergebench.errors import InputError, MergebenchError, MissingFileError
+from mergebench.errors import InputError, MergebenchError, MissingFileError, disk_full_message
 from mergebench.registry import NEEDS, HyperparameterError
 
 
@@ -41,7 +43,7 @@ def _kv(items: list[str]) -> dict:
 def cmd_list_methods(args) -> int:
     from mergebench.registry import discover_plugins, get_method, list_methods
 
-    errors = discover_plugins()
+    discover_plugins()  # a plugin that fails to load is a warning (mergebench.catalog)
     names = list_methods(args.pattern or "*", needs=args.needs)
     if args.json:
         print(json.dumps([get_method(n).summary() for n in names], indent=1))
@@ -58,8 +60,6 @@ def cmd_list_methods(args) -> int:
         rows.append(row)
     headers = ["name", "display name", "needs", "adds params", "source"] + (["hyperparameters", "paper"] if args.verbose else [])
     print(tabulate(rows, headers=headers))
-    for name, err in errors.items():
-        print(f"warning: plugin {name!r} failed to load: {err}", file=sys.stderr)
     if not names:
         print(f"no method matches {args.pattern!r}", file=sys.stderr)
         return 1
@@ -155,7 +155,8 @@ def cmd_data(args) -> int:
     chosen = [cardlib.resolve_task(t, all_cards) for t in args.tasks.split(",")] if args.tasks else list(all_cards.values())
     if not Path(args.root).is_dir():
         raise MissingFileError(f"data root {args.root} does not exist (or is not a folder); pass the folder that holds "
-                               f"the datasets (`mergebench data check --root DIR` then lists what each one needs)")
+                               f"the datasets in the cards' layouts (datasets/*.yaml) or a Hugging Face cache (the HF "
+                               f"home, its hub/ folder, or a folder holding datasets--ORG--NAME/)")
     splits = list(SPLITS) if args.splits == "all" else [s.strip() for s in args.splits.split(",")]
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -171,6 +172,14 @@ def cmd_data(args) -> int:
             for k in totals:
                 totals[k] += counts[k]
         print(cardlib.format_check(reports), end="")
+        if all(r["status"] == "missing" and not r["present"] for r in reports):
+            from mergebench.suites import hf_cache
+            repo = next((cardlib.hf_spec(c)["repos"][0] for c in chosen if cardlib.hf_spec(c)), None)
+            example = f", e.g. datasets--{repo.replace('/', '--')}" if repo else ""
+            print(f"nothing found under {args.root}: looked for each card's layout there (e.g. "
+                  f"{Path(args.root) / chosen[0].layout.get('root', chosen[0].name)}) and for Hugging Face datasets "
+                  f"(datasets--ORG--NAME/{example}) in {', '.join(str(d) for d in hf_cache.hub_dirs_searched(args.root))}; Hugging Face copies "
+                  f"are accepted: --root may be the HF home or its hub/ folder")
         print(f"preprocessing cache at {args.image_size} px ($MERGEBENCH_CACHE/real/data): `data prepare` (--splits "
               f"{','.join(splits)}) writes {_gb(totals['to_write'])} more; every run needs the test splits "
               f"({_gb(totals['test'])} in all), train and val ({_gb(totals['other'])} more) only methods that read "
@@ -259,9 +268,15 @@ def cmd_run(args) -> int:
     if overrides and len(specs) != 1:
         print("--set applies to one method; write name(key=value) for several", file=sys.stderr)
         return 2
+    from mergebench.pipeline import MethodCall
+
     if overrides:
-        from mergebench.pipeline import MethodCall
         specs = [str(MethodCall.parse(specs[0]).with_hparams(**overrides))]
+    for spec in specs:  # a misspelled method or hyperparameter is an error before the suite loads
+        call = MethodCall.parse(spec).with_budget(args.budget).resolve()
+        for name, values in (tune or {}).items():
+            for value in values:
+                call.with_hparams(**{name: value}).resolve()
     suite = _suite(args)
     if args.all:  # --all runs what the suite can run; a method named explicitly still reports its own error
         from mergebench.registry import get_method, unmet_requirements
@@ -278,16 +293,41 @@ def cmd_run(args) -> int:
     if reused:
         print(f"reused {len(reused)} of {len(records)} runs from the records in {Path(args.results) / suite.name} "
               f"(same configuration hash: same suite files, method and settings); `--force` runs them again")
+    shown_by = f"mergebench leaderboard --suite {suite.name}" + ("" if args.results == "results" else
+                                                                 f" --results {args.results}")
+    print(f"records: {Path(args.results) / suite.name} (`{shown_by}` shows them)")
     if args.leaderboard:
         from mergebench import leaderboard
         leaderboard.write(args.results, suite.name)
     return 0 if all(r.get("status") == "ok" for r in records) else 1
 
 
+def cmd_diagnose(args) -> int:
+    from mergebench.diagnose import DiagnoseSettings, diagnose, markdown
+    from mergebench.io import atomic_write_text
+
+    suite = _suite(args)
+    settings = DiagnoseSettings(split=args.split, images=args.images, exemplars=args.exemplars,
+                                coefficient_steps=args.steps, seed=args.seed)
+    report = diagnose(suite, settings, verbose=not args.quiet)
+    text = markdown(report)
+    print(text, end="")
+    if args.write:
+        folder = Path(args.results) / suite.name
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "diagnostics.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(folder / "DIAGNOSTICS.md", text)
+        print(f"wrote {folder / 'DIAGNOSTICS.md'} and {folder / 'diagnostics.json'}")
+    return 0
+
+
 def cmd_leaderboard(args) -> int:
     from mergebench import leaderboard
 
     view = {"max_added_params": args.max_added_params, "needs": args.needs, "sort": args.sort}
+    typed, args.suite = args.suite, leaderboard.resolve_suite(args.results, args.suite)
+    if args.suite != typed:
+        print(f"suite {typed}: the records in {Path(args.results) / args.suite}", file=sys.stderr)
     if args.protocol == "sequential" and not args.write:
         print(leaderboard.render_sequential(args.results, args.suite, args.format), end="")
         return 0
@@ -329,7 +369,7 @@ def cmd_sweep(args) -> int:
     from mergebench.sweep import Sweep, job_status, render_status, run_sweep, summarize
 
     grid = {k: v.split(",") for k, v in _kv(args.grid).items()}
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    seeds = args.seeds or None
     suites = args.suite.split(",") if args.suite else None
     options = _suite_options(args)
     if options:  # the same options for every suite named (e.g. --suite real --manifest M --data-root D)
@@ -448,33 +488,71 @@ def seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def fraction(text: str) -> float:
+    """``--data-fraction``: a number in (0, 1] (checked when the arguments are parsed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not (0 < value <= 1):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] (1 = all of the split), got {text!r}")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers."""
+    seeds = []
+    for item in text.split(","):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2; {item.strip()!r} in "
+                                             f"{text!r} is not one") from None
+    return seeds
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the command line ``argv``, only the named command's arguments are built (the others
+    list their one-line help), so ``mergebench --help`` and ``--version`` import neither torch nor the suites."""
+    from mergebench import __version__
+
     p = argparse.ArgumentParser(prog="mergebench", description="Benchmark model-merging methods on CLIP ViT encoders.")
+    p.add_argument("--version", action="version", version=f"mergebench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    named = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+
+    def wanted(command: str) -> bool:
+        return named is None or named == command
+
+    def list_suites(*args, **kwargs):
+        from mergebench.suites import list_suites
+
+        return list_suites(*args, **kwargs)
 
     s = sub.add_parser("list-methods", help="list registered methods (built-ins and plugins)")
-    s.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'ada*'")
-    s.add_argument("--needs", choices=list(NEEDS), help="filter by data needs")
-    s.add_argument("-v", "--verbose", action="store_true", help="show hyperparameters and papers")
-    s.add_argument("--json", action="store_true", help="machine-readable metadata")
-    s.set_defaults(fn=cmd_list_methods)
-
-    from mergebench.suites import list_suites
+    if wanted("list-methods"):
+        s.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'ada*'")
+        s.add_argument("--needs", choices=list(NEEDS), help="filter by data needs")
+        s.add_argument("-v", "--verbose", action="store_true", help="show hyperparameters and papers")
+        s.add_argument("--json", action="store_true", help="machine-readable metadata")
+        s.set_defaults(fn=cmd_list_methods)
 
     s = sub.add_parser("build", help="build (or load from cache) a suite")
-    s.add_argument("suite", nargs="?", default="mini8", choices=list_suites(builds=True))
-    s.add_argument("--artifact", action="store_true",
-                   help="mini8, micro, mini8-lora, micro-lora: rebuild from nothing and write the committed artifact "
-                        "(bench/suites/artifacts/SUITE: checkpoints, sha256, the accuracies measured at build)")
-    s.add_argument("--jobs", type=int, metavar="N",
-                   help="mini8 suites: fine-tune the experts (or LoRA adapters) in N processes at once, each with "
-                        "the threads this one has (same bytes: each expert's run is seeded on its own; default "
-                        "$MERGEBENCH_BUILD_JOBS, else 1)")
-    s.set_defaults(fn=cmd_build)
+    if wanted("build"):
+        s.add_argument("suite", nargs="?", default="mini8", choices=list_suites(builds=True))
+        s.add_argument("--artifact", action="store_true",
+                       help="mini8, micro, mini8-lora, micro-lora: rebuild from nothing and write the committed artifact "
+                            "(bench/suites/artifacts/SUITE: checkpoints, sha256, the accuracies measured at build)")
+        s.add_argument("--jobs", type=int, metavar="N",
+                       help="mini8 suites: fine-tune the experts (or LoRA adapters) in N processes at once, each with "
+                            "the threads this one has (same bytes: each expert's run is seeded on its own; default "
+                            "$MERGEBENCH_BUILD_JOBS, else 1)")
+        s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("list-suites", help="list registered suites (built-ins and plugins) with their options")
-    s.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'mini*'")
-    s.set_defaults(fn=cmd_list_suites)
+    if wanted("list-suites"):
+        s.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'mini*'")
+        s.set_defaults(fn=cmd_list_suites)
 
     def suite_options(s, default="mini8"):
         s.add_argument("--suite", default=default, metavar="SUITE",
@@ -485,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--data-root", help="real suite: the folder holding the datasets (see `mergebench data check`)")
         s.add_argument("--trust-pickle", action="store_true",
                        help="real suite: read pickled checkpoints (task-vectors format) with a restricted unpickler "
-                            "(tensor data only, model classes as inert placeholders; README: Reliability); "
+                            "(tensor data only, model classes as inert placeholders; docs/reliability.md); "
                             "converted once to safetensors")
         s.add_argument("--tasks", help="real suite: comma-separated subset of tasks (default: every expert)")
         s.add_argument("--fraction", type=float, default=None,
@@ -498,8 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
         s.add_argument("--force", action="store_true", help="rerun configurations that already have an ok record")
-        s.add_argument("--unlabeled-split", default="test", help="split that unlabeled streams draw from")
-        s.add_argument("--data-fraction", type=float, default=1.0, help="fraction of that split a method may see")
+        from mergebench.suites.base import SPLITS
+
+        s.add_argument("--unlabeled-split", default="test", choices=list(SPLITS),
+                       help="split that unlabeled streams draw from")
+        s.add_argument("--data-fraction", type=fraction, default=1.0,
+                       help="fraction of that split a method may see, in (0, 1]")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS",
                        help="record a method as failed when its merge runs longer than this")
@@ -517,46 +599,63 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="merge, evaluate and record one or more methods",
                        description="METHOD_SPEC is a name or a call: 'ties_merging(k=10)', "
                                    "'surgery(base=task_arithmetic(scaling=0.3))'.")
-    s.add_argument("methods", nargs="*", metavar="METHOD_SPEC")
-    s.add_argument("--all", action="store_true", help="every registered method with its defaults")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a hyperparameter (one method)")
-    s.add_argument("--tune", action="append", metavar="KEY=V1,V2", help="select on the validation split")
-    s.add_argument("--leaderboard", action="store_true", help="rewrite the suite's leaderboard files afterwards")
-    run_options(s)
-    s.set_defaults(fn=cmd_run)
+    if wanted("run"):
+        s.add_argument("methods", nargs="*", metavar="METHOD_SPEC")
+        s.add_argument("--all", action="store_true", help="every registered method with its defaults")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a hyperparameter (one method)")
+        s.add_argument("--tune", action="append", metavar="KEY=V1,V2", help="select on the validation split")
+        s.add_argument("--leaderboard", action="store_true", help="rewrite the suite's leaderboard files afterwards")
+        run_options(s)
+        s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("leaderboard", help="render the leaderboard from the records")
-    s.add_argument("--suite", default="mini8")
-    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
-    from mergebench.leaderboard import sequential_formats, text_formats
+    if wanted("leaderboard"):
+        s.add_argument("--suite", default="mini8")
+        s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
+        from mergebench.leaderboard import sequential_formats, text_formats
 
-    s.add_argument("--format", choices=text_formats(), default="md",
-                   help="the output format (registered formats: mergebench.leaderboard.FORMATS)")
-    s.add_argument("--write", action="store_true",
-                   help="write LEADERBOARD.md, leaderboard.csv, .tex, .html and the plots (PNG, SVG)")
-    s.add_argument("--max-added-params", metavar="BUDGET", help="keep methods within '1%%' of the backbone or a count "
-                                                                "('0', '500k', '2M')")
-    s.add_argument("--needs", metavar="KIND", help="keep methods using at most this data: data-free, "
-                                                   + ", ".join(k for k in NEEDS if k not in ("nothing", "sequential")))
-    s.add_argument("--sort", metavar="COLUMN[:asc|desc]", help="sort by any column (e.g. Norm, 'Added params', "
-                                                                "MMACs/img)")
-    s.add_argument("--protocol", choices=["one-shot", "sequential"], default="one-shot",
-                   help="sequential: print the table of sequential runs (final average over orders +- std, average "
-                        "over steps) in --format " + "|".join(sequential_formats()))
-    s.set_defaults(fn=cmd_leaderboard)
+        s.add_argument("--format", choices=text_formats(), default="md",
+                       help="the output format (registered formats: mergebench.leaderboard.FORMATS)")
+        s.add_argument("--write", action="store_true",
+                       help="write LEADERBOARD.md, leaderboard.csv, .tex, .html and the plots (PNG, SVG)")
+        s.add_argument("--max-added-params", metavar="BUDGET", help="keep methods within '1%%' of the backbone or a count "
+                                                                    "('0', '500k', '2M')")
+        s.add_argument("--needs", metavar="KIND", help="keep methods using at most this data: data-free, "
+                                                       + ", ".join(k for k in NEEDS if k not in ("nothing", "sequential")))
+        s.add_argument("--sort", metavar="COLUMN[:asc|desc]", help="sort by any column (e.g. Norm, 'Added params', "
+                                                                    "MMACs/img)")
+        s.add_argument("--protocol", choices=["one-shot", "sequential"], default="one-shot",
+                       help="sequential: print the table of sequential runs (final average over orders +- std, average "
+                            "over steps) in --format " + "|".join(sequential_formats()))
+        s.set_defaults(fn=cmd_leaderboard)
+
+    s = sub.add_parser("diagnose", help="measure the mechanisms merging methods exploit on a suite's experts "
+                                        "(trimming, low rank, input subspaces, entropy signal)")
+    suite_options(s)
+    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"),
+                   help="with --write: the report goes to RESULTS/<suite>/DIAGNOSTICS.md and diagnostics.json")
+    s.add_argument("--write", action="store_true", help="write the report next to the suite's leaderboard")
+    s.add_argument("--split", default="test", choices=("val", "test"), help="where accuracies are measured")
+    s.add_argument("--images", type=int, default=1000, help="at most this many images per task per accuracy")
+    s.add_argument("--exemplars", type=int, default=64, help="training images per task for the layer inputs")
+    s.add_argument("--steps", type=int, default=150, help="Adam steps of each layer-wise coefficient loop")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_diagnose)
 
     s = sub.add_parser("data", help="real-suite datasets: check what is on disk, or prepare the preprocessing cache")
-    s.add_argument("action", choices=["check", "prepare"])
-    s.add_argument("--root", required=True, help="the data root (layouts in datasets/*.yaml)")
-    s.add_argument("--tasks", help="comma-separated datasets (default: all eight)")
-    s.add_argument("--verify", action="store_true", help="check: also verify md5 checksums of files stored as published")
-    s.add_argument("--image-size", type=int, default=224, help="the model's input size (check: the space a prepare "
-                                                                "takes at that size)")
-    s.add_argument("--splits", default="test", help="prepare: comma-separated splits to cache, or all (default test: "
-                                                    "what every run reads; train and val are cached on first use by "
-                                                    "the methods that read them)")
-    s.add_argument("--workers", type=int, default=None, help="prepare: decoding threads")
-    s.set_defaults(fn=cmd_data)
+    if wanted("data"):
+        s.add_argument("action", choices=["check", "prepare"])
+        s.add_argument("--root", required=True, help="the data root (layouts in datasets/*.yaml)")
+        s.add_argument("--tasks", help="comma-separated datasets (default: all eight)")
+        s.add_argument("--verify", action="store_true", help="check: also verify md5 checksums of files stored as published")
+        s.add_argument("--image-size", type=int, default=224, help="the model's input size (check: the space a prepare "
+                                                                    "takes at that size)")
+        s.add_argument("--splits", default="test", help="prepare: comma-separated splits to cache, or all (default test: "
+                                                        "what every run reads; train and val are cached on first use by "
+                                                        "the methods that read them)")
+        s.add_argument("--workers", type=int, default=None, help="prepare: decoding threads")
+        s.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("zoo", help="model-zoo manifests: write one from your files (init), or hash a file (hash)",
                        description="zoo init DIR: scan a folder of checkpoints (task names from file names, formats "
@@ -564,98 +663,121 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--hf-cache DIR: the same from a Hugging Face cache (openai/clip-vit-* backbones, "
                                    "<org>/clip-vit-*_<task> experts). zoo hash PATH: the sha256 a manifest expects. "
                                    "Fields: docs/manifest.md.")
-    s.add_argument("action", choices=["init", "hash"])
-    s.add_argument("path", nargs="*", help="init: the folder to scan; hash: files or folders")
-    s.add_argument("--hf-cache", metavar="DIR", help="init: a Hugging Face cache folder (hub, or the folder holding it)")
-    s.add_argument("--out", "-o", help="init: the manifest to write (default DIR/manifest.yaml; --hf-cache: "
-                                       "./<model>.yaml)")
-    s.add_argument("--model", help="init: the open_clip model config name (default: matched by tensor shapes)")
-    s.add_argument("--model-config", metavar="FILE.json", help="init: open_clip.CLIP arguments for an architecture "
-                                                               "open_clip has no name for")
-    s.add_argument("--backbone", metavar="FILE", help="init: the full CLIP checkpoint (default: found in the folder)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--quick-gelu", action="store_true", help="init: the backbone uses QuickGELU (OpenAI's weights)")
-    g.add_argument("--gelu", action="store_true", help="init: the backbone uses GELU (LAION, DataComp weights)")
-    s.add_argument("--data-root", help="init: write this data root into the manifest")
-    s.add_argument("--name", help="init: the suite name (real-NAME; default: the model)")
-    s.add_argument("--trust-pickle", action="store_true", help="init: the backbone is a pickled model you trust")
-    s.set_defaults(fn=cmd_zoo)
+    if wanted("zoo"):
+        s.add_argument("action", choices=["init", "hash"])
+        s.add_argument("path", nargs="*", help="init: the folder to scan; hash: files or folders")
+        s.add_argument("--hf-cache", metavar="DIR", help="init: a Hugging Face cache folder (hub, or the folder holding it)")
+        s.add_argument("--out", "-o", help="init: the manifest to write (default DIR/manifest.yaml; --hf-cache: "
+                                           "./<model>.yaml)")
+        s.add_argument("--model", help="init: the open_clip model config name (default: matched by tensor shapes)")
+        s.add_argument("--model-config", metavar="FILE.json", help="init: open_clip.CLIP arguments for an architecture "
+                                                                   "open_clip has no name for")
+        s.add_argument("--backbone", metavar="FILE", help="init: the full CLIP checkpoint (default: found in the folder)")
+        g = s.add_mutually_exclusive_group()
+        g.add_argument("--quick-gelu", action="store_true", help="init: the backbone uses QuickGELU (OpenAI's weights)")
+        g.add_argument("--gelu", action="store_true", help="init: the backbone uses GELU (LAION, DataComp weights)")
+        s.add_argument("--data-root", help="init: write this data root into the manifest")
+        s.add_argument("--name", help="init: the suite name (real-NAME; default: the model)")
+        s.add_argument("--trust-pickle", action="store_true", help="init: the backbone is a pickled model you trust")
+        s.set_defaults(fn=cmd_zoo)
 
     s = sub.add_parser("sweep", help="methods x suites x seeds x hyperparameter grid as independent jobs",
                        description="Each job writes its own record; running the same sweep again runs only the "
                                    "missing or failed jobs. Settings can come from --config (YAML).")
-    s.add_argument("methods", nargs="*", metavar="METHOD_SPEC")
-    s.add_argument("--config", help="YAML with methods, suites, seeds, grid, time_limit, executor, jobs, slurm: {...}")
-    s.add_argument("--name", help="sweep name (default: a hash of its definition); `mergebench status NAME`")
-    s.add_argument("--suite", help="comma-separated suites (backbones), default mini8; a suite with options: "
-                                   "--suite-option KEY=VALUE or the real suite's flags, or the YAML config's "
-                                   "suites: [{name: real, manifest: M.yaml, data_root: DIR}]")
-    s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="an option of the suites' loader")
-    s.add_argument("--manifest", help="real suite: the model-zoo manifest")
-    s.add_argument("--data-root", help="real suite: the datasets' folder")
-    s.add_argument("--trust-pickle", action="store_true", help="real suite: allow pickled checkpoints")
-    s.add_argument("--tasks", help="real suite: comma-separated subset of tasks")
-    s.add_argument("--seeds", help="comma-separated seeds, default 0")
-    s.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="hyperparameter values (KEY or method.KEY)")
-    s.add_argument("--executor", choices=["local", "slurm", "submitit-local"], help="default local")
-    s.add_argument("--jobs", type=int, help="local: processes at a time")
-    precision_option(s)
-    s.add_argument("--partition", dest="slurm_partition", help="slurm partition")
-    s.add_argument("--gpus", dest="slurm_gpus", type=int, help="slurm: GPUs per job (default: none)")
-    s.add_argument("--time", dest="slurm_time", type=int, help="slurm: minutes per job (default 60)")
-    s.add_argument("--mem", dest="slurm_mem", help="slurm: memory per job, e.g. 32GB")
-    s.add_argument("--cpus", dest="slurm_cpus", type=int, help="slurm: CPUs per job")
-    s.add_argument("--account", dest="slurm_account", help="slurm account")
-    s.add_argument("--wait", action="store_true", help="slurm: wait for the jobs to finish")
-    s.add_argument("--dry-run", action="store_true", help="list the jobs that would run; writes nothing")
-    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
-    s.add_argument("--device", default="auto")
-    s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS", help="per-job merge time limit")
-    s.set_defaults(fn=cmd_sweep)
+    if wanted("sweep"):
+        s.add_argument("methods", nargs="*", metavar="METHOD_SPEC")
+        s.add_argument("--config", help="YAML with methods, suites, seeds, grid, time_limit, executor, jobs, slurm: {...}")
+        s.add_argument("--name", help="sweep name (default: a hash of its definition); `mergebench status NAME`")
+        s.add_argument("--suite", help="comma-separated suites (backbones), default mini8; a suite with options: "
+                                       "--suite-option KEY=VALUE or the real suite's flags, or the YAML config's "
+                                       "suites: [{name: real, manifest: M.yaml, data_root: DIR}]")
+        s.add_argument("--suite-option", action="append", metavar="KEY=VALUE", help="an option of the suites' loader")
+        s.add_argument("--manifest", help="real suite: the model-zoo manifest")
+        s.add_argument("--data-root", help="real suite: the datasets' folder")
+        s.add_argument("--trust-pickle", action="store_true", help="real suite: allow pickled checkpoints")
+        s.add_argument("--tasks", help="real suite: comma-separated subset of tasks")
+        s.add_argument("--seeds", type=seed_list, help="comma-separated seeds, default 0")
+        s.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="hyperparameter values (KEY or method.KEY)")
+        s.add_argument("--executor", choices=["local", "slurm", "submitit-local"], help="default local")
+        s.add_argument("--jobs", type=int, help="local: processes at a time")
+        precision_option(s)
+        s.add_argument("--partition", dest="slurm_partition", help="slurm partition")
+        s.add_argument("--gpus", dest="slurm_gpus", type=int, help="slurm: GPUs per job (default: none)")
+        s.add_argument("--time", dest="slurm_time", type=int, help="slurm: minutes per job (default 60)")
+        s.add_argument("--mem", dest="slurm_mem", help="slurm: memory per job, e.g. 32GB")
+        s.add_argument("--cpus", dest="slurm_cpus", type=int, help="slurm: CPUs per job")
+        s.add_argument("--account", dest="slurm_account", help="slurm account")
+        s.add_argument("--wait", action="store_true", help="slurm: wait for the jobs to finish")
+        s.add_argument("--dry-run", action="store_true", help="list the jobs that would run; writes nothing")
+        s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
+        s.add_argument("--device", default="auto")
+        s.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS", help="per-job merge time limit")
+        s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("new-method", help="scaffold an installable method plugin package")
-    s.add_argument("name", help="the method's registry name, e.g. my_merging")
-    s.add_argument("--dir", default=".", help="where to create mergebench-NAME/ (default: here)")
-    s.add_argument("--force", action="store_true", help="overwrite an existing folder")
-    s.set_defaults(fn=cmd_new_method)
+    if wanted("new-method"):
+        s.add_argument("name", help="the method's registry name, e.g. my_merging")
+        s.add_argument("--dir", default=".", help="where to create mergebench-NAME/ (default: here)")
+        s.add_argument("--force", action="store_true", help="overwrite an existing folder")
+        s.set_defaults(fn=cmd_new_method)
 
     s = sub.add_parser("check-plugin", help="conformance kit for a method (or every method of a plugin)")
-    s.add_argument("name", help="method name, wildcard, or plugin distribution / entry-point name")
-    suite_options(s, default="micro")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--time-limit", type=seconds, default=600.0, metavar="SECONDS",
-                   help="fail the checks of a method whose runs take longer than this (default 600; the process is "
-                        "killed at the deadline)")
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.set_defaults(fn=cmd_check_plugin)
+    if wanted("check-plugin"):
+        s.add_argument("name", help="method name, wildcard, or plugin distribution / entry-point name")
+        suite_options(s, default="micro")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--time-limit", type=seconds, default=600.0, metavar="SECONDS",
+                       help="fail the checks of a method whose runs take longer than this (default 600; the process is "
+                            "killed at the deadline)")
+        s.add_argument("-q", "--quiet", action="store_true")
+        s.set_defaults(fn=cmd_check_plugin)
 
     s = sub.add_parser("docs", help="write one reference page per built-in method from the registry")
-    s.add_argument("--out", default="docs/methods")
-    s.add_argument("--check", action="store_true", help="only report pages that are out of date")
-    s.set_defaults(fn=cmd_docs)
+    if wanted("docs"):
+        s.add_argument("--out", default="docs/methods")
+        s.add_argument("--check", action="store_true", help="only report pages that are out of date")
+        s.set_defaults(fn=cmd_docs)
 
     s = sub.add_parser("status", help="done, running, failed and missing jobs of a sweep")
-    s.add_argument("name", help="the sweep's name (printed by `mergebench sweep`)")
-    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
-    s.add_argument("-v", "--verbose", action="store_true", help="list done jobs too")
-    s.set_defaults(fn=cmd_status)
+    if wanted("status"):
+        s.add_argument("name", help="the sweep's name (printed by `mergebench sweep`)")
+        s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"))
+        s.add_argument("-v", "--verbose", action="store_true", help="list done jobs too")
+        s.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("demo", help="run every method on mini8 (the committed suite; records already made are reused), write and print the leaderboard")
-    run_options(s)
-    s.set_defaults(fn=cmd_demo)
+    if wanted("demo"):
+        run_options(s)
+        s.set_defaults(fn=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     if getattr(args, "time_limit", None):  # before any torch work: forked merges get this process's threads
         from mergebench.limits import reserve_threads
         reserve_threads()
+    if getattr(args, "quiet", False):  # no progress bars anywhere (mergebench.progress)
+        os.environ["MERGEBENCH_QUIET"] = "1"
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.fn(args)
-    except MergebenchError as e:  # what the user can fix: the message says what; anything else is a bug (traceback)
+    except MergebenchError as e:  # what the user can fix: the message says what; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {disk_full_message(e.filename, e)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.formatwarning = previous
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning on the command line: one line saying what (the source line of the call is no help to a user)."""
+    return f"warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -31,3 +31,15 @@ class MissingFileError(MergebenchError, FileNotFoundError):
 
 class UnsafeNameError(InputError):
     """A name that would become a file or folder name is not a plain path component."""
+
+
+class DiskFullError(MergebenchError, OSError):
+    """A file could not be written: its filesystem is full (or the user's quota is spent)."""
+
+
+def disk_full_message(path, error: BaseException | None = None) -> str:
+    """What to do when writing ``path`` found its filesystem full: free space there, or move the cache."""
+    where = f"writing {path}" if path else "writing a file"
+    return (f"no space left on the device {where}{f' ({error.strerror})' if getattr(error, 'strerror', None) else ''}:"
+            f" free space there, or point MERGEBENCH_CACHE (the cache) or --results (the records) at a folder on a "
+            f"filesystem with room")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mergebench.models import MergedModel
+from mergebench.progress import progress
 from mergebench.suites.base import Suite
 
 
@@ -47,8 +48,11 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
         prepared[task] = (stored, data.labels.to(device, non_blocking=True), suite.head(task).to(device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    bar = progress(total=sum(len(labels) for _, labels, _ in prepared.values()), desc=f"evaluate ({split})",
+                   unit="img")
     start = time.perf_counter()
     for task, (stored, labels, head) in prepared.items():
+        bar.set_postfix_str(task, refresh=False)
         correct = torch.zeros((), dtype=torch.long, device=device)
         bad = torch.zeros((), dtype=torch.long, device=device)
         hits, entropies = [], []
@@ -64,6 +68,7 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
             bad += (~torch.isfinite(logits)).any(-1).sum()
             hits.append(hit)
             entropies.append(prediction_entropy(logits))
+            bar.update(n)
         correct, bad = int(correct.item()), int(bad.item())   # one synchronisation per task
         per_task[task] = float("nan") if bad else 100.0 * correct / len(labels)
         aurocs[task] = float("nan") if bad else auroc(-torch.cat(entropies).cpu(), torch.cat(hits).cpu())
@@ -73,6 +78,7 @@ def evaluate(model: MergedModel, suite: Suite, split: str = "test", device="cpu"
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    bar.close()
     return {"accuracy": per_task, "nonfinite": nonfinite, "images": images, "seconds": seconds,
             "images_per_s": images / max(seconds, 1e-9), "entropy_auroc": aurocs}
 

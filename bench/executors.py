@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebench.errors import MergebenchError
+from mergebench.progress import progress
 from mergebench.sweep import Job, write_submitted_markers
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -109,6 +110,7 @@ class LocalExecutor:
         running: list[tuple[Job, subprocess.Popen, Path]] = []
         outcomes: list[Outcome] = []
         log_dir = Path(self.log_dir or (Path(jobs[0].results_dir) / "sweeps" / "logs")) if jobs else None
+        bar = progress(total=len(jobs), desc="sweep", unit="job")
         while queue or running:
             while queue and len(running) < self.jobs:
                 job = queue.pop(0)
@@ -134,6 +136,8 @@ class LocalExecutor:
                                                   f"{tail[-1] if tail else '?'} (log: {log_path})")
                 log(f"{'done  ' if outcome.ok else 'ERROR '} {_job_tag(job)}: {outcome.detail}")
                 outcomes.append(outcome)
+                bar.update(1)
+        bar.close()
         return outcomes
 
 

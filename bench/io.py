@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -9,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mergebench.errors import MergebenchError, UnsafeNameError
+from mergebench.errors import DiskFullError, MergebenchError, UnsafeNameError, disk_full_message
 
 # a results folder needs room for a few records (tens of kB each) before any merge work starts
 MIN_FREE_BYTES = 1 << 20
@@ -39,10 +40,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        raise_if_disk_full(e, path)
         raise
     return path
+
+
+def raise_if_disk_full(error: BaseException, path) -> None:
+    """``DiskFullError`` naming ``path`` when ``error`` says its filesystem is full (ENOSPC, EDQUOT)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(disk_full_message(path, error)) from error
 
 
 def current_umask() -> int:
@@ -107,7 +115,12 @@ def atomic_save_tensors(tensors: dict, path: str | os.PathLike) -> Path:
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(e, path)
+        # safetensors reports a full disk as its own error: the folder has less room than the tensors take
+        needed = sum(v.numel() * v.element_size() for v in tensors.values())
+        if isinstance(e, Exception) and shutil.disk_usage(path.parent).free < needed:
+            raise DiskFullError(disk_full_message(path, None)) from e
         raise
     return path

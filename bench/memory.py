@@ -34,6 +34,15 @@ def rss_bytes() -> int | None:
     return None if kib is None else kib * 1024
 
 
+def available_bytes() -> int | None:
+    """The memory the kernel can give new work without swapping (``MemAvailable``; None where there is none)."""
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
 def reset_peak(device: torch.device | str | None = None) -> bool:
     """Start a new peak: the host high-water mark (where the kernel allows) and, for a CUDA ``device``, the
     allocator's. Returns whether the host peak could be reset (else ``peak_rss_bytes`` is the lifetime peak)."""

@@ -9,6 +9,7 @@ know makes the count fail with its name.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from math import prod
 
@@ -82,7 +83,9 @@ class UncountedOperatorError(RuntimeError):
 
 def count_macs(model: nn.Module, image_shape: tuple, task: str | None = None, device="cpu") -> dict:
     """MACs per image of ``model`` (a MergedModel with ``task``, or a plain encoder)."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore.nn scripts its focal losses at import, which torch warns is deprecated
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     wrapped = _TaskForward(model, task) if task is not None else model
     x = torch.zeros(1, *image_shape, device=device)

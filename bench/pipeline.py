@@ -36,6 +36,10 @@ class MethodCall:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
             hp = {}
             for kw in node.keywords:
+                if kw.arg is None or kw.arg in hp:
+                    raise HyperparameterError(
+                        f"method spec {text!r} sets {kw.arg or '**'} more than once in {node.func.id}(...); "
+                        f"give each hyperparameter once")
                 if kw.arg == "base":
                     hp["base"] = cls._from_node(kw.value, text)
                 elif isinstance(kw.value, ast.Name):

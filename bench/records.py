@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -101,23 +102,74 @@ def check_record(rec) -> None:
         required.update(_REQUIRED_OK)
         if rec.get("protocol") == "sequential":
             required.update(_REQUIRED_SEQUENTIAL)
-    for keys, kind in required.items():
-        value = rec
+    check_fields(rec, required)
+
+
+def check_fields(rec: dict, fields: dict, required: bool = True) -> None:
+    """Raise ``ValueError`` naming the first field of ``fields`` (``{("metrics", "accuracy"): dict, ...}``) that
+    ``rec`` lacks (when ``required``; otherwise a missing or null field passes) or holds with another type (a tuple of types:
+    any of them; ``Items(list, str)``: a list of strings, ``Items(dict, float)`` a dict of floats). A bool is not a
+    number."""
+    for keys, kind in fields.items():
+        value, present = rec, True
         for i, key in enumerate(keys):
-            if not isinstance(value, dict) or key not in value:
+            if isinstance(value, dict) and key in value and (required or value[key] is not None):
+                value = value[key]
+            elif required:
                 raise ValueError(f"{'an ok' if rec['status'] == 'ok' else 'a'} record without "
                                  f"{'.'.join(keys[:i + 1])!r}")
-            value = value[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ValueError(f"{'.'.join(keys)!r} is {type(value).__name__}, not "
-                             f"{' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}")
+            elif isinstance(value, dict):
+                present = False
+                break
+            else:
+                raise ValueError(f"{'.'.join(keys[:i])!r} is {type(value).__name__}, not dict")
+        if not present:
+            continue
+        outer, items = (kind.outer, kind.items) if isinstance(kind, Items) else (kind, None)
+        if not _is(value, outer):
+            raise ValueError(f"{'.'.join(keys)!r} is {type(value).__name__}, not {_names(outer)}")
+        for k, item in (value.items() if isinstance(value, dict) else enumerate(value)) if items else ():
+            if not _is(item, items):
+                raise ValueError(f"{'.'.join(keys)}[{k!r}] is {type(item).__name__}, not {_names(items)}")
+
+
+@dataclass(frozen=True)
+class Items:
+    """A field type for ``check_fields``: a container (``list`` or ``dict``) whose items (or values) are ``items``."""
+    outer: type | tuple
+    items: type | tuple
+
+
+def _is(value, kind) -> bool:
+    """``isinstance``, except that a bool is not a number."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
+def _names(kind) -> str:
+    return " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 def read_record(path: str | os.PathLike) -> dict:
-    """The record in ``path``; ``OSError`` or ``ValueError`` (with the reason) if it cannot be read."""
-    rec = json.loads(Path(path).read_text())
+    """The record in ``path``; ``OSError`` or ``ValueError`` (with the reason) if it cannot be read.
+
+    Only a regular file is read: the file is opened without blocking, so a FIFO or a device named ``*.json`` is
+    reported, never waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ValueError(f"not a regular file ({_file_kind(mode)})")
+    with os.fdopen(fd, "rb") as f:
+        rec = json.loads(f.read().decode("utf-8"))
     check_record(rec)
     return rec
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def unreadable_reason(path: str | os.PathLike) -> str | None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import os
 import random
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -586,6 +588,24 @@ def expected_seconds(method: str, records: list[dict]) -> float:
     return max(seen) if seen else 0.5 * steps
 
 
+def bounded_workers(jobs: int, work: int, records: list[dict]) -> int:
+    """``jobs`` bounded by the work (no more workers than methods) and by the memory available: each worker is
+    expected to need the largest peak a record of this suite measured, or this process's resident size (what a
+    forked worker that writes to all it inherited would hold). Says so when it runs fewer."""
+    peaks = [value * 2**20 for r in records if isinstance(r.get("timing"), dict)
+             for key in ("peak_rss_mb", "peak_rss_mb_process")
+             if isinstance(value := r["timing"].get(key), (int, float)) and math.isfinite(value)]
+    per_worker = max(peaks + [memory.rss_bytes() or 0]) or None
+    available = memory.available_bytes()
+    fit = max(1, available // per_worker) if available and per_worker else jobs
+    bounded = max(1, min(jobs, work, fit))
+    if bounded < jobs:
+        print(f"--jobs {jobs}: running {bounded} worker{'s' if bounded != 1 else ''} ({work} method"
+              f"{'s' if work != 1 else ''}; memory for {fit} at {per_worker / 2**30:.1f} GiB each, "
+              f"{(available or 0) / 2**30:.1f} GiB available)", file=sys.stderr, flush=True)
+    return bounded
+
+
 _PARALLEL: tuple | None = None  # (suite, kwargs) of the running _run_parallel, inherited by its forked workers
 
 
@@ -608,6 +628,7 @@ def _run_parallel(methods: list[str], suite: Suite, jobs: int, kwargs: dict) -> 
         raise InputError("--jobs runs methods in forked CPU workers; on a GPU run them in one process (--jobs 1)")
     records = load_records(kwargs.get("results_dir", DEFAULT_RESULTS), suite.name).records  # read once
     order = sorted(range(len(methods)), key=lambda i: -expected_seconds(methods[i], records))
+    jobs = bounded_workers(jobs, len(methods), records)
     kwargs = {**kwargs, "show_progress": False}
     out: list[dict | None] = [None] * len(methods)
     _PARALLEL = (suite, kwargs)

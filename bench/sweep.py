@@ -64,6 +64,10 @@ class SweepFileError(InputError):
     """A sweep's YAML (its config or its saved definition) cannot be read; the message names the file."""
 
 
+class SweepNameError(InputError):
+    """A sweep name already names a saved sweep with another definition."""
+
+
 def _read_yaml(path: Path, what: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
@@ -193,11 +197,31 @@ class Sweep:
     def manifest_path(self) -> Path:
         return Path(self.results_dir) / "sweeps" / f"{self.name}.yaml"
 
-    def save(self) -> Path:
-        data = {"name": self.name, "methods": self.methods, "suites": self.suites, "seeds": self.seeds,
+    # what decides a sweep's jobs: a saved definition that differs in one of these is another sweep
+    DEFINITION = ("methods", "suites", "seeds", "grid", "precision")
+
+    def check_name(self) -> None:
+        """A name in use by a saved sweep with another definition is an error (``save`` would replace it): the
+        message names the file and both definitions' differences. An unreadable definition is never replaced."""
+        path = self.manifest_path()
+        if not path.exists():
+            return
+        saved = _read_yaml(path, "sweep definition")
+        ours = yaml.safe_load(yaml.safe_dump(self._definition()))
+        differ = [k for k in self.DEFINITION if saved.get(k) != ours.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: saved {saved.get(k)!r}, now {ours.get(k)!r}" for k in differ)
+            raise SweepNameError(f"sweep name {self.name!r} is in use by {path}, a sweep with another definition "
+                                 f"({shown}): give this one another --name, or delete {path} to replace it")
+
+    def _definition(self) -> dict:
+        return {"name": self.name, "methods": self.methods, "suites": self.suites, "seeds": self.seeds,
                 "grid": self.grid, "device": self.device, "time_limit_s": self.time_limit_s,
                 "precision": self.precision}
-        return atomic_write_text(self.manifest_path(), yaml.safe_dump(data, sort_keys=False))
+
+    def save(self) -> Path:
+        self.check_name()
+        return atomic_write_text(self.manifest_path(), yaml.safe_dump(self._definition(), sort_keys=False))
 
     @classmethod
     def load(cls, name: str, results_dir: str | os.PathLike = "results") -> "Sweep":
@@ -464,6 +488,7 @@ def run_job(job: Job | dict) -> dict:
 def run_sweep(sweep: Sweep, executor, log=print, dry_run: bool = False) -> list:
     """Submit every job that is missing or failed (queued and running ones are not submitted again) and
     save the manifest; returns the executors' outcomes. ``dry_run`` lists the jobs and writes nothing."""
+    sweep.check_name()
     jobs = sweep.jobs(build=not dry_run)
     todo = pending(jobs)
     log(f"sweep {sweep.name}: {len(jobs)} jobs; {len(jobs) - len(todo)} done, queued or running; "

@@ -149,7 +149,7 @@ def doge(ctx, steps: int = 400, lr: float = 1e-4, lamda: float = 0.07, subspace:
     groups: dict[tuple, list] = {}
     for unit in units:
         groups.setdefault(tuple(unit_tensor(tvs[0], unit).shape), []).append(unit)
-    for shape, members in groups.items():
+    for shape, members in ctx.progress(list(groups.items()), desc="DOGE delta (per layer shape)"):
         stacked = torch.stack([torch.stack([unit_tensor(tv, u) for tv in tvs]) for u in members]).float()
         lam = lamda / stacked.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)   # [U, T]
         delta, losses = optimize_delta(stacked, lam, shared_subspace_projector(stacked, subspace), steps, lr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from mergebench.methods import tall as tall_module
 from mergebench.methods.tall import TallMaskModel, tall_mask
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
 from mergebench.methods.tsv import tsv_matrix
-from mergebench.methods.wudi import wudi_loss, wudi_matrix
+from mergebench.methods.wudi import wudi_loss, wudi_matrix, wudi_optimize, wudi_terms
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
 from mergebench.run import execute, run_method
@@ -514,6 +516,15 @@ def test_wudi_default_touches_only_block_linear_weights(micro):
     assert torch.equal(merged["proj"], theta0["proj"]) and torch.equal(merged["ln_post.weight"], theta0["ln_post.weight"])
     assert not torch.equal(merged["transformer.resblocks.0.attn.in_proj_weight"],
                            theta0["transformer.resblocks.0.attn.in_proj_weight"])
+
+
+def test_wudi_leaves_a_tensor_no_task_changed_at_zero():
+    """LoRA experts leave proj and the positional embedding unadapted: all their task vectors are zero. The WUDI
+    objective of such a tensor is 0 / 0 in the direct form (fusion_bench's wudi_merging returns NaN there);
+    others='mean' keeps it at theta_0."""
+    zeros = [torch.zeros(6, 4) for _ in range(3)]
+    merged, losses = wudi_optimize(*wudi_terms(zeros), steps=5)
+    assert torch.equal(merged, torch.zeros(6, 4)) and all(math.isfinite(x) for x in losses)
 
 
 # ------------------------------------------------------------------ registration and end to end

@@ -50,3 +50,101 @@ def test_tutorial_ends_in_a_working_plugin(tmp_path, monkeypatch, micro):
         assert report.ok, report.render()
     finally:
         registry.unregister_method("norm_balanced")
+
+
+# ------------------------------------------------------------------ the README (an entry point) and the docs site
+def _shell_commands(text: str, program: str) -> list[list[str]]:
+    """The ``program ...`` command lines of a Markdown text's bash blocks, continuation lines joined, comments cut."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == [program]:
+                commands.append(words[1:])
+    return commands
+
+
+def _markdown_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_every_documented_command_is_one_the_cli_and_the_makefile_accept():
+    from mergebench.cli import build_parser
+
+    targets = set(re.findall(r"^([\w.-]+(?: [\w.-]+)*):", (ROOT / "Makefile").read_text(), re.M))
+    targets = {t for group in targets for t in group.split()} | {f"{a}-artifact" for a in
+                                                                 ("mini8", "micro", "mini8-lora", "micro-lora")}
+    seen = 0
+    for page in _markdown_pages():
+        text = page.read_text()
+        for argv in _shell_commands(text, "mergebench"):
+            try:
+                build_parser().parse_args(argv)
+            except SystemExit:
+                raise AssertionError(f"{page.relative_to(ROOT)}: `mergebench {' '.join(argv)}` is not a valid command")
+            seen += 1
+        for argv in _shell_commands(text, "make"):
+            assert set(argv) <= targets, f"{page.relative_to(ROOT)}: `make {' '.join(argv)}`: no such target"
+    assert seen > 40  # the pages do document commands: the check is not vacuous
+
+
+def test_readme_is_an_entry_point_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    # the two commands, and CI runs the same test command before building the site
+    assert ["demo"] in _shell_commands(readme, "make") and ["test"] in _shell_commands(readme, "make")
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci.index("make test") < ci.index("make docs-site")
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        if not re.match(r"[a-z]+://", target):
+            assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def _table_rows(text: str) -> dict[str, dict[str, str]]:
+    """{method: {column: cell}} of the first Markdown table whose header starts with `Method`."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[0] == "Method"
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(header):
+            break
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_readme_results_are_the_committed_leaderboards_top_rows():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Results on mini8", 1)[1].split("\n## ", 1)[0]
+    shown = _table_rows(section)
+    board = (ROOT / "results" / "mini8" / "LEADERBOARD.md").read_text()
+    committed = _table_rows(board)
+    assert list(shown) == list(committed)[:len(shown)] and len(shown) >= 5
+    for method, cells in shown.items():
+        for column, value in cells.items():
+            assert committed[method][column] == value, (method, column)
+    baselines = re.search(r"Further down the same table: (.*?)\.\s", section, re.S).group(1)
+    assert len(re.findall(r"\d+\.\d", baselines)) == 3
+    for name, avg in re.findall(r"([A-Z][\w ]+?) (\d+\.\d)\b", baselines):
+        row = committed.get(name) or next(v for k, v in committed.items() if k.lower().startswith(name.lower()))
+        assert row["Avg"] == avg, (name, avg)
+
+
+def test_every_docs_page_has_a_place_in_the_site():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+    def pages(nav):
+        for item in nav:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            yield from pages(value) if isinstance(value, list) else [value]
+
+    in_nav = set(pages(config["nav"]))
+    top_level = {p.name for p in (ROOT / "docs").glob("*.md")} | {
+        f"{d.name}/README.md" for d in (ROOT / "docs").iterdir() if (d / "README.md").exists()}
+    assert top_level <= in_nav, f"pages missing from mkdocs.yml's nav: {sorted(top_level - in_nav)}"
+    assert all((ROOT / "docs" / page).exists() for page in in_nav)

@@ -285,3 +285,23 @@ def test_run_all_skips_methods_the_suite_cannot_run(micro, micro_lora, monkeypat
     assert "copa_merging" not in ran["micro"] and "task_arithmetic" in ran["micro"]
     assert "copa_merging" in ran["micro-lora"]
     assert "skipped copa_merging: needs lora experts" in capsys.readouterr().err
+
+
+def test_a_results_folders_notes_stand_under_its_table(tmp_path):
+    """NOTES.md beside the records (e.g. results/mini8-lora: why a method falls on LoRA experts) is shown under the
+    main table of LEADERBOARD.md, in the files `write` makes too; a folder without one shows nothing more."""
+    import shutil
+    from pathlib import Path
+
+    records = Path(__file__).parent / "data" / "leaderboard" / "records" / "micro"
+    shutil.copytree(records, tmp_path / "micro")
+    before = leaderboard.render(tmp_path, "micro")
+    note = "**Note.** WUDI Merging falls below the pretrained model on these experts; see its method page."
+    (tmp_path / "micro" / "NOTES.md").write_text(note + "\n")
+    md = leaderboard.render(tmp_path, "micro")
+    assert note not in before and md.count(note) == 1
+    table_end = md.index("\n\n", md.index("| Method"))
+    assert md.index(note) > table_end and md.index(note) < md.index("## Benchmark sanity")
+    assert md.replace("\n\n" + note, "", 1) == before
+    leaderboard.write(tmp_path, "micro", out_dir=tmp_path / "out", plots=False)
+    assert note in (tmp_path / "out" / "LEADERBOARD.md").read_text()

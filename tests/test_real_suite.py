@@ -427,9 +427,18 @@ def test_cli_runs_the_real_suite(world, suite, tmp_path, capsys):
 
     code = main(["run", "weight_averaging", "--suite", "real", "--manifest", str(world.manifest), "--data-root",
                  str(world.data), "--trust-pickle", "--results", str(tmp_path), "-q", "--device", "cpu"])
-    assert code == 0, capsys.readouterr()
+    out = capsys.readouterr()
+    assert code == 0, out
     assert list((tmp_path / "real-tiny").glob("*.json"))
+    assert f"records: {tmp_path / 'real-tiny'} (`mergebench leaderboard --suite real-tiny --results {tmp_path}` " \
+           f"shows them)" in out.out  # the run names its folder
     assert main(["leaderboard", "--suite", "real-tiny", "--results", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| Weight Averaging" in table
+    # the suite's name as typed finds the folder named after the backbone
+    assert main(["leaderboard", "--suite", "real", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out == table and f"suite real: the records in {tmp_path / 'real-tiny'}" in out.err
 
 
 # ------------------------------------------------------------------ clear errors for bad checkpoints
@@ -533,13 +542,20 @@ def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(worl
                      count_flops=False)
     assert rec["suite"]["model"] == {"name": None, "open_clip": None, "quick_gelu": True}  # a model_config manifest
     assert "Published numbers" not in leaderboard.render(tmp_path / "r", "real-tiny")
-    # a ViT-B/32 run whose manifest says `name: my-zoo`: the published 69.1 sits beside it
+    # the fixtures' splits are far smaller than the cards': the run says so, and is never beside published numbers
+    assert rec["suite"]["data_complete"] is False and "MNIST test: 12 images, the card has 10,000" in \
+        rec["suite"]["data_short"]
     b32 = {"name": "ViT-B-32", "open_clip": "ViT-B-32-quickgelu", "quick_gelu": True}
-    _refile(rec, tmp_path / "r" / "real-my-zoo", "ta.json", model=b32, name="real-my-zoo")
+    _refile(rec, tmp_path / "s" / "real-my-zoo", "ta.json", model=b32, name="real-my-zoo")
+    md = leaderboard.render(tmp_path / "s", "real-my-zoo")
+    assert "Published numbers" not in md and "Task Arithmetic ‡" in md
+    # a ViT-B/32 run on complete data whose manifest says `name: my-zoo`: the published 69.1 sits beside it
+    _refile(rec, tmp_path / "r" / "real-my-zoo", "ta.json", model=b32, name="real-my-zoo", data_complete=True,
+            data_short=[])
     md = leaderboard.render(tmp_path / "r", "real-my-zoo")
     line = next(l for l in md.splitlines() if l.startswith("| Task Arithmetic") and "69.1" in l)
     assert f"{rec['metrics']['avg_accuracy']:.1f}" in line and "2310.02575" in line
-    assert "Published numbers (ViT-B-32" in md
+    assert "Published numbers (ViT-B-32" in md and "‡" not in md
     # the same architecture with GELU weights, or under a suite named real-ViT-B-32: no published numbers
     _refile(rec, tmp_path / "g" / "real-ViT-B-32", "ta.json", model={**b32, "quick_gelu": False})
     assert "Published numbers" not in leaderboard.render(tmp_path / "g", "real-ViT-B-32")
@@ -560,8 +576,8 @@ def test_a_task_subset_run_is_kept_apart_from_the_full_rows(world, suite, tmp_pa
                     count_flops=False)
     assert full["status"] == wa["status"] == "ok"
     b32 = {"name": "ViT-B-32", "open_clip": "ViT-B-32", "quick_gelu": True}
-    for r, name in ((full, "ta.json"), (wa, "wa.json")):
-        _refile(r, results / "real-b32", name, model=b32)
+    for r, name in ((full, "ta.json"), (wa, "wa.json")):  # as if on complete data (the fixtures' splits are small)
+        _refile(r, results / "real-b32", name, model=b32, data_complete=True, data_short=[])
     # a newer 3-task Task Arithmetic run (`--tasks MNIST,SVHN,DTD`) that scores higher than the full row
     sub = {"schema": 1, **json.loads(json.dumps({k: v for k, v in full.items() if k != "_path"}))}
     three = ["MNIST", "SVHN", "DTD"]

@@ -343,7 +343,8 @@ def test_hf_cache_zoo_init_data_check_and_evaluation(hf_world, tmp_path, monkeyp
     assert main(["data", "check", "--root", str(hub), "--tasks", "EuroSAT,MNIST,DTD,GTSRB", "--image-size", "32"]) == 1
     report = capsys.readouterr().out
     assert "source: Hugging Face dataset tanganke/eurosat" in report and "source: Hugging Face dataset ylecun/mnist" in report
-    assert "no val split in tanganke/eurosat: no val split for EuroSAT" in report and "val not in the data" in report
+    assert "val: carved from train (this Hugging Face copy has no val split)" in report  # EuroSAT
+    assert "cache at 32 px: train 18 images 55.7 kB (on first use); val 2 images 6.4 kB (on first use)" in report
     assert "lists the card's classes in another order; labels are remapped by name" in report  # DTD
     assert re.search(r"class names differ from the card at 43 of 43 indices \(0: 'sign 0' vs card '[^']+'", report)
     assert "sizes: test 15, train 67" in report  # DTD: two train files
@@ -387,6 +388,68 @@ def test_hf_cache_zoo_init_data_check_and_evaluation(hf_world, tmp_path, monkeyp
     for task in ("EuroSAT", "MNIST", "DTD"):
         d = imagecache.cache_dir(all_cards[task], hub, 32)
         assert sorted(p.name for p in d.glob("*.npy")) == ["test.images.npy", "test.labels.npy"], task
+
+
+def test_a_run_on_short_splits_is_marked_and_records_its_data(hf_world, tmp_path, monkeypatch, capsys):
+    """The run compares each split's image count with the card, says which are short, and records the counts and
+    where the data came from; EuroSAT's copy (no val split) gets val carved from train, so --tune runs on it."""
+    from mergebench import leaderboard
+    from mergebench.cli import main
+
+    base, hub, clip, experts, all_cards = hf_world
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))  # heads computed here: their log is printed
+    out = tmp_path / "b32.yaml"
+    assert main(["zoo", "init", "--hf-cache", str(base / "huggingface"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    results = tmp_path / "results"
+    assert main(["run", "task_arithmetic", "--tune", "scaling=0.2,0.3", "--suite", "real", "--manifest", str(out),
+                 "--data-root", str(hub), "--tasks", "EuroSAT,MNIST", "--results", str(results),
+                 "--device", "cpu"]) == 0, capsys.readouterr()
+    printed = capsys.readouterr()
+    assert "MNIST test: 12 images, the card has 10,000" in printed.err and "data_complete: false" in printed.err
+    assert "MNIST: 10 classes x 1 template\n" in printed.out and "1 templates" not in printed.out
+    rec = json.loads(next((results / "real-custom").glob("*.json")).read_text())
+    assert rec["status"] == "ok" and rec["suite"]["data_complete"] is False
+    assert "EuroSAT test: 10 images, the card has 2,700" in rec["suite"]["data_short"]
+    eurosat, mnist = rec["suite"]["data"]["EuroSAT"], rec["suite"]["data"]["MNIST"]
+    assert eurosat["carved"] == {"val": "from train"} and eurosat["images"] == {"train": 18, "val": 2, "test": 10}
+    assert eurosat["expected"] == {"train": 19440, "val": 2160, "test": 2700}  # 21,600 train: 10% carved
+    assert mnist["source"] == "hf:ylecun/mnist@da7a" and mnist["images"] == {"train": 27, "val": 3, "test": 12}
+    snap = hub / "datasets--ylecun--mnist" / "snapshots" / "da7a"
+    assert mnist["path_sha256"] == hashlib.sha256(str(snap.resolve()).encode()).hexdigest()[:16]
+    table = leaderboard.render(results, "real-custom")
+    assert "‡" in table and "ran on data whose split sizes differ from the dataset cards" in table
+
+
+def test_rows_on_incomplete_data_are_never_beside_published_numbers():
+    from mergebench.suites.real import published_references, reference_results
+
+    tasks = list(reference_results()["tasks"])
+    rec = {"suite": {"model": {"name": "ViT-B-32", "quick_gelu": True}, "tasks": tasks, "data_complete": True},
+           "metrics": {"accuracy": {t: 50.0 for t in tasks}}, "method": {"pipeline": "task_arithmetic"}}
+    assert published_references([rec]) is not None
+    short = {**rec, "suite": {**rec["suite"], "data_complete": False, "data_short": ["MNIST test: 32 of 10,000"]}}
+    assert published_references([rec, short]) is None
+
+
+def test_a_full_cache_filesystem_is_one_line_naming_the_file(hf_world, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from mergebench.cli import main
+
+    base, hub, clip, experts, all_cards = hf_world
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert main(["data", "prepare", "--root", str(hub), "--tasks", "GTSRB", "--image-size", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on the device writing" in err
+    assert "test.images.npy" in err and "MERGEBENCH_CACHE" in err
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-written is left
 
 
 # ------------------------------------------------------------------ the example manifest and the field reference

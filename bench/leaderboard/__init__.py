@@ -30,6 +30,34 @@ from mergebench.leaderboard.model import (  # noqa: F401  (the public table mode
 )
 
 
+def resolve_suite(results_dir, suite: str) -> str:
+    """The results folder that holds the records of ``suite`` as a user typed it: the folder of that name when it
+    holds records, else the one folder of the registered suite's runs (``real`` -> ``real-ViT-B-32``: a real suite's
+    runs go to a folder named after its backbone). Several such folders, or none at all, are an error naming what
+    there is."""
+    from mergebench.errors import MissingFileError
+    from mergebench.suites import REGISTRY
+
+    root = Path(results_dir)
+
+    def holds_records(folder: Path) -> bool:
+        return folder.is_dir() and next(folder.rglob("*.json"), None) is not None
+
+    if holds_records(root / suite):
+        return suite
+    spec = REGISTRY.get(suite) if suite in REGISTRY else None
+    folders = sorted(p.name for p in root.iterdir() if holds_records(p)) if root.is_dir() else []
+    mine = [f for f in folders if spec is not None and spec.writes_to(f)]
+    if len(mine) == 1:
+        return mine[0]
+    if mine:
+        raise InputError(f"suite {suite!r} has records in {len(mine)} folders of {root}: {', '.join(mine)}; name "
+                         f"one with --suite (e.g. --suite {mine[0]})")
+    others = f" (folders with records: {', '.join(folders)})" if folders else ""
+    raise MissingFileError(f"no records for suite {suite!r} in {root}{others}; run `mergebench run --suite {suite} "
+                           f"...` first, or name another folder with --results")
+
+
 def render(results_dir, suite: str, fmt: str = "md", max_added_params: str | float | None = None,
            needs: str | None = None, sort: str | None = None, plots: bool = False) -> str:
     """The leaderboard in a registered format: ``md`` (Markdown), ``csv``, ``latex`` (booktabs), ``html``
@@ -97,6 +125,6 @@ def write(results_dir, suite: str, out_dir: str | os.PathLike | None = None, plo
 
 from mergebench.leaderboard import builtin  # noqa: E402,F401  (the built-in formats register on import)
 
-__all__ = ["render", "render_sequential", "write", "table", "sequential_table", "speed_table", "view", "pareto_front",
+__all__ = ["render", "resolve_suite", "render_sequential", "write", "table", "sequential_table", "speed_table", "view", "pareto_front",
            "parse_budget", "describe_view", "below_budget", "budget_note", "precision_note", "table_note", "task_set", "task_sets", "task_columns", "Board", "Page",
            "Format", "FORMATS", "register_format", "get_format", "text_formats", "UnknownFormatError", "BUDGET_MARK"]

@@ -72,10 +72,10 @@ class Page:
 
     @property
     def nothing(self) -> bool:
-        """No rows and no failed runs of either protocol."""
+        """No rows, no failed runs of either protocol and no unreadable file."""
         df, failed = self.board.table()
         seq_df, seq_failed, _ = self.sequential
-        return df.empty and not failed and seq_df.empty and not seq_failed
+        return df.empty and not failed and seq_df.empty and not seq_failed and not self.board.unreadable
 
     def text(self, form: "Format") -> str | None:
         """``form``'s rendering of this page (a line saying how to make records when there are none; only the costs

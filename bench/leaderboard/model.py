@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from functools import cached_property
+from pathlib import Path
 
 import pandas as pd
 
 from mergebench.errors import InputError
-from mergebench.records import load_records
+from mergebench.records import Items, check_fields, load_records
 from mergebench.registry import NEEDS
 
 BUDGET_MARK = "†"
+DATA_MARK = "‡"  # a run on data whose split sizes differ from the dataset cards
 
 
 # ------------------------------------------------------------------ what the columns mean (said once)
@@ -42,6 +45,36 @@ def explain_columns() -> str:
 
 
 # ------------------------------------------------------------------ records -> rows
+_NUMBER = (int, float)
+# What the tables read of a record beyond what every record has (``records.check_record``): each field, where a record
+# has it, is of this type; a record that has one of another type is listed as unreadable, never shown half-right.
+SHOWN_FIELDS = {
+    ("method", "name"): str, ("method", "display_name"): str, ("method", "hparams"): dict,
+    ("method", "needs"): Items(list, str), ("suite",): dict, ("suite", "tasks"): Items(list, str),
+    ("suite", "experts"): str, ("suite", "synthetic"): bool, ("suite", "data_complete"): bool,
+    ("suite", "data_short"): list, ("suite", "test_images"): Items(dict, int),
+    ("metrics", "accuracy"): Items(dict, _NUMBER), ("metrics", "normalized_accuracy"): Items(dict, _NUMBER),
+    ("metrics", "entropy_auroc"): Items(dict, _NUMBER), ("flops",): dict, ("flops", "mean"): _NUMBER,
+    ("timing",): dict, ("selection",): dict, ("selection", "protocol"): str, ("budget",): dict,
+    ("budget", "below_paper"): Items(list, str), ("config",): dict, ("config", "precision"): str, ("finished",): str,
+    ("protocol",): str, ("sequential", "per_order"): Items(list, dict),
+}
+
+
+def unshowable(rec: dict) -> str | None:
+    """Why ``rec`` (a record ``records.read_record`` accepts) cannot be shown, or None: a field of another type than
+    the tables read (``SHOWN_FIELDS``), or a row that cannot be built from it."""
+    try:
+        check_fields(rec, SHOWN_FIELDS, required=False)
+        if rec["status"] == "ok":
+            rows = (sequential_rows if is_sequential(rec) else speed_rows if is_synthetic(rec) else one_shot_rows)([rec])
+            if not is_sequential(rec) and not is_synthetic(rec):
+                display(rows, task_columns(rows))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return f"cannot be shown: {e if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'}"
+    return None
+
+
 def is_sequential(rec: dict) -> bool:
     return rec.get("protocol") == "sequential"
 
@@ -58,9 +91,22 @@ def latest_ok(records: list[dict]) -> list[dict]:
         if rec.get("status") != "ok":
             continue
         key = (rec["method"]["pipeline"], task_set(rec))
-        if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
+        if key not in latest or (rec.get("finished") or "") > (latest[key].get("finished") or ""):
             latest[key] = rec
     return list(latest.values())
+
+
+def failed_runs(records: list[dict]) -> list[dict]:
+    """Every failed record, unless an ok record of the same configuration (``config_hash``: method settings, task set,
+    data, seed...) supersedes it: an ok run of the same method over other tasks or other data does not."""
+    ok = {r["config_hash"] for r in records if r.get("status") == "ok"}
+    return [r for r in records if r.get("status") == "failed" and r["config_hash"] not in ok]
+
+
+def over_other_tasks(rec: dict, main: tuple[str, ...]) -> str:
+    """" (over digits, signs)" for a run over another task set than the main table's ``main``, else ""."""
+    tasks = task_set(rec)
+    return f" (over {', '.join(tasks)})" if main and tasks and tasks != tuple(main) else ""
 
 
 def task_set(rec: dict) -> tuple[str, ...]:
@@ -88,9 +134,10 @@ def label(rec: dict) -> str:
     from mergebench.pipeline import MethodCall
     from mergebench.registry import UnknownMethodError
 
-    name, hparams = rec["method"]["display_name"], rec["method"]["hparams"]
+    name, hparams = rec["method"].get("display_name") or rec["method"].get("name") or rec["method"]["pipeline"], \
+        rec["method"].get("hparams") or {}
     try:
-        defaults = MethodCall(rec["method"]["name"]).resolve().plain_hparams()
+        defaults = MethodCall(rec["method"].get("name", "")).resolve().plain_hparams() if hparams else {}
     except (UnknownMethodError, ValueError):  # method no longer registered: show everything
         defaults = {}
     changed = {k: v for k, v in hparams.items() if defaults.get(k) != v}
@@ -116,8 +163,26 @@ def below_budget(rec: dict) -> list[str]:
         return []
 
 
+def incomplete_data(rec: dict) -> list[str]:
+    """The splits of a real-suite run whose image counts differ from the dataset cards (the record's
+    ``suite.data_short``; empty for a run on complete data)."""
+    info = rec.get("suite") if isinstance(rec.get("suite"), dict) else {}
+    return [str(s) for s in info.get("data_short") or ["split sizes"]] if info.get("data_complete") is False else []
+
+
 def method_cell(rec: dict, text: str) -> str:
-    return text + (f" {BUDGET_MARK}" if below_budget(rec) else "")
+    return text + (f" {DATA_MARK}" if incomplete_data(rec) else "") + (f" {BUDGET_MARK}" if below_budget(rec) else "")
+
+
+def data_note(df: pd.DataFrame) -> str:
+    """The line under a table that explains its incomplete-data marks ("" when every row ran on complete data)."""
+    rows = [m.removesuffix(" " + BUDGET_MARK).removesuffix(" " + DATA_MARK) for m in df.get("Method", [])
+            if m.removesuffix(" " + BUDGET_MARK).endswith(DATA_MARK)]
+    if not rows:
+        return ""
+    return (f"{DATA_MARK} ran on data whose split sizes differ from the dataset cards (the record's suite.data_short "
+            f"names them; `mergebench data check` says what is missing), so this table is not compared with "
+            f"published numbers: {', '.join(rows)}.")
 
 
 def budget_note(df: pd.DataFrame) -> str:
@@ -156,7 +221,7 @@ def run_precision(rec: dict) -> str:
 
 def table_note(df: pd.DataFrame) -> str:
     """The lines under a table: its budget marks and, where they differ, its rows' precisions."""
-    return " ".join(n for n in (budget_note(df), precision_note(df)) if n)
+    return " ".join(n for n in (budget_note(df), precision_note(df), data_note(df)) if n)
 
 
 def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
@@ -170,7 +235,7 @@ def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
             "Avg": m["avg_accuracy"], "Norm": m["avg_normalized_accuracy"],
             "Added params": p["added"], "Added %": p["added_pct"],
             "MMACs/img": f.get("mean", float("nan")) / 1e6, "Merge s": t["merge_s"],
-            "Needs": ",".join(rec["method"]["needs"]), "Selection": rec.get("selection", {}).get("protocol", "fixed"),
+            "Needs": ",".join(rec["method"]["needs"]), "Selection": (rec.get("selection") or {}).get("protocol", "fixed"),
             "Below budget": "; ".join(below_budget(rec)), "Precision": run_precision(rec),
         })
         rows.append(row)
@@ -180,6 +245,8 @@ def one_shot_rows(ok: list[dict]) -> pd.DataFrame:
         df["Pareto"] = pareto_front(df["Avg"], df["Added params"])
     return df
 
+
+NOTES_FILE = "NOTES.md"  # in a suite's results folder: text shown under its main table
 
 SPEED_NOTE = ("Synthetic suite: random weights, experts and images of the real benchmark's shapes. It measures cost "
               "only: merge time, evaluation throughput and peak memory; its accuracies are chance level and are not "
@@ -228,7 +295,15 @@ class Board:
     def __init__(self, results_dir, suite: str):
         self.results_dir, self.suite = results_dir, suite
         loaded = load_records(results_dir, suite)
-        self.records, self.unreadable = loaded.records, loaded.unreadable
+        self.records, self.unreadable = [], list(loaded.unreadable)
+        for rec in loaded.records:  # a record the tables cannot show is named with the unreadable files
+            why = unshowable(rec)
+            if why is None:
+                self.records.append(rec)
+            else:
+                self.unreadable.append((Path(rec["_path"]), why))
+                warnings.warn(f"skipping record {rec['_path']}: {why}", stacklevel=2)
+        self.unreadable.sort(key=lambda item: str(item[0]))
         # sequential runs have their own table; runs on synthetic data only a speed table (their accuracies are noise)
         self.one_shot = [r for r in self.records if not is_sequential(r) and not is_synthetic(r)]
         self.synthetic = [r for r in self.records if is_synthetic(r) and not is_sequential(r)]
@@ -237,6 +312,13 @@ class Board:
     @property
     def empty(self) -> bool:
         return not self.records
+
+    @cached_property
+    def notes(self) -> str:
+        """The folder's ``NOTES.md`` (what its maintainers found out about rows of its table, with the evidence),
+        shown under the main table; "" when there is none."""
+        path = Path(self.results_dir) / self.suite / NOTES_FILE
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
     @cached_property
     def spec(self):
@@ -266,10 +348,7 @@ class Board:
         """(rows, failed records): the rows over the main task set (``task_sets``), or over ``tasks``."""
         key = tuple(tasks) if tasks is not None else None
         if key not in self._tables:
-            ok_pipelines = {r["method"]["pipeline"] for r in self.latest}
-            failed = [r for r in self.one_shot if r.get("status") == "failed"
-                      and r["method"]["pipeline"] not in ok_pipelines]  # a later success supersedes a failure
-            self._tables[key] = (one_shot_rows(self.shown(tasks)), failed)
+            self._tables[key] = (one_shot_rows(self.shown(tasks)), failed_runs(self.one_shot))
         df, failed = self._tables[key]
         return df.copy(), failed
 
@@ -281,12 +360,10 @@ class Board:
             if rec.get("status") != "ok":
                 continue
             key = (rec["method"]["pipeline"], len(rec["sequential"]["orders"]))
-            if key not in latest or rec.get("finished", "") > latest[key].get("finished", ""):
+            if key not in latest or (rec.get("finished") or "") > (latest[key].get("finished") or ""):
                 latest[key] = rec
         ok = sorted(latest.values(), key=lambda r: -r["sequential"]["final_avg_mean"])
-        ok_keys = {r["method"]["pipeline"] for r in ok}
-        failed = [r for r in records if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_keys]
-        return sequential_rows(ok), failed, ok
+        return sequential_rows(ok), failed_runs(records), ok
 
     def sequential_table(self) -> tuple[pd.DataFrame, list[dict], list[dict]]:
         """(rows, failed records, the ok records shown) of the sequential runs: per method pipeline and number
@@ -296,10 +373,7 @@ class Board:
 
     @cached_property
     def _speed(self) -> tuple[pd.DataFrame, list[dict]]:
-        ok = latest_ok(self.synthetic)
-        ok_pipelines = {r["method"]["pipeline"] for r in ok}
-        failed = [r for r in self.synthetic if r.get("status") == "failed" and r["method"]["pipeline"] not in ok_pipelines]
-        return speed_rows(ok), failed
+        return speed_rows(latest_ok(self.synthetic)), failed_runs(self.synthetic)
 
     def speed_table(self) -> tuple[pd.DataFrame, list[dict]]:
         """(rows, failed records) of the runs on synthetic data: the newest ok record per pipeline, with its costs
@@ -328,6 +402,32 @@ class Board:
         pipelines = set(df["Pipeline"])
         records = [r for r in self.shown() if r["method"]["pipeline"] in pipelines]
         return self.spec.references(records) if records else None
+
+
+    def subset_tables(self, view_options: dict | None = None) -> list[tuple[tuple[str, ...], pd.DataFrame]]:
+        """(task set, rows in the view) for each task set other than the main one that has rows in the view."""
+        out = []
+        for ts in self.task_sets[1:]:
+            df = view(self.table(tasks=ts)[0], **(view_options or {}))
+            if not df.empty:
+                out.append((ts, df))
+        return out
+
+    def published(self, df: pd.DataFrame):
+        """(title, note, table) of each published number the suite gives (``register_suite(references=...)``) beside
+        the measured one of the same method (its best row in the main table ``df``), or None."""
+        refs = self.references(df)
+        if refs is None or not refs.rows:
+            return None
+        measured = {} if df.empty else {r["Pipeline"].split("(")[0]: r["Avg"] for _, r in df.iloc[::-1].iterrows()}
+        rows = pd.DataFrame([{"Method": r["display"], "Published Avg": f"{r['avg']:.1f}",
+                              "Measured Avg": f"{measured[r['method']]:.1f}" if r["method"] in measured else "-",
+                              "Verified": "yes" if r.get("verified") else "no", "Source": r["source"]}
+                             for r in refs.rows])
+        return refs.title, refs.note, rows
+
+
+SUBSET_NOTE = "Not comparable with the main table (another task set): Avg, Norm and Pareto are over these tasks only."
 
 
 def table(results_dir, suite: str, tasks: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, list[dict], list]:
@@ -396,6 +496,26 @@ SEQUENTIAL_NOTE = ("Sequential protocol: the experts arrive one at a time in a t
                    "after the last expert, mean ± std over the task orders; Avg over steps = the mean over steps of "
                    "the accuracy on the tasks seen, mean ± std over orders; Norm = final accuracy / the experts'. "
                    "(adapter) = a one-shot method re-run on the experts seen so far. Params and MACs: the final model.")
+
+
+# ------------------------------------------------------------------ figures
+FIGURES = {"pareto_params": "Accuracy vs added parameters", "accuracy_flops": "Accuracy vs MACs per image"}
+EQUAL_COSTS = 0.01  # MACs per image within 1% of one another: accuracy vs MACs would be a vertical line
+
+
+def equal_costs_note(df: pd.DataFrame) -> str:
+    """Why accuracy versus MACs is not plotted for these rows ("" when it is): their costs are all within
+    ``EQUAL_COSTS`` of one another, or not recorded."""
+    if df.empty:
+        return ""
+    macs = [float(v) for v in df["MMACs/img"] if not math.isnan(float(v)) and float(v) > 0]
+    if not macs:
+        return "Accuracy vs MACs per image is not plotted: no row records its MACs."
+    lo, hi = min(macs), max(macs)
+    if hi > lo * (1 + EQUAL_COSTS):
+        return ""
+    cost = f"{lo:.2f} MMACs per image" + (f" (to within {100 * (hi - lo) / lo:.2f}%)" if hi > lo else "")
+    return f"Accuracy vs MACs per image is not plotted: every method costs {cost}."
 
 
 # ------------------------------------------------------------------ budget views

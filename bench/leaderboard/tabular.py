@@ -6,7 +6,7 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import (
-    BUDGET_MARK, SPEED_NOTE, Board, display, display_sequential, table_note, task_columns,
+    BUDGET_MARK, DATA_MARK, SPEED_NOTE, Board, display, display_sequential, table_note, task_columns,
 )
 
 
@@ -44,16 +44,23 @@ class Latex(Format):
 
 
 def latex(shown: pd.DataFrame, note: str = "") -> str:
-    """A booktabs tabular (pandas writes \\toprule, \\midrule, \\bottomrule), with ``note`` set under it."""
+    """A booktabs tabular (pandas writes \\toprule, \\midrule, \\bottomrule) with every text cell and header
+    escaped (``latex_escape``), and ``note`` set under it."""
     if shown.empty:
         return shown.to_latex(index=False)
-    text = shown.to_latex(index=False, escape=True, column_format="l" + "r" * (len(shown.columns) - 1))
+    escaped = shown.rename(columns=lambda c: latex_escape(c) if isinstance(c, str) else c)
+    escaped = escaped.apply(lambda col: col.map(lambda v: latex_escape(v) if isinstance(v, str) else v))
+    text = escaped.to_latex(index=False, escape=False, column_format="l" + "r" * (len(shown.columns) - 1))
     return text + (f"\\par\\smallskip\\noindent{{\\footnotesize {latex_escape(note)}}}\n" if note else "")
 
 
+# what each character LaTeX reads as markup is set as, in text mode (< > | through math: the same glyph in every
+# font encoding); the marks as \dag and \ddag, which every engine sets
+_LATEX_TEXT = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+               "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "<": "$<$", ">": "$>$", "|": "$|$",
+               BUDGET_MARK: r"\dag{}", DATA_MARK: r"\ddag{}", "\n": " ", "\r": " "}
+
+
 def latex_escape(text: str) -> str:
-    for a, b in (("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}"),
-                 ("<", r"$<$"), (BUDGET_MARK, r"\dag{}")):
-        text = text.replace(a, b)
-    return text
+    """``text`` as LaTeX that sets it as written."""
+    return "".join(_LATEX_TEXT.get(ch, ch) for ch in str(text))

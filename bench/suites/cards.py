@@ -217,7 +217,35 @@ def hf_spec(card: Card) -> dict | None:
         return None
     repos = spec["repo"] if isinstance(spec["repo"], list) else [spec["repo"]]
     return {"repos": repos, "config": spec.get("config"), "image": spec.get("image_column", "image"),
-            "label": spec.get("label_column", "label")}
+            "label": spec.get("label_column", "label"), "splits": spec.get("splits") or {}}
+
+
+def split_specs(card: Card, root) -> dict:
+    """The card's protocol splits (train, val, test: a stored ``source`` or carved ``from`` another) for the data
+    under ``root``: a Hugging Face copy may declare its own (``hf_dataset.splits``; fusion_bench's EuroSAT has no
+    val split, so val is carved from its train split as for the datasets without one)."""
+    spec = hf_spec(card)
+    if spec and spec["splits"] and hf_location(card, root) is not None:
+        return {**card.splits, **spec["splits"]}
+    return card.splits
+
+
+def protocol_sizes(card: Card, root, source_sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """Images per protocol split (train, val, test) for the stored splits' sizes ``source_sizes`` (default: the
+    card's published ones, ``sizes.source``), following :func:`split_specs`."""
+    specs = split_specs(card, root)
+    source_sizes = dict((card.sizes or {}).get("source") or {}) if source_sizes is None else source_sizes
+    out = {}
+    for split, spec in specs.items():
+        if "from" in spec:
+            n = source_sizes.get(spec["from"])
+            if n is not None:
+                out[split] = len(val_partition(n, spec)[1])
+        elif spec.get("source") in source_sizes:
+            n = source_sizes[spec["source"]]
+            carving = next((c for c in specs.values() if c.get("from") == spec["source"]), None)
+            out[split] = len(val_partition(n, carving)[0]) if carving else n
+    return out
 
 
 def native_present(card: Card, root: Path) -> bool:
@@ -462,13 +490,17 @@ def check_dataset(card: Card, root: str | os.PathLike, verify: bool = False, cou
         report["source"] = f"Hugging Face dataset {repo} ({snap})"
         report["present"].append(str(snap.relative_to(root)) if snap.is_relative_to(root) else str(snap))
         spec = hf_spec(card)
+        specs = split_specs(card, root)
         stored = {split: hf_split_files(card, snap, split)
-                  for split in sorted({s.get("source") for s in card.splits.values() if s.get("source")})}
+                  for split in sorted({s.get("source") for s in specs.values() if s.get("source")})}
+        for split, own in specs.items():
+            if own != card.splits.get(split):
+                report["notes"].append(f"{split}: {own.get('protocol') or own}")
         for split, files in stored.items():
             if not files and split == "test":
                 report["missing"].append(f"{repo}: test split (parquet files)")
             elif not files:  # evaluation needs only the test split
-                uses = [s for s, spec in card.splits.items() if split in (spec.get("source"), spec.get("from"))]
+                uses = [s for s, own in specs.items() if split in (own.get("source"), own.get("from"))]
                 report["unavailable"] = report.get("unavailable", []) + uses
                 report["notes"].append(f"no {split} split in {repo}: no {' or '.join(uses)} split for {card.name}, so "
                                        f"methods that read {'them' if len(uses) > 1 else 'it'}"
@@ -491,16 +523,17 @@ def check_dataset(card: Card, root: str | os.PathLike, verify: bool = False, cou
                 report["checksums"][rel] = "ok" if _md5(p) == md5 else "MISMATCH"
                 if report["checksums"][rel] != "ok":
                     report["problems"].append(f"{rel}: md5 mismatch (expected {md5})")
-    if count and not report["missing"]:
+    if count:  # every stored split that can be read, also when others are missing (a run reads what is there)
         expected = (card.sizes or {}).get("source", {})
-        stored = sorted({s.get("source") for s in card.splits.values() if s.get("source")})
+        stored = sorted({s.get("source") for s in split_specs(card, root).values() if s.get("source")})
         for split in stored:
             if hf is not None and not hf_split_files(card, hf[1], split):
                 continue  # noted above
             try:
                 n = len(open_source(card, root, split))
             except Exception as e:  # noqa: BLE001 - reported, not raised
-                report["problems"].append(f"{split}: {e}")
+                if not report["missing"]:  # else it is one of the missing files, listed above
+                    report["problems"].append(f"{split}: {e}")
                 continue
             report["sizes"][split] = n
             if split in expected and expected[split] != n:

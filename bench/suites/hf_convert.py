@@ -196,8 +196,8 @@ def read_hf_folder(folder: str | Path, trust_pickle: bool = False) -> dict[str, 
                 raise ConversionError(
                     f"{b} is not a plain state dict: a weights-only load refuses it "
                     f"({str(e).splitlines()[0][:160]}). Reading it would run pickle code: pass --trust-pickle only "
-                    f"if you trust the file (mergebench then admits only tensor data, see README's Reliability "
-                    f"section), or convert it to model.safetensors.") from None
+                    f"if you trust the file (mergebench then admits only tensor data, see docs/reliability.md, "
+                    f"\"What --trust-pickle trusts\"), or convert it to model.safetensors.") from None
             from mergebench.suites.zoo import _as_state_dict, trusted_torch_load
             state.update(_as_state_dict(trusted_torch_load(b), b))
     return state

@@ -13,6 +13,7 @@ for all three splits) is read as it is.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergebench.io import atomic_write_text, cache_root
+from mergebench.io import atomic_write_text, cache_root, raise_if_disk_full
 from mergebench.progress import progress
 from mergebench.suites.base import SPLITS, TaskData
-from mergebench.suites.cards import Card, DatasetError, open_source, source_id, val_partition
+from mergebench.suites.cards import (
+    Card, DatasetError, open_source, protocol_sizes, source_id, split_specs, val_partition,
+)
 
 CACHE_VERSION = 1  # bump when the preprocessing changes
 
@@ -46,6 +49,9 @@ def cache_key(card: Card, root: str | os.PathLike, size: int) -> str:
     source = source_id(card, root)
     if source:  # read from a Hugging Face dataset (and which commit of it), not the card's own layout
         payload["source"] = source
+    specs = split_specs(card, root)
+    if specs != card.splits:  # that copy's own splits (EuroSAT's val carved from train)
+        payload["splits"] = specs
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,35 +98,19 @@ def _plan(card: Card, root, splits=SPLITS) -> dict[str, tuple]:
         return sources[name]
 
     plan = {}
+    specs = split_specs(card, root)
     for split in splits:
-        spec = card.splits[split]
+        spec = specs[split]
         if "from" in spec:  # carved: val from train
             src = source(spec["from"])
             plan[split] = (src, np.sort(val_partition(len(src), spec)[1]))
             continue
         src = source(spec["source"])
-        carving = next((c for c in card.splits.values() if c.get("from") == spec["source"]), None)
+        carving = next((c for c in specs.values() if c.get("from") == spec["source"]), None)
         # what another split was carved from keeps the rest
         idx = np.sort(val_partition(len(src), carving)[0]) if carving else np.arange(len(src))
         plan[split] = (src, idx)
     return plan
-
-
-def split_sizes(card: Card, source_sizes: dict[str, int]) -> dict[str, int]:
-    """Images per protocol split (train, val, test) from the stored splits' sizes (``check_dataset``'s)."""
-    out = {}
-    for split in SPLITS:
-        spec = card.splits[split]
-        if "from" in spec:
-            n = source_sizes.get(spec["from"])
-            if n is None:
-                continue
-            out[split] = len(val_partition(n, spec)[1])
-        elif spec["source"] in source_sizes:
-            n = source_sizes[spec["source"]]
-            carving = next((c for c in card.splits.values() if c.get("from") == spec["source"]), None)
-            out[split] = len(val_partition(n, carving)[0]) if carving else n
-    return out
 
 
 def split_bytes(images: int, size: int) -> int:
@@ -132,12 +122,27 @@ def space(card: Card, root, size: int, source_sizes: dict[str, int] | None = Non
     """What ``data prepare`` (and a first run) will write for ``card``: images and bytes per split, and which splits
     are cached already. Sizes from the files on disk when counted, else the card's protocol sizes; ``unavailable``
     splits (not in the data, e.g. a Hugging Face dataset without a val split) have none."""
-    counted = split_sizes(card, source_sizes or {})
+    counted = protocol_sizes(card, root, source_sizes or {})
     sizes = {s: None if s in unavailable else counted.get(s, (card.sizes or {}).get(s)) for s in SPLITS}
     done = set(cached_splits(card, root, size))
     return {"size": size, "splits": {s: {"images": n, "bytes": split_bytes(n, size) if n is not None else None,
                                          "cached": s in done, "counted": s in counted,
                                          "available": s not in unavailable} for s, n in sizes.items()}}
+
+
+def reserve(path: Path) -> None:
+    """Allocate the whole (sparse) file now, so that a full filesystem is an error here rather than a bus error
+    when the memory map is written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    finally:
+        os.close(fd)
 
 
 def build(card: Card, root, size: int, directory: Path, workers: int | None = None, verbose: bool = True,
@@ -158,6 +163,7 @@ def build(card: Card, root, size: int, directory: Path, workers: int | None = No
         tmp_images, tmp_labels = directory / f".{split}.images.npy.{tag}", directory / f".{split}.labels.npy.{tag}"
         try:
             images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(idx), 3, size, size))
+            reserve(tmp_images)
             bar = progress(total=len(idx), desc=f"preprocess {card.name}/{split}", disable=not verbose)
 
             def one(j, images=images, source=source, idx=idx):
@@ -173,9 +179,10 @@ def build(card: Card, root, size: int, directory: Path, workers: int | None = No
                 np.save(f, labels)
             os.replace(tmp_images, directory / f"{split}.images.npy")
             os.replace(tmp_labels, directory / f"{split}.labels.npy")
-        except BaseException:
+        except BaseException as e:
             tmp_images.unlink(missing_ok=True)
             tmp_labels.unlink(missing_ok=True)
+            raise_if_disk_full(e, directory / f"{split}.images.npy")
             raise
         meta = {"dataset": card.name, "split": split, "size": size, "images": int(len(idx)),
                 "root": str(Path(root).resolve()), "card": str(card.path), "card_digest": card.digest(),

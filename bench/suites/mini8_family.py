@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mergebench.suites.base import Suite
 from mergebench.suites.registry import MergingSanity, register_suite
 
-# mini8 must behave like the real benchmark (README, "What mini8 shows today"): these are its thresholds
+# mini8 must behave like the real benchmark (docs/leaderboards.md, "What the committed mini8
+# leaderboard shows"): these are its thresholds
 SANITY = MergingSanity(expert_gap=35.0, task_gap=20.0, interference=10.0, recovery=0.35, auroc=0.75, span=10.0)
+# mini8 stands in for the real benchmark's full fine-tuned experts, so its ranking is also checked against the
+# published table (LoRA experts and the test-size suites have no published counterpart)
+RANKED = dataclasses.replace(SANITY, ranking_tau=0.8)
 
 
-@register_suite(sanity=SANITY)
+@register_suite(sanity=RANKED)
 def mini8(build: bool = True, verbose: bool = True, cache_dir: str | None = None) -> Suite:
     """eight procedural 32-px tasks, analogues of the real benchmark's, built on a CPU in minutes (the default)"""
     from mergebench.suites.mini8 import load_mini8

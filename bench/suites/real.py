@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from mergebench.errors import MissingFileError, NotFoundError
 from mergebench.io import atomic_save_tensors, cache_root
 from mergebench.models import build_encoder, encoder_weights
+from mergebench.progress import progress
 from mergebench.suites import cards as cardlib
 from mergebench.suites import imagecache, zoo
 from mergebench.suites.base import SPLITS, Suite
@@ -38,8 +40,10 @@ HEADS_VERSION = 1
 
 
 @torch.no_grad()
-def zero_shot_heads(clip, card: cardlib.Card, context_length: int, device="cpu", batch: int = 256) -> torch.Tensor:
-    """(classes, embed_dim): per class, normalize(mean over templates of normalize(text embedding))."""
+def zero_shot_heads(clip, card: cardlib.Card, context_length: int, device="cpu", batch: int = 256,
+                    bar=None) -> torch.Tensor:
+    """(classes, embed_dim): per class, normalize(mean over templates of normalize(text embedding)); ``bar`` (a
+    progress bar) advances by the prompts of each batch."""
     import open_clip
 
     clip = clip.to(device).eval()
@@ -48,8 +52,35 @@ def zero_shot_heads(clip, card: cardlib.Card, context_length: int, device="cpu",
     for i in range(0, len(prompts), batch):
         tokens = open_clip.tokenize(prompts[i:i + batch], context_length=context_length).to(device)
         emb.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
+        if bar is not None:
+            bar.update(len(tokens))
     emb = torch.cat(emb).view(card.num_classes, len(card.templates), -1)
     return F.normalize(emb.mean(1), dim=-1)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """"1 template", "3 templates"."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"
+
+
+def data_provenance(card: cardlib.Card, root: Path) -> dict:
+    """What a run reads of ``card``'s data under ``root`` (``data check``'s count): where it comes from (the card's
+    layout or a Hugging Face copy, and a hash of its path), the images of each protocol split against the card's,
+    the splits carved from another, and ``short``: each split whose count differs from the card's."""
+    report = cardlib.check_dataset(card, root, count=True)
+    where = cardlib.hf_location(card, root)
+    path = where[1] if where else root
+    images = cardlib.protocol_sizes(card, root, report["sizes"]) if report["sizes"] else {}
+    expected = cardlib.protocol_sizes(card, root)
+    specs = cardlib.split_specs(card, root)
+    return {"source": cardlib.source_id(card, root) or "layout",
+            "path_sha256": hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16],
+            "images": images, "expected": expected,
+            **({"carved": {s: f"from {v['from']}" for s, v in specs.items() if "from" in v}}
+               if any("from" in v for v in specs.values()) else {}),
+            "short": [f"{card.name} {split}: {images[split]:,} images, the card has {n:,}"
+                      for split, n in expected.items() if split in images and images[split] != n]}
+
 
 def _heads_key(backbone_sha: str, card: cardlib.Card, cfg: dict) -> str:
     payload = {"backbone": backbone_sha, "card": card.digest(), "v": HEADS_VERSION,
@@ -99,20 +130,35 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
     zoo.check_fits(clip.visual.state_dict(), reference, f"image tower of {m.model or 'model_config'}")
     pretrained = encoder_weights(clip.visual)
 
+    provenance = {name: data_provenance(card, root) for name, card in task_cards.items()}
+    short = [line for p in provenance.values() for line in p["short"]]
+    if short:  # a partial download gives numbers that look right: the run says so and its record is marked
+        print(f"warning: the data under {root} differ from the dataset cards ({'; '.join(short)}); this run is "
+              f"recorded with data_complete: false and is not compared with published numbers; `mergebench data "
+              f"check --root {root}` says what is missing", file=sys.stderr, flush=True)
+
     heads = {}
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = {name: cache_root() / "real" / "heads" / f"{_heads_key(backbone_sha, card, cfg)}.safetensors"
+             for name, card in task_cards.items()}
+    to_compute = [name for name, path in paths.items() if not path.exists()]
+    bar = progress(total=sum(task_cards[n].num_classes * len(task_cards[n].templates) for n in to_compute),
+                   desc="zero-shot heads", unit="prompt")
     for name, card in task_cards.items():
-        path = cache_root() / "real" / "heads" / f"{_heads_key(backbone_sha, card, cfg)}.safetensors"
+        path = paths[name]
         if path.exists():
             from safetensors.torch import load_file
             heads[name] = load_file(path)["head"]
         else:
-            log(f"zero-shot head for {name}: {card.num_classes} classes x {len(card.templates)} templates")
-            heads[name] = zero_shot_heads(clip, card, cfg["text_cfg"].get("context_length", 77), dev)
+            log(f"zero-shot head for {name}: {plural(card.num_classes, 'class', 'classes')} x "
+                f"{plural(len(card.templates), 'template')}")
+            bar.set_postfix_str(name, refresh=False)
+            heads[name] = zero_shot_heads(clip, card, cfg["text_cfg"].get("context_length", 77), dev, bar=bar)
             atomic_save_tensors({"head": heads[name]}, path)
         if heads[name].shape != (card.num_classes, cfg["embed_dim"]):
             raise zoo.CheckpointError(f"head of {name} has shape {tuple(heads[name].shape)}, expected "
                                       f"{(card.num_classes, cfg['embed_dim'])} (a stale file in {path.parent}?)")
+    bar.close()
     clip.cpu()
     del clip
 
@@ -150,7 +196,8 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
               "model": m.model_info(),
               "cache_key": suite_id, "checkpoints": checkpoints, "manifest": str(m.path), "data_root": str(root),
               "cards": {n: {"digest": c.digest(), "templates": c.template_set} for n, c in task_cards.items()},
-              "notes": notes, **({"experts": "LoRA (PEFT adapters)"} if lora_experts else {})},
+              "notes": notes, **({"experts": "LoRA (PEFT adapters)"} if lora_experts else {}),
+              "data": provenance, "data_complete": not short, **({"data_short": short} if short else {})},
         load_lora=load_lora if lora_experts else None,
     )
 
@@ -197,8 +244,8 @@ def published_references(records: list[dict]):
     from mergebench.suites.registry import References
 
     models = {record_model(r) for r in records}
-    if len(models) != 1:
-        return None
+    if len(models) != 1 or any((r.get("suite") or {}).get("data_complete") is False for r in records):
+        return None  # rows run on data that differ from the cards are never shown beside published numbers
     (model, quick_gelu), = models
     tasks = next(iter(records))["suite"].get("tasks") or list(next(iter(records))["metrics"]["accuracy"])
     rows = published(model, tasks, quick_gelu)

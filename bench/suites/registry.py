@@ -55,7 +55,9 @@ class MergingSanity:
     Weight Averaging, recovering a share of the pretrained-to-expert gap; (d) the test-time signal is
     informative: on the Task Arithmetic model, prediction entropy ranks correct above wrong predictions on every
     task (AUROC, from the record's evaluation); (e) methods separate: the data-free, closed-form and test-time
-    merges span some points between the weakest and the best. A threshold of 0 leaves its check out."""
+    merges span some points between the weakest and the best; (f) the ranking is the real benchmark's: Kendall tau
+    between the rows of the calibration set's methods at their defaults and their published averages, with every
+    one of them on the published side of Task Arithmetic. A threshold of 0 leaves its check out."""
 
     expert_gap: float = 25.0     # (a) points between the experts and the pretrained model
     task_gap: float = 0.0        # (a) ... on every task
@@ -63,6 +65,7 @@ class MergingSanity:
     recovery: float = 0.2        # (c) share of the gap Task Arithmetic recovers
     auroc: float = 0.0           # (d) least per-task entropy AUROC on the Task Arithmetic model
     span: float = 0.0            # (e) points between the weakest and the best merge of SPAN_FAMILIES
+    ranking_tau: float = 0.0     # (f) Kendall tau with the published averages of the calibration set (suites/ranking)
     task_arithmetic: str = "task_arithmetic(scaling=0.3)"  # the Task Arithmetic row the checks read
 
     SPAN_FAMILIES = ("data-free", "data-free (masks)", "data-based closed form", "test-time adaptation")
@@ -121,7 +124,30 @@ class MergingSanity:
                 lines.append(f"(e) methods separate: the {len(merged)} data-free, closed-form and test-time merges span "
                              f"{spread:.1f} points, {merged[lo]:.1f} ({lo}) to {merged[hi]:.1f} ({hi}) "
                              f"(>= {self.span:g} required): {mark(spread >= self.span)}")
+        if self.ranking_tau:
+            lines.append(self._ranking(rows, mark))
         return lines
+
+    def _ranking(self, rows, mark) -> str:
+        from mergebench.pipeline import MethodCall
+        from mergebench.suites.ranking import calibration_set, ranking_agreement
+
+        avg = {r["Pipeline"]: r["Avg"] for _, r in rows.iterrows()}
+        measured = {}
+        for method in calibration_set()["published"]:
+            default = str(MethodCall(method).resolve())
+            if default in avg:
+                measured[method] = avg[default]
+        r = ranking_agreement(measured)
+        text = (f"(f) the ranking is the real benchmark's: Kendall tau {r['tau']:.2f} between the {r['methods']} of "
+                f"{r['of']} calibration methods at their defaults and their published ViT-B/32 averages "
+                f"(datasets/mini8_calibration.yaml; >= {self.ranking_tau:g} required)")
+        if r["missing"]:
+            text += f"; no default-settings record of {', '.join(r['missing'])}"
+        text += (f"; on the other side of Task Arithmetic than published: {', '.join(r['wrong_side'])}"
+                 if r["wrong_side"] else "; every one on the published side of Task Arithmetic")
+        ok = r["tau"] >= self.ranking_tau and not r["wrong_side"] and not r["missing"]
+        return f"{text}: {mark(ok)}"
 
 
 def _no_sanity(rows) -> list[str]:

@@ -84,6 +84,10 @@ class Manifest:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ManifestError(f"manifest {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ManifestError(f"manifest {path} is a YAML {type(raw).__name__}, not a mapping: write 'model:', "
+                                f"'backbone:' and 'experts:' at its top level (docs/manifest.md; `mergebench zoo init` "
+                                f"writes one)")
         base = path.parent
 
         def entry(value, what) -> Entry:
@@ -104,6 +108,9 @@ class Manifest:
         experts = raw.get("experts") or {}
         if not experts:
             raise ManifestError(f"manifest {path}: no 'experts'")
+        if not isinstance(experts, dict):
+            raise ManifestError(f"manifest {path}: 'experts' is a {type(experts).__name__}; write one 'TASK: path' "
+                                f"line per expert under it (docs/manifest.md)")
         data_root = raw.get("data_root")
         quick_gelu = raw.get("quick_gelu")
         if quick_gelu is not None and not isinstance(quick_gelu, bool):

@@ -297,8 +297,11 @@ def init_folder(folder, out=None, model: str | None = None, model_config: dict |
                 trust_pickle: bool = False, name: str | None = None) -> tuple[Path, list[str]]:
     """Scan ``folder`` and write its manifest (default ``folder/manifest.yaml``, paths relative to it)."""
     folder = Path(folder)
+    if not folder.exists():
+        raise InitError(f"{folder} does not exist: give the folder that holds the backbone and expert checkpoints "
+                        f"(or --hf-cache DIR for a Hugging Face cache)")
     if not folder.is_dir():
-        raise InitError(f"{folder} is not a folder")
+        raise InitError(f"{folder} is not a folder: give the folder that holds the checkpoints, not a file")
     out = Path(out) if out else folder / "manifest.yaml"
     all_cards = cardlib.load_cards()
     cands = scan_folder(folder, all_cards)
@@ -344,6 +347,9 @@ def init_hf_cache(cache, out=None, model: str | None = None, quick_gelu: bool | 
     from mergebench.suites import hf_cache
 
     all_cards = cardlib.load_cards()
+    if not Path(cache).is_dir():
+        raise InitError(f"{cache} does not exist (or is not a folder): give the Hugging Face home (~/.cache/huggingface)"
+                        f" or its hub/ folder")
     repos = hf_cache.list_repos(cache, "model")
     if not repos:
         raise InitError(f"{cache}: no Hugging Face model repositories (models--ORG--NAME/) here, in {cache}/hub or "
