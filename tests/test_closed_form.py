@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from mergebench.metrics import parameter_counts, tensor_bytes
 from mergebench.methods.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
 from mergebench.methods import cat as cat_module
 from mergebench.methods.cat import cat_linear_bases, cat_mask, cat_project
-from mergebench.methods.dare import dare_drop
+from mergebench.methods.dare import dare_drop_
 from mergebench.methods.fisher import diagonal_fisher, fisher_average
 from mergebench.methods.iso import iso_c_matrix, iso_cts_matrix
 from mergebench.methods.lot import lot_linear, lot_norm_scale
@@ -296,14 +297,35 @@ def test_cat_rescales_projections_to_their_norms_and_takes_features_on_the_scale
 def test_dare_keeps_one_minus_p_and_preserves_the_expectation():
     t = torch.randn(200_000)
     for p in (0.3, 0.9):
-        out = dare_drop(t, p, torch.Generator().manual_seed(1))
+        out = dare_drop_(t.clone(), p, np.random.default_rng(1))
         kept = out != 0
         assert abs(kept.float().mean().item() - (1 - p)) < 0.01
         assert torch.allclose(out[kept], t[kept] / (1 - p))
         assert abs(out.sum().item() - t.sum().item()) < 4 * (t.pow(2).sum().item() * p / (1 - p)) ** 0.5
         assert abs(out.mean().item() - t.mean().item()) < 0.05
     ones = torch.ones(100_000)
-    assert abs(dare_drop(ones, 0.5, torch.Generator().manual_seed(2)).mean().item() - 1.0) < 0.02
+    assert abs(dare_drop_(ones.clone(), 0.5, np.random.default_rng(2)).mean().item() - 1.0) < 0.02
+    assert torch.equal(dare_drop_(ones.clone(), 0.0, np.random.default_rng(2)), ones)     # p = 0 drops nothing
+    assert torch.equal(dare_drop_(ones.clone(), 0.5, np.random.default_rng(3)),
+                       dare_drop_(ones.clone(), 0.5, np.random.default_rng(3)))        # the generator decides
+    with pytest.raises(ValueError, match="p must be in"):
+        dare_drop_(ones, 1.0, np.random.default_rng(0))
+
+
+def test_dare_masks_depend_on_seed_task_and_tensor_not_on_the_reading_order(micro):
+    from mergebench.methods.dare import DareContext
+
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    first = DareContext(_ctx(micro, "nothing"), 0.5, True)
+    whole = [first.expert_weights(t)[key] for t in reversed(first.tasks)][::-1]      # whole experts, reversed order
+    again = DareContext(_ctx(micro, "nothing"), 0.5, True)
+    streamed = next(iter(again.per_tensor([key])))[2]                                # one tensor across the experts
+    assert all(torch.equal(a, b) for a, b in zip(whole, streamed))
+    theta0 = first.pretrained_weights[key]
+    dropped = [(e - theta0).abs() < 1e-12 for e in streamed]
+    assert not torch.equal(dropped[0], dropped[1])                                   # each task its own mask
+    other = DareContext(MergeContext(micro, "nothing", seed=1, show_progress=False), 0.5, True)
+    assert not torch.equal(next(iter(other.per_tensor([key])))[2][0], streamed[0])   # and each seed
 
 
 def test_dare_wraps_the_base_merge(micro):

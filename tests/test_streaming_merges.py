@@ -245,7 +245,7 @@ def test_data_free_merges_stay_near_the_experts_size():
     under 0.75 (the target is 0.5: total within 1.5x the experts' own size). Every task vector at once would be
     1.0 or more."""
     specs = ["task_arithmetic", "weight_averaging", "tsv_merging", "iso_c", "wudi_merging(steps=2)",
-             "ties_merging"]
+             "ties_merging", "dare"]
     env = dict(os.environ, MERGEBENCH_QUIET="1")
     result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *specs], capture_output=True, text=True,
                             env=env, timeout=600)

@@ -16,6 +16,8 @@ shapes; on a GPU generated on the device and evaluated resident there; ``make be
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,60 @@ def test_eval_speed_gpu(benchmark, name, fraction, batch):
           + (f" ({100 * ips / ideal:.0f}% of the bf16 peak's {ideal:,.0f})" if ideal else "")
           + f"; the 8-task test evaluation ({FULL_TEST_IMAGES:,} images) would take {FULL_TEST_IMAGES / ips:.1f} s")
     assert result["images"] == sum(len(suite.split("test", t)) for t in suite.tasks)
+
+
+EVAL_OVERHEAD_OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "eval_overhead_cpu.json"
+
+
+def test_eval_overhead_cpu_vit_b32(benchmark):
+    """The harness's evaluation against a bare open_clip forward of the same encoder at the same batch size, in
+    this process, interleaved (harness, bare, harness, ...; 3 rounds each, the best of each side): the overhead is
+    1 - harness images/s / bare images/s (target: at most 10%). Written to docs/benchmarks/eval_overhead_cpu.json.
+
+    The bare side is the encoder called on already normalized float batches (nothing else); the harness's side is
+    ``evaluate``: per batch the uint8 images normalized on the device, the forward, the head, the argmax and the
+    prediction entropy (its timer excludes only the data's preparation, as it does in every run)."""
+    import json
+    import platform
+
+    threads = 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    suite = get_suite("synthetic-vitb32", fraction=0.002, verbose=False)   # 40 images of SUN397, 20 of MNIST
+    tasks, batch = ["SUN397", "MNIST"], 16
+    model = _model(suite).eval()
+    batches = [suite.normalize(suite.split("test", t).images[i:i + batch])
+               for t in tasks for i in range(0, len(suite.split("test", t)), batch)]
+    images = sum(len(b) for b in batches)
+
+    @torch.no_grad()
+    def bare():
+        start = time.perf_counter()
+        for x in batches:
+            model.encoder(x)
+        return images / (time.perf_counter() - start)
+
+    rounds = {"harness": [], "bare": []}
+
+    def compare():
+        for _ in range(3):
+            result = evaluate(model, suite, "test", "cpu", batch_size=batch, tasks=tasks)
+            rounds["harness"].append(result["images_per_s"])
+            rounds["bare"].append(bare())
+
+    try:
+        benchmark.pedantic(compare, rounds=1, iterations=1, warmup_rounds=0)
+    finally:
+        torch.set_num_threads(before)
+    harness, plain = max(rounds["harness"]), max(rounds["bare"])
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    entry = {"model": "ViT-B-32 (open_clip, random weights)", "device": "cpu", "cpu": cpu, "threads": threads,
+             "batch_size": batch, "images": images, "tasks": tasks, "precision": "float32",
+             "harness_images_per_s": round(harness, 2), "bare_forward_images_per_s": round(plain, 2),
+             "overhead": round(1 - harness / plain, 4),
+             "rounds_images_per_s": {k: [round(v, 2) for v in vs] for k, vs in rounds.items()},
+             "load_average_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__}
+    benchmark.extra_info.update(entry)
+    EVAL_OVERHEAD_OUT.write_text(json.dumps(entry, indent=1) + "\n")
+    assert images == 60 and harness > 0 and plain > 0
