@@ -612,17 +612,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("diagnose", help="measure the mechanisms merging methods exploit on a suite's experts "
                                         "(trimming, low rank, input subspaces, entropy signal)")
-    suite_options(s)
-    s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"),
-                   help="with --write: the report goes to RESULTS/<suite>/DIAGNOSTICS.md and diagnostics.json")
-    s.add_argument("--write", action="store_true", help="write the report next to the suite's leaderboard")
-    s.add_argument("--split", default="test", choices=("val", "test"), help="where accuracies are measured")
-    s.add_argument("--images", type=int, default=1000, help="at most this many images per task per accuracy")
-    s.add_argument("--exemplars", type=int, default=64, help="training images per task for the layer inputs")
-    s.add_argument("--steps", type=int, default=150, help="Adam steps of each layer-wise coefficient loop")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.set_defaults(fn=cmd_diagnose)
+    if wanted("diagnose"):
+        suite_options(s)
+        s.add_argument("--results", default=os.environ.get("MERGEBENCH_RESULTS", "results"),
+                       help="with --write: the report goes to RESULTS/<suite>/DIAGNOSTICS.md and diagnostics.json")
+        s.add_argument("--write", action="store_true", help="write the report next to the suite's leaderboard")
+        s.add_argument("--split", default="test", choices=("val", "test"), help="where accuracies are measured")
+        s.add_argument("--images", type=int, default=1000, help="at most this many images per task per accuracy")
+        s.add_argument("--exemplars", type=int, default=64, help="training images per task for the layer inputs")
+        s.add_argument("--steps", type=int, default=150, help="Adam steps of each layer-wise coefficient loop")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("-q", "--quiet", action="store_true")
+        s.set_defaults(fn=cmd_diagnose)
 
     s = sub.add_parser("data", help="real-suite datasets: check what is on disk, or prepare the preprocessing cache")
     if wanted("data"):
