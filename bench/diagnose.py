@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mergebench.evaluate import auroc, prediction_entropy
+from mergebench.evaluate import auroc, mid_ranks, prediction_entropy
 from mergebench.methods.activations import as_matrix, gram, iter_sites, psd_pinv
 from mergebench.methods.adaptive import FunctionalMerge
 from mergebench.methods.lot import lot_linear
@@ -250,11 +250,8 @@ def calibration(logits: Tensor, labels: Tensor, bins: int = 15) -> dict:
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
-    def ranks(x):
-        _, inverse, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
-        ends = counts.cumsum(0).double()
-        return (ends - (counts.double() - 1) / 2)[inverse]
-    ra, rb = ranks(a), ranks(b)
+    """Spearman's rank correlation (ties at their mid-rank)."""
+    ra, rb = mid_ranks(a), mid_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return (ra @ rb / (ra.norm() * rb.norm()).clamp_min(1e-300)).item()
 

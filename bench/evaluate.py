@@ -89,6 +89,13 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(-1) * logits.log_softmax(-1)).nan_to_num().sum(-1)
 
 
+def mid_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x``'s values, tied values sharing their average rank (float64)."""
+    _, inverse, counts = torch.unique(x.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """Area under the ROC curve of ``scores`` for the boolean labels ``positive`` (Mann-Whitney U with tied
     scores counted half); NaN if one class is empty."""
@@ -97,8 +104,5 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    mid_rank = ends - (counts.double() - 1) / 2          # average 1-based rank of each distinct score
-    rank_sum = mid_rank[inverse][positive].sum().item()
+    rank_sum = mid_ranks(scores)[positive].sum().item()
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
