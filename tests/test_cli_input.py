@@ -105,12 +105,12 @@ def test_bad_values_are_argument_errors(argv, named, capsys, tmp_path, monkeypat
 
 
 def _no_suite(monkeypatch):
-    from mergebench import cli
+    from mergebench.cli import options
 
     def fail(args):
         raise AssertionError("the suite was loaded before the method specs were checked")
 
-    monkeypatch.setattr(cli, "_suite", fail)
+    monkeypatch.setattr(options, "load_suite", fail)
 
 
 @pytest.mark.parametrize("spec, says", [

@@ -471,17 +471,17 @@ def test_data_check_of_a_missing_root_says_so(tmp_path, capsys):
 
 
 def test_cli_reports_user_errors_by_type_and_keeps_tracebacks_for_bugs(monkeypatch, capsys):
-    import mergebench.cli as cli
+    from mergebench.cli import status
 
     def buggy(args):
         raise KeyError("metrics")
-    monkeypatch.setattr(cli, "cmd_status", buggy)
+    monkeypatch.setattr(status, "main", buggy)
     with pytest.raises(KeyError):  # a bug is not disguised as "error: 'metrics'"
         main(["status", "x"])
 
     def user_error(args):
         raise zoo.ManifestError("manifest m.yaml: no 'experts'")
-    monkeypatch.setattr(cli, "cmd_status", user_error)
+    monkeypatch.setattr(status, "main", user_error)
     assert main(["status", "x"]) == 2 and capsys.readouterr().err == "error: manifest m.yaml: no 'experts'\n"
 
 

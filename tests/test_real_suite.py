@@ -622,7 +622,8 @@ def test_torchscript_backbone_file_is_read(world, tmp_path):
 
 
 def test_a_run_caches_only_the_splits_it_reads_and_data_check_says_the_space(world, tmp_path, monkeypatch, capsys):
-    from mergebench.cli import _gb, main
+    from mergebench.cli import main
+    from mergebench.suites.datasets import size_text
     from mergebench.run import run_method
     from mergebench.suites import get_suite
 
@@ -639,9 +640,9 @@ def test_a_run_caches_only_the_splits_it_reads_and_data_check_says_the_space(wor
     assert cached("MNIST") == ["test", "train"]
     assert main(["data", "check", "--root", str(world.data), "--tasks", "MNIST,DTD", "--image-size", "32"]) == 1
     out = capsys.readouterr().out
-    assert f"test 12 images {_gb(imagecache.split_bytes(12, 32))} (cached)" in out
-    assert f"val 3 images {_gb(imagecache.split_bytes(3, 32))} (on first use)" in out
-    assert f"test 47 images {_gb(imagecache.split_bytes(47, 32))} (cached)" in out
+    assert f"test 12 images {size_text(imagecache.split_bytes(12, 32))} (cached)" in out
+    assert f"val 3 images {size_text(imagecache.split_bytes(3, 32))} (on first use)" in out
+    assert f"test 47 images {size_text(imagecache.split_bytes(47, 32))} (cached)" in out
     assert "writes 0.0 kB more" in out  # --splits test (the default): both test splits are there
     assert main(["data", "prepare", "--root", str(world.data), "--tasks", "DTD", "--image-size", "32", "--splits",
                  "all"]) == 0

@@ -257,7 +257,12 @@ def published_references(records: list[dict]):
         "(the same backbone and the same eight tasks). Verified = checked against the cited paper.", rows)
 
 
-@register_suite(builds=False, results="real-*", sanity=MergingSanity(), references=published_references)
+@register_suite(builds=False, results="real-*", sanity=MergingSanity(), references=published_references, flags={
+    "manifest": "the model-zoo manifest (YAML) of backbone and experts",
+    "data_root": "the folder holding the datasets (see `mergebench data check`)",
+    "trust_pickle": "read pickled checkpoints (task-vectors format) with a restricted unpickler (tensor data only, "
+                    "model classes as inert placeholders; docs/reliability.md); converted once to safetensors",
+    "tasks": "comma-separated subset of tasks (default: every expert)"})
 def real(manifest: str | None = None, data_root: str | None = None, tasks: list[str] | None = None,
          trust_pickle: bool = False, build: bool = True, verbose: bool = True) -> Suite:
     """the published benchmark (open_clip ViT-B/32, B/16, L/14 on the eight datasets) from your files: --manifest, --data-root"""

@@ -8,8 +8,10 @@ A suite is registered once, with what it knows about its own results::
 
 The name defaults to the function's name (``register_suite("mini8-lora")`` for names that are not
 identifiers). The loader's keyword arguments other than ``build`` and ``verbose`` are the suite's options
-(the real suite's ``manifest``, ``data_root``, ...): ``get_suite``, the command line (``--manifest`` ...) and
-sweeps pass them through. ``sanity`` checks the leaderboard's rows (lines such as "(a) ...: holds") and
+(the real suite's ``manifest``, ``data_root``, ...): ``get_suite``, the command line and sweeps pass them
+through. On the command line every option is ``--suite-option KEY=VALUE``; those named in ``flags`` (option ->
+help) also get a flag of their own on every command that loads a suite (``flags={"data_root": "the folder
+holding the datasets"}`` gives ``--data-root DIR``; a ``bool`` option is a switch). ``sanity`` checks the leaderboard's rows (lines such as "(a) ...: holds") and
 ``references`` gives the published numbers to show beside them; the leaderboard only displays what they
 return. External packages register suites through the entry-point group ``mergebench.suites`` (value: the
 module that calls ``register_suite``), as methods do through ``mergebench.methods``.
@@ -202,6 +204,7 @@ class SuiteSpec:
     results: tuple = ()          # wildcards of the results folders its runs write to (default: its name)
     sanity: Callable = _no_sanity            # rows (the leaderboard's main table) -> lines
     references: Callable = _no_references    # the main table's records -> References | None
+    flags: dict = field(default_factory=dict)  # option -> help: the options with a command-line flag of their own
 
     def load(self, build: bool = True, verbose: bool = True, **options) -> Suite:
         unknown = [k for k in options if k not in self.options]
@@ -224,20 +227,28 @@ class SuiteSpec:
     def parse_options(self, values: dict[str, Any]) -> dict[str, Any]:
         """Options given as text (``--suite-option KEY=VALUE``, a sweep's YAML) coerced to the loader's annotated
         types: ``bool`` (true/false), ``int``, ``float``, ``list[str]`` (comma-separated); others as given."""
-        import typing
-
-        try:
-            hints = typing.get_type_hints(self.loader)
-        except Exception:  # unresolvable annotations: the defaults' types
-            hints = {}
         out = {}
         for key, value in values.items():
             if key not in self.options:
                 from mergebench.catalog import close_matches
                 raise SuiteOptionError(f"suite {self.name!r} takes no option {key!r}{close_matches(key, self.options)} "
                                        f"(its options: {', '.join(self.options) or 'none'})")
-            out[key] = _coerce(key, value, hints.get(key, type(self.options[key].default)), self.name)
+            out[key] = _coerce(key, value, self.option_type(key), self.name)
         return out
+
+    def option_type(self, key: str) -> Any:
+        """The annotated type of option ``key`` (the type of its default where the annotation cannot be resolved)."""
+        import typing
+
+        try:
+            hints = typing.get_type_hints(self.loader)
+        except Exception:  # unresolvable annotations: the defaults' types
+            hints = {}
+        return hints.get(key, type(self.options[key].default))
+
+    def is_switch(self, key: str) -> bool:
+        """Whether option ``key`` is a ``bool`` (a flag without a value on the command line)."""
+        return self.option_type(key) is bool
 
     def writes_to(self, folder: str) -> bool:
         """Whether ``folder`` (a results folder: the suite name its records carry) holds this suite's runs."""
@@ -279,12 +290,14 @@ SUITES: Registry[SuiteSpec] = Registry(
 
 def register_suite(name: str | Callable | None = None, *, description: str | None = None, builds: bool = True,
                    results: str | tuple | list = (), sanity: Callable | None = None,
-                   references: Callable | None = None, aliases: tuple | list = ()):
+                   references: Callable | None = None, aliases: tuple | list = (), flags: dict | None = None):
     """Register a suite loader ``fn(build=True, verbose=True, **options) -> Suite`` (see the module docstring).
 
     ``description`` defaults to the first line of the loader's docstring; ``builds=False`` for suites read from
     the user's files (not built by ``mergebench build``); ``results`` the wildcards of the results folders its
-    runs go to when they differ from its name (the real suite: ``real-*``, after the manifest's name)."""
+    runs go to when they differ from its name (the real suite: ``real-*``, after the manifest's name); ``flags``
+    the options that get a command-line flag of their own, with the flag's help (``{"manifest": "the model-zoo
+    manifest"}``: ``--manifest``)."""
     if callable(name):  # bare @register_suite
         return register_suite()(name)
 
@@ -297,10 +310,14 @@ def register_suite(name: str | Callable | None = None, *, description: str | Non
         options = {k: p for k, p in params.items() if k not in ("build", "verbose")
                    and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
         key = name or fn.__name__
+        unknown = [k for k in flags or {} if k not in options]
+        if unknown:
+            raise TypeError(f"suite loader {fn.__module__}.{fn.__qualname__}: flags name {unknown[0]!r}, which is not "
+                            f"one of its options ({', '.join(options) or 'none'})")
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
         spec = SuiteSpec(key, fn, description if description is not None else (doc[0] if doc else ""), options,
                          builds, (results,) if isinstance(results, str) else tuple(results),
-                         sanity or _no_sanity, references or _no_references)
+                         sanity or _no_sanity, references or _no_references, dict(flags or {}))
         SUITES.add(key, spec, aliases=aliases, module=fn.__module__)
         fn.suite_spec = spec
         return fn

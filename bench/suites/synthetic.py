@@ -135,7 +135,8 @@ def _register(name: str) -> None:
     model = SYNTHETIC[name]
     what = f"open_clip {model}" if model else "a narrow 2-layer encoder (tests)"
     register_suite(name, builds=False, description=f"{what} with random weights, experts and images of the real benchmark's "
-                                     f"shapes: speed and memory only")(loader)
+                                     f"shapes: speed and memory only",
+                   flags={"fraction": "share of the real test-set sizes (default 1: 87,433 test images)"})(loader)
 
 
 for _name in SYNTHETIC:

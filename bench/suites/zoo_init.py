@@ -406,3 +406,17 @@ def describe_hash(path) -> str:
         n = sum(1 for p in path.rglob("*") if p.is_file())
         return f"{digest}  {path}  (folder: sha256 over its {n} files' relative paths and sha256s, docs/manifest.md)"
     return f"{digest}  {path}"
+
+
+def init(path=None, hf_cache=None, out=None, model: str | None = None, model_config=None,
+         backbone: str | os.PathLike | None = None, quick_gelu: bool | None = None, data_root=None,
+         trust_pickle: bool = False, name: str | None = None) -> list[tuple[Path, list[str]]]:
+    """``zoo init``: the manifests written (path, messages) from a folder of checkpoints (``path``, ``init_folder``)
+    or a Hugging Face cache (``hf_cache``, ``init_hf_cache``), one of the two; ``model_config`` is a JSON file of
+    ``open_clip.CLIP`` arguments. A message starting with INCOMPLETE names a field the user must fill in."""
+    if (path is None) == (hf_cache is None):
+        raise InitError("zoo init takes a folder (zoo init DIR) or --hf-cache DIR")
+    if hf_cache is not None:
+        return init_hf_cache(hf_cache, out, model, quick_gelu, data_root, name)
+    config = json.loads(Path(model_config).read_text()) if model_config else None
+    return [init_folder(path, out, model, config, backbone, quick_gelu, data_root, trust_pickle, name)]

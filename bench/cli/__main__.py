@@ -1,0 +1,7 @@
+"""``python -m mergebench.cli``: the ``mergebench`` command."""
+
+import sys
+
+from mergebench.cli import main
+
+sys.exit(main())
