@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 
@@ -156,3 +157,57 @@ def test_entry_point_suite_is_discovered_and_runs(tmp_path, monkeypatch, micro, 
         assert "Task Arithmetic" in leaderboard.render(results, "probe-plugin-suite")
     finally:
         SUITES.unregister("probe-plugin-suite")
+
+
+def _documented_suite_file() -> str:
+    """The new suite file docs/extending.md shows (the Python block after "noisy_micro.py` (new file):")."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    after = text.split("`bench/suites/noisy_micro.py` (new file):", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_a_suite_with_an_option_in_one_file_runs_through_the_command_line(tmp_path, monkeypatch, micro, capsys):
+    """docs/extending.md's suite file, as written there, is all a suite with an option needs: its flag appears on
+    `run` and `sweep` and reaches the loader, with no command-line code naming it."""
+    (tmp_path / "noisy_micro.py").write_text(_documented_suite_file())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    module = importlib.import_module("noisy_micro")  # the registration line: importing the file registers the suite
+    try:
+        with pytest.raises(SystemExit):
+            main(["run", "--help"])
+        assert "noisy-micro: the factor on each expert's task vector" in capsys.readouterr().out
+        results = tmp_path / "results"
+        assert main(["run", "task_arithmetic", "--suite", "noisy-micro", "--strength", "3", "--results", str(results),
+                     "--device", "cpu", "-q"]) == 0
+        (record,) = [json.loads(p.read_text()) for p in (results / "noisy-micro-3").glob("*.json")]
+        assert record["status"] == "ok" and record["suite"]["cache_key"].endswith("-x3")
+        assert main(["sweep", "task_arithmetic", "--suite", "noisy-micro", "--strength", "2.5", "--dry-run",
+                     "--results", str(results), "--name", "noisy"]) == 0
+        assert "noisy-micro-2.5" in capsys.readouterr().out
+        assert main(["run", "task_arithmetic", "--suite", "micro", "--strength", "3", "--results", str(results)]) == 2
+        assert "suite 'micro' takes no option 'strength'" in capsys.readouterr().err
+    finally:
+        SUITES.unregister("noisy-micro")
+        sys.modules.pop(module.__name__)
+
+
+def test_a_suite_flag_never_takes_a_commands_own_flag_and_names_an_option(micro):
+    from mergebench.cli import build_parser
+
+    @register_suite("probe-seeded", flags={"seed": "the suite's seed"})
+    def probe_seeded(build: bool = True, verbose: bool = True, seed: int = 0):
+        """micro (a test)"""
+        return get_suite("micro", build=build, verbose=False)
+
+    try:
+        with pytest.warns(UserWarning, match="option seed has no flag of its own.*--suite-option seed=VALUE"):
+            args = build_parser(["run"]).parse_args(["run", "task_arithmetic", "--seed", "4"])
+        assert args.seed == 4 and not hasattr(args, "suite_flag_seed")  # run's --seed stays run's
+    finally:
+        SUITES.unregister("probe-seeded")
+    with pytest.raises(TypeError, match="flags name 'sead', which is not one of its options"):
+        register_suite("probe-misflagged", flags={"sead": "a typo"})(probe_seeded)
