@@ -45,7 +45,8 @@ def test_lora_experts_are_rank_r_updates_of_the_adapted_matrices(micro_lora):
 
 
 def test_adapters_are_stored_in_peft_layout_and_cached(micro_lora, monkeypatch):
-    from mergebench.suites import artifact, mini8_lora
+    from mergebench.suites import artifact
+    from mergebench.suites.mini8 import load
 
     folders = [artifact.path("micro-lora") / "adapters" / "digits"]  # the committed adapters
     assert (folders[0] / "adapter_config.json").exists()
@@ -56,9 +57,9 @@ def test_adapters_are_stored_in_peft_layout_and_cached(micro_lora, monkeypatch):
     assert "base_model.model.transformer.resblocks.0.attn.in_proj.lora_A.weight" in keys
     assert "base_model.model.transformer.resblocks.1.mlp.c_proj.lora_B.weight" in keys
 
-    def no_build(*args, **kwargs):
-        raise AssertionError("a second load must build nothing")
-    monkeypatch.setattr(mini8_lora, "_build", no_build)
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a second load must generate nothing")
+    monkeypatch.setattr(load, "generate_data", no_generation)
     again = get_suite("micro-lora", verbose=False)
     for task in again.tasks:
         assert all(torch.equal(again.expert_weights(task)[k], micro_lora.expert_weights(task)[k])

@@ -119,11 +119,12 @@ def test_mismatched_expert_architectures_say_what_to_do(micro, results_dir, how)
 
 
 def test_missing_cache_says_how_to_build(tmp_path):
-    from mergebench.suites.mini8 import CONFIGS, load_mini8
+    from mergebench.build.mini8 import load_or_build
+    from mergebench.suites.mini8 import CONFIGS
 
     custom = dataclasses.replace(CONFIGS["micro"], seed=3)  # no committed artifact: built locally
-    with pytest.raises(FileNotFoundError, match="run `mergebench build mini8-custom` first"):
-        load_mini8(custom, build=False, cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="mini8-custom is not built in .*load_or_build"):
+        load_or_build(custom, build=False, cache_dir=tmp_path)
     assert get_suite("micro", build=False, cache_dir=tmp_path).tasks  # committed: nothing to build
     with pytest.raises(KeyError, match="did you mean: micro"):
         get_suite("mikro")

@@ -4,7 +4,7 @@ A suite is registered once, with what it knows about its own results::
 
     @register_suite(sanity=MergingSanity(expert_gap=25), description="eight procedural 32-px tasks")
     def mini8(build: bool = True, verbose: bool = True) -> Suite:
-        return load_mini8("mini8", build=build, verbose=verbose)
+        return load_mini8("mini8")
 
 The name defaults to the function's name (``register_suite("mini8-lora")`` for names that are not
 identifiers). The loader's keyword arguments other than ``build`` and ``verbose`` are the suite's options
