@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from mergebench.diagnose import DiagnoseSettings, accuracy, retention, zero_shot_calibration
 from mergebench.io import cache_root
-from mergebench.models import build_encoder, encoder_weights
+from mergebench.models import build_encoder
 from mergebench.build import mini8 as build_mini8
 from mergebench.suites import artifact
 from mergebench.suites.base import Suite, TaskData

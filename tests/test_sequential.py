@@ -123,17 +123,17 @@ def test_native_methods_run_and_leaderboard_renders_table_and_plot(micro, result
     alphas = pam["sequential"]["per_order"][0]["logs"]["alpha"]
     assert alphas[0] == 1.0 and all(0.0 <= a <= 1.0 for a in alphas)
     # the perturbed experts are cached: the second run trains nothing and gives the same result
-    import mergebench.suites.mini8 as mini8_module
+    import mergebench.build.train as train_module
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached perturbed experts should have been reused")
 
-    original = mini8_module._train
-    mini8_module._train = no_training
+    original = train_module.train
+    train_module.train = no_training
     try:
         again = _run("perturb_and_merge", micro, results_dir, force=True)
     finally:
-        mini8_module._train = original
+        train_module.train = original
     assert again["status"] == "ok", again.get("error")
     assert again["sequential"]["final_avg_mean"] == pytest.approx(pam["sequential"]["final_avg_mean"])
 
