@@ -68,13 +68,26 @@ def method_label(name: str, display_name: str | None, hparams: dict) -> str:
     return (display_name or name) + (f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
 
 
+def at_defaults(call: MethodCall | str) -> bool:
+    """Whether ``call`` (a resolved call or its text) is its method at every default (a method no longer
+    registered: no)."""
+    from mergebench.registry import UnknownMethodError
+
+    try:
+        call = MethodCall.parse(call)
+        return str(call) == str(MethodCall(call.name).resolve())
+    except (UnknownMethodError, ValueError):
+        return False
+
+
 def method_facts(call: MethodCall) -> dict:
     """The record's ``method``: the registry's facts of ``call`` (a resolved call) that records and leaderboards
     show."""
     spec = get_method(call.name)
     hparams = call.plain_hparams()
     return {"name": call.name, "display_name": spec.display_name,
-            "label": method_label(call.name, spec.display_name, hparams), "pipeline": str(call), "hparams": hparams,
+            "label": method_label(call.name, spec.display_name, hparams), "at_defaults": at_defaults(call),
+            "pipeline": str(call), "hparams": hparams,
             "needs": sorted(call.needs()), "adds_params": any(get_method(s.name).adds_params for s in call.stages()),
             "paper": spec.paper.cite() if spec.paper else None, "source": spec.source, "family": spec.family}
 
