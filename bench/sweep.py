@@ -166,13 +166,13 @@ class Sweep:
 
     # ------------------------------------------------------------ expansion
     def calls(self) -> list:
-        """The resolved method calls: each method crossed with the grid values it takes."""
+        """The resolved method calls under the sweep's budget: each method crossed with the grid values it takes."""
         from mergebench.pipeline import MethodCall
         from mergebench.registry import close_matches, get_method
 
         calls, used = [], set()
         for text in self.methods:
-            base = MethodCall.parse(text)
+            base = MethodCall.parse(text).with_budget(self.budget)  # its budget fills what the text leaves unset
             spec = get_method(base.name)
             axes = {}
             for key, values in self.grid.items():
