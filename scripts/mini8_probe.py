@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mergebench.run import run_method
+from mergebench.run import run_one
 from mergebench.suites import mini8, mini8_lora
 from mergebench.suites.mini8 import CONFIGS, Mini8Config, load_mini8, mini8_config_dict
 
@@ -53,7 +53,7 @@ def main():
            **({"lora": dataclasses.asdict(lora_cfg)} if args.lora is not None else {}), "cache_key": cfg.key(),
            "build": suite.info["build"], "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
     for method in HEADLINE + args.methods:
-        rec = run_method(method, suite, write=False, show_progress=False, count_flops=False)
+        rec = run_one(method, suite, write=False, show_progress=False, count_flops=False)
         if rec["status"] != "ok":
             out["methods"][method] = rec["status"]
             continue

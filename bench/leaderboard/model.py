@@ -51,7 +51,8 @@ _NUMBER = (int, float)
 # What the tables read of a record beyond what every record has (``records.check_record``): each field, where a record
 # has it, is of this type; a record that has one of another type is listed as unreadable, never shown half-right.
 SHOWN_FIELDS = {
-    ("method", "name"): str, ("method", "display_name"): str, ("method", "hparams"): dict,
+    ("method", "name"): str, ("method", "display_name"): str, ("method", "label"): str,
+    ("method", "at_defaults"): bool, ("method", "family"): str, ("method", "hparams"): dict,
     ("method", "needs"): Items(list, str), ("suite",): dict, ("suite", "tasks"): Items(list, str),
     ("suite", "experts"): str, ("suite", "synthetic"): bool, ("suite", "data_complete"): bool,
     ("suite", "data_short"): list, ("suite", "test_images"): Items(dict, int),
