@@ -60,6 +60,14 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 
 class MergeContext:
+    @classmethod
+    def for_run(cls, suite: Suite, spec, show_progress: bool = True, **more) -> "MergeContext":
+        """The context of a run (:class:`mergebench.runspec.RunSpec`: its pipeline's needs, device, seed, data
+        settings and precision) over ``suite``; ``more``: a subclass's own arguments."""
+        return cls(suite, needs=spec.call.needs(), device=spec.device, seed=spec.seed,
+                   unlabeled_split=spec.unlabeled_split, data_fraction=spec.data_fraction,
+                   show_progress=show_progress, precision=spec.precision, **more)
+
     def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
                  seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
                  show_progress: bool = True, tasks: list[str] | None = None, precision: str = "auto"):

@@ -21,17 +21,10 @@ from typing import Any, Callable
 
 from mergebench.catalog import Registry, UnknownNameError, close_matches  # noqa: F401  (close_matches: re-exported)
 from mergebench.errors import InputError
+from mergebench.needs import NEEDS  # noqa: F401  (what data a method may ask its context for)
 from mergebench.ranges import Interval
 
 ENTRY_POINT_GROUP = "mergebench.methods"
-
-# What data a method may ask its context for. "labeled" implies the unlabeled images too.
-NEEDS = {
-    "nothing": "weights only (data-free)",
-    "unlabeled": "unlabeled images of each task (test-time or exemplars)",
-    "labeled": "labeled images of each task (training or validation split)",
-    "sequential": "experts arrive one at a time (continual merging)",
-}
 
 
 # The budgets a run can use. "paper": the method's defaults, which are its paper's (steps, batch sizes, amounts of

@@ -26,7 +26,7 @@ from mergebench.methods.tsv import tsv_matrix
 from mergebench.methods.wudi import wudi_loss, wudi_matrix, wudi_optimize, wudi_terms
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
-from mergebench.run import execute, run_method
+from mergebench.run import execute, run_one
 from mergebench.weights import Weights
 
 METHODS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "tall_masks", "consensus_ta",
@@ -546,8 +546,8 @@ def test_registered_with_paper_and_defaults_source():
     "iso_cts", "wudi_merging(steps=5)"])
 def test_runs_end_to_end_on_micro(micro, results_dir, spec):
     # FLOPs (fvcore tracing, seconds) only for the task-routing model; the shared encoders are all alike
-    rec = run_method(spec, micro, results_dir=results_dir, force=True, show_progress=False,
-                     count_flops=spec.startswith("tall_masks"))
+    rec = run_one(spec, micro, results_dir=results_dir, force=True, show_progress=False,
+                  count_flops=spec.startswith("tall_masks"))
     assert rec["status"] == "ok", rec.get("traceback")
     assert 0 <= rec["metrics"]["avg_accuracy"] <= 100
     if get_method(MethodCall.parse(spec).name).needs != "nothing" and "lam=" not in spec:
