@@ -37,7 +37,7 @@ def _merged(suite, spec: str) -> Weights:
 
 # ------------------------------------------------------------------ frozen whole-model references
 def _ref_task_arithmetic(ctx, scaling=0.3):
-    return ctx.pretrained_weights + scaling * sum(ctx.task_vectors().values())
+    return ctx.pretrained_weights + scaling * sum(ctx.task_vector(t) for t in ctx.tasks)   # every tau_t whole
 
 
 def _ref_weight_averaging(ctx):
