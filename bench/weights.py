@@ -242,7 +242,11 @@ def stack(expressions: list[Streamed]) -> Streamed:
 
 
 def _stack_rows(*rows: Tensor) -> Tensor:
-    return torch.stack(rows)
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+
+# operations that may write into their first operand when it is a temporary of the evaluation read by no one else
+_IN_PLACE = {torch.abs, torch.sign, torch.neg, torch.clamp, torch.add, torch.sub, torch.mul, torch.div}
 
 
 class _Env:
@@ -286,6 +290,14 @@ class Plan:
     def inputs(node: Streamed, rows: list[int] | None) -> tuple:
         return node._args if node._op is not _stack_rows or rows is None else tuple(node._args[i] for i in rows)
 
+    @staticmethod
+    def _fits(operands: list) -> bool:
+        """Whether an elementwise result has the first operand's shape and dtype (so it can be written into it)."""
+        first = operands[0]
+        tensors = [o for o in operands if isinstance(o, Tensor)]
+        return (torch.broadcast_shapes(*(t.shape for t in tensors)) == first.shape
+                and torch.result_type(*operands[:2]) == first.dtype if len(operands) > 1 else True)
+
     def tasks_read(self) -> list[str]:
         """The experts this plan reads, in the context's task order."""
         return [t for t in self.root._ctx.tasks if t in self.tasks]
@@ -295,15 +307,25 @@ class Plan:
         last consumer has read it."""
         consumers = dict(self.consumers)
         values: dict[int, Tensor] = {}
+        owned: set[int] = set()   # results of this evaluation (not the inputs': theta_0, experts, given models)
         for node in self.order:
             if node._weights is not None:
                 values[id(node)] = env.view(node._weights[env.key])
             elif node._leaf:
                 values[id(node)] = node._op(env)
+                if node._leaf == "task_vector":
+                    owned.add(id(node))
             else:
                 args = self.inputs(node, self.rows)
-                values[id(node)] = node._op(*[values[id(a)] if isinstance(a, Streamed) else a for a in args],
-                                            **node._kwargs)
+                operands = [values[id(a)] if isinstance(a, Streamed) else a for a in args]
+                first = args[0]
+                if (node._op in _IN_PLACE and id(first) in owned and consumers[id(first)] == 1
+                        and self._fits(operands)):   # the same values, without a new tensor
+                    values[id(node)] = node._op(*operands, **node._kwargs, out=operands[0])
+                else:
+                    values[id(node)] = node._op(*operands, **node._kwargs)
+                if not (node._op is _stack_rows and len(args) == 1 and id(first) not in owned):  # not a view
+                    owned.add(id(node))
                 for a in args:
                     if isinstance(a, Streamed):
                         consumers[id(a)] -= 1
