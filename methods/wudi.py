@@ -7,7 +7,7 @@ from typing import Iterable, Literal
 
 import torch
 
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.registry import Paper, register_method
 from mergebench.weights import Weights
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mergebench.context import MergeContext
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.methods.iso import iso_c_matrix
 from mergebench.methods.tsv import tsv_matrix
 from mergebench.pipeline import MethodCall
