@@ -9,7 +9,7 @@ disjoint; each task keeps its own vector and lambda).
 
 from __future__ import annotations
 
-from mergebench.methods.adaptive import functional_merge, minimize_entropy, unlabeled_streams
+from mergebench.methods.adaptive import BF16_DEVIATION, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.models import AdaMergedModel, freeze
 from mergebench.registry import Paper, Variant, register_variants
 
@@ -45,11 +45,7 @@ NOTES = """
     The trained coefficients ride along on the returned model (``merge_state``, not stored as
     tensors: the merged model is one plain encoder, 0 added parameters), so that an add-on such
     as ``intervmerge(joint=True)`` can keep training them.
-    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
-    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
-    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
-    the loss stay in float32.
-    """
+""" + BF16_DEVIATION
 
 
 @register_variants({

@@ -27,6 +27,15 @@ from mergebench.models import Granularity, MergedModel, MergeState
 from mergebench.weights import Weights
 
 
+# the registration notes' paragraph of every method whose loop runs under ``ctx.autocast()``
+BF16_DEVIATION = """\
+    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
+    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
+    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
+    the loss stay in float32.
+    """
+
+
 def task_vectors_for(ctx, ties_k: float | None = None) -> list[Weights]:
     """The task vectors in task order: raw, or TIES trimmed + sign-elected (AdaMerging++), unmerged."""
     tvs = [ctx.task_vector(t) for t in ctx.tasks]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.functional import FunctionalMerge
-from mergebench.methods.adaptive import minimize_entropy, unlabeled_streams
+from mergebench.methods.adaptive import BF16_DEVIATION, minimize_entropy, unlabeled_streams
 from mergebench.registry import Paper, Variant, register_variants
 from mergebench.weights import Weights
 
@@ -119,11 +119,7 @@ NOTES = """
     split through ``ctx.unlabeled`` (shuffled, seeded by the run's seed). The kept ranks per task and
     transformer block are logged (``kept_ranks``, ``kept_fraction``). The result is one plain encoder
     (0 added parameters).
-    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
-    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
-    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
-    the loss stay in float32.
-    """
+""" + BF16_DEVIATION
 
 
 @register_variants({

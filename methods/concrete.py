@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.functional import FunctionalMerge
-from mergebench.methods.adaptive import entropy_objective, functional_merge, minimize_entropy, unlabeled_streams
+from mergebench.methods.adaptive import BF16_DEVIATION, entropy_objective, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.registry import Paper, register_method
 
 CONCRETE = Paper("Concrete Subspace Learning based Interference Elimination for Multi-task Model Merging", 2023,
@@ -118,11 +118,7 @@ NOTES = """
     same set); the data is the test split through ``ctx.unlabeled`` (shuffled, seeded by the run's
     seed). The returned model is the one evaluation-mask sample drawn under the run's seed, as
     the official code draws one; it is one plain encoder (0 added parameters).
-    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
-    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
-    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
-    the loss stay in float32.
-    """
+""" + BF16_DEVIATION
 
 
 @register_method("concrete_task_arithmetic", display_name="Concrete TA", paper=CONCRETE, needs="unlabeled",
