@@ -118,8 +118,8 @@ class MergeContext:
         ``ctx.pretrained_weights + 0.3 * sum(ctx.task_vectors().values())``, is evaluated one tensor at a time
         when it is used (``shared_model``, ``evaluate``); read as a mapping, each is computed whole (new tensors,
         safe to edit)."""
-        return {t: Streamed(self, lambda env, t=t: torch.sub(env.experts[t], env.theta0), leaf="task_vector", task=t)
-                for t in self.tasks}
+        return {t: Streamed(self, lambda env, out, t=t: torch.sub(env.experts[t], env.theta0, out=out),
+                            leaf="task_vector", task=t) for t in self.tasks}
 
     def evaluate(self, expression: Streamed) -> Weights:
         """A streamed expression computed, one tensor at a time (new tensors). Elementwise arithmetic of whole

@@ -119,10 +119,10 @@ class Streamed(Mapping):
     def __add__(self, other):
         return self._apply(torch.add, other)
 
-    def __radd__(self, other):  # sum() starts from 0
+    def __radd__(self, other):  # sum() starts from 0; addition commutes exactly
         if isinstance(other, (int, float)) and other == 0:
             return self
-        return self._apply(lambda a, b: torch.add(b, a), other)
+        return self._apply(torch.add, other)
 
     def __sub__(self, other):
         return self._apply(torch.sub, other)
@@ -199,8 +199,8 @@ class Streamed(Mapping):
         if not (self.stacked and dim == 1 and keepdim):
             raise ValueError("a streamed k-th value is per row of a stack: kthvalue(rank, dim=1, keepdim=True)")
         values = self._ctx.evaluate_row_kth(self, rank)
-        return KthValue(Streamed(self._ctx, lambda env: values[env.rows].view(len(env.rows), *[1] * env.theta0.dim()),
-                                 leaf="rows", stacked=True), values)
+        return KthValue(Streamed(self._ctx, lambda env, out=None: values[env.rows].view(
+            len(env.rows), *[1] * env.theta0.dim()), leaf="rows", stacked=True), values)
 
     # ------------------------------------------------------------ read as the Weights it equals
     def _computed(self) -> Weights:
@@ -262,41 +262,74 @@ class _Env:
 
 
 class Plan:
-    """An expression's nodes in evaluation order (children first), each with its number of consumers; with
-    ``rows``, the stacks read only those rows (and the plan only what they need)."""
+    """An expression compiled for evaluation at every key: its nodes in order (children first), each node's operands
+    (slots of earlier results or constants), the results it is the last to read (dropped then) and whether it may
+    write into its first operand; with ``rows``, the stacks read only those rows (and the plan only what they
+    need)."""
 
     def __init__(self, root: Streamed, rows: list[int] | None = None):
-        self.root, self.order, self.consumers, self.tasks = root, [], {}, set()
-        seen = set()
+        self.root, self.rows, self.tasks = root, rows, set()
+        order, slot = [], {}
 
         def visit(node):
-            if id(node) in seen:
+            if id(node) in slot:
                 return
-            seen.add(id(node))
             if node._weights is None:
                 if node._task is not None:
                     self.tasks.add(node._task)
                 for a in self.inputs(node, rows):
                     if isinstance(a, Streamed):
-                        self.consumers[id(a)] = self.consumers.get(id(a), 0) + 1
                         visit(a)
-            self.order.append(node)
+            slot[id(node)] = len(order)
+            order.append(node)
 
         visit(root)
-        self.rows = rows
-        self.elementwise = not any(n.stacked or not n._rowwise for n in self.order)
+        self.order = order
+        self.elementwise = not any(n.stacked or not n._rowwise for n in order)
+        last_reader = {}
+        for i, node in enumerate(order):
+            if node._weights is None and not node._leaf:
+                for a in self.inputs(node, rows):
+                    if isinstance(a, Streamed):
+                        last_reader[slot[id(a)]] = i
+        owned = [False] * len(order)   # results of the evaluation itself (not theta_0, experts or given models)
+        self.steps = []
+        for i, node in enumerate(order):
+            if node._weights is not None:
+                self.steps.append((0, node, None, (), ()))
+                continue
+            if node._leaf:
+                owned[i] = node._leaf == "task_vector"
+                self.steps.append((1, node, None, (), ()))
+                continue
+            args = self.inputs(node, rows)
+            operands = tuple((True, slot[id(a)]) if isinstance(a, Streamed) else (False, a) for a in args)
+            frees = tuple(sorted({j for is_node, j in operands if is_node and last_reader[j] == i}))
+            first_node, first = operands[0]
+            in_place = (node._op in _IN_PLACE and first_node and owned[first] and first in frees
+                        and sum(1 for o in operands if o == operands[0]) == 1)
+            owned[i] = not (node._op is _stack_rows and len(args) == 1 and not (first_node and owned[first]))
+            self.steps.append((2, node, in_place, operands, frees))
+        self.owned = owned
+        self._spare: dict[torch.Size, list[Tensor]] = {}   # by parts: results no longer read, reused by the leaves
 
     @staticmethod
     def inputs(node: Streamed, rows: list[int] | None) -> tuple:
         return node._args if node._op is not _stack_rows or rows is None else tuple(node._args[i] for i in rows)
 
     @staticmethod
-    def _fits(operands: list) -> bool:
+    def _fits(first: Tensor, operands: list) -> bool:
         """Whether an elementwise result has the first operand's shape and dtype (so it can be written into it)."""
-        first = operands[0]
-        tensors = [o for o in operands if isinstance(o, Tensor)]
-        return (torch.broadcast_shapes(*(t.shape for t in tensors)) == first.shape
-                and torch.result_type(*operands[:2]) == first.dtype if len(operands) > 1 else True)
+        for o in operands[1:]:
+            if o is None:
+                continue
+            if torch.result_type(first, o) != first.dtype:
+                return False
+            if isinstance(o, Tensor):
+                if o.dim() > first.dim() or any(a != b and a != 1 for a, b in zip(reversed(o.shape),
+                                                                                  reversed(first.shape))):
+                    return False
+        return True
 
     def tasks_read(self) -> list[str]:
         """The experts this plan reads, in the context's task order."""
@@ -304,34 +337,28 @@ class Plan:
 
     def at(self, env: _Env) -> Tensor:
         """The expression at one key (or one part of a key): each node computed once, its result dropped once its
-        last consumer has read it."""
-        consumers = dict(self.consumers)
-        values: dict[int, Tensor] = {}
-        owned: set[int] = set()   # results of this evaluation (not the inputs': theta_0, experts, given models)
-        for node in self.order:
-            if node._weights is not None:
-                values[id(node)] = env.view(node._weights[env.key])
-            elif node._leaf:
-                values[id(node)] = node._op(env)
-                if node._leaf == "task_vector":
-                    owned.add(id(node))
+        last reader has read it."""
+        values: list = [None] * len(self.steps)
+        # by parts, the results no longer read are reused (a fresh part-sized tensor costs more than the arithmetic)
+        spare = self._spare.setdefault(env.theta0.shape, []) if env.part is not None else None
+        for i, (kind, node, in_place, operands, frees) in enumerate(self.steps):
+            if kind == 0:
+                values[i] = env.view(node._weights[env.key])
+            elif kind == 1:
+                values[i] = node._op(env, spare.pop() if spare and self.owned[i] else None)
             else:
-                args = self.inputs(node, self.rows)
-                operands = [values[id(a)] if isinstance(a, Streamed) else a for a in args]
-                first = args[0]
-                if (node._op in _IN_PLACE and id(first) in owned and consumers[id(first)] == 1
-                        and self._fits(operands)):   # the same values, without a new tensor
-                    values[id(node)] = node._op(*operands, **node._kwargs, out=operands[0])
+                args = [values[j] if is_node else j for is_node, j in operands]
+                written = in_place and self._fits(args[0], args)
+                if written:   # the same values, without a new tensor
+                    values[i] = node._op(*args, **node._kwargs, out=args[0])
                 else:
-                    values[id(node)] = node._op(*operands, **node._kwargs)
-                if not (node._op is _stack_rows and len(args) == 1 and id(first) not in owned):  # not a view
-                    owned.add(id(node))
-                for a in args:
-                    if isinstance(a, Streamed):
-                        consumers[id(a)] -= 1
-                        if not consumers[id(a)]:
-                            del values[id(a)]
-        return values[id(self.root)]
+                    values[i] = node._op(*args, **node._kwargs)
+                for j in frees:
+                    if spare is not None and self.owned[j] and not (written and j == operands[0][1]) \
+                            and values[j].shape == env.theta0.shape:
+                        spare.append(values[j])
+                    values[j] = None
+        return values[-1]
 
 
 def kth_smallest_(values: Tensor, rank: int) -> Tensor:
