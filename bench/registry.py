@@ -303,7 +303,9 @@ class _VariantFunction:
         self._fixed = dict(row.fixed)
 
     def __call__(self, ctx, **hyperparameters):
-        return self.__wrapped__(ctx, **self._fixed, **hyperparameters)
+        bound = self.__signature__.bind(ctx, **hyperparameters)
+        bound.apply_defaults()   # the variant's defaults, not the family function's
+        return self.__wrapped__(ctx, **dict(list(bound.arguments.items())[1:]), **self._fixed)
 
     def __reduce__(self):
         return _registered_function, (self.__name__,)
