@@ -11,7 +11,9 @@ import torch
 
 import mergebench
 from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.methods.adaptive import AdaMergedModel, FunctionalMerge, entropy, functional_merge
+from mergebench.functional import FunctionalMerge
+from mergebench.methods.adaptive import entropy, functional_merge
+from mergebench.models import AdaMergedModel
 from mergebench.methods.intervmerge import (
     EfficientMini, InterventionModel, MiniNoReFT, NoReFT, _orthonormal_columns, efficient_slice_start,
     intervention_param_count,
@@ -333,7 +335,7 @@ def test_intervmerge_needs_a_single_shared_encoder(micro):
 def test_vit_forward_equals_the_encoders_own_forward_and_gradients(micro, act):
     """The adaptation loops' forward (vit_forward) computes what functional_call on the open_clip skeleton does,
     values and gradients in the coefficients, for both activations."""
-    from mergebench.methods.adaptive import vit_forward, vit_forward_supports
+    from mergebench.functional import vit_forward, vit_forward_supports
     from mergebench.models import encoder_from_weights
 
     ctx = _ctx(micro)
@@ -359,7 +361,7 @@ def test_vit_forward_refuses_encoders_it_does_not_cover(micro):
     FunctionalMerge.embed falls back to the skeleton's own forward."""
     from open_clip.transformer import LayerScale
 
-    from mergebench.methods.adaptive import vit_forward_supports
+    from mergebench.functional import vit_forward_supports
 
     ctx = _ctx(micro)
     fm = functional_merge(ctx, "task", 0.3)

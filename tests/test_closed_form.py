@@ -11,14 +11,14 @@ import torch.nn.functional as F
 
 from mergebench.context import MergeContext
 from mergebench.metrics import parameter_counts, tensor_bytes
-from mergebench.methods.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
+from mergebench.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
 from mergebench.methods import cat as cat_module
 from mergebench.methods.cat import cat_linear_bases, cat_mask, cat_project
 from mergebench.methods.dare import dare_drop_
 from mergebench.methods.fisher import diagonal_fisher, fisher_average
 from mergebench.methods.iso import iso_c_matrix, iso_cts_matrix
-from mergebench.methods.lot import lot_linear, lot_norm_scale
-from mergebench.methods.regmean import regmean_linear, shrink_off_diagonal
+from mergebench.activations import lot_linear, regmean_linear, shrink_off_diagonal
+from mergebench.methods.lot import lot_norm_scale
 from mergebench.methods import tall as tall_module
 from mergebench.methods.tall import TallMaskModel, tall_mask
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.methods.doge import (
     doge, doge_loss, optimize_delta, project_off, shared_subspace_projector,
 )

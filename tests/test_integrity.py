@@ -36,25 +36,6 @@ from mergebench.weights import Weights
 PAPER = registry.Paper("A probe", 2024, "0000.00000")
 
 
-@pytest.fixture
-def probe():
-    """Register probe methods for one test and remove them afterwards."""
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return registry.register_method(name, **kw)
-    yield register
-    for name in names:
-        registry.unregister_method(name)
-
-
-@pytest.fixture
-def fresh(micro):
-    """A micro suite of this test's own (loaded again from the cache), for probes that change it."""
-    return get_suite("micro", verbose=False)
-
-
 def _numbers(rec):
     m = rec["metrics"]
     return m["accuracy"], m["normalized_accuracy"], m["reference_accuracy"]

@@ -12,9 +12,8 @@ import mergebench
 from mergebench.context import DataNotDeclaredError, MergeContext
 from mergebench.methods.adarank import RankMaskedMerge, is_low_rank_key
 from mergebench.methods.concrete import ConcreteMask, rescaled
-from mergebench.methods.adaptive import (
-    FunctionalMerge, entropy, functional_merge, minimize_entropy, unlabeled_streams,
-)
+from mergebench.functional import FunctionalMerge
+from mergebench.methods.adaptive import entropy, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.pipeline import MethodCall
 from mergebench.run import execute, run_one, seed_everything
 

@@ -19,11 +19,6 @@ from mergebench.suites import get_suite, zoo
 from mergebench.suites.base import NoLoraExpertsError
 
 
-@pytest.fixture(scope="module")
-def micro_lora(_isolated_cache):
-    return get_suite("micro-lora", verbose=False)
-
-
 def _adapted(name: str) -> bool:
     return any(name.endswith(t) for t in OPEN_CLIP_TARGETS.values())
 

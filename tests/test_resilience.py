@@ -12,25 +12,12 @@ import time
 import pytest
 import torch
 
-from mergebench import MergedModel, leaderboard, registry
+from mergebench import MergedModel, leaderboard
 from mergebench.records import load_records, write_record
 from mergebench.run import ArchitectureMismatchError, run_many, run_one
 from mergebench.suites import get_suite
 from mergebench.suites.base import Suite
 from mergebench.weights import Weights
-
-
-@pytest.fixture
-def probe():
-    """Register probe methods for one test and remove them afterwards."""
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return registry.register_method(name, **kw)
-    yield register
-    for name in names:
-        registry.unregister_method(name)
 
 
 def test_a_method_over_its_time_limit_is_recorded_as_failed(micro, results_dir, probe):

@@ -29,20 +29,9 @@ PAPER = registry.Paper("A probe", 2024, "0000.00000")
 
 
 @pytest.fixture
-def probe():
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return registry.register_method(name, display_name=name, paper=PAPER, **kw)
-    yield register
-    for name in names:
-        registry.unregister_method(name)
-
-
-@pytest.fixture
-def fresh(micro):
-    return get_suite("micro", verbose=False)
+def probe(probe):
+    """conftest's probe, with a display name and a paper."""
+    return lambda name, **kw: probe(name, display_name=name, paper=PAPER, **kw)
 
 
 def _suites() -> list[Suite]:
