@@ -1,4 +1,4 @@
-"""LoRA experts: low-rank factors on the open_clip encoder, their PEFT files, and training.
+"""LoRA experts: low-rank factors on the open_clip encoder and their PEFT files.
 
 A LoRA expert is the pretrained encoder plus, per adapted matrix ``W`` (out, in), a delta
 ``scale * B @ A`` with ``A`` (r, in), ``B`` (out, r) and ``scale = alpha / r`` (``alpha / sqrt(r)``
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mergebench.errors import MergebenchError
 from mergebench.weights import Weights
@@ -84,59 +84,6 @@ def apply_lora(base: Mapping[str, Tensor], factors: Mapping[str, LoraFactor]) ->
     """``base`` plus every adapter's ``scale * B @ A`` on its target (an expert's full weights)."""
     delta = lora_delta(factors, base)
     return Weights({k: v + delta[k] for k, v in base.items()})
-
-
-def open_clip_modules(layers: int) -> list[str]:
-    """The adapted modules of an encoder with ``layers`` resblocks (open_clip names)."""
-    return [f"transformer.resblocks.{i}.{m}" for i in range(layers) for m in OPEN_CLIP_TARGETS]
-
-
-# ------------------------------------------------------------------ training
-class LoraEncoder(nn.Module):
-    """A frozen encoder whose adapted weights are ``W + scale * B @ A``; only A and B are parameters.
-
-    Initialised as PEFT does (A Kaiming-uniform with a = sqrt(5), B zero), so it starts as the
-    pretrained encoder.
-    """
-
-    def __init__(self, encoder: nn.Module, rank: int, alpha: float, layers: int, generator: torch.Generator):
-        super().__init__()
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        self._base = [encoder]  # a list: not a submodule, so parameters() are the factors only
-        self.scale = alpha / rank
-        self.names = open_clip_modules(layers)
-        state = dict(encoder.named_parameters())
-        self.A, self.B = nn.ParameterList(), nn.ParameterList()
-        for name in self.names:
-            out_f, in_f = state[self._target(name)].shape
-            a = torch.empty(rank, in_f)
-            bound = 1 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix
-            a.uniform_(-bound, bound, generator=generator)
-            self.A.append(nn.Parameter(a))
-            self.B.append(nn.Parameter(torch.zeros(out_f, rank)))
-
-    @staticmethod
-    def _target(name: str) -> str:
-        prefix, module = name.rsplit(".", 2)[0], ".".join(name.rsplit(".", 2)[1:])
-        return f"{prefix}.{OPEN_CLIP_TARGETS[module]}"
-
-    def forward(self, x):
-        base = self._base[0]
-        params = dict(base.named_parameters())
-        for name, a, b in zip(self.names, self.A, self.B):
-            target = self._target(name)
-            params[target] = params[target] + (b @ a) * self.scale
-        return torch.func.functional_call(base, params, (x,))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._base[0].train(mode)
-        return self
-
-    def factors(self) -> dict[str, LoraFactor]:
-        return {n: LoraFactor(self._target(n), a.detach().clone(), b.detach().clone(), self.scale)
-                for n, a, b in zip(self.names, self.A, self.B)}
 
 
 # ------------------------------------------------------------------ PEFT files

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mergebench.io import atomic_save_tensors, cache_root
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.methods.fisher import diagonal_fisher
 from mergebench.models import encoder_weights
 from mergebench.registry import Paper, register_method
@@ -147,7 +147,7 @@ PERTURB_VERSION = 1  # bump when the perturbed training changes
 
 def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
     """The expert of ``task`` re-fine-tuned from theta_0 with the perturbation, cached by suite key and settings."""
-    from mergebench.suites.mini8 import _train
+    from mergebench.build.train import train
 
     settings = {"suite": ctx.suite_info["cache_key"], "task": task, "epsilon": epsilon, "seed": cfg.seed,
                 "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "batch_size": cfg.batch_size,
@@ -162,8 +162,8 @@ def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
     start = encoder_weights(encoder)
     wrapped = PerturbedEncoder(encoder, start, epsilon, torch.Generator().manual_seed(cfg.seed * 31 + 7))
     # the suite's training data is in its stored order there; ours is the context's fixed shuffle (same images)
-    _train(wrapped, ctx.class_embeddings(task), images, labels, cfg.finetune_epochs, cfg.finetune_lr, cfg,
-           f"perturbed fine-tune {task}", ctx.show_progress)
+    train(wrapped, ctx.class_embeddings(task), images, labels, cfg.finetune_epochs, cfg.finetune_lr, cfg,
+          f"perturbed fine-tune {task}", ctx.show_progress)
     weights = encoder_weights(encoder)
     atomic_save_tensors(dict(weights), path)
     return weights.to(ctx.device)

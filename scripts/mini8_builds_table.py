@@ -1,6 +1,7 @@
-"""The table of tried mini8 builds (docs/mini8.md) from the probe results in results/mini8-builds/*.json.
+"""The table of tried mini8 builds (docs/mini8.md) from the probe results (``scripts/mini8_probe.py``) in a folder,
+default $MERGEBENCH_CACHE/mini8-builds.
 
-    python scripts/mini8_builds_table.py [results/mini8-builds]
+    python scripts/mini8_builds_table.py [FOLDER]
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from mergebench.io import cache_root
 
 
 def _listed_order(doc: Path = Path(__file__).resolve().parent.parent / "docs" / "mini8.md") -> dict[str, int]:
@@ -26,7 +29,7 @@ def _value(v) -> str:
 
 
 def main():
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/mini8-builds")
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(cache_root()) / "mini8-builds")
     print("| Build | Changes from the v1 defaults | Pretrained | Experts | Gap (least task) | TA | WA | TA recovers "
           "| Least TA entropy AUROC | Span (TA, WA, TIES, TSV-M, Iso-CTS) | Build s |")
     print("|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|")

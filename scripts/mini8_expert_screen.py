@@ -23,30 +23,30 @@ from safetensors.torch import load_file
 
 from mergebench.diagnose import DiagnoseSettings, accuracy, retention, zero_shot_calibration
 from mergebench.io import cache_root
-from mergebench.models import build_encoder, encoder_weights
-from mergebench.suites import artifact, mini8, mini8_tasks
+from mergebench.models import build_encoder
+from mergebench.build import mini8 as build_mini8
+from mergebench.suites import artifact
 from mergebench.suites.base import Suite, TaskData
+from mergebench.suites.mini8 import CONFIGS
+from mergebench.suites.mini8.data import generate_split
 from mergebench.weights import Weights
 
 
 def pretraining(cfg) -> tuple[dict, dict]:
     """The cached pretrained backbone and classifier of ``cfg`` (or mini8's committed ones when they are the same
     pretraining)."""
-    stem = Path(cache_root()) / "pretrain" / cfg.pretrain_key()
+    stem = Path(cache_root()) / "pretrain" / build_mini8.pretrain_key(cfg)
     if stem.with_suffix(".safetensors").exists():
         return load_file(stem.with_suffix(".safetensors")), load_file(stem.with_suffix(".classifier.safetensors"))
-    if cfg.pretrain_key() == mini8.CONFIGS["mini8"].pretrain_key():
+    if build_mini8.pretrain_key(cfg) == build_mini8.pretrain_key(CONFIGS["mini8"]):
         return ({k: v.float() for k, v in artifact.load_tensors("mini8", "pretrained.safetensors").items()},
                 {k: v.float() for k, v in artifact.load_tensors("mini8", "heads.safetensors").items()})
     raise SystemExit(f"no cached pretraining {stem}.safetensors: build the configuration first")
 
 
-def task_data(cfg, task: str, split: str, n: int) -> TaskData:
-    """The split exactly as ``mini8.generate_data`` draws it (same seed)."""
-    i, j = list(cfg.tasks).index(task), ("train", "val", "test").index(split)
-    spec = {t.name: t for t in mini8_tasks.TASKS}[task]
-    x, y = mini8_tasks.generate(spec, n, seed=cfg.seed * 1000 + 10 * i + j, dtype=mini8.generator_dtype(cfg))
-    return TaskData(x, y)
+def task_data(cfg, task: str, split: str) -> TaskData:
+    """The split exactly as the build draws it (same seed)."""
+    return TaskData(*generate_split(cfg, task, split))
 
 
 def main():
@@ -58,26 +58,25 @@ def main():
     ap.add_argument("--zero-shot", action="store_true")
     ap.add_argument("--out", default=str(Path(cache_root()) / "screens"))
     args = ap.parse_args()
-    cfg = dataclasses.replace(mini8.CONFIGS[args.base], **json.loads(args.overrides))
+    cfg = dataclasses.replace(CONFIGS[args.base], **json.loads(args.overrides))
     t0 = time.perf_counter()
     pretrained, classifier = pretraining(cfg)
-    specs = mini8._specs(cfg)
-    heads = mini8._heads(cfg, None, specs, classifier, None)
+    heads = build_mini8.zero_shot_heads(cfg, classifier)
     tasks = list(cfg.tasks) if args.zero_shot else args.tasks
-    data = {"train": {}, "val": {}, "test": {t: task_data(cfg, t, "test", cfg.n_test) for t in tasks}}
+    data = {"train": {}, "val": {}, "test": {t: task_data(cfg, t, "test") for t in tasks}}
     experts = {}
     for t in args.tasks:
-        data["train"][t] = task_data(cfg, t, "train", cfg.n_train)
+        data["train"][t] = task_data(cfg, t, "train")
         path = Path(args.out) / args.name / f"{t}.safetensors"
         if not path.exists():
-            mini8._finetune_expert(cfg, pretrained, heads[t], data["train"][t].images, data["train"][t].labels,
-                                   f"fine-tune {t}", path, True)
+            build_mini8.finetune_expert(cfg, pretrained, heads[t], data["train"][t].images,
+                                        data["train"][t].labels, f"fine-tune {t}", path, True)
         experts[t] = load_file(path)
     suite = Suite(name=f"screen-{args.name}", tasks=tasks, encoder_config=dict(cfg.encoder),
                   pretrained=Weights(pretrained), heads={t: heads[t] for t in tasks}, data=data,
                   load_expert=lambda t: Weights(experts[t]))
     s = DiagnoseSettings()
-    out = {"name": args.name, "overrides": json.loads(args.overrides), "pretrain_key": cfg.pretrain_key()}
+    out = {"name": args.name, "overrides": json.loads(args.overrides), "pretrain_key": build_mini8.pretrain_key(cfg)}
     theta0 = Weights({k: v.float() for k, v in pretrained.items()})
     if args.zero_shot:
         out["calibration"] = zero_shot_calibration(suite, theta0, s)

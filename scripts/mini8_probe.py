@@ -7,7 +7,8 @@ Builds the configuration (``--base``, default mini8, plus the JSON overrides) in
 through the harness (records not written) the pretrained model, the experts, Weight Averaging, Task Arithmetic and
 any further ``--methods`` (with ``--lora``: on LoRA experts trained on that build, mini8-lora's settings plus
 the ``--lora`` overrides), and reports each one's per-task test accuracy, with the per-task AUROC of prediction
-entropy on the Task Arithmetic model. Writes results/mini8-builds/NAME.json.
+entropy on the Task Arithmetic model. Writes NAME.json to --out (default $MERGEBENCH_CACHE/mini8-builds), which
+``scripts/mini8_builds_table.py`` turns into docs/mini8.md's table of builds.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from mergebench.run import run_method
-from mergebench.suites import mini8, mini8_lora
-from mergebench.suites.mini8 import CONFIGS, Mini8Config, load_mini8, mini8_config_dict
+from mergebench.build import mini8 as build_mini8
+from mergebench.build import mini8_lora as build_lora
+from mergebench.io import cache_root
+from mergebench.run import run_one
+from mergebench.suites.mini8 import CONFIGS, LORA_CONFIGS, Mini8Config, load_mini8, mini8_config_dict
 
 HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
 
@@ -34,26 +37,24 @@ def main():
     ap.add_argument("--base", default="mini8")
     ap.add_argument("--methods", nargs="*", default=[])
     ap.add_argument("--lora", help="JSON overrides of mini8-lora's LoraConfig: probe LoRA experts on the build")
-    ap.add_argument("--out", default="results/mini8-builds")
+    ap.add_argument("--out", default=str(Path(cache_root()) / "mini8-builds"))
     args = ap.parse_args()
     overrides = json.loads(args.overrides)
     cfg = dataclasses.replace(CONFIGS[args.base], **overrides)
     t0 = time.perf_counter()
-    if args.lora is None:  # the base itself by name, so a committed artifact is read rather than rebuilt
-        suite = load_mini8(args.base if cfg == CONFIGS[args.base] else cfg, verbose=True)
-    else:  # the LoRA suite names its base by configuration name: the probed build under its own
-        base_name = args.base if cfg == CONFIGS[args.base] else f"probe-{args.name}"
-        mini8.CONFIGS.setdefault(base_name, cfg)
-        lora_cfg = dataclasses.replace(mini8_lora.CONFIGS["mini8-lora"], base=base_name, **json.loads(args.lora))
-        suite = mini8_lora.load_mini8_lora(lora_cfg, verbose=True)
-    # the table's "changes from the v1 defaults": every field that differs from Mini8Config(), whatever the base
+    # the base itself by name, so its committed artifact is read rather than rebuilt
+    suite = load_mini8(args.base) if cfg == CONFIGS[args.base] else build_mini8.load_or_build(cfg, name=args.name)
+    if args.lora is not None:  # LoRA experts, mini8-lora's settings plus the overrides, on that build
+        lora_cfg = dataclasses.replace(LORA_CONFIGS["mini8-lora"], base=args.base, **json.loads(args.lora))
+        suite = build_lora.load_or_build(lora_cfg, suite, base_cfg=cfg, name=f"{args.name}-lora")
+    # the table's "changes": every field that differs from Mini8Config(), whatever the base
     defaults = mini8_config_dict(Mini8Config())
     changes = {k: v for k, v in mini8_config_dict(cfg).items() if v != defaults[k]}
     out = {"name": args.name, "base": args.base, "delta": overrides, "overrides": changes,
-           **({"lora": dataclasses.asdict(lora_cfg)} if args.lora is not None else {}), "cache_key": cfg.key(),
+           **({"lora": dataclasses.asdict(lora_cfg)} if args.lora is not None else {}), "cache_key": build_mini8.key(cfg),
            "build": suite.info["build"], "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
     for method in HEADLINE + args.methods:
-        rec = run_method(method, suite, write=False, show_progress=False, count_flops=False)
+        rec = run_one(method, suite, write=False, show_progress=False, count_flops=False)
         if rec["status"] != "ok":
             out["methods"][method] = rec["status"]
             continue

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mergebench.evaluate import evaluate
 from mergebench.models import SharedModel
+from mergebench.build.mini8 import load_or_build
 from mergebench.suites.mini8 import CONFIGS, load_mini8
 
 SCALINGS = (0.0, 0.3, 0.6, 1.0)
@@ -24,7 +25,7 @@ SCALINGS = (0.0, 0.3, 0.6, 1.0)
 
 def main():
     cfg = dataclasses.replace(CONFIGS["mini8"], **json.loads(sys.argv[1] if len(sys.argv) > 1 else "{}"))
-    suite = load_mini8(cfg, build=False, verbose=False)
+    suite = load_mini8("mini8") if cfg == CONFIGS["mini8"] else load_or_build(cfg, build=False, verbose=False)
     pre = {k: v.float() for k, v in suite.pretrained.items()}
     taus = {t: {k: v.float() - pre[k] for k, v in suite.expert_weights(t).items()} for t in suite.tasks}
 

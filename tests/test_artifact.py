@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from mergebench.suites import artifact, mini8, mini8_lora
+from mergebench.build import mini8 as build_mini8
+from mergebench.suites import artifact, mini8
 from mergebench.suites.registry import get_suite
 
 
@@ -29,12 +30,12 @@ def test_committed_artifacts_exist_and_are_small():
 @pytest.mark.parametrize("name", ["mini8", "micro"])
 def test_each_committed_artifact_was_built_from_the_code_s_configuration(name):
     """A changed configuration without a rebuild fails here, not at a user's first load (the manifests alone)."""
-    assert mini8.stored_config(artifact.read(name)["config"]) == mini8.mini8_config_dict(mini8.CONFIGS[name])
+    assert artifact.read(name)["config"] == mini8.mini8_config_dict(mini8.CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", ["mini8-lora", "micro-lora"])
 def test_each_committed_lora_artifact_was_built_on_its_committed_base(name):
-    meta, cfg = artifact.read(name), mini8_lora.CONFIGS[name]
+    meta, cfg = artifact.read(name), mini8.LORA_CONFIGS[name]
     assert meta["config"] == dataclasses.asdict(cfg), f"make {name}-artifact"
     assert meta["base"] == artifact.identity(artifact.read(cfg.base)), f"make {name}-artifact"
 
@@ -70,21 +71,9 @@ def test_a_configuration_that_differs_from_the_artifact_is_an_error(artifacts_co
         mini8.load_mini8("micro", cache_dir=tmp_path)
 
 
-def test_an_artifact_built_before_a_config_field_existed_loads_with_the_field_at_its_default(artifacts_copy, tmp_path):
-    manifest = artifacts_copy / "micro" / artifact.MANIFEST
-    meta = json.loads(manifest.read_text())
-    for field in ("pretrain_per_task_overrides", "head_noise", "pretrain_transpose"):  # micro has their defaults
-        meta["config"].pop(field, None)
-    # this machine's data, so that the test checks the configuration alone on any CPU
-    meta["data_sha256"] = mini8.tensors_sha256(mini8.generate_data(mini8.CONFIGS["micro"]))
-    manifest.write_text(json.dumps(meta))
-    suite = mini8.load_mini8("micro", cache_dir=tmp_path)
-    assert suite.info["mini8_config"]["head_noise"] == 0.0
-
-
 @pytest.mark.parametrize("edit, field", [
-    (lambda c: c.pop("finetune_lr"), "finetune_lr"),  # absent: its default 1.5e-4, not micro's 1e-3
-    (lambda c: c.update(head_noise=0.3), "head_noise"),
+    (lambda c: c.pop("finetune_lr"), "finetune_lr"),
+    (lambda c: c.update(pretrain_label_smoothing=0.3), "pretrain_label_smoothing"),
     (lambda c: c.update(no_such_field=1), "no_such_field"),
 ])
 def test_a_stored_config_field_that_differs_is_absent_or_unknown_is_an_error(artifacts_copy, tmp_path, edit, field):
@@ -114,9 +103,9 @@ def test_data_that_differ_from_the_artifact_run_under_their_own_identity(artifac
 
 def test_rebuilding_micro_reproduces_the_committed_accuracies(artifacts_copy):
     committed = artifact.read("micro")
-    mini8.build_artifact("micro", verbose=False)
+    build_mini8.build_artifact("micro", verbose=False)
     rebuilt = artifact.read("micro")
-    assert rebuilt["config"] == mini8.stored_config(committed["config"])
+    assert rebuilt["config"] == committed["config"]
     assert rebuilt["data_sha256"] == mini8.tensors_sha256(mini8.generate_data(mini8.CONFIGS["micro"]))
     for kind in ("pretrained", "experts"):
         for task, acc in committed["accuracy"][kind].items():
@@ -130,4 +119,4 @@ def test_micro_lora_loads_its_committed_adapters(artifacts_copy):
     adapter = artifacts_copy / "micro-lora" / "adapters" / "digits" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-1])
     with pytest.raises(artifact.ArtifactError, match="adapter_model.safetensors"):
-        mini8_lora.load_mini8_lora("micro-lora")
+        mini8.load_mini8_lora("micro-lora")

@@ -8,7 +8,7 @@ import torch
 from mergebench import cli
 from mergebench.diagnose import (DiagnoseSettings, _own_share, calibration, diagnose, low_rank, markdown, spearman,
                                  trimmed)
-from mergebench.methods.lot import lot_linear
+from mergebench.activations import lot_linear
 from mergebench.records import load_records
 from mergebench.weights import Weights
 
@@ -86,7 +86,7 @@ def test_cli_writes_the_report_next_to_the_leaderboard(tmp_path, capsys):
 
 
 def test_sanity_reports_the_mechanism_targets_from_the_report():
-    from mergebench.suites.mini8_family import RANKED
+    from mergebench.suites.mini8 import RANKED
 
     def report(trim, lot):
         return {"trim": {"20": {"mean": trim, "min": trim}}, "low_rank": {"10": {"mean": 0.95, "min": 0.9}},

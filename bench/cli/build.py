@@ -26,9 +26,10 @@ def main(args) -> int:
     from mergebench.suites import get_suite
 
     if args.artifact:
-        from mergebench.suites import mini8, mini8_lora
+        from mergebench.build import mini8, mini8_lora  # the build tool, only when asked for
+        from mergebench.suites.mini8 import CONFIGS, LORA_CONFIGS
 
-        builders = {**{n: mini8.build_artifact for n in mini8.CONFIGS}, **{n: mini8_lora.build_artifact for n in mini8_lora.CONFIGS}}
+        builders = {**{n: mini8.build_artifact for n in CONFIGS}, **{n: mini8_lora.build_artifact for n in LORA_CONFIGS}}
         if args.suite not in builders:
             raise InputError(f"--artifact builds the committed suites ({', '.join(builders)}), not {args.suite!r}")
         print(f"{args.suite}: artifact written to {builders[args.suite](args.suite, jobs=args.jobs)}")

@@ -2,7 +2,7 @@
 
 A locally built suite differs in its last bits from machine to machine (thread counts and CPU kernels change
 the rounding of training), and so do the config hashes of the records made on it. An artifact is built once by
-a deterministic script (``make mini8-artifact``), stored in ``bench/suites/artifacts/<name>/`` and committed:
+the build tool (``make mini8-artifact``, :mod:`mergebench.build`), stored in ``bench/suites/artifacts/<name>/`` and committed:
 every clone then loads the same bytes, records from any machine carry the same suite identity, and a fresh
 clone reuses the committed records.
 
@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mergebench.errors import MergebenchError
-from mergebench.io import atomic_write_text, current_umask, file_sha256
+from mergebench.io import file_sha256
 
 ROOT = Path(__file__).parent / "artifacts"
 MANIFEST = "suite.json"
@@ -71,39 +69,6 @@ def identity(meta: dict) -> str:
 def load_tensors(name: str, rel: str) -> dict[str, torch.Tensor]:
     """A stored tensor file of the artifact, floating tensors as float32 (stored in half precision)."""
     return {k: v.float() if v.is_floating_point() else v for k, v in load_file(path(name) / rel).items()}
-
-
-def write(name: str, files: dict[str, dict[str, torch.Tensor]], meta: dict, dtype: torch.dtype = torch.float16,
-          copies: dict[str, Path] | None = None) -> Path:
-    """Write an artifact: ``files`` {relative path: tensors} stored with floating tensors in ``dtype``, ``copies``
-    {relative path: file} copied as they are, and ``suite.json`` with ``meta`` and every file's sha256. The
-    folder is replaced as a whole (written beside it, then renamed), so a failed build leaves the old one."""
-    dest = path(name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
-    tmp.chmod(0o777 & ~current_umask())
-    try:
-        for rel, tensors in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
-                      str(tmp / rel))
-        for rel, src in (copies or {}).items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / rel)
-        listed = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        meta = {**meta, "files": {rel: file_sha256(tmp / rel) for rel in listed}}
-        atomic_write_text(tmp / MANIFEST, json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if dest.exists():
-            old = dest.with_name(f".{name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def _rel(p: Path) -> str:
