@@ -77,8 +77,7 @@ def tsv_merging(ctx, scaling: float = 1.0):
     Delta = polar(U_cat) diag(s_cat) polar(V_cat^T) for every 2-D tensor (attention in/out projections, MLP
     layers, proj and the positional embedding); the other tensors (biases, LayerNorms, class embedding, the 4-D
     patch-embedding kernel) take the mean task vector. theta = theta_0 + alpha * Delta. One layer at a time
-    (the task vectors of one tensor at a time; the SVDs of
-    same-shaped small layers in one batched call, ``shape_batches``).
+    (the task vectors of one tensor at a time).
 
     On LoRA experts (mini8-lora) TSV-M scores 62.7 (80.4 on mini8's fully fine-tuned experts, 7.9
     above Task Arithmetic there, 10.9 below it here), and that is the method's own result: the
