@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from mergebench.functional import FunctionalMerge
 from mergebench.methods.adaptive import BF16_DEVIATION, minimize_entropy, unlabeled_streams
 from mergebench.registry import Paper, Variant, register_variants
+from mergebench.shape_batches import same_shape_batches
 from mergebench.weights import Weights
 
 ADARANK = Paper("AdaRank: Adaptive Rank Pruning for Enhanced Model Merging", 2025, "2503.22178", "arXiv",
@@ -51,10 +52,12 @@ class RankMaskedMerge(FunctionalMerge):
         self.mask_keys = [k for k in self.keys if is_low_rank_key(k, self.theta0[k])]
         if not self.mask_keys:
             raise ValueError("no attention/MLP weight matrices to decompose: AdaRank needs a transformer encoder")
+        for keys, taus in same_shape_batches((k, self.tau.pop(k)) for k in self.mask_keys):  # [layers, T, m, n]
+            for k, *factors in zip(keys, *torch.linalg.svd(taus, full_matrices=False)):  # batched: layers, tasks
+                self.svd[k] = tuple(factors)
         logits = []
         for k in self.mask_keys:
-            U, s, Vh = torch.linalg.svd(self.tau.pop(k), full_matrices=False)  # batched over the T tasks
-            self.svd[k] = (U, s, Vh)
+            s = self.svd[k][1]
             rank = s.shape[-1]
             init = torch.full((self.num_tasks, rank), 0.1, device=s.device)  # sigmoid(0.1 / temperature) > 0.5: kept
             init[:, int(rank * initial_rank_ratio):] = -0.1                  # pruned at the start

@@ -19,6 +19,7 @@ from mergebench.activations import is_block_linear_weight
 from mergebench.methods.fisher import diagonal_fisher
 from mergebench.models import encoder_weights
 from mergebench.registry import Paper, register_method
+from mergebench.shape_batches import same_shape_batches
 from mergebench.weights import Weights
 
 OPCM = Paper("Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable Continual Model "
@@ -38,22 +39,37 @@ def opcm_project(previous_tv: Tensor, task_tv: Tensor, alpha: float) -> Tensor:
 
     With previous_tv = U S V^T (full SVD) and r the first index where the cumulative share of singular values
     exceeds ``alpha``: P = U^T task_tv V, zero its diagonal and its top-left r x r block, return U P V^T.
+    ``[m, n]`` matrices, or ``[..., m, n]`` batches of them (each with its own r).
     """
     u, s, vh = torch.linalg.svd(previous_tv.double(), full_matrices=True)
-    v = vh.T
-    split_rank = int((s.cumsum(0) / s.sum() > alpha).float().argmax())
-    projected = u.T @ task_tv.double() @ v
-    projected.diagonal().fill_(0)
-    projected[:split_rank, :split_rank] = 0
-    return (u @ projected @ v.T).to(task_tv.dtype)
+    split_rank = (s.cumsum(-1) / s.sum(-1, keepdim=True) > alpha).float().argmax(-1)   # [...]
+    projected = u.mT @ task_tv.double() @ vh.mT
+    rows = torch.arange(projected.shape[-2], device=s.device) < split_rank[..., None]    # [..., m]
+    cols = torch.arange(projected.shape[-1], device=s.device) < split_rank[..., None]    # [..., n]
+    projected.diagonal(dim1=-2, dim2=-1).fill_(0)
+    projected.masked_fill_(rows[..., :, None] & cols[..., None, :], 0)
+    return (u @ projected @ vh).to(task_tv.dtype)
 
 
-def _opcm_cleaned(key: str, previous_tv: Tensor, task_tv: Tensor, alpha: float) -> Tensor:
-    if not is_linear_weight(key):
-        return task_tv
-    if key.endswith("attn.in_proj_weight"):  # open_clip fuses q, k, v; the official code projects each Linear
-        return torch.cat([opcm_project(p, t, alpha) for p, t in zip(previous_tv.chunk(3), task_tv.chunk(3))])
-    return opcm_project(previous_tv, task_tv, alpha)
+def _opcm_matrices(key: str, tensor: Tensor) -> list[Tensor]:
+    """The matrices OPCM projects in a linear weight: open_clip's fused q, k, v in_proj as its three blocks (the
+    official code projects each Linear), any other as itself."""
+    return list(tensor.chunk(3)) if key.endswith("attn.in_proj_weight") else [tensor]
+
+
+def _opcm_cleaned(merged_tv: Weights, task_tv: Weights, alpha: float) -> Weights:
+    """task_tv with every linear weight projected (``opcm_project``) off merged_tv's dominant subspace; the
+    same-shaped matrices projected in one batched call (``shape_batches``)."""
+    linear = [k for k in task_tv if is_linear_weight(k)]
+    pairs = (((k, i), torch.stack([p, t]))
+             for k in linear for i, (p, t) in enumerate(zip(_opcm_matrices(k, merged_tv[k]),
+                                                            _opcm_matrices(k, task_tv[k]))))
+    parts: dict[str, dict[int, Tensor]] = {}
+    for ids, pair in same_shape_batches(pairs):     # [matrices of one shape, 2 (previous, task), m, n]
+        for (key, i), projected in zip(ids, opcm_project(pair[:, 0], pair[:, 1], alpha)):
+            parts.setdefault(key, {})[i] = projected
+    return Weights({k: torch.cat([parts[k][i] for i in sorted(parts[k])]) if k in parts else v
+                    for k, v in task_tv.items()})
 
 
 @register_method(
@@ -88,8 +104,8 @@ def opcm(ctx, alpha: float = 0.5):
         if merged_tv is None:
             merged_tv = task_tv
         else:
-            unscaled = Weights({k: previous_lambda * merged_tv[k] + _opcm_cleaned(k, merged_tv[k], task_tv[k], alpha)
-                                for k in merged_tv})
+            cleaned = _opcm_cleaned(merged_tv, task_tv, alpha)
+            unscaled = Weights({k: previous_lambda * merged_tv[k] + cleaned[k] for k in merged_tv})
             previous_lambda = unscaled.flatten().norm().item() / (sum(norms) / len(norms))
             merged_tv = unscaled / previous_lambda
         ctx.log("lambda_t", previous_lambda)

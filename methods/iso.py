@@ -6,6 +6,7 @@ import torch
 
 from mergebench.methods.tsv import polar, robust_svd
 from mergebench.registry import Paper, register_method
+from mergebench.shape_batches import same_shape_batches
 from mergebench.weights import Weights
 
 ISO = Paper("No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces", 2025,
@@ -13,41 +14,44 @@ ISO = Paper("No Task Left Behind: Isotropic Model Merging with Common and Task-S
 
 
 def iso_c_matrix(task_matrices: torch.Tensor) -> torch.Tensor:
-    """Iso-C for one layer: Delta = sum_t T_t = U S V^T -> mean(S) U V^T (every singular value equal)."""
-    u, s, vh = robust_svd(task_matrices.float().sum(0))
-    return s.mean() * (u @ vh)
+    """Iso-C for one layer: Delta = sum_t T_t = U S V^T -> mean(S) U V^T (every singular value equal).
+    ``[T, m, n]`` -> ``[m, n]``, or ``[..., T, m, n]`` -> ``[..., m, n]`` (same-shaped layers at once)."""
+    u, s, vh = robust_svd(task_matrices.float().sum(-3))
+    return s.mean(-1)[..., None, None] * (u @ vh)
 
 
 def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) -> torch.Tensor:
     """Iso-CTS for one layer: the top k_c directions of the sum (common space) plus, per task, the top s
     directions of its component orthogonal to the common space; bases orthogonalized, spectrum flattened.
+    ``[T, m, n]`` -> ``[m, n]``, or ``[..., T, m, n]`` -> ``[..., m, n]`` (same-shaped layers at once).
     """
     t = task_matrices.float()
-    num = t.shape[0]
-    total = t.sum(0)
+    *batch, num, m, n = t.shape
+    total = t.sum(-3)
     u, s, vh = robust_svd(total)
-    r = s.shape[0]
+    r = s.shape[-1]
     k_c = int(r * common_fraction)
     per_task = round((r - k_c) / num)
     k_c = r - per_task * num
-    us, ss, vhs = [u[:, :k_c]], [s[:k_c]], [vh[:k_c]]
+    us, ss, vhs = [u[..., :k_c]], [s[..., :k_c]], [vh[..., :k_c, :]]
     if per_task > 0:
-        uc = u[:, :k_c]
-        residual = t - uc @ (uc.t() @ t)                        # remove the common space (left side), batched
+        uc = u[..., None, :, :k_c]                              # [..., 1, m, k_c]: the same for every task
+        residual = t - uc @ (uc.mT @ t)                         # remove the common space (left side), batched
         ut, st, vht = robust_svd(residual)
-        us = [ut[:, :, :per_task].permute(1, 0, 2).reshape(t.shape[1], -1)] + us
-        ss = [st[:, :per_task].reshape(-1)] + ss
-        vhs = [vht[:, :per_task].reshape(-1, t.shape[2])] + vhs
-    u_all, s_all, vh_all = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
-    return s_all.mean() * (polar(u_all) @ polar(vh_all))
+        us = [ut[..., :per_task].transpose(-3, -2).reshape(*batch, m, num * per_task)] + us
+        ss = [st[..., :per_task].reshape(*batch, num * per_task)] + ss
+        vhs = [vht[..., :per_task, :].reshape(*batch, num * per_task, n)] + vhs
+    u_all, s_all, vh_all = torch.cat(us, -1), torch.cat(ss, -1), torch.cat(vhs, -2)
+    return s_all.mean(-1)[..., None, None] * (polar(u_all) @ polar(vh_all))
 
 
 def _iso(ctx, scaling: float, layer_fn) -> Weights:
-    merged = Weights()
-    for key, stacked in ctx.task_vector_stacks():  # one tensor's task vectors at a time
-        delta = layer_fn(stacked).to(stacked.dtype) if stacked.dim() == 3 else stacked.mean(0)
-        merged[key] = delta.mul_(scaling).add_(ctx.pretrained_weights[key])
-    return ctx.shared_model(merged)
+    theta0 = ctx.pretrained_weights
+    merged = {}
+    for keys, stacks in same_shape_batches(ctx.task_vector_stacks()):   # [layers of one shape, T, *shape]
+        delta = layer_fn(stacks).to(stacks.dtype) if stacks.dim() == 4 else stacks.mean(1)
+        merged.update({key: (d * scaling).add_(theta0[key]) for key, d in zip(keys, delta)})
+    return ctx.shared_model(Weights({key: merged[key] for key in theta0}))
 
 
 ISO_DEFAULTS = ("scaling 1.5: fusion_bench's documented ViT-B/32 setting for Iso-C and Iso-CTS (the official code "

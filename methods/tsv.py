@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from mergebench.registry import Paper, register_method
+from mergebench.shape_batches import same_shape_batches
 from mergebench.weights import Weights
 
 TSV = Paper("Task Singular Vectors: Reducing Task Interference in Model Merging", 2025, "2412.00081", "CVPR",
@@ -43,23 +44,24 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def tsv_matrix(task_matrices: torch.Tensor, fraction: float | None = None) -> tuple[torch.Tensor, dict]:
-    """TSV-M for one layer: ``[T, m, n]`` task matrices -> merged ``[m, n]`` and the orthogonalized bases.
+    """TSV-M for one layer: ``[T, m, n]`` task matrices -> merged ``[m, n]`` and the orthogonalized bases
+    (``[..., T, m, n]`` -> ``[..., m, n]``: same-shaped layers at once).
 
     Each task keeps its top k = int(min(m, n) * fraction) singular triplets (fraction 1/T by default); the
     concatenated left and right singular vectors are replaced by their polar factors (the closest orthonormal
     bases, removing inter-task correlation) and recombined with the original singular values.
     """
     t = task_matrices.float()
-    num, m, n = t.shape
+    *batch, num, m, n = t.shape
     k = int(min(m, n) * (fraction if fraction is not None else 1.0 / num))
     if k < 1:
-        return t.mean(0), {}
-    u, s, vh = torch.linalg.svd(t, full_matrices=False)          # batched over tasks
-    u_cat = u[:, :, :k].permute(1, 0, 2).reshape(m, num * k)      # [m, T*k], task blocks in order
-    s_cat = s[:, :k].reshape(num * k)
-    vh_cat = vh[:, :k, :].reshape(num * k, n)                     # [T*k, n]
+        return t.mean(-3), {}
+    u, s, vh = torch.linalg.svd(t, full_matrices=False)                  # batched over layers and tasks
+    u_cat = u[..., :k].transpose(-3, -2).reshape(*batch, m, num * k)     # [m, T*k], task blocks in order
+    s_cat = s[..., :k].reshape(*batch, num * k)
+    vh_cat = vh[..., :k, :].reshape(*batch, num * k, n)                  # [T*k, n]
     u_orth, vh_orth = polar(u_cat), polar(vh_cat)
-    return (u_orth * s_cat) @ vh_orth, {"u": u_orth, "s": s_cat, "vh": vh_orth}
+    return (u_orth * s_cat.unsqueeze(-2)) @ vh_orth, {"u": u_orth, "s": s_cat, "vh": vh_orth}
 
 
 @register_method(
@@ -90,8 +92,9 @@ def tsv_merging(ctx, scaling: float = 1.0):
     equally valid SVD) they give 63.5 to 64.4, and k = 8 (only the non-zero triplets) gives 62.9.
     alpha is fixed at 1.0 (fusion_bench); the official code selects it on validation data.
     """
-    merged = Weights()
-    for key, stacked in ctx.task_vector_stacks():
-        delta = tsv_matrix(stacked)[0].to(stacked.dtype) if stacked.dim() == 3 else stacked.mean(0)
-        merged[key] = delta.mul_(scaling).add_(ctx.pretrained_weights[key])
-    return ctx.shared_model(merged)
+    theta0 = ctx.pretrained_weights
+    deltas = {}
+    for keys, stacks in same_shape_batches(ctx.task_vector_stacks()):   # [layers of one shape, T, *shape]
+        delta = tsv_matrix(stacks)[0].to(stacks.dtype) if stacks.dim() == 4 else stacks.mean(1)
+        deltas.update({key: (d * scaling).add_(theta0[key]) for key, d in zip(keys, delta)})
+    return ctx.shared_model(Weights({key: deltas[key] for key in theta0}))

@@ -14,6 +14,7 @@ import pytest
 from mergebench import leaderboard, registry
 from mergebench.conformance import check_method
 from mergebench.pipeline import MethodCall
+from mergebench.record_upgrade import upgraded
 from mergebench.registry import HyperparameterError, get_method, list_methods
 from mergebench.run import run_many
 
@@ -123,10 +124,11 @@ def test_smoke_runs_are_marked_below_budget_in_every_format(micro, tmp_path):
     assert re.search(r"<td>AdaMerging \(task-wise\) \(steps=2\) †</td>", page)
     assert "<p class='budget'>† ran below its paper&#x27;s budget" in page and "steps=2 &lt; 500" in page
 
-    # a record written before budgets were recorded is read against the registry, through its pipeline
+    # a record written before budgets were recorded gets them from the registry once, by the record upgrade
     old = json.loads(json.dumps(smoke))
     del old["budget"]
-    assert leaderboard.below_budget(old) == [gap]
+    assert leaderboard.below_budget(old) == []
+    assert leaderboard.below_budget(upgraded(old)) == [gap]
 
 
 @pytest.mark.parametrize("name", BUILT_INS)

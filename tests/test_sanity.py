@@ -33,8 +33,10 @@ def _rows(ta_digits=40.0):
 
 
 def _records(aurocs):
-    return [{"method": {"pipeline": "task_arithmetic(scaling=0.3)"},
-             "metrics": {"accuracy": {"digits": 40.0, "signs": 50.0}, "entropy_auroc": aurocs}}]
+    """Task Arithmetic's record with its entropy AUROC, and the other merges' records: each carries its family."""
+    others = [{"method": {"pipeline": p, "family": "data-free"}} for p in ("weight_averaging", "tsv_merging(scaling=1.0)")]
+    return [{"method": {"pipeline": "task_arithmetic(scaling=0.3)", "family": "data-free"},
+             "metrics": {"accuracy": {"digits": 40.0, "signs": 50.0}, "entropy_auroc": aurocs}}] + others
 
 
 def test_sanity_checks_every_target_and_says_which_hold():
