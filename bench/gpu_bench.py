@@ -67,7 +67,7 @@ def measure_merge(suite, spec: str, device) -> dict:
     from mergebench import memory
     from mergebench.context import MergeContext
     from mergebench.pipeline import MethodCall
-    from mergebench.run import execute, seed_everything
+    from mergebench.execution import execute, seed_everything
 
     call = MethodCall.parse(spec).resolve()
     seed_everything(0)

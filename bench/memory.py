@@ -75,3 +75,11 @@ def host_peak_mb() -> dict:
     """The host peak for a record: ``peak_rss_mb`` (since the last ``reset_peak``) where it could be reset,
     else ``peak_rss_mb_process`` (the process's lifetime peak)."""
     return {"peak_rss_mb" if _reset else "peak_rss_mb_process": round(peak_rss_bytes() / 2**20, 1)}
+
+
+def peak_mb(device: torch.device) -> dict:
+    """The run's peak memory: the CUDA allocator's, or on the CPU the process's resident high-water mark since
+    the run's measurement started (Linux), else over the process's lifetime."""
+    if device.type == "cuda":
+        return {"peak_gpu_mb": round(peak_cuda_bytes(device) / 2**20, 1)}
+    return host_peak_mb()

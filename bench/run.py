@@ -9,7 +9,6 @@ import itertools
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import torch
 
 from mergebench import basecache, integrity, limits, memory, transfer, worker
 from mergebench.context import MergeContext
+from mergebench.execution import MethodFailed, execute, loop_rates, seed_everything  # noqa: F401  (MethodFailed: re-exported)
 from mergebench.errors import InputError, MergebenchError
 from mergebench.evaluate import evaluate
 from mergebench.io import atomic_write_text, cache_root, check_writable
@@ -37,10 +37,6 @@ from mergebench.sequential import merge_data_used, order_result, step_result, su
 from mergebench.suites.base import Suite
 
 DEFAULT_RESULTS = Path("results")
-
-
-class MethodFailed(RuntimeError):
-    pass
 
 
 class ArchitectureMismatchError(MergebenchError, ValueError):
@@ -97,59 +93,6 @@ def _check_values(suite: Suite, what: str, weights) -> None:
                     f"checkpoint is damaged: replace it (every merge on it would fail, whatever the method)")
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:  # numpy is optional
-        pass
-
-
-def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None, reuse_bases: bool = True,
-            bases=None) -> MergedModel:
-    """Run a resolved pipeline: bases first, then each add-on on the model its base returned.
-
-    Every stage starts from the run's seed, so an add-on draws the same randomness whether its base ran or came
-    from the base cache (:mod:`mergebench.basecache`, used unless ``reuse_bases=False``; ``bases``: another
-    object with its ``lookup`` and ``store``, a worker's view of it).
-    """
-    spec = get_method(call.name)
-    kwargs = dict(call.hparams)
-    if "base" in kwargs:
-        kwargs["base"] = _execute_base(kwargs["base"], ctx, timings, reuse_bases, bases or basecache)
-    seed_everything(ctx.seed)
-    start = time.perf_counter()
-    model = spec.fn(ctx, **kwargs)
-    if timings is not None:
-        timings[str(call.name)] = round(time.perf_counter() - start, 4)
-    if not isinstance(model, MergedModel):
-        raise MethodFailed(f"{call.name} returned {type(model).__name__}; a method must return a MergedModel "
-                           f"(e.g. ctx.shared_model(weights))")
-    return model
-
-
-def _execute_base(call: MethodCall, ctx: MergeContext, timings: dict | None, reuse: bool, bases) -> MergedModel:
-    """The base of an add-on: from the base cache, or run (and then cached) with what it used and logged."""
-    if reuse:
-        hit = bases.lookup(call, ctx)
-        if hit is not None:
-            ctx.add_usage(hit.data_used, hit.logs)
-            ctx.cached_bases.append({"pipeline": str(call), "seconds": round(hit.seconds, 4)})
-            if timings is not None:
-                timings[str(call.name)] = round(hit.seconds, 4)
-            return hit.model
-    used, logged = ctx.usage_snapshot()
-    start = time.perf_counter()
-    model = execute(call, ctx, timings, reuse, bases)
-    seconds = time.perf_counter() - start
-    if reuse:
-        data, logs = ctx.usage_since(used, logged)
-        bases.store(call, ctx, basecache.CachedBase(model, seconds, data, logs))
-    return model
-
-
 def _check_finite(model: MergedModel):
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -170,21 +113,6 @@ def reference_accuracy(suite: Suite, device="cpu", split: str = "test") -> dict[
         acc[task] = evaluate(expert, suite, split, device, tasks=[task])["accuracy"][task]
     atomic_write_text(path, json.dumps(acc))
     return acc
-
-
-def loop_rates(ctx: MergeContext) -> dict:
-    """{loop: {"steps", "seconds", "steps_per_s"}} of the method's progress loops (optimisation steps, episodes)."""
-    return {desc: {"steps": v["steps"], "seconds": round(v["seconds"], 3),
-                   "steps_per_s": round(v["steps"] / v["seconds"], 3) if v["seconds"] > 0 else None}
-            for desc, v in ctx.loops.items()}
-
-
-def _peak_memory_mb(device: torch.device) -> dict:
-    """The run's peak memory: the CUDA allocator's, or on the CPU the process's resident high-water mark since
-    the run's measurement started (Linux), else over the process's lifetime."""
-    if device.type == "cuda":
-        return {"peak_gpu_mb": round(memory.peak_cuda_bytes(device) / 2**20, 1)}
-    return memory.host_peak_mb()
 
 
 def run_one(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESULTS, force: bool = False,

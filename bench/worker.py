@@ -580,7 +580,8 @@ def _merge_job(job: dict, conn) -> dict:
     """One merge (a pipeline: its bases first): the model and what the merge used and cost."""
     from mergebench import integrity, memory, transfer
     from mergebench.context import MergeContext
-    from mergebench.run import _peak_memory_mb, execute, seed_everything
+    from mergebench.execution import execute, seed_everything
+    from mergebench.memory import peak_mb
 
     suite, spec = job["suite"], job["spec"]
     device = torch.device(spec.device)
@@ -601,7 +602,7 @@ def _merge_job(job: dict, conn) -> dict:
         theta_0 = {} if ctx._pretrained is None else ctx._pretrained  # what every stage of a pipeline reads
         modified = [f"pretrained {k!r} (ctx.pretrained_weights)" for k, v in theta_0.items()
                     if integrity.fingerprint(v) != integrity.fingerprint(suite.pretrained[k])]
-        return {"model": model, "merge_s": merge_s, "pretrained_modified": modified, "stages_s": stages, "memory": _peak_memory_mb(device),
+        return {"model": model, "merge_s": merge_s, "pretrained_modified": modified, "stages_s": stages, "memory": peak_mb(device),
                 "data_used": list(ctx.data_used.values()), "logs": dict(ctx.logs), "loops": _loops(ctx),
                 "cached_bases": ctx.cached_bases, "threads": torch.get_num_threads()}
 
@@ -611,7 +612,7 @@ def _merge_job(job: dict, conn) -> dict:
 
 
 def _loops(ctx) -> dict:
-    from mergebench.run import loop_rates
+    from mergebench.execution import loop_rates
     return loop_rates(ctx)
 
 
@@ -620,7 +621,8 @@ def _sequential_job(job: dict, conn) -> dict:
     """Every task order of a sequential run: after each arrival the model goes to the harness, which evaluates it
     and answers with its accuracy on the tasks seen so far."""
     from mergebench import memory, transfer
-    from mergebench.run import _peak_memory_mb, seed_everything
+    from mergebench.execution import seed_everything
+    from mergebench.memory import peak_mb
     from mergebench.sequential import run_order
 
     suite, spec = job["suite"], job["spec"]
@@ -644,6 +646,6 @@ def _sequential_job(job: dict, conn) -> dict:
             orders.append({"merge_s": result["merge_s"], "logs": result["logs"], "notes": result["notes"],
                            "data_used": ctx.data_used})
         conn.send(("release",))
-        return {"orders": orders, "memory": _peak_memory_mb(device), "threads": torch.get_num_threads()}
+        return {"orders": orders, "memory": peak_mb(device), "threads": torch.get_num_threads()}
 
     return _watched(job, work)

@@ -116,6 +116,6 @@ def dare(ctx, p: float = 0.5, merge: str = "task_arithmetic", rescale: bool = Tr
     if spec.is_addon or spec.needs != "nothing" or call.name == "dare":
         raise HyperparameterError(f"dare(merge=...) needs a data-free, non-add-on merge method; {call.name!r} is "
                                   f"{'an add-on' if spec.is_addon else 'needs=' + spec.needs}")
-    from mergebench.run import execute  # through the harness: the method's result is checked as any run's
+    from mergebench.execution import execute  # through the harness: the method's result is checked as any run's
 
     return execute(call, DareContext(ctx, p, rescale))

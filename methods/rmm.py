@@ -214,7 +214,7 @@ class LayerPlanModel(SharedModel):
 
 def merged_pool_members(ctx, merged: str) -> tuple[list[nn.Module], list[str]]:
     from mergebench.pipeline import MethodCall
-    from mergebench.run import execute
+    from mergebench.execution import execute
 
     names = [n.strip() for n in merged.split("+") if n.strip()]
     if not names:

@@ -22,7 +22,8 @@ from mergebench.methods.surgery import SurgeryModel
 from mergebench.metrics import count_macs, model_macs, parameter_counts, tensor_bytes
 from mergebench.models import SharedModel, build_encoder, encoder_weights
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, run_one, seed_everything
+from mergebench.run import run_one
+from mergebench.execution import execute, seed_everything
 
 ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "adamerging_taskwise_pp", "adamerging_layerwise_pp",
             "surgery", "intervmerge", "intervmerge_mini", "intervmerge_efficient_mini"]

@@ -26,7 +26,8 @@ from mergebench.methods.tsv import tsv_matrix
 from mergebench.methods.wudi import wudi_loss, wudi_matrix, wudi_optimize, wudi_terms
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
-from mergebench.run import execute, run_one
+from mergebench.run import run_one
+from mergebench.execution import execute
 from mergebench.weights import Weights
 
 METHODS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "tall_masks", "consensus_ta",

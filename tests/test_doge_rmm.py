@@ -15,7 +15,8 @@ from mergebench.methods.rmm import (
 )
 from mergebench.methods.ties import ties_merging
 from mergebench.registry import get_method
-from mergebench.run import run_one, seed_everything
+from mergebench.run import run_one
+from mergebench.execution import seed_everything
 
 FAST_RMM = "rmm(episodes=8, data_scale=0.25, batch_size=8)"
 

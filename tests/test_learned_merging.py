@@ -15,7 +15,8 @@ from mergebench.methods.concrete import ConcreteMask, rescaled
 from mergebench.functional import FunctionalMerge
 from mergebench.methods.adaptive import entropy, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, run_one, seed_everything
+from mergebench.run import run_one
+from mergebench.execution import execute, seed_everything
 
 METHODS = ["adarank", "adarank_cart", "concrete_task_arithmetic", "concrete_adamerging"]
 FAST = {"adarank": "steps=3", "adarank_cart": "steps=3", "concrete_task_arithmetic": "steps=3",

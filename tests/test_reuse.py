@@ -8,7 +8,8 @@ import torch
 from mergebench import basecache
 from mergebench.context import MergeContext
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, run_one
+from mergebench.run import run_one
+from mergebench.execution import execute
 
 
 def _ctx(suite, seed=0):

@@ -21,7 +21,7 @@ from mergebench.methods.iso import iso_c_matrix
 from mergebench.methods.tsv import tsv_matrix
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
-from mergebench.run import execute, seed_everything
+from mergebench.execution import execute, seed_everything
 from mergebench.weights import Weights
 
 

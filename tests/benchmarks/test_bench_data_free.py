@@ -34,7 +34,7 @@ from torch import nn
 from mergebench import memory
 from mergebench.context import MergeContext
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, seed_everything
+from mergebench.execution import execute, seed_everything
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = DEVICE == "cuda" or os.environ.get("MERGEBENCH_BENCH_VITB32") == "1"

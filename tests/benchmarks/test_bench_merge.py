@@ -23,7 +23,7 @@ from mergebench.context import MergeContext
 from mergebench.models import MergedModel, build_encoder, encoder_weights
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
-from mergebench.run import seed_everything
+from mergebench.execution import seed_everything
 from mergebench.suites.base import Suite, TaskData
 
 SPECS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "dare(merge='ties_merging(scaling=0.5)')",

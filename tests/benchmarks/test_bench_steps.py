@@ -23,7 +23,7 @@ from mergebench.context import MergeContext
 from mergebench.models import MergedModel, build_encoder, encoder_weights
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
-from mergebench.run import execute, seed_everything
+from mergebench.execution import execute, seed_everything
 from mergebench.suites.base import Suite, TaskData
 
 STEPS = 10

@@ -16,7 +16,7 @@ import torch
 from mergebench.context import MergeContext
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
-from mergebench.run import execute, seed_everything
+from mergebench.execution import execute, seed_everything
 from mergebench.sequential import SequentialContext
 
 from test_bench_merge import mini8_shaped  # noqa: F401  (the fixture; tests/benchmarks is on sys.path)

@@ -46,7 +46,7 @@ from mergebench.context import MergeContext
 from mergebench.methods.baselines import cache_sized_parts
 from mergebench.models import build_encoder
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, seed_everything
+from mergebench.execution import execute, seed_everything
 
 # imported only by the test itself: importing fusion_bench (lightning, transformers) changes global state
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("fusion_bench") is None,
