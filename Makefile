@@ -63,7 +63,7 @@ bench: $(BIN)/.installed
 ## resident on the device, bf16, fused attention, eager and torch.compile) plus merge times and peak memory; without
 ## one a reduced CPU run that says so. At most 8 minutes; writes results/bench/gpu.json.
 bench-gpu: $(BIN)/.installed
-	$(BIN)/python -m mergebench.gpu_bench --out results/bench/gpu.json --time-budget 420
+	$(BIN)/python -m mergebench.engine.gpu_bench --out results/bench/gpu.json --time-budget 420
 
 ## Rebuild a committed suite artifact from nothing (bench/suites/artifacts/SUITE: checkpoints, their sha256 and the
 ## accuracies measured at build; docs/mini8.md). One thread: the build is then the same computation on every machine

@@ -9,12 +9,12 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "register_method": "mergebench.registry", "get_method": "mergebench.registry",
-    "list_methods": "mergebench.registry", "Paper": "mergebench.registry", "NEEDS": "mergebench.registry",
-    "UnknownMethodError": "mergebench.registry",
-    "MergeContext": "mergebench.context", "DataNotDeclaredError": "mergebench.context",
-    "MergedModel": "mergebench.models", "SharedModel": "mergebench.models", "PerTaskModel": "mergebench.models",
-    "Weights": "mergebench.weights", "MethodCall": "mergebench.pipeline",
+    "register_method": "mergebench.api.registry", "get_method": "mergebench.api.registry",
+    "list_methods": "mergebench.api.registry", "Paper": "mergebench.api.registry", "NEEDS": "mergebench.api.registry",
+    "UnknownMethodError": "mergebench.api.registry",
+    "MergeContext": "mergebench.api.context", "DataNotDeclaredError": "mergebench.api.context",
+    "MergedModel": "mergebench.api.models", "SharedModel": "mergebench.api.models", "PerTaskModel": "mergebench.api.models",
+    "Weights": "mergebench.api.weights", "MethodCall": "mergebench.api.pipeline",
 }
 
 __all__ = list(_EXPORTS)

@@ -10,8 +10,8 @@ disjoint; each task keeps its own vector and lambda).
 from __future__ import annotations
 
 from mergebench.methods.adaptive import BF16_DEVIATION, functional_merge, minimize_entropy, unlabeled_streams
-from mergebench.models import AdaMergedModel, freeze
-from mergebench.registry import Paper, Variant, register_variants
+from mergebench.api.models import AdaMergedModel, freeze
+from mergebench.api.registry import Paper, Variant, register_variants
 
 ADAMERGING = Paper("AdaMerging: Adaptive Model Merging for Multi-Task Learning", 2024, "2310.02575", "ICLR",
                    "https://github.com/EnnengYang/AdaMerging")

@@ -1,10 +1,10 @@
 """Test-time adaptation: the machinery shared by the methods that train on unlabeled test batches (AdaMerging and
 its ++ form, Concrete, AdaRank, Representation Surgery, IntervMerge).
 
-* :func:`functional_merge`: the engine's :class:`~mergebench.functional.FunctionalMerge` (the merged encoder as a
+* :func:`functional_merge`: the engine's :class:`~mergebench.engine.functional.FunctionalMerge` (the merged encoder as a
   function of trainable merge coefficients, with its fast functional ViT forward) on the context's experts,
-  raw or TIES-processed (AdaMerging++); :class:`~mergebench.models.MergeState` /
-  :class:`~mergebench.models.AdaMergedModel` are what an AdaMerging base hands to an add-on that trains the
+  raw or TIES-processed (AdaMerging++); :class:`~mergebench.api.models.MergeState` /
+  :class:`~mergebench.api.models.AdaMergedModel` are what an AdaMerging base hands to an add-on that trains the
   coefficients further (IntervMerge's joint training).
 * Data helpers: per-task unlabeled streams (always through ``ctx.unlabeled``), expert
   embeddings as distillation targets, and the entropy objective with its Adam loop
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from mergebench.evaluate import prediction_entropy
-from mergebench.functional import FunctionalMerge
-from mergebench.models import Granularity, MergedModel, MergeState
-from mergebench.weights import Weights
+from mergebench.engine.evaluate import prediction_entropy
+from mergebench.engine.functional import FunctionalMerge
+from mergebench.api.models import Granularity, MergedModel, MergeState
+from mergebench.api.weights import Weights
 
 
 # the registration notes' paragraph of every method whose loop runs under ``ctx.autocast()``

@@ -20,11 +20,11 @@ import re
 import torch
 from torch import Tensor, nn
 
-from mergebench.functional import FunctionalMerge
+from mergebench.engine.functional import FunctionalMerge
 from mergebench.methods.adaptive import BF16_DEVIATION, minimize_entropy, unlabeled_streams
-from mergebench.registry import Paper, Variant, register_variants
-from mergebench.shape_batches import same_shape_batches
-from mergebench.weights import Weights
+from mergebench.api.registry import Paper, Variant, register_variants
+from mergebench.api.shape_batches import same_shape_batches
+from mergebench.api.weights import Weights
 
 ADARANK = Paper("AdaRank: Adaptive Rank Pruning for Enhanced Model Merging", 2025, "2503.22178", "arXiv",
                 "https://github.com/david3684/AdaRank")

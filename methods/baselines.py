@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.models import PerTaskModel
-from mergebench.registry import Paper, register_method
-from mergebench.weights import Weights, cache_sized_parts
+from mergebench.api.models import PerTaskModel
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.weights import Weights, cache_sized_parts
 
 TASK_VECTORS = Paper("Editing Models with Task Arithmetic", 2023, "2212.04089", "ICLR",
                      "https://github.com/mlfoundations/task_vectors")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.activations import as_matrix, from_matrix, gram, lockstep_sites, sq_norms
-from mergebench.models import freeze
-from mergebench.registry import Paper, register_method
+from mergebench.api.activations import as_matrix, from_matrix, gram, lockstep_sites, sq_norms
+from mergebench.api.models import freeze
+from mergebench.api.registry import Paper, register_method
 
 CAT = Paper("CAT Merging: A Training-Free Approach for Resolving Conflicts in Model Merging", 2025, "2505.06977",
             "ICML", "https://github.com/SunWenJu123/model-merging")

@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mergebench.functional import FunctionalMerge
+from mergebench.engine.functional import FunctionalMerge
 from mergebench.methods.adaptive import BF16_DEVIATION, entropy_objective, functional_merge, minimize_entropy, unlabeled_streams
-from mergebench.registry import Paper, register_method
+from mergebench.api.registry import Paper, register_method
 
 CONCRETE = Paper("Concrete Subspace Learning based Interference Elimination for Multi-task Model Merging", 2023,
                  "2312.06173", "arXiv", "https://github.com/tanganke/fusion_bench")

@@ -1,7 +1,7 @@
 """Continual (sequential) merging: OPCM and Perturb-and-Merge. Experts arrive one at a time (``ctx.sequence()``).
 
 Task Arithmetic, TIES and the other data-free one-shot methods run under the same protocol through the
-harness's adapter (``mergebench run --protocol sequential task_arithmetic``; see ``mergebench.sequential``).
+harness's adapter (``mergebench run --protocol sequential task_arithmetic``; see ``mergebench.engine.sequential``).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mergebench.io import atomic_save_tensors, cache_root
-from mergebench.activations import is_block_linear_weight
+from mergebench.engine.io import atomic_save_tensors, cache_root
+from mergebench.api.activations import is_block_linear_weight
 from mergebench.methods.fisher import diagonal_fisher
-from mergebench.models import encoder_weights
-from mergebench.registry import Paper, register_method
-from mergebench.shape_batches import same_shape_batches
-from mergebench.weights import Weights
+from mergebench.api.models import encoder_weights
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.shape_batches import same_shape_batches
+from mergebench.api.weights import Weights
 
 OPCM = Paper("Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable Continual Model "
              "Merging", 2025, "2501.09522", None, "https://github.com/tanganke/fusion_bench (fusion_bench/method/opcm)")

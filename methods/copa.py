@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mergebench.lora import LoraFactor, lora_delta
-from mergebench.registry import Paper, register_method
+from mergebench.api.lora import LoraFactor, lora_delta
+from mergebench.api.registry import Paper, register_method
 
 COPA = Paper("Parameter-Efficient Merging for Multimodal Large Language Models with Complementary Parameter "
              "Adaptation (RobustMerge)", 2025, "2502.17159", "NeurIPS", "https://github.com/AuroraZengfh/RobustMerge")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.activations import is_block_linear_weight
+from mergebench.api.activations import is_block_linear_weight
 from mergebench.methods.ties import trim_top_k
-from mergebench.registry import Paper, register_method
-from mergebench.weights import Weights
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.weights import Weights
 
 DOGE = Paper("Modeling Multi-Task Model Merging as Adaptive Projective Gradient Descent", 2025, "2501.01230",
              "ICML", "https://github.com/WalkerWorldPeace/DOGE")

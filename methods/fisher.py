@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
-from mergebench.registry import Paper, register_method
-from mergebench.weights import Weights
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.weights import Weights
 
 FISHER = Paper("Merging Models with Fisher-Weighted Averaging", 2022, "2111.09832", "NeurIPS",
                "https://github.com/mmatena/model_merging")

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from mergebench.methods.adaptive import (
     ExpertEmbeddings, FunctionalSharedModel, functional_merge_from_state, l1, single_encoder,
 )
-from mergebench.models import AdaMergedModel, MergedModel, SharedModel, freeze
-from mergebench.registry import Paper, Variant, register_variants
+from mergebench.api.models import AdaMergedModel, MergedModel, SharedModel, freeze
+from mergebench.api.registry import Paper, Variant, register_variants
 
 INTERVMERGE = Paper("Parameter-Efficient Interventions for Enhanced Model Merging", 2025, "2412.17023", "SDM",
                     "https://github.com/MarcinOsial/IntervMerge")

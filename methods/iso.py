@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from mergebench.methods.tsv import polar, robust_svd
-from mergebench.registry import Paper, register_method
-from mergebench.shape_batches import same_shape_batches
-from mergebench.weights import Weights
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.shape_batches import same_shape_batches
+from mergebench.api.weights import Weights
 
 ISO = Paper("No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces", 2025,
             "2502.04959", "ICML", "https://github.com/danielm1405/iso-merging")

@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from mergebench.activations import as_matrix, expert_sites, from_matrix, gram, lot_linear, sq_norms
-from mergebench.registry import Paper, register_method
+from mergebench.api.activations import as_matrix, expert_sites, from_matrix, gram, lot_linear, sq_norms
+from mergebench.api.registry import Paper, register_method
 
 LOT = Paper("Towards Minimizing Feature Drift in Model Merging: Layer-wise Task Vector Fusion for Adaptive "
             "Knowledge Integration", 2025, "2505.23859", "NeurIPS", "https://github.com/SunWenJu123/model-merging")
@@ -48,7 +48,7 @@ def lot_merging(ctx, scaling: float = 1.2, n_exemplars: int = 64, rtol: float = 
     ln_post and the output projection proj (CLS token inputs) are solved in closed form as well.
 
     Layers are processed one at a time: the experts walk through the network in lock step (see
-    ``mergebench.activations``), so only one layer's inputs are held. The pseudo-inverse is an
+    ``mergebench.api.activations``), so only one layer's inputs are held. The pseudo-inverse is an
     eigendecomposition of sum_k G_k in float64 with a relative eigenvalue cutoff ``rtol``.
 
     Deviations: the Gram matrices are normalized by the token count (identical to the paper's sum when every

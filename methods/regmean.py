@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mergebench.activations import as_matrix, expert_sites, from_matrix, gram, regmean_linear
-from mergebench.registry import Paper, register_method
+from mergebench.api.activations import as_matrix, expert_sites, from_matrix, gram, regmean_linear
+from mergebench.api.registry import Paper, register_method
 
 REGMEAN = Paper("Dataless Knowledge Fusion by Merging Weights of Language Models", 2023, "2212.09849", "ICLR",
                 "https://github.com/bloomberg/dataless-model-merging")

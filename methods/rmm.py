@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mergebench.models import SharedModel, freeze
-from mergebench.registry import Paper, get_method, register_method
+from mergebench.api.models import SharedModel, freeze
+from mergebench.api.registry import Paper, get_method, register_method
 
 RMM = Paper("Reinforced Model Merging", 2025, "2503.21272", None,
             "https://github.com/WuDiHJQ/Reinforced-Model-Merging")
@@ -213,8 +213,8 @@ class LayerPlanModel(SharedModel):
 
 
 def merged_pool_members(ctx, merged: str) -> tuple[list[nn.Module], list[str]]:
-    from mergebench.pipeline import MethodCall
-    from mergebench.execution import execute
+    from mergebench.api.pipeline import MethodCall
+    from mergebench.engine.execution import execute
 
     names = [n.strip() for n in merged.split("+") if n.strip()]
     if not names:

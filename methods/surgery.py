@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.methods.adaptive import ExpertEmbeddings, l1
-from mergebench.models import MergedModel, freeze
-from mergebench.registry import Paper, register_method
+from mergebench.api.models import MergedModel, freeze
+from mergebench.api.registry import Paper, register_method
 
 SURGERY = Paper("Representation Surgery for Multi-Task Model Merging", 2024, "2402.02705", "ICML",
                 "https://github.com/EnnengYang/RepresentationSurgery")

@@ -9,9 +9,9 @@ import copy
 import torch
 
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
-from mergebench.models import MergedModel, freeze
-from mergebench.registry import Paper, register_method
-from mergebench.weights import Weights
+from mergebench.api.models import MergedModel, freeze
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.weights import Weights
 
 TALL = Paper("Localizing Task Information for Improved Model Merging and Compression", 2024, "2405.07813", "ICML",
              "https://github.com/nik-dim/tall_masks")

@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-from mergebench.registry import Paper, register_method
-from mergebench.weights import Weights, stack
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.weights import Weights, stack
 
 TIES = Paper("TIES-Merging: Resolving Interference When Merging Models", 2023, "2306.01708", "NeurIPS",
              "https://github.com/prateeky2806/ties-merging")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mergebench.registry import Paper, register_method
-from mergebench.shape_batches import same_shape_batches
-from mergebench.weights import Weights
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.shape_batches import same_shape_batches
+from mergebench.api.weights import Weights
 
 TSV = Paper("Task Singular Vectors: Reducing Task Interference in Model Merging", 2025, "2412.00081", "CVPR",
             "https://github.com/AntoAndGar/task_singular_vectors")

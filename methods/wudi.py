@@ -7,9 +7,9 @@ from typing import Iterable, Literal
 
 import torch
 
-from mergebench.activations import is_block_linear_weight
-from mergebench.registry import Paper, register_method
-from mergebench.weights import Weights
+from mergebench.api.activations import is_block_linear_weight
+from mergebench.api.registry import Paper, register_method
+from mergebench.api.weights import Weights
 
 WUDI = Paper("Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task Vectors",
              2025, "2503.08099", "ICML", "https://github.com/nathanielyvo/WUDI-Merging")

@@ -16,9 +16,11 @@ import os
 import statistics
 import time
 
-from mergebench import Paper, register_method, worker
-from mergebench.pipeline import MethodCall
-from mergebench.run import merge_in_worker
+from mergebench import Paper, register_method
+
+from mergebench.engine import worker
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.run import merge_in_worker
 from mergebench.suites import get_suite
 
 

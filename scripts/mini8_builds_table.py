@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from mergebench.io import cache_root
+from mergebench.engine.io import cache_root
 
 
 def _listed_order(doc: Path = Path(__file__).resolve().parent.parent / "docs" / "mini8.md") -> dict[str, int]:

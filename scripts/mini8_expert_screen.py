@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mergebench.diagnose import DiagnoseSettings, accuracy, retention, zero_shot_calibration
-from mergebench.io import cache_root
-from mergebench.models import build_encoder
+from mergebench.suites.diagnose import DiagnoseSettings, accuracy, retention, zero_shot_calibration
+from mergebench.engine.io import cache_root
+from mergebench.api.models import build_encoder
 from mergebench.build import mini8 as build_mini8
 from mergebench.suites import artifact
 from mergebench.suites.base import Suite, TaskData
 from mergebench.suites.mini8 import CONFIGS
 from mergebench.suites.mini8.data import generate_split
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 
 def pretraining(cfg) -> tuple[dict, dict]:

@@ -23,8 +23,8 @@ import torch
 
 from mergebench.build import mini8 as build_mini8
 from mergebench.build import mini8_lora as build_lora
-from mergebench.io import cache_root
-from mergebench.run import run_one
+from mergebench.engine.io import cache_root
+from mergebench.engine.run import run_one
 from mergebench.suites.mini8 import CONFIGS, LORA_CONFIGS, Mini8Config, load_mini8, mini8_config_dict
 
 HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]

@@ -15,8 +15,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mergebench.evaluate import evaluate
-from mergebench.models import SharedModel
+from mergebench.engine.evaluate import evaluate
+from mergebench.api.models import SharedModel
 from mergebench.build.mini8 import load_or_build
 from mergebench.suites.mini8 import CONFIGS, load_mini8
 

@@ -56,7 +56,7 @@ def fresh(micro):
 @pytest.fixture
 def probe():
     """``probe(name, **register_method keywords)``: register probe methods for one test, removed afterwards."""
-    from mergebench import registry
+    from mergebench.api import registry
 
     names = []
 
@@ -72,7 +72,7 @@ def probe():
 def repository_methods(monkeypatch):
     """The method registry as this repository defines it, whatever else is installed: the built-ins and the
     example plugin imported from its source (examples/), and no other entry point's methods."""
-    from mergebench.registry import METHODS
+    from mergebench.api.registry import METHODS
 
     METHODS.discover()
     monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN))

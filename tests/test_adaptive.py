@@ -10,20 +10,20 @@ import pytest
 import torch
 
 import mergebench
-from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.functional import FunctionalMerge
+from mergebench.api.context import DataNotDeclaredError, MergeContext
+from mergebench.engine.functional import FunctionalMerge
 from mergebench.methods.adaptive import entropy, functional_merge
-from mergebench.models import AdaMergedModel
+from mergebench.api.models import AdaMergedModel
 from mergebench.methods.intervmerge import (
     EfficientMini, InterventionModel, MiniNoReFT, NoReFT, _orthonormal_columns, efficient_slice_start,
     intervention_param_count,
 )
 from mergebench.methods.surgery import SurgeryModel
-from mergebench.metrics import count_macs, model_macs, parameter_counts, tensor_bytes
-from mergebench.models import SharedModel, build_encoder, encoder_weights
-from mergebench.pipeline import MethodCall
-from mergebench.run import run_one
-from mergebench.execution import execute, seed_everything
+from mergebench.engine.metrics import count_macs, model_macs, parameter_counts, tensor_bytes
+from mergebench.api.models import SharedModel, build_encoder, encoder_weights
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.run import run_one
+from mergebench.engine.execution import execute, seed_everything
 
 ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "adamerging_taskwise_pp", "adamerging_layerwise_pp",
             "surgery", "intervmerge", "intervmerge_mini", "intervmerge_efficient_mini"]
@@ -336,8 +336,8 @@ def test_intervmerge_needs_a_single_shared_encoder(micro):
 def test_vit_forward_equals_the_encoders_own_forward_and_gradients(micro, act):
     """The adaptation loops' forward (vit_forward) computes what functional_call on the open_clip skeleton does,
     values and gradients in the coefficients, for both activations."""
-    from mergebench.functional import vit_forward, vit_forward_supports
-    from mergebench.models import encoder_from_weights
+    from mergebench.engine.functional import vit_forward, vit_forward_supports
+    from mergebench.api.models import encoder_from_weights
 
     ctx = _ctx(micro)
     config = dict(micro.encoder_config, act=act)
@@ -362,7 +362,7 @@ def test_vit_forward_refuses_encoders_it_does_not_cover(micro):
     FunctionalMerge.embed falls back to the skeleton's own forward."""
     from open_clip.transformer import LayerScale
 
-    from mergebench.functional import vit_forward_supports
+    from mergebench.engine.functional import vit_forward_supports
 
     ctx = _ctx(micro)
     fm = functional_merge(ctx, "task", 0.3)
@@ -381,7 +381,7 @@ def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
     """ctx.autocast(): bfloat16 under "bf16", nothing under "fp32"; a few AdaMerging steps in bf16 follow the fp32
     entropy trajectory closely but not bit for bit. The default "auto" is bf16 where the CPU multiplies bfloat16
     natively, else fp32."""
-    from mergebench.context import native_bf16
+    from mergebench.api.context import native_bf16
 
     losses = {}
     for precision in ("fp32", "bf16"):
@@ -399,9 +399,9 @@ def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
 
 
 def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_dir):
-    from mergebench.context import native_bf16
+    from mergebench.api.context import native_bf16
     from mergebench.errors import InputError
-    from mergebench.runspec import RunSpec
+    from mergebench.engine.runspec import RunSpec
 
     def config(method, **settings):
         return RunSpec.build(method, micro, budget="smoke", device="cpu", **settings).config()
@@ -420,7 +420,7 @@ def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_di
 
 def test_auto_precision_reuses_a_record_of_either_precision_and_an_explicit_one_asks_for_its_own(micro, results_dir):
     """Records made where "auto" is bf16 (AMX, CUDA) serve a machine where it is fp32, and the other way round."""
-    from mergebench.context import native_bf16
+    from mergebench.api.context import native_bf16
 
     here = "bf16" if native_bf16("cpu") else "fp32"
     other = {"bf16": "fp32", "fp32": "bf16"}[here]
@@ -446,7 +446,7 @@ def test_cli_precision_option(micro, results_dir):
 
 def test_auto_precision_follows_the_device(monkeypatch):
     """"auto" is bf16 exactly where the device has bfloat16 matrix hardware (CUDA bf16, AMX, AVX-512 BF16)."""
-    from mergebench import context
+    from mergebench.api import context
 
     for amx, avx512_bf16, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)

@@ -6,7 +6,7 @@ import pytest
 
 from mergebench import leaderboard
 from mergebench.cli import main
-from mergebench.run import run_many
+from mergebench.engine.run import run_many
 
 
 @pytest.fixture(scope="module")

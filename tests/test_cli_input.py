@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergebench import registry
+from mergebench.api import registry
 from mergebench.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_dangling_symlinks_in_a_hugging_face_cache_name_the_file(tmp_path, capsy
 
 def test_a_full_filesystem_is_one_line_naming_the_file(tmp_path, monkeypatch):
     from mergebench.errors import DiskFullError
-    from mergebench.io import atomic_write_text
+    from mergebench.engine.io import atomic_write_text
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -207,7 +207,7 @@ def test_counting_flops_does_not_warn_about_torch_jit_script():
     code = textwrap.dedent("""
         import warnings
         import torch
-        from mergebench.metrics import count_macs
+        from mergebench.engine.metrics import count_macs
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             macs = count_macs(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2)), (3, 4, 4))["macs"]
@@ -221,7 +221,7 @@ def test_counting_flops_does_not_warn_about_torch_jit_script():
 
 # ------------------------------------------------------------------ sweeps and workers
 def test_a_sweep_name_in_use_is_refused(tmp_path):
-    from mergebench.sweep import Sweep, SweepNameError
+    from mergebench.sweeps.sweep import Sweep, SweepNameError
 
     first = Sweep(methods=["task_arithmetic"], suites=["micro"], name="mine", results_dir=str(tmp_path))
     path = first.save()
@@ -237,8 +237,8 @@ def test_a_sweep_name_in_use_is_refused(tmp_path):
 def test_jobs_are_bounded_by_the_work_and_the_memory(micro, results_dir, monkeypatch, capsys):
     import concurrent.futures
 
-    from mergebench import memory
-    from mergebench.run import bounded_workers, run_many
+    from mergebench.engine import memory
+    from mergebench.engine.run import bounded_workers, run_many
 
     started = []
     real_pool = concurrent.futures.ProcessPoolExecutor
@@ -296,7 +296,7 @@ def test_progress_shows_on_a_terminal_and_is_quiet_with_q(micro, tmp_path):
 
 
 def test_progress_is_quiet_off_a_terminal(micro, tmp_path, monkeypatch, capsys):
-    from mergebench.progress import progress
+    from mergebench.engine.progress import progress
 
     monkeypatch.delenv("MERGEBENCH_QUIET")
     assert not sys.stderr.isatty() and progress(total=3).disable

@@ -9,26 +9,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mergebench.context import MergeContext
-from mergebench.metrics import parameter_counts, tensor_bytes
-from mergebench.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
+from mergebench.api.context import MergeContext
+from mergebench.engine.metrics import parameter_counts, tensor_bytes
+from mergebench.api.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
 from mergebench.methods import cat as cat_module
 from mergebench.methods.cat import cat_linear_bases, cat_mask, cat_project
 from mergebench.methods.dare import dare_drop_
 from mergebench.methods.fisher import diagonal_fisher, fisher_average
 from mergebench.methods.iso import iso_c_matrix, iso_cts_matrix
-from mergebench.activations import lot_linear, regmean_linear, shrink_off_diagonal
+from mergebench.api.activations import lot_linear, regmean_linear, shrink_off_diagonal
 from mergebench.methods.lot import lot_norm_scale
 from mergebench.methods import tall as tall_module
 from mergebench.methods.tall import TallMaskModel, tall_mask
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
 from mergebench.methods.tsv import tsv_matrix
 from mergebench.methods.wudi import wudi_loss, wudi_matrix, wudi_optimize, wudi_terms
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
-from mergebench.run import run_one
-from mergebench.execution import execute
-from mergebench.weights import Weights
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
+from mergebench.engine.run import run_one
+from mergebench.engine.execution import execute
+from mergebench.api.weights import Weights
 
 METHODS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "tall_masks", "consensus_ta",
            "consensus_ties", "tsv_merging", "iso_c", "iso_cts", "wudi_merging"]

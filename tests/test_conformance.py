@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebench import PerTaskModel, leaderboard, registry
-from mergebench.conformance import FAIL, check_method
-from mergebench.run import run_many
-from mergebench.scaffold import new_method
+from mergebench import PerTaskModel, leaderboard
+
+from mergebench.api import registry
+from mergebench.api.conformance import FAIL, check_method
+from mergebench.engine.run import run_many
+from mergebench.api.scaffold import new_method
 from mergebench.suites import get_suite
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,11 +6,11 @@ import math
 import torch
 
 from mergebench import cli
-from mergebench.diagnose import (DiagnoseSettings, _own_share, calibration, diagnose, low_rank, markdown, spearman,
+from mergebench.suites.diagnose import (DiagnoseSettings, _own_share, calibration, diagnose, low_rank, markdown, spearman,
                                  trimmed)
-from mergebench.activations import lot_linear
-from mergebench.records import load_records
-from mergebench.weights import Weights
+from mergebench.api.activations import lot_linear
+from mergebench.engine.records import load_records
+from mergebench.api.weights import Weights
 
 FAST = DiagnoseSettings(images=64, exemplars=8, coefficient_steps=2)
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mergebench import docs, registry
-from mergebench.conformance import check_method
-from mergebench.scaffold import new_method
+from mergebench.api import docs, registry
+from mergebench.api.conformance import check_method
+from mergebench.api.scaffold import new_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_readme_is_an_entry_point_whose_links_resolve():
 def test_readme_method_is_the_registered_task_arithmetic():
     import inspect
 
-    from mergebench.registry import get_method
+    from mergebench.api.registry import get_method
 
     readme = (ROOT / "README.md").read_text()
     shown = readme.split("## A method", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.activations import is_block_linear_weight
+from mergebench.api.context import DataNotDeclaredError, MergeContext
+from mergebench.api.activations import is_block_linear_weight
 from mergebench.methods.doge import (
     doge, doge_loss, optimize_delta, project_off, shared_subspace_projector,
 )
@@ -14,9 +14,9 @@ from mergebench.methods.rmm import (
     LayerPool, PPOAgent, Walk, dynamic_average_reward, plan_actions, rmm,
 )
 from mergebench.methods.ties import ties_merging
-from mergebench.registry import get_method
-from mergebench.run import run_one
-from mergebench.execution import seed_everything
+from mergebench.api.registry import get_method
+from mergebench.engine.run import run_one
+from mergebench.engine.execution import seed_everything
 
 FAST_RMM = "rmm(episodes=8, data_scale=0.25, batch_size=8)"
 

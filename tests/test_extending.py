@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mergebench import leaderboard
-from mergebench.catalog import Registry, UnknownNameError
+from mergebench.api.catalog import Registry, UnknownNameError
 from mergebench.cli import main
 from mergebench.leaderboard import FORMATS, Format, register_format
 from mergebench.suites import REGISTRY as SUITES, get_suite, list_suites, register_suite
@@ -96,7 +96,7 @@ def test_a_registered_suite_and_format_work_from_the_command_line(probe_suite, p
 
 
 def test_a_sweep_passes_the_suite_options_to_its_jobs(probe_suite, tmp_path):
-    from mergebench.sweep import Sweep, job_status, run_job
+    from mergebench.sweeps.sweep import Sweep, job_status, run_job
 
     sweep = Sweep(methods=["task_arithmetic"], suites=[{"name": "probe-suite", "label": "three"}],
                   results_dir=str(tmp_path / "results"), name="probe-options")

@@ -19,17 +19,19 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from mergebench import conformance, leaderboard, registry
+from mergebench import leaderboard
+
+from mergebench.api import conformance, registry
 from mergebench.cli import build_parser, main
-from mergebench.io import cache_root
-from mergebench.models import SharedModel
-from mergebench.pipeline import MethodCall
-from mergebench.records import load_records, record_path, write_record
-from mergebench.run import run_many, run_one
+from mergebench.engine.io import cache_root
+from mergebench.api.models import SharedModel
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.records import load_records, record_path, write_record
+from mergebench.engine.run import run_many, run_one
 from mergebench.suites import get_suite, zoo
 from mergebench.suites.base import Suite
-from mergebench.sweep import Sweep, job_status, run_sweep
-from mergebench.weights import Weights
+from mergebench.sweeps.sweep import Sweep, job_status, run_sweep
+from mergebench.api.weights import Weights
 
 # (what this change adds is imported inside the tests, so each test fails on its own on code without it)
 
@@ -238,7 +240,7 @@ def test_cli_refuses_a_traversing_sweep_name(tmp_path, capsys):
 
 # ------------------------------------------------------------------ 4. the results folder, before any work
 def test_an_unwritable_or_full_results_folder_fails_before_any_merge(micro, tmp_path, probe, monkeypatch):
-    from mergebench.io import ResultsFolderError
+    from mergebench.engine.io import ResultsFolderError
 
     merges = []
 
@@ -346,7 +348,7 @@ def test_a_task_vectors_checkpoint_with_its_preprocessing_still_loads(tmp_path, 
 
 # ------------------------------------------------------------------ 7. hyperparameter ranges and bad experts
 def test_out_of_range_hyperparameters_are_refused_when_parsed(micro, results_dir):
-    from mergebench.registry import HyperparameterError
+    from mergebench.api.registry import HyperparameterError
 
     for spec, msg in (("ties_merging(k=0)", r"ties_merging: k=0.0 is outside its range \(0, 100\]"),
                       ("ties_merging(k=150)", r"k=150.0 is outside its range \(0, 100\]"),
@@ -384,7 +386,7 @@ def test_ranges_are_declared_in_interval_notation(probe):
 
 @pytest.mark.parametrize("bad", ["int64", "nan"])
 def test_an_expert_with_integer_or_non_finite_tensors_is_refused_at_load(micro, results_dir, bad):
-    from mergebench.run import InvalidExpertError
+    from mergebench.engine.run import InvalidExpertError
 
     task, key = micro.tasks[2], "transformer.resblocks.0.mlp.c_fc.weight"
 
@@ -429,7 +431,7 @@ def test_garbage_checkpoints_and_malicious_hf_bins_name_the_file(tmp_path, monke
 
 
 def test_sweep_files_and_unknown_sweeps_are_one_line_errors(tmp_path, capsys):
-    from mergebench.sweep import SweepFileError
+    from mergebench.sweeps.sweep import SweepFileError
 
     bad = tmp_path / "sweep.yaml"
     bad.write_text("methods: [task_arithmetic\nseeds: {")
@@ -514,7 +516,7 @@ def test_check_plugin_and_local_sweeps_enforce_the_limit(swallow, micro, results
     report = conformance.check_method(swallow, suite=micro, time_limit_s=1.0)
     check = next(c for c in report.checks if c.name == "within the time limit")
     assert check.status == conformance.FAIL and "exceeded its time limit of 1 s" in check.detail
-    from mergebench.executors import LocalExecutor
+    from mergebench.sweeps.executors import LocalExecutor
 
     sweep = Sweep([swallow, "task_arithmetic"], suites=["micro"], results_dir=str(results_dir), name="limited",
                   time_limit_s=1.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mergebench import leaderboard
-from mergebench.records import write_record
+from mergebench.engine.records import write_record
 
 RECORDS = Path(__file__).resolve().parent / "data" / "leaderboard" / "records" / "micro"
 VICTIM = "task_arithmetic-2705668fdc1a079c.json"  # an ok record of the micro fixture (Task Arithmetic, 9.4)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import mergebench
-from mergebench.context import DataNotDeclaredError, MergeContext
+from mergebench.api.context import DataNotDeclaredError, MergeContext
 from mergebench.methods.adarank import RankMaskedMerge, is_low_rank_key
 from mergebench.methods.concrete import ConcreteMask, rescaled
-from mergebench.functional import FunctionalMerge
+from mergebench.engine.functional import FunctionalMerge
 from mergebench.methods.adaptive import entropy, functional_merge, minimize_entropy, unlabeled_streams
-from mergebench.pipeline import MethodCall
-from mergebench.run import run_one
-from mergebench.execution import execute, seed_everything
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.run import run_one
+from mergebench.engine.execution import execute, seed_everything
 
 METHODS = ["adarank", "adarank_cart", "concrete_task_arithmetic", "concrete_adamerging"]
 FAST = {"adarank": "steps=3", "adarank_cart": "steps=3", "concrete_task_arithmetic": "steps=3",

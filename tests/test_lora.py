@@ -11,10 +11,10 @@ import yaml
 from safetensors.torch import save_file
 
 from mergebench import MergeContext, leaderboard
-from mergebench.lora import OPEN_CLIP_TARGETS, LoraFactor
+from mergebench.api.lora import OPEN_CLIP_TARGETS, LoraFactor
 from mergebench.methods.copa import NO_LORA, copa_merge_factors, copa_merging
-from mergebench.registry import get_method, unmet_requirements
-from mergebench.run import run_one
+from mergebench.api.registry import get_method, unmet_requirements
+from mergebench.engine.run import run_one
 from mergebench.suites import get_suite, zoo
 from mergebench.suites.base import NoLoraExpertsError
 
@@ -271,11 +271,11 @@ def test_real_suite_with_peft_experts_runs_copa(tiny, tmp_path, results_dir):
 
 
 def test_run_all_skips_methods_the_suite_cannot_run(micro, micro_lora, monkeypatch, capsys, tmp_path):
-    import mergebench.run
+    import mergebench.engine.run
     from mergebench.cli import main
 
     ran = {}
-    monkeypatch.setattr(mergebench.run, "run_many", lambda specs, suite, **kw: ran.setdefault(suite.name, specs) and [])
+    monkeypatch.setattr(mergebench.engine.run, "run_many", lambda specs, suite, **kw: ran.setdefault(suite.name, specs) and [])
     main(["run", "--all", "--suite", "micro", "--results", str(tmp_path)])
     main(["run", "--all", "--suite", "micro-lora", "--results", str(tmp_path)])
     assert "copa_merging" not in ran["micro"] and "task_arithmetic" in ran["micro"]

@@ -11,12 +11,14 @@ import re
 
 import pytest
 
-from mergebench import leaderboard, registry
-from mergebench.conformance import check_method
-from mergebench.pipeline import MethodCall
-from mergebench.record_upgrade import upgraded
-from mergebench.registry import HyperparameterError, get_method, list_methods
-from mergebench.run import run_many
+from mergebench import leaderboard
+
+from mergebench.api import registry
+from mergebench.api.conformance import check_method
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.record_upgrade import upgraded
+from mergebench.api.registry import HyperparameterError, get_method, list_methods
+from mergebench.engine.run import run_many
 
 BUILT_INS = [n for n in list_methods() if get_method(n).source == "built-in"]
 

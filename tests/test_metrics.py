@@ -2,8 +2,8 @@
 
 import torch
 
-from mergebench.metrics import count_macs, parameter_counts
-from mergebench.models import PerTaskModel, SharedModel, build_encoder
+from mergebench.engine.metrics import count_macs, parameter_counts
+from mergebench.api.models import PerTaskModel, SharedModel, build_encoder
 
 VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512, act="quick_gelu")
 

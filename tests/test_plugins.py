@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from mergebench import registry
+from mergebench.api import registry
 
 PLUGIN = '''
 from mergebench import register_method, Paper
@@ -33,7 +33,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, micro, results_
         spec = registry.get_method("halfway_probe")
         assert spec.source.startswith("plugin") and spec.display_name == "Halfway (plugin)"
         assert "halfway_probe" in registry.list_methods("halfway*")
-        from mergebench.run import run_one
+        from mergebench.engine.run import run_one
         rec = run_one("halfway_probe", micro, results_dir=results_dir)
         assert rec["status"] == "ok" and rec["method"]["source"].startswith("plugin")
     finally:

@@ -262,7 +262,7 @@ def test_val_split_is_the_task_vectors_random_split():
 # ------------------------------------------------------------------ HF <-> open_clip
 def test_hf_mapping_gives_identical_outputs():
     transformers = pytest.importorskip("transformers")
-    from mergebench.models import build_encoder
+    from mergebench.api.models import build_encoder
 
     torch.manual_seed(0)
     hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**hf_config())).eval()
@@ -282,7 +282,7 @@ def test_hf_mapping_gives_identical_outputs():
 
 
 def test_encoder_config_builds_open_clips_image_tower_for_the_real_models():
-    from mergebench.models import build_encoder
+    from mergebench.api.models import build_encoder
 
     clip = tiny_clip(0)
     enc = build_encoder(zoo.encoder_config(TINY)).eval()
@@ -401,7 +401,7 @@ def _open_clip_accuracy(world, visual, task, suite):
 
 
 def test_merge_evaluate_record_with_two_methods(world, suite, results_dir):
-    from mergebench.run import run_one
+    from mergebench.engine.run import run_one
 
     rec = run_one("task_arithmetic", suite, results_dir=results_dir, device="cpu", show_progress=False,
                   count_flops=False)
@@ -524,7 +524,7 @@ def _refile(rec: dict, folder: Path, filename: str, **suite_fields) -> dict:
 
 def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(world, suite, tmp_path):
     from mergebench import leaderboard
-    from mergebench.run import run_one
+    from mergebench.engine.run import run_one
 
     eight = list(cardlib.REAL_TASKS)
     from mergebench.suites import real as real_suite
@@ -533,7 +533,7 @@ def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(worl
     assert {k: v["avg"] for k, v in rows.items()} == {
         "pretrained": 48.0, "individual": 90.5, "weight_averaging": 65.8, "task_arithmetic": 69.1, "ties_merging": 72.4,
         "adamerging_taskwise": 71.1, "adamerging_layerwise": 80.1, "lot_merging": 82.7, "cat_merging": 78.3}
-    from mergebench.registry import get_method
+    from mergebench.api.registry import get_method
     for name in rows:  # every published row sits beside a registered method
         get_method(name)
     assert real_suite.published(None, eight) == [] and real_suite.published("ViT-B-32", eight[:3]) == []
@@ -567,7 +567,7 @@ def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(worl
 
 def test_a_task_subset_run_is_kept_apart_from_the_full_rows(world, suite, tmp_path):
     from mergebench import leaderboard
-    from mergebench.run import run_one
+    from mergebench.engine.run import run_one
 
     results = tmp_path / "r"
     full = run_one("task_arithmetic", suite, results_dir=results, device="cpu", show_progress=False,
@@ -623,7 +623,7 @@ def test_torchscript_backbone_file_is_read(world, tmp_path):
 
 def test_a_run_caches_only_the_splits_it_reads_and_data_check_says_the_space(world, tmp_path, monkeypatch, capsys):
     from mergebench.cli import main
-    from mergebench.run import run_one
+    from mergebench.engine.run import run_one
     from mergebench.suites.datasets import size_text
     from mergebench.suites import get_suite
 

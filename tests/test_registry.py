@@ -1,8 +1,8 @@
 import pytest
 
 import mergebench as mb
-from mergebench.pipeline import MethodCall
-from mergebench.registry import HyperparameterError, UnknownMethodError, get_method, list_methods, register_method
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import HyperparameterError, UnknownMethodError, get_method, list_methods, register_method
 
 
 def test_builtins_are_listed_with_metadata():

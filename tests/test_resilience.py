@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from mergebench import MergedModel, leaderboard
-from mergebench.records import load_records, write_record
-from mergebench.run import ArchitectureMismatchError, run_many, run_one
+from mergebench.engine.records import load_records, write_record
+from mergebench.engine.run import ArchitectureMismatchError, run_many, run_one
 from mergebench.suites import get_suite
 from mergebench.suites.base import Suite
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 
 def test_a_method_over_its_time_limit_is_recorded_as_failed(micro, results_dir, probe):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from mergebench import basecache
-from mergebench.context import MergeContext
-from mergebench.pipeline import MethodCall
-from mergebench.run import run_one
-from mergebench.execution import execute
+from mergebench.engine import basecache
+from mergebench.api.context import MergeContext
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.run import run_one
+from mergebench.engine.execution import execute
 
 
 def _ctx(suite, seed=0):

@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
-from mergebench import leaderboard, registry
-from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.records import load_records
-from mergebench.run import run_many, run_one
+from mergebench import leaderboard
+
+from mergebench.api import registry
+from mergebench.api.context import DataNotDeclaredError, MergeContext
+from mergebench.engine.records import load_records
+from mergebench.engine.run import run_many, run_one
 
 BASELINES = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging"]
 
@@ -97,7 +99,7 @@ def test_parallel_workers_give_the_records_of_one_process_in_the_given_order(mic
             assert a["config_hash"] == b["config_hash"] and a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
             assert b["env"]["threads"] == 1
     assert sorted(r["status"] for r in load_records(tmp_path / "two", micro.name).records) == ["failed"] + ["ok"] * 3
-    from mergebench.run import expected_seconds
+    from mergebench.engine.run import expected_seconds
     records = load_records(tmp_path / "two", micro.name).records
     assert expected_seconds("adamerging_taskwise", records) > 0  # from its record now
     assert expected_seconds("no_such_method", records) == 0
@@ -150,8 +152,8 @@ def test_evaluation_times_forward_passes_not_data_preparation(micro, monkeypatch
     import time as real_time
     import types
 
-    from mergebench import evaluate as ev
-    from mergebench.models import SharedModel
+    from mergebench.engine import evaluate as ev
+    from mergebench.api.models import SharedModel
     from mergebench.suites.imagecache import LazyTasks
 
     events = []

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mergebench.records import Record, read_record, record_header
-from mergebench.runspec import RunSpec
-from mergebench.sweep import Sweep
+from mergebench.engine.records import Record, read_record, record_header
+from mergebench.engine.runspec import RunSpec
+from mergebench.sweeps.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +79,7 @@ def test_a_setting_changes_the_sweep_jobs_hash_as_it_changes_the_runs(micro, res
     default = RunSpec.build(method, micro).config_hash()
     ran = RunSpec.build(method, micro, **run).config_hash()
     planned, = Sweep([method], suites=["micro"], results_dir=str(results_dir), **sweep).jobs()
-    from mergebench.context import resolve_precision
+    from mergebench.api.context import resolve_precision
 
     if run.get("precision") == resolve_precision("auto", "cpu"):
         assert ran == default  # "auto" resolves to it on this machine
@@ -109,7 +109,7 @@ def test_a_sweep_saved_before_the_run_settings_keeps_its_definition(micro, resul
 
 
 def test_run_method_takes_a_runspec_built_on_its_suite(micro, results_dir):
-    from mergebench.run import run_method
+    from mergebench.engine.run import run_method
 
     with pytest.raises(TypeError, match="RunSpec"):
         run_method("task_arithmetic", micro, results_dir)
@@ -141,7 +141,7 @@ def test_record_ok_and_failed_give_the_schemas_keys_in_order(micro):
 
 
 def test_upgrade_adds_the_fields_once_and_never_writes_an_unreadable_file(tmp_path):
-    from mergebench.record_upgrade import upgrade_file
+    from mergebench.engine.record_upgrade import upgrade_file
 
     src = next(p for p, r in _committed_ok_records() if r["method"]["name"] == "ties_merging")
     rec = json.loads(src.read_text())
@@ -171,8 +171,8 @@ def test_the_leaderboard_imports_no_method_registry():
             "        leaderboard.render('records', suite, fmt)\n"
             "    leaderboard.render('records', suite, 'md', plots=True)\n"
             "    leaderboard.render_sequential('records', suite, 'md')\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('mergebench.registry', 'mergebench.pipeline',"
-            " 'mergebench.methods', 'mergebench.runspec'))))\n")
+            "print(sorted(m for m in sys.modules if m.startswith(('mergebench.api.registry', 'mergebench.api.pipeline',"
+            " 'mergebench.methods', 'mergebench.engine.runspec'))))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests" / "data" / "leaderboard",
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -194,7 +194,7 @@ def _imports(path: Path, package: str) -> set[str]:
 def test_sweeps_and_executors_import_no_loop():
     bench = ROOT / "bench"
     graph = {f"mergebench.{p.stem}": _imports(p, "mergebench") for p in bench.glob("*.py")}
-    for module in ("mergebench.sweep", "mergebench.executors", "mergebench.slurm_queue"):
+    for module in ("mergebench.sweeps.sweep", "mergebench.sweeps.executors", "mergebench.sweeps.slurm_queue"):
         seen, todo = set(), [m for m in graph[module] if m in graph]
         while todo:
             m = todo.pop()

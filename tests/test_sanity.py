@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import torch
 
-from mergebench.evaluate import auroc, evaluate
-from mergebench.models import SharedModel
+from mergebench.engine.evaluate import auroc, evaluate
+from mergebench.api.models import SharedModel
 from mergebench.suites.registry import MergingSanity
 
 

@@ -8,10 +8,10 @@ import torch
 
 from mergebench import leaderboard, register_method
 from mergebench.methods.continual import opcm_project, pam_coefficient
-from mergebench.registry import Paper, unregister_method
-from mergebench.run import run_one
-from mergebench.sequential import FutureExpertError, SequentialContext, task_orders
-from mergebench.weights import Weights
+from mergebench.api.registry import Paper, unregister_method
+from mergebench.engine.run import run_one
+from mergebench.engine.sequential import FutureExpertError, SequentialContext, task_orders
+from mergebench.api.weights import Weights
 
 PROBE = Paper("A probe", 2026, "0000.00000")
 
@@ -61,13 +61,13 @@ def test_evaluates_seen_tasks_after_every_step_and_averages_orders(micro, result
 
 
 def test_sequential_task_arithmetic_ends_at_one_shot(micro, results_dir):
-    from mergebench.context import MergeContext
+    from mergebench.api.context import MergeContext
     from mergebench.methods.baselines import task_arithmetic
 
     order = [micro.tasks[1], micro.tasks[2], micro.tasks[0]]
     ctx = SequentialContext(micro, order, "nothing")
-    from mergebench.pipeline import MethodCall
-    from mergebench.sequential import steps
+    from mergebench.api.pipeline import MethodCall
+    from mergebench.engine.sequential import steps
     models = list(steps(MethodCall("task_arithmetic").resolve(), ctx))
     one_shot = task_arithmetic(MergeContext(micro), scaling=0.3)
     a, b = models[-1].state_dict(), one_shot.state_dict()
@@ -148,7 +148,7 @@ def test_native_methods_run_and_leaderboard_renders_table_and_plot(micro, result
 
 
 def test_failing_sequential_method_is_recorded_and_suite_goes_on(micro, results_dir):
-    from mergebench.run import run_many
+    from mergebench.engine.run import run_many
 
     @register_method("probe_seq_failing", display_name="Failing probe", needs="sequential", paper=PROBE)
     def probe_seq_failing(ctx):

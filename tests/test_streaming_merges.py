@@ -15,14 +15,14 @@ import sys
 import pytest
 import torch
 
-from mergebench.context import MergeContext
-from mergebench.activations import is_block_linear_weight
+from mergebench.api.context import MergeContext
+from mergebench.api.activations import is_block_linear_weight
 from mergebench.methods.iso import iso_c_matrix
 from mergebench.methods.tsv import tsv_matrix
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
-from mergebench.execution import execute, seed_everything
-from mergebench.weights import Weights
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
+from mergebench.engine.execution import execute, seed_everything
+from mergebench.api.weights import Weights
 
 
 def _ctx(suite):
@@ -210,10 +210,10 @@ MEMORY_SCRIPT = r"""
 import ctypes, gc, json, sys
 import torch
 torch.set_num_threads(1)
-from mergebench import memory
-from mergebench.context import MergeContext
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
+from mergebench.engine import memory
+from mergebench.api.context import MergeContext
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
 from mergebench.suites import get_suite
 
 encoder = dict(image_size=224, patch_size=16, width=256, layers=12, heads=4, output_dim=128, act="quick_gelu")

@@ -1,4 +1,4 @@
-"""The SVD-based merges with same-shaped matrices batched into one call (``mergebench.shape_batches``): the same
+"""The SVD-based merges with same-shaped matrices batched into one call (``mergebench.api.shape_batches``): the same
 merged weights (max |difference| <= 1e-4) as a per-matrix loop, on the micro suite and on mini8-shaped experts.
 
 The references below are frozen copies of the per-matrix forms (one ``torch.linalg.svd`` per layer, or per layer
@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import mergebench
-from mergebench.context import MergeContext
+from mergebench.api.context import MergeContext
 from mergebench.methods.adarank import RankMaskedMerge, is_low_rank_key
 from mergebench.methods.continual import is_linear_weight
-from mergebench.models import build_encoder, encoder_weights
-from mergebench.sequential import SequentialContext
-from mergebench.shape_batches import same_shape_batches
+from mergebench.api.models import build_encoder, encoder_weights
+from mergebench.engine.sequential import SequentialContext
+from mergebench.api.shape_batches import same_shape_batches
 from mergebench.suites.base import Suite, TaskData
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 TOL = 1e-4
 

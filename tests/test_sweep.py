@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from mergebench import registry
-from mergebench.executors import LocalExecutor, SlurmOptions, SubmititExecutor, make_executor
-from mergebench.records import load_records
-from mergebench.registry import HyperparameterError
-from mergebench.sweep import Sweep, job_status, pending, run_sweep, summarize
+from mergebench.api import registry
+from mergebench.sweeps.executors import LocalExecutor, SlurmOptions, SubmititExecutor, make_executor
+from mergebench.engine.records import load_records
+from mergebench.api.registry import HyperparameterError
+from mergebench.sweeps.sweep import Sweep, job_status, pending, run_sweep, summarize
 
 # Methods that fail on purpose, loaded in every worker process through a plugin entry point.
 PROBES = '''
@@ -72,8 +72,8 @@ def test_grid_expansion_and_errors(micro, results_dir):
 def test_a_sweep_plans_its_jobs_at_one_resolved_precision(micro, results_dir):
     """The precision is resolved when the sweep is planned (the config hash depends on it) and travels with the
     job, so a worker on another device computes the same hash; a job of the planned hash runs and matches it."""
-    from mergebench.context import resolve_precision
-    from mergebench.sweep import run_job
+    from mergebench.api.context import resolve_precision
+    from mergebench.sweeps.sweep import run_job
 
     auto = Sweep(["adamerging_taskwise(steps=1)"], suites=["micro"], results_dir=str(results_dir))
     pinned = Sweep(["adamerging_taskwise(steps=1)"], suites=["micro"], results_dir=str(results_dir), precision="fp32")

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from mergebench.executors import SlurmOptions, SlurmQueue, SubmissionError, make_executor
-from mergebench.sweep import (STALE_BEATS, Job, Sweep, _Heartbeat, job_status, pending, read_marker, run_sweep,
+from mergebench.sweeps.executors import SlurmOptions, SlurmQueue, SubmissionError, make_executor
+from mergebench.sweeps.sweep import (STALE_BEATS, Job, Sweep, _Heartbeat, job_status, pending, read_marker, run_sweep,
                               summarize)
 
 FAKE = r'''
@@ -212,7 +212,7 @@ def test_worker_marker_beats_and_is_removed(micro, results_dir, monkeypatch):
     assert read_marker(job) is None, "the marker is gone when the worker ends"
     with pytest.raises(ValueError, match="MERGEBENCH_HEARTBEAT_S"):
         monkeypatch.setenv("MERGEBENCH_HEARTBEAT_S", "-1")
-        from mergebench.sweep import heartbeat_s
+        from mergebench.sweeps.sweep import heartbeat_s
         heartbeat_s()
 
 

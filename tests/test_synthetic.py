@@ -10,9 +10,9 @@ import torch
 
 from mergebench import leaderboard
 from mergebench.cli import main
-from mergebench.context import MergeContext
-from mergebench.evaluate import evaluate
-from mergebench.run import run_one
+from mergebench.api.context import MergeContext
+from mergebench.engine.evaluate import evaluate
+from mergebench.engine.run import run_one
 from mergebench.suites import SUITES, get_suite
 from mergebench.suites.synthetic import SYNTHETIC, split_sizes
 
@@ -144,7 +144,7 @@ def test_evaluate_pads_the_last_batch_for_a_compiled_model(tiny, monkeypatch):
 
 
 def test_bench_gpu_runs_reduced_on_the_cpu_and_says_so(tmp_path):
-    from mergebench.gpu_bench import main as bench_main
+    from mergebench.engine.gpu_bench import main as bench_main
 
     out = tmp_path / "gpu.json"
     code = bench_main(["--suite", "synthetic-tiny", "--device", "cpu", "--fraction", "0.002", "--batch-size", "32",

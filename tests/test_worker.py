@@ -19,9 +19,9 @@ import time
 import pytest
 import torch
 
-from mergebench import conformance, registry
-from mergebench.io import cache_root
-from mergebench.run import run_many, run_one
+from mergebench.api import conformance, registry
+from mergebench.engine.io import cache_root
+from mergebench.engine.run import run_many, run_one
 from mergebench.suites import get_suite
 from mergebench.suites.base import Suite, TaskData
 
@@ -147,7 +147,7 @@ def test_a_data_free_method_holds_no_image_and_no_label(fresh, results_dir, prob
 
 
 def test_a_labeled_method_is_refused_test_labels(micro, probe):
-    from mergebench.context import DataNotDeclaredError, MergeContext
+    from mergebench.api.context import DataNotDeclaredError, MergeContext
 
     ctx = MergeContext(micro, "labeled")
     with pytest.raises(DataNotDeclaredError, match="test labels"):
@@ -254,7 +254,7 @@ def test_sigterm_to_a_time_limited_run_leaves_no_worker(tmp_path, micro):
         sys.path.insert(0, {str(tmp_path)!r})
         import sleeper_probe
         from mergebench.suites import get_suite
-        from mergebench.run import run_one
+        from mergebench.engine.run import run_one
         run_one("probe_sleeper", get_suite("micro", verbose=False), results_dir={str(tmp_path / "r")!r},
                 time_limit_s=300, count_flops=False)
     """))

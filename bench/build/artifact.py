@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mergebench.io import atomic_write_text, current_umask, file_sha256
+from mergebench.engine.io import atomic_write_text, current_umask, file_sha256
 from mergebench.suites.artifact import MANIFEST, path
 
 

@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 from mergebench.build import artifact as artifact_writer
 from mergebench.build import train as train_module
 from mergebench.build.train import train
-from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
-from mergebench.models import build_encoder, encoder_weights
+from mergebench.engine.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
+from mergebench.api.models import build_encoder, encoder_weights
 from mergebench.suites.base import Suite
 from mergebench.suites.mini8 import data as data_module
 from mergebench.suites.mini8 import tasks
@@ -240,8 +240,8 @@ def build_artifact(name: str = "mini8", verbose: bool = True, jobs: int | None =
     the committed artifact ``bench/suites/artifacts/<name>``: the pretrained backbone, the heads and the experts in
     float16 when that changes no accuracy by more than 0.5 points (else float32), with the configuration, the
     data's sha256 and the accuracies of the pretrained model and of each expert as loaded from the artifact."""
-    from mergebench.evaluate import evaluate
-    from mergebench.models import SharedModel
+    from mergebench.engine.evaluate import evaluate
+    from mergebench.api.models import SharedModel
 
     cfg = CONFIGS[name]
 

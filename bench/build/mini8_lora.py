@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mergebench import lora
+from mergebench.api import lora
 from mergebench.build import artifact as artifact_writer
 from mergebench.build.mini8 import build_jobs, parallel_map
 from mergebench.build.train import train
-from mergebench.io import atomic_write_text, cache_root, file_sha256
-from mergebench.lora import OPEN_CLIP_TARGETS, LoraFactor
-from mergebench.models import build_encoder, load_weights
+from mergebench.engine.io import atomic_write_text, cache_root, file_sha256
+from mergebench.api.lora import OPEN_CLIP_TARGETS, LoraFactor
+from mergebench.api.models import build_encoder, load_weights
 from mergebench.suites.base import Suite
 from mergebench.suites.mini8 import lora as lora_suite_module
 from mergebench.suites.mini8.config import CONFIGS, LORA_CONFIGS, LoraConfig, Mini8Config

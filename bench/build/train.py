@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mergebench.models import LOGIT_SCALE
-from mergebench.progress import progress
+from mergebench.api.models import LOGIT_SCALE
+from mergebench.engine.progress import progress
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    if getattr(args, "quiet", False):  # no progress bars anywhere (mergebench.progress)
+    if getattr(args, "quiet", False):  # no progress bars anywhere (mergebench.engine.progress)
         os.environ["MERGEBENCH_QUIET"] = "1"
     previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:

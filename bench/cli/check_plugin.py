@@ -19,7 +19,7 @@ def add_arguments(s) -> None:
 
 
 def main(args) -> int:
-    from mergebench.conformance import check_plugin
+    from mergebench.api.conformance import check_plugin
 
     suite = None
     if args.suite != "micro":

@@ -19,9 +19,9 @@ def add_arguments(s) -> None:
 def main(args) -> int:
     """Build the suite if needed, run every registered method, write and print the leaderboard."""
     from mergebench import leaderboard
-    from mergebench.registry import list_methods
-    from mergebench.run import resolve_device
-    from mergebench.sequential import SEQUENTIAL_BASELINES
+    from mergebench.api.registry import list_methods
+    from mergebench.engine.run import resolve_device
+    from mergebench.engine.sequential import SEQUENTIAL_BASELINES
 
     args.methods, args.all, args.set, args.tune, args.leaderboard = [], True, [], [], True
     if args.jobs is None:  # every core runs a method (a method's small matrix products use one core well)

@@ -27,9 +27,9 @@ def add_arguments(s) -> None:
 
 
 def main(args) -> int:
-    from mergebench.diagnose import DiagnoseSettings, diagnose, markdown
-    from mergebench.io import atomic_write_text
-    from mergebench.records import DIAGNOSTICS_FILE
+    from mergebench.suites.diagnose import DiagnoseSettings, diagnose, markdown
+    from mergebench.engine.io import atomic_write_text
+    from mergebench.engine.records import DIAGNOSTICS_FILE
 
     suite = options.load_suite(args)
     settings = DiagnoseSettings(split=args.split, images=args.images, exemplars=args.exemplars,

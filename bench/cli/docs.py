@@ -13,7 +13,7 @@ def add_arguments(s) -> None:
 
 
 def main(args) -> int:
-    from mergebench import docs
+    from mergebench.api import docs
 
     if args.check:
         stale = docs.stale(args.out)

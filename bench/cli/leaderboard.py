@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from mergebench.cli import options
-from mergebench.registry import NEEDS
+from mergebench.api.registry import NEEDS
 
 HELP = "render the leaderboard from the records"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from mergebench.registry import NEEDS
+from mergebench.api.registry import NEEDS
 
 HELP = "list registered methods (built-ins and plugins)"
 
@@ -20,9 +20,9 @@ def add_arguments(s) -> None:
 def main(args) -> int:
     from tabulate import tabulate
 
-    from mergebench.registry import discover_plugins, get_method, list_methods
+    from mergebench.api.registry import discover_plugins, get_method, list_methods
 
-    discover_plugins()  # a plugin that fails to load is a warning (mergebench.catalog)
+    discover_plugins()  # a plugin that fails to load is a warning (mergebench.api.catalog)
     names = list_methods(args.pattern or "*", needs=args.needs)
     if args.json:
         print(json.dumps([get_method(n).summary() for n in names], indent=1))

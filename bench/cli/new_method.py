@@ -14,7 +14,7 @@ def add_arguments(s) -> None:
 
 
 def main(args) -> int:
-    from mergebench.scaffold import new_method
+    from mergebench.api.scaffold import new_method
 
     try:
         root = new_method(args.name, args.dir, force=args.force)

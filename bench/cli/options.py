@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 
-from mergebench.registry import HyperparameterError
+from mergebench.api.registry import HyperparameterError
 
 
 def key_values(items: list[str] | None) -> dict:
@@ -130,7 +130,7 @@ def add_run_arguments(s) -> None:
 
 
 def add_budget_argument(s) -> None:
-    from mergebench.registry import BUDGETS
+    from mergebench.api.registry import BUDGETS
 
     s.add_argument("--budget", choices=BUDGETS, default="paper",
                    help="paper (default): every method's defaults, which are its paper's steps, batch sizes and data; "
@@ -139,7 +139,7 @@ def add_budget_argument(s) -> None:
 
 
 def add_precision_argument(s) -> None:
-    from mergebench.context import PRECISIONS
+    from mergebench.api.context import PRECISIONS
 
     s.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="test-time adaptation loops' forward and backward passes: bf16 (bfloat16 autocast; merge, "

@@ -23,9 +23,9 @@ def add_arguments(s) -> None:
 
 
 def main(args) -> int:
-    from mergebench.pipeline import MethodCall
-    from mergebench.registry import get_method, list_methods, unmet_requirements
-    from mergebench.run import run_many
+    from mergebench.api.pipeline import MethodCall
+    from mergebench.api.registry import get_method, list_methods, unmet_requirements
+    from mergebench.engine.run import run_many
 
     specs = list(args.methods)
     if args.all:

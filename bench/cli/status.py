@@ -14,7 +14,7 @@ def add_arguments(s) -> None:
 
 
 def main(args) -> int:
-    from mergebench.sweep import Sweep, job_status, render_status, summarize
+    from mergebench.sweeps.sweep import Sweep, job_status, render_status, summarize
 
     sweep = Sweep.load(args.name, args.results)
     status = job_status(sweep.jobs(build=False))

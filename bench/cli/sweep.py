@@ -42,8 +42,8 @@ def add_arguments(s) -> None:
 
 def main(args) -> int:
     """Expand methods x suites x seeds x grid into jobs and run the missing or failed ones."""
-    from mergebench.executors import make_executor
-    from mergebench.sweep import Sweep, job_status, render_status, run_sweep, summarize
+    from mergebench.sweeps.executors import make_executor
+    from mergebench.sweeps.sweep import Sweep, job_status, render_status, run_sweep, summarize
 
     grid = {k: v.split(",") for k, v in options.key_values(args.grid).items()}
     seeds = args.seeds or None

@@ -11,7 +11,7 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import FIGURES, equal_costs_note, needs_level, pareto_front, sequential_label
-from mergebench.needs import NEEDS
+from mergebench.api.needs import NEEDS
 
 
 @register_format("figures")

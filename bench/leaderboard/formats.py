@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergebench.catalog import Registry, UnknownNameError
-from mergebench.io import atomic_write_text
+from mergebench.api.catalog import Registry, UnknownNameError
+from mergebench.engine.io import atomic_write_text
 from mergebench.leaderboard.model import Board, describe_view, view
 
 ENTRY_POINT_GROUP = "mergebench.leaderboard_formats"

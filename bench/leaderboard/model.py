@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from mergebench.errors import InputError
-from mergebench.records import DIAGNOSTICS_FILE, Items, check_fields, load_records
-from mergebench.catalog import close_matches
-from mergebench.needs import NEEDS
+from mergebench.engine.records import DIAGNOSTICS_FILE, Items, check_fields, load_records
+from mergebench.api.catalog import close_matches
+from mergebench.api.needs import NEEDS
 
 BUDGET_MARK = "†"
 DATA_MARK = "‡"  # a run on data whose split sizes differ from the dataset cards

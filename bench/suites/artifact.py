@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergebench.errors import MergebenchError
-from mergebench.io import file_sha256
+from mergebench.engine.io import file_sha256
 
 ROOT = Path(__file__).parent / "artifacts"
 MANIFEST = "suite.json"

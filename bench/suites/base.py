@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from mergebench.errors import MergebenchError, NotFoundError
-from mergebench.models import ClassificationHead, build_encoder, load_weights
-from mergebench.weights import Weights
+from mergebench.api.models import ClassificationHead, build_encoder, load_weights
+from mergebench.api.weights import Weights
 
 SPLITS = ("train", "val", "test")
 
@@ -27,7 +27,7 @@ class NoLoraExpertsError(MergebenchError, ValueError):
 @dataclass
 class TaskData:
     """Images stored once, preprocessed to uint8 (N, 3, H, W), and their integer labels (``None`` in the worker
-    of a method that declared no labels: :mod:`mergebench.worker`)."""
+    of a method that declared no labels: :mod:`mergebench.engine.worker`)."""
 
     images: Tensor
     labels: Tensor | None
@@ -50,7 +50,7 @@ class Suite:
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
     info: dict = field(default_factory=dict)       # ids and hashes that go into every record
-    load_lora: Callable[[str], dict] | None = None  # LoRA experts: task -> {adapter: mergebench.lora.LoraFactor}
+    load_lora: Callable[[str], dict] | None = None  # LoRA experts: task -> {adapter: mergebench.api.lora.LoraFactor}
     # loads this suite again from its files (``get_suite`` sets it; picklable): restores it after a method changed
     # its inputs, and rebuilds it in a fresh process (a time-limited run on CUDA)
     reload: Callable[[], "Suite"] | None = None
@@ -112,5 +112,5 @@ class Suite:
 
     def _check_task(self, task: str):
         if task not in self.tasks:
-            from mergebench.registry import close_matches
+            from mergebench.api.registry import close_matches
             raise NotFoundError(f"suite {self.name!r} has no task {task!r}{close_matches(task, self.tasks)}")

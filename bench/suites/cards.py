@@ -108,7 +108,7 @@ def resolve_task(name: str, cards: dict[str, Card]) -> Card:
     for card in cards.values():
         if name == card.name or name.lower() in {a.lower() for a in card.aliases} | {card.name.lower()}:
             return card
-    from mergebench.registry import close_matches
+    from mergebench.api.registry import close_matches
     raise NotFoundError(f"no dataset card for task {name!r}{close_matches(name, list(cards))} (cards: {', '.join(cards)})")
 
 

@@ -6,7 +6,7 @@ measurement runs the same code path:
 - the backbone (full CLIP) and the experts come from a model-zoo manifest (``zoo.py``), every
   file checked against its sha256 and against the architecture's keys and shapes;
 - the encoder is the CLIP image tower (an open_clip ``VisionTransformer``, built by
-  ``mergebench.models.build_encoder`` from the open_clip model config);
+  ``mergebench.api.models.build_encoder`` from the open_clip model config);
 - the heads are zero-shot heads: for each class, the normalized mean of the normalized text
   embeddings of the card's templates (the task-vectors recipe), computed once and cached;
 - the data come from the dataset cards (``datasets/*.yaml``) and the preprocessing cache
@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from mergebench.errors import MissingFileError, NotFoundError
-from mergebench.io import atomic_save_tensors, cache_root
-from mergebench.models import build_encoder, encoder_weights
-from mergebench.progress import progress
+from mergebench.engine.io import atomic_save_tensors, cache_root
+from mergebench.api.models import build_encoder, encoder_weights
+from mergebench.engine.progress import progress
 from mergebench.suites import cards as cardlib
 from mergebench.suites import imagecache, zoo
 from mergebench.suites.base import SPLITS, Suite
 from mergebench.suites.registry import MergingSanity, register_suite
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 HEADS_VERSION = 1
 

@@ -25,7 +25,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mergebench.catalog import Registry, UnknownNameError
+from mergebench.api.catalog import Registry, UnknownNameError
 from mergebench.errors import InputError, MissingFileError
 from mergebench.suites.base import Suite
 
@@ -203,7 +203,7 @@ class SuiteSpec:
     def load(self, build: bool = True, verbose: bool = True, **options) -> Suite:
         unknown = [k for k in options if k not in self.options]
         if unknown:
-            from mergebench.catalog import close_matches
+            from mergebench.api.catalog import close_matches
             raise SuiteOptionError(f"suite {self.name!r} takes no option {unknown[0]!r}"
                             f"{close_matches(unknown[0], self.options)} (its options: "
                             f"{', '.join(self.options) or 'none'})")
@@ -224,7 +224,7 @@ class SuiteSpec:
         out = {}
         for key, value in values.items():
             if key not in self.options:
-                from mergebench.catalog import close_matches
+                from mergebench.api.catalog import close_matches
                 raise SuiteOptionError(f"suite {self.name!r} takes no option {key!r}{close_matches(key, self.options)} "
                                        f"(its options: {', '.join(self.options) or 'none'})")
             out[key] = _coerce(key, value, self.option_type(key), self.name)

@@ -26,10 +26,10 @@ import json
 import torch
 
 from mergebench.errors import InputError, NotFoundError
-from mergebench.models import build_encoder, encoder_weights
+from mergebench.api.models import build_encoder, encoder_weights
 from mergebench.suites.base import SPLITS, Suite, TaskData
 from mergebench.suites.registry import register_suite
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 # suite name -> open_clip model config (None: the tiny test encoder below)
 SYNTHETIC = {"synthetic-vitb32": "ViT-B-32-quickgelu", "synthetic-vitb16": "ViT-B-16-quickgelu",

@@ -20,7 +20,7 @@ repository's pickled ``ImageEncoder`` objects: only with ``trust_pickle=True``, 
 unpickler -- see ``_TrustedUnpickler`` for exactly what it allows -- and converted once to safetensors
 in the cache); ``peft_lora`` (a PEFT LoRA adapter folder, ``adapter_config.json`` +
 ``adapter_model.safetensors``, open_clip or HF CLIP module names: the expert is the backbone's
-image tower plus ``scale * B @ A``, see ``mergebench.lora``). Nothing is ever downloaded.
+image tower plus ``scale * B @ A``, see ``mergebench.api.lora``). Nothing is ever downloaded.
 Every field is described in docs/manifest.md; ``mergebench zoo init`` writes a manifest from a folder or a
 Hugging Face cache (``mergebench.suites.zoo_init``).
 """
@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from mergebench.errors import InputError, MergebenchError, MissingFileError, NotFoundError
-from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256, safe_name
+from mergebench.engine.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256, safe_name
 
 FORMATS = ("auto", "safetensors", "torch", "openai_jit", "hf", "task_vectors_pickle", "peft_lora")
 _OPENAI_EXTRA = ("input_resolution", "context_length", "vocab_size")
@@ -477,7 +477,7 @@ def load_expert(manifest: Manifest, task: str, reference: dict[str, Tensor], pre
     digest = verify(entry, f"expert {task}")
     fmt = _guess_format(entry.path) if entry.format == "auto" else entry.format
     if fmt == "peft_lora":
-        from mergebench.lora import apply_lora
+        from mergebench.api.lora import apply_lora
         state = apply_lora({k: v.float() for k, v in pretrained.items()}, load_lora_factors(manifest, task, reference))
         return dict(state), digest, []
     state = visual_state(read_state_dict(entry.path, fmt, trust_pickle))
@@ -495,8 +495,8 @@ def is_lora(entry: Entry) -> bool:
 
 
 def load_lora_factors(manifest: Manifest, task: str, reference: dict[str, Tensor]) -> dict:
-    """The LoRA factors of ``task``'s PEFT adapter folder (``mergebench.lora.read_peft``), errors naming it."""
-    from mergebench.lora import LoraError, read_peft
+    """The LoRA factors of ``task``'s PEFT adapter folder (``mergebench.api.lora.read_peft``), errors naming it."""
+    from mergebench.api.lora import LoraError, read_peft
 
     entry = manifest.experts[task]
     if not is_lora(entry):

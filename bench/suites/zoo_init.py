@@ -281,7 +281,7 @@ def write_manifest(out: Path, backbone: Candidate, experts: dict[str, Candidate]
     else:
         header.append(f"# quick_gelu: from {qg_from}")
     text = "\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False, width=120)
-    from mergebench.io import atomic_write_text
+    from mergebench.engine.io import atomic_write_text
     atomic_write_text(out, text)
     m = zoo.Manifest.load(out)  # what `run` will read: it must load (and, when complete, resolve the model)
     if qg is not None:

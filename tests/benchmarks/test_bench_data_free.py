@@ -31,10 +31,10 @@ import pytest
 import torch
 from torch import nn
 
-from mergebench import memory
-from mergebench.context import MergeContext
-from mergebench.pipeline import MethodCall
-from mergebench.execution import execute, seed_everything
+from mergebench.engine import memory
+from mergebench.api.context import MergeContext
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.execution import execute, seed_everything
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = DEVICE == "cuda" or os.environ.get("MERGEBENCH_BENCH_VITB32") == "1"

@@ -2,7 +2,7 @@
 
 Skipped by default (``--benchmark-skip`` in pyproject); run with
 ``pytest tests/benchmarks/test_bench_eval.py --benchmark-only``. The evaluation is
-``mergebench.evaluate.evaluate``: uint8 images (as the preprocessing cache stores them), normalized in
+``mergebench.engine.evaluate.evaluate``: uint8 images (as the preprocessing cache stores them), normalized in
 batches on the device, bf16 autocast on CUDA. The synthetic suites (random weights and images of the real
 shapes; on a GPU generated on the device and evaluated resident there; ``make bench-gpu`` is the full-size run):
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebench.evaluate import evaluate
+from mergebench.engine.evaluate import evaluate
 from mergebench.suites import get_suite
 
 GMACS = {"ViT-B-32": 4.41, "ViT-L-14": 81.1}  # per 224-px image (fvcore count, attention included)
@@ -32,7 +32,7 @@ SUITE = {"ViT-B-32": "synthetic-vitb32", "ViT-L-14": "synthetic-vitl14"}
 
 
 def _model(suite):
-    from mergebench.context import MergeContext
+    from mergebench.api.context import MergeContext
 
     ctx = MergeContext(suite, "nothing", "cpu", 0, show_progress=False)
     return ctx.shared_model(ctx.pretrained_weights)

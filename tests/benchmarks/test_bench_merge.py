@@ -19,11 +19,11 @@ import os
 import pytest
 import torch
 
-from mergebench.context import MergeContext
-from mergebench.models import MergedModel, build_encoder, encoder_weights
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
-from mergebench.execution import seed_everything
+from mergebench.api.context import MergeContext
+from mergebench.api.models import MergedModel, build_encoder, encoder_weights
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
+from mergebench.engine.execution import seed_everything
 from mergebench.suites.base import Suite, TaskData
 
 SPECS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "dare(merge='ties_merging(scaling=0.5)')",

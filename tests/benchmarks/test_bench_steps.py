@@ -19,11 +19,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebench.context import MergeContext
-from mergebench.models import MergedModel, build_encoder, encoder_weights
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
-from mergebench.execution import execute, seed_everything
+from mergebench.api.context import MergeContext
+from mergebench.api.models import MergedModel, build_encoder, encoder_weights
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
+from mergebench.engine.execution import execute, seed_everything
 from mergebench.suites.base import Suite, TaskData
 
 STEPS = 10

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebench.context import MergeContext
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
-from mergebench.execution import execute, seed_everything
-from mergebench.sequential import SequentialContext
+from mergebench.api.context import MergeContext
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
+from mergebench.engine.execution import execute, seed_everything
+from mergebench.engine.sequential import SequentialContext
 
 from test_bench_merge import mini8_shaped  # noqa: F401  (the fixture; tests/benchmarks is on sys.path)
 

@@ -41,12 +41,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebench import memory
-from mergebench.context import MergeContext
+from mergebench.engine import memory
+from mergebench.api.context import MergeContext
 from mergebench.methods.baselines import cache_sized_parts
-from mergebench.models import build_encoder
-from mergebench.pipeline import MethodCall
-from mergebench.execution import execute, seed_everything
+from mergebench.api.models import build_encoder
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.execution import execute, seed_everything
 
 # imported only by the test itself: importing fusion_bench (lightning, transformers) changes global state
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("fusion_bench") is None,

@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from mergebench.progress import progress
+from mergebench.engine.progress import progress
 from mergebench.suites.base import SPLITS
 from mergebench.suites.mini8 import tasks
 from mergebench.suites.mini8.config import Mini8Config

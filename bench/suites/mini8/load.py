@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mergebench.io import atomic_save_tensors, cache_root
+from mergebench.engine.io import atomic_save_tensors, cache_root
 from mergebench.suites import artifact
 from mergebench.suites.base import SPLITS, Suite, TaskData
 from mergebench.suites.mini8.config import CONFIGS, Mini8Config, mini8_config_dict
 from mergebench.suites.mini8.data import generate_data, tensors_sha256
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 
 class ArtifactDataWarning(UserWarning):

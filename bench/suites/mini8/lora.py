@@ -1,7 +1,7 @@
 """mini8-lora: the mini8 benchmark with LoRA experts instead of fully fine-tuned ones.
 
 The same pretrained backbone, frozen heads and data splits as its base (mini8, or micro for ``micro-lora``). Per
-task, LoRA adapters (``mergebench.lora``: rank ``rank``, ``alpha``, on ``attn.in_proj`` (the fused q/k/v weight),
+task, LoRA adapters (``mergebench.api.lora``: rank ``rank``, ``alpha``, on ``attn.in_proj`` (the fused q/k/v weight),
 ``attn.out_proj``, ``mlp.c_fc`` and ``mlp.c_proj`` of every resblock; nothing else trained) were fitted with
 mini8's fine-tuning routine at LoRA's usual higher learning rate (``mergebench.build.mini8_lora``).
 
@@ -17,7 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mergebench import lora
+from mergebench.api import lora
 from mergebench.suites import artifact
 from mergebench.suites.base import Suite
 from mergebench.suites.mini8.config import LORA_CONFIGS, LoraConfig

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mergebench.records import load_records
-from mergebench.sweep import Sweep, job_status, summarize
+from mergebench.engine.records import load_records
+from mergebench.sweeps.sweep import Sweep, job_status, summarize
 
 GATE_PROBE = '''
 import os, time
@@ -68,7 +68,7 @@ def _accuracies(results):
 def env(tmp_path, micro, monkeypatch):
     """The gate probe as a plugin, here and in every process started from here (Slurm jobs inherit the
     environment); heartbeats every second."""
-    from mergebench import registry
+    from mergebench.api import registry
 
     root = tmp_path / "plugin"
     root.mkdir()

@@ -1,6 +1,6 @@
 """``make bench-gpu``: what the real benchmark costs on this machine, measured on a shape-exact synthetic suite.
 
-    python -m mergebench.gpu_bench [--out results/bench/gpu.json] [--suite synthetic-vitb32] [--fraction F]
+    python -m mergebench.engine.gpu_bench [--out results/bench/gpu.json] [--suite synthetic-vitb32] [--fraction F]
                                    [--batch-size N] [--compile auto|off|default|reduce-overhead] [--methods A B ...]
 
 On a CUDA device (full mode): the eight ViT-B/32 test sets at their real sizes (87,433 random uint8 images,
@@ -43,8 +43,8 @@ def _device_name(device: torch.device) -> str:
 
 def measure_eval(model, suite, device, batch_size: int, compile_mode: str | None) -> dict:
     """One warm-up pass on the smallest task (compiles the graph), then the timed pass over every test set."""
-    from mergebench import memory
-    from mergebench.evaluate import evaluate
+    from mergebench.engine import memory
+    from mergebench.engine.evaluate import evaluate
 
     kwargs = dict(batch_size=batch_size, bf16=True, resident=True, compile=compile_mode or False)
     smallest = min(suite.tasks, key=lambda t: len(suite.split("test", t)))
@@ -64,10 +64,10 @@ def measure_eval(model, suite, device, batch_size: int, compile_mode: str | None
 
 def measure_merge(suite, spec: str, device) -> dict:
     """Merge once with ``spec`` (harness path: MergeContext + execute) on ``device``; seconds and peak memory."""
-    from mergebench import memory
-    from mergebench.context import MergeContext
-    from mergebench.pipeline import MethodCall
-    from mergebench.execution import execute, seed_everything
+    from mergebench.engine import memory
+    from mergebench.api.context import MergeContext
+    from mergebench.api.pipeline import MethodCall
+    from mergebench.engine.execution import execute, seed_everything
 
     call = MethodCall.parse(spec).resolve()
     seed_everything(0)
@@ -85,7 +85,7 @@ def measure_merge(suite, spec: str, device) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m mergebench.gpu_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mergebench.engine.gpu_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/bench/gpu.json", help="where the JSON goes")
     p.add_argument("--suite", default="synthetic-vitb32", help="synthetic-vitb32 (default), -vitb16, -vitl14, -tiny")
     p.add_argument("--fraction", type=float, default=None,
@@ -100,7 +100,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    from mergebench.run import resolve_device
+    from mergebench.engine.run import resolve_device
     from mergebench.suites import get_suite
 
     device = resolve_device(args.device)
@@ -144,7 +144,7 @@ def run(argv: list[str] | None = None) -> dict:
             report["merge"][spec] = {"error": f"{type(e).__name__}: {e}"}
             _log(f"  merge {spec} failed: {e}")
     if model is None:
-        from mergebench.context import MergeContext
+        from mergebench.api.context import MergeContext
         ctx = MergeContext(suite, "nothing", device, 0, show_progress=False)
         model = ctx.shared_model(ctx.pretrained_weights)
     for cm in compile_modes:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mergebench.errors import MergebenchError
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 # open_clip module -> the weight its LoRA updates (per resblock)
 OPEN_CLIP_TARGETS = {"attn.in_proj": "attn.in_proj_weight", "attn.out_proj": "attn.out_proj.weight",
@@ -90,7 +90,7 @@ def apply_lora(base: Mapping[str, Tensor], factors: Mapping[str, LoraFactor]) ->
 def save_peft(folder: str | Path, factors: Mapping[str, LoraFactor], rank: int, alpha: float,
               base_model: str = "", prefix: str = "") -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout, open_clip names)."""
-    from mergebench.io import atomic_save_tensors, atomic_write_text
+    from mergebench.engine.io import atomic_save_tensors, atomic_write_text
 
     folder = Path(folder)
     tensors = {}

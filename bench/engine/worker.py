@@ -8,8 +8,8 @@ well for one that declared ``labeled`` data; nothing else. Test labels never lea
 
 Each merge then runs in a fresh worker process (:func:`run`), forked from the standard library's fork server, a
 clean process that imported torch and mergebench but never held a suite. The worker maps those files
-copy-on-write (what it writes stays in its own pages), builds a :class:`~mergebench.context.MergeContext` over
-them, runs the method and sends back the merged model (:mod:`mergebench.transfer`): the tensors of a shared
+copy-on-write (what it writes stays in its own pages), builds a :class:`~mergebench.api.context.MergeContext` over
+them, runs the method and sends back the merged model (:mod:`mergebench.engine.transfer`): the tensors of a shared
 encoder, or a saved module. The harness evaluates it in its own process on its own suite and fills every cache
 (reference accuracies, bases) itself.
 
@@ -46,8 +46,8 @@ import torch
 from mergebench.errors import MergebenchError
 
 # what the fork server imports once, so that a worker starts in milliseconds with torch and the methods loaded
-PRELOAD = ["mergebench.worker", "mergebench.run", "mergebench.methods"]
-LABELED_SPLITS = ("train", "val")  # mergebench.context.LABELED_SPLITS
+PRELOAD = ["mergebench.engine.worker", "mergebench.engine.run", "mergebench.methods"]
+LABELED_SPLITS = ("train", "val")  # mergebench.api.context.LABELED_SPLITS
 STARTUP_S = 300.0  # a worker's start (the fork server's first start imports torch) before its time limit runs
 _ALIGN = 64
 
@@ -117,9 +117,9 @@ def _parts(suite, level: str) -> tuple[dict, dict, dict]:
 
 def _assemble(meta: dict, tensors: dict) -> Any:
     """A Suite holding exactly ``tensors`` (named as :func:`_parts` names them)."""
-    from mergebench.lora import LoraFactor
+    from mergebench.api.lora import LoraFactor
     from mergebench.suites.base import Suite, TaskData
-    from mergebench.weights import Weights
+    from mergebench.api.weights import Weights
 
     tasks = meta["tasks"]
     experts = {t: Weights({k[len(f"e/{t}/"):]: v for k, v in tensors.items() if k.startswith(f"e/{t}/")})
@@ -168,7 +168,7 @@ _FOLDERS: list[str] = []
 
 def method_inputs(suite, level: str) -> Inputs:
     """The files a worker of ``level`` reads (written once per suite object and level; removed at exit)."""
-    from mergebench import integrity
+    from mergebench.engine import integrity
 
     cache = suite.__dict__.setdefault("_worker_inputs", {})
     if level in cache and Path(cache[level].folder).is_dir():
@@ -383,7 +383,7 @@ def run(job: dict, what: str, limits: Limits | None = None,
             if not proc.is_alive() and not here.poll(0):
                 raise _ended(proc, what)
             if deadline is not None and time.monotonic() >= deadline:
-                from mergebench.limits import MethodTimeout
+                from mergebench.engine.limits import MethodTimeout
                 raise WorkerFailed(str(MethodTimeout(f"{what} exceeded its time limit of "
                                                  f"{limits.stated_seconds or limits.seconds:g} s")),
                                    "MethodTimeout")
@@ -490,7 +490,7 @@ def _prepare(payload: bytes) -> dict:
     import cloudpickle  # noqa: F401 - the job's functions may be pickled by value
 
     job = pickle.loads(settings["job"])
-    from mergebench import registry
+    from mergebench.api import registry
 
     registry.METHODS._discovered = True  # the job carries its methods; no entry point is imported here
     for spec in job["specs"]:
@@ -523,18 +523,18 @@ class _Bases:
         self.hits, self.folder, self.conn, self.sent = hits, folder, conn, 0
 
     def lookup(self, call, ctx):
-        from mergebench.basecache import CachedBase
+        from mergebench.engine.basecache import CachedBase
 
         hit = self.hits.get(str(call))
         if hit is None:
             return None
-        from mergebench import transfer
+        from mergebench.engine import transfer
         model = transfer.load(hit["model"], self.folder, ctx._source.encoder_config, ctx._source.pretrained,
                               ctx.device, set())
         return CachedBase(model, hit["seconds"], copy.deepcopy(hit["data_used"]), copy.deepcopy(hit["logs"]))
 
     def store(self, call, ctx, entry):
-        from mergebench import transfer
+        from mergebench.engine import transfer
 
         self.sent += 1
         note = transfer.save(entry.model, self.folder, f"base-{self.sent}")
@@ -544,7 +544,7 @@ class _Bases:
 def _watched(job: dict, work: Callable[[], dict]) -> dict:
     """Run ``work`` (the method's part) and check what it left: its inputs, global torch state, threads and
     processes. Anything that fails names what the method changed in its inputs as well."""
-    from mergebench import integrity
+    from mergebench.engine import integrity
 
     suite = job["suite"]
     state = _global_state()
@@ -578,10 +578,10 @@ def _watched(job: dict, work: Callable[[], dict]) -> dict:
 @job("merge")
 def _merge_job(job: dict, conn) -> dict:
     """One merge (a pipeline: its bases first): the model and what the merge used and cost."""
-    from mergebench import integrity, memory, transfer
-    from mergebench.context import MergeContext
-    from mergebench.execution import execute, seed_everything
-    from mergebench.memory import peak_mb
+    from mergebench.engine import integrity, memory, transfer
+    from mergebench.api.context import MergeContext
+    from mergebench.engine.execution import execute, seed_everything
+    from mergebench.engine.memory import peak_mb
 
     suite, spec = job["suite"], job["spec"]
     device = torch.device(spec.device)
@@ -612,7 +612,7 @@ def _merge_job(job: dict, conn) -> dict:
 
 
 def _loops(ctx) -> dict:
-    from mergebench.execution import loop_rates
+    from mergebench.engine.execution import loop_rates
     return loop_rates(ctx)
 
 
@@ -620,10 +620,10 @@ def _loops(ctx) -> dict:
 def _sequential_job(job: dict, conn) -> dict:
     """Every task order of a sequential run: after each arrival the model goes to the harness, which evaluates it
     and answers with its accuracy on the tasks seen so far."""
-    from mergebench import memory, transfer
-    from mergebench.execution import seed_everything
-    from mergebench.memory import peak_mb
-    from mergebench.sequential import run_order
+    from mergebench.engine import memory, transfer
+    from mergebench.engine.execution import seed_everything
+    from mergebench.engine.memory import peak_mb
+    from mergebench.engine.sequential import run_order
 
     suite, spec = job["suite"], job["spec"]
     device = torch.device(spec.device)

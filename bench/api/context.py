@@ -1,6 +1,6 @@
 """MergeContext: everything a method may use, and nothing it did not declare.
 
-The harness builds one context per run, in the method's own worker process (:mod:`mergebench.worker`), over
+The harness builds one context per run, in the method's own worker process (:mod:`mergebench.engine.worker`), over
 the part of the suite the method declared. A method reads the pretrained weights, the experts, the task names
 and heads from it, and asks it for data only of the kind it declared (``needs``); it has no route to the suite
 object. Every data access is counted so that the record says what the method used.
@@ -16,10 +16,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from mergebench.models import MergedModel, SharedModel, encoder_from_weights, freeze
-from mergebench.progress import progress as _progress
+from mergebench.api.models import MergedModel, SharedModel, encoder_from_weights, freeze
+from mergebench.engine.progress import progress as _progress
 from mergebench.suites.base import Suite
-from mergebench.weights import CACHE_PART, Plan, Streamed, Weights, _Env, kth_smallest_
+from mergebench.api.weights import CACHE_PART, Plan, Streamed, Weights, _Env, kth_smallest_
 
 
 class DataNotDeclaredError(PermissionError):
@@ -62,7 +62,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 class MergeContext:
     @classmethod
     def for_run(cls, suite: Suite, spec, show_progress: bool = True, **more) -> "MergeContext":
-        """The context of a run (:class:`mergebench.runspec.RunSpec`: its pipeline's needs, device, seed, data
+        """The context of a run (:class:`mergebench.engine.runspec.RunSpec`: its pipeline's needs, device, seed, data
         settings and precision) over ``suite``; ``more``: a subclass's own arguments."""
         return cls(suite, needs=spec.call.needs(), device=spec.device, seed=spec.seed,
                    unlabeled_split=spec.unlabeled_split, data_fraction=spec.data_fraction,
@@ -122,7 +122,7 @@ class MergeContext:
         return self.expert_weights(task) - self.pretrained_weights
 
     def task_vectors(self) -> dict[str, Streamed]:
-        """{task: tau_t} in task order, streamed (:class:`~mergebench.weights.Streamed`): arithmetic on them, e.g.
+        """{task: tau_t} in task order, streamed (:class:`~mergebench.api.weights.Streamed`): arithmetic on them, e.g.
         ``ctx.pretrained_weights + 0.3 * sum(ctx.task_vectors().values())``, is evaluated one tensor at a time
         when it is used (``shared_model``, ``evaluate``); read as a mapping, each is computed whole (new tensors,
         safe to edit)."""
@@ -234,8 +234,8 @@ class MergeContext:
         return self._source.heads[task].clone()
 
     def model_from_tensors(self, tensors: dict, fields: dict) -> MergedModel:
-        """A model of one shared encoder written by :func:`mergebench.transfer.tensors_of` (the base cache's)."""
-        from mergebench import transfer
+        """A model of one shared encoder written by :func:`mergebench.engine.transfer.tensors_of` (the base cache's)."""
+        from mergebench.engine import transfer
         return transfer.from_tensors(tensors, fields, self._source.encoder_config, self._source.pretrained,
                                      self.device)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mergebench.io import atomic_write_text, safe_name
+from mergebench.engine.io import atomic_write_text, safe_name
 
 SCHEMA_VERSION = 1
 

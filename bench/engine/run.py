@@ -19,21 +19,21 @@ from pathlib import Path
 
 import torch
 
-from mergebench import basecache, integrity, limits, memory, transfer, worker
-from mergebench.context import MergeContext
-from mergebench.execution import MethodFailed, execute, loop_rates, seed_everything  # noqa: F401  (MethodFailed: re-exported)
+from mergebench.engine import basecache, integrity, limits, memory, transfer, worker
+from mergebench.api.context import MergeContext
+from mergebench.engine.execution import MethodFailed, execute, loop_rates, seed_everything  # noqa: F401  (MethodFailed: re-exported)
 from mergebench.errors import InputError, MergebenchError
-from mergebench.evaluate import evaluate
-from mergebench.io import atomic_write_text, cache_root, check_writable
-from mergebench.limits import MethodTimeout  # noqa: F401  (re-exported: the error of a run past its time limit)
-from mergebench.metrics import model_macs, parameter_counts, tensor_bytes
-from mergebench.models import MergedModel
-from mergebench.pipeline import MethodCall
-from mergebench.records import Record, config_hash, environment, find_ok, load_records, record_header, write_record
-from mergebench.registry import get_method
-from mergebench.runspec import (RunSpec, SuiteIdentity, method_facts, resolve_device, resolve_protocol,  # noqa: F401
+from mergebench.engine.evaluate import evaluate
+from mergebench.engine.io import atomic_write_text, cache_root, check_writable
+from mergebench.engine.limits import MethodTimeout  # noqa: F401  (re-exported: the error of a run past its time limit)
+from mergebench.engine.metrics import model_macs, parameter_counts, tensor_bytes
+from mergebench.api.models import MergedModel
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.records import Record, config_hash, environment, find_ok, load_records, record_header, write_record
+from mergebench.api.registry import get_method
+from mergebench.engine.runspec import (RunSpec, SuiteIdentity, method_facts, resolve_device, resolve_protocol,  # noqa: F401
                                 uses_precision)
-from mergebench.sequential import merge_data_used, order_result, step_result, summarize
+from mergebench.engine.sequential import merge_data_used, order_result, step_result, summarize
 from mergebench.suites.base import Suite
 
 DEFAULT_RESULTS = Path("results")
@@ -53,7 +53,7 @@ def check_architectures(suite: Suite) -> None:
     Raises :class:`ArchitectureMismatchError` naming the expert and the first differences, and
     :class:`InvalidExpertError` naming the expert (or the pretrained encoder) and the tensor when a tensor is
     not floating point where the pretrained one is, or is not finite. Checked once per suite object; then the
-    suite's fingerprints are taken (:mod:`mergebench.integrity`), against which every method is checked.
+    suite's fingerprints are taken (:mod:`mergebench.engine.integrity`), against which every method is checked.
     """
     integrity.check_unmodified(suite)
     if getattr(suite, "_architectures_checked", False):
@@ -105,7 +105,7 @@ def reference_accuracy(suite: Suite, device="cpu", split: str = "test") -> dict[
     path = cache_root() / "reference" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    from mergebench.models import SharedModel
+    from mergebench.api.models import SharedModel
 
     acc = {}
     for task in suite.tasks:
@@ -129,13 +129,13 @@ def run_method(spec: RunSpec, suite: Suite, results_dir=DEFAULT_RESULTS, force: 
     one record.
 
     ``spec.protocol == "sequential"`` (the default for methods declared ``needs="sequential"``) runs the
-    continual protocol of :mod:`mergebench.sequential` over ``spec.orders``; see :func:`_sequential`.
+    continual protocol of :mod:`mergebench.engine.sequential` over ``spec.orders``; see :func:`_sequential`.
 
     ``spec.tune`` (hyperparameter: values) selects those values on the validation split (the task-vectors
     protocol) before the test evaluation; otherwise hyperparameters are fixed.
     A spec that already has an ok record (:meth:`RunSpec.reusable_hashes`) is returned as is unless ``force``.
     The merge runs in a worker process of its own that holds only what the method declared
-    (:mod:`mergebench.worker`); the harness evaluates the model it returns, here, on ``suite``. Whatever ends the
+    (:mod:`mergebench.engine.worker`); the harness evaluates the model it returns, here, on ``suite``. Whatever ends the
     worker without a model (an exception, an exit, a signal, a time or memory limit), a change of its inputs in
     place or of global torch state becomes a record with ``status: failed`` and its reason.
 
@@ -201,7 +201,7 @@ class Measured:
 
 
 def _measure(spec: RunSpec, suite: Suite, show_progress: bool, count_flops: bool) -> Measured:
-    """The measured part of a run (ok or failed). The merges run in workers (:mod:`mergebench.worker`) under the
+    """The measured part of a run (ok or failed). The merges run in workers (:mod:`mergebench.engine.worker`) under the
     spec's limits: the time limit covers the merge and the selection (for the sequential protocol every order
     with its evaluations); evaluation and measurement run here."""
     device = torch.device(spec.device)
@@ -249,7 +249,7 @@ def merge_in_worker(spec: RunSpec, suite: Suite, show_progress: bool = False, li
     """Merge ``spec``'s call in a fresh worker holding what it declared; returns the model (built here) and the
     merge's fields (``merge_s``, ``stages_s``, ``data_used``, ``logs``, ``loops``, ``cached_bases``, ``memory``,
     ``threads``, ``left_running``). The bases come from and go to the base cache here, never there.
-    Raises :class:`mergebench.worker.WorkerFailed` when the worker ends without a model."""
+    Raises :class:`mergebench.engine.worker.WorkerFailed` when the worker ends without a model."""
     call, device = spec.call, torch.device(spec.device)
     here = MergeContext.for_run(suite, spec, show_progress=False)
     stages = {str(s): s for s in call.stages()[:-1]}
@@ -426,7 +426,7 @@ def sequential_in_worker(spec: RunSpec, suite: Suite, show_progress: bool = Fals
     """Every order of ``spec``'s sequential run in one fresh worker; each step's model is built here and given to
     ``on_step(order index, model, tasks seen)``, whose answer (accuracy per task seen) goes back to the worker.
     Returns the worker's fields (``orders``: merge_s, logs, notes, data_used of each; ``memory``, ``threads``,
-    ``left_running``). Raises :class:`mergebench.worker.WorkerFailed` when the worker ends without them."""
+    ``left_running``). Raises :class:`mergebench.engine.worker.WorkerFailed` when the worker ends without them."""
     call, device = spec.call, torch.device(spec.device)
     folder = Path(tempfile.mkdtemp(prefix="mergebench-sequential-"))
 

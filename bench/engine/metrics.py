@@ -16,7 +16,7 @@ from math import prod
 import torch
 from torch import nn
 
-from mergebench.models import MergedModel, stored_tensors
+from mergebench.api.models import MergedModel, stored_tensors
 
 # Operators that carry no multiply-accumulates: shape ops and elementwise arithmetic.
 ELEMENTWISE_OPS = {
@@ -97,7 +97,7 @@ def count_macs(model: nn.Module, image_shape: tuple, task: str | None = None, de
     unknown = {op: n for op, n in analysis.unsupported_ops().items() if op not in ELEMENTWISE_OPS}
     if unknown:
         raise UncountedOperatorError(
-            f"fvcore cannot count operators {dict(unknown)}; add a handle in mergebench.metrics.EXTRA_HANDLES "
+            f"fvcore cannot count operators {dict(unknown)}; add a handle in mergebench.engine.metrics.EXTRA_HANDLES "
             f"(or list it in ELEMENTWISE_OPS if it has no multiply-accumulates)")
     return {"macs": int(total), "by_operator": {k: int(v) for k, v in analysis.by_operator().items()},
             "uncounted_ops": sorted(analysis.unsupported_ops())}

@@ -5,7 +5,7 @@ It runs a method on the micro suite (seconds) and checks what the harness relies
 1. it is registered and listed, with complete metadata (display name, paper, docstring, data
    needs, typed hyperparameters whose defaults parse back from the command line);
 2. it does not modify its inputs: the pretrained weights, experts, heads, LoRA factors and data its worker
-   holds (fingerprints before/after, :mod:`mergebench.integrity`), nor the context's theta_0, which every stage
+   holds (fingerprints before/after, :mod:`mergebench.engine.integrity`), nor the context's theta_0, which every stage
    of a pipeline shares;
 3. it only uses the data kinds it declared (the context raises ``DataNotDeclaredError``), and
    uses some data if it declared any;
@@ -19,7 +19,7 @@ It runs a method on the micro suite (seconds) and checks what the harness relies
    leaves no thread or process running.
 
 Each merge runs as in ``mergebench run``: in a worker process of its own that holds only what the method
-declared (:mod:`mergebench.worker`), killed at the deadline; whatever ended it is reported as the check it fails.
+declared (:mod:`mergebench.engine.worker`), killed at the deadline; whatever ended it is reported as the check it fails.
 
 A sequential method (``needs="sequential"``) runs over the suite's task order; its final model is checked.
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergebench import limits
+from mergebench.engine import limits
 
 DEFAULT_TIME_LIMIT_S = 600.0
 
@@ -94,8 +94,8 @@ def _probe_outputs(model, suite, device) -> dict[str, torch.Tensor]:
 
 def _merge(spec_name, suite, device, seed, budget="smoke", limits=None):
     """The method's merge in its own worker, as ``mergebench run`` does it: (model, worker fields, seconds)."""
-    from mergebench.run import merge_in_worker, sequential_in_worker
-    from mergebench.runspec import RunSpec
+    from mergebench.engine.run import merge_in_worker, sequential_in_worker
+    from mergebench.engine.runspec import RunSpec
 
     start = time.perf_counter()
     # a sequential method runs over one task order (the suite's); its final model is checked
@@ -115,7 +115,7 @@ def _merge(spec_name, suite, device, seed, budget="smoke", limits=None):
 
 
 def _metadata(spec, report: Report):
-    from mergebench.registry import NEEDS, Hyperparameter
+    from mergebench.api.registry import NEEDS, Hyperparameter
 
     problems = []
     if not spec.display_name or spec.display_name == spec.name:
@@ -163,7 +163,7 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
 
     The checks that run the method do so in a child process killed after ``time_limit_s`` seconds (``None``: in
     this process, without a limit)."""
-    from mergebench.registry import discover_plugins, get_method, list_methods
+    from mergebench.api.registry import discover_plugins, get_method, list_methods
 
     time_limit_s = limits.check_seconds(time_limit_s)
 
@@ -205,11 +205,11 @@ _ENDINGS = {
 
 def _running_checks(name, suite, seed, devices, budget, time_limit_s) -> list[Check]:
     """The checks that run the method (3-8 of the module docstring), each merge in a worker process of its own
-    (:mod:`mergebench.worker`), as a run does it."""
-    from mergebench.metrics import parameter_counts, tensor_bytes
-    from mergebench.models import MergedModel
-    from mergebench.registry import get_method
-    from mergebench.worker import Limits, WorkerFailed
+    (:mod:`mergebench.engine.worker`), as a run does it."""
+    from mergebench.engine.metrics import parameter_counts, tensor_bytes
+    from mergebench.api.models import MergedModel
+    from mergebench.api.registry import get_method
+    from mergebench.engine.worker import Limits, WorkerFailed
 
     spec = get_method(name)
     report = Report(name)
@@ -305,7 +305,7 @@ def check_plugin(name: str, **kwargs) -> list[Report]:
     """Check a method by name, or every method a plugin distribution / entry point registers."""
     from importlib.metadata import entry_points
 
-    from mergebench.registry import ENTRY_POINT_GROUP, METHODS, discover_plugins, list_methods
+    from mergebench.api.registry import ENTRY_POINT_GROUP, METHODS, discover_plugins, list_methods
 
     discover_plugins()
     if name in METHODS or any(ch in name for ch in "*?["):

@@ -1,6 +1,6 @@
 """Inputs are read-only to methods: fingerprints of a suite's tensors, compared after every method.
 
-A method runs in a worker process of its own (:mod:`mergebench.worker`) over a copy-on-write view of the suite.
+A method runs in a worker process of its own (:mod:`mergebench.engine.worker`) over a copy-on-write view of the suite.
 The harness takes a fingerprint of everything that view holds -- the pretrained weights, every expert, the heads,
 the LoRA factors and the data it declared -- when it writes the view, and the worker compares after the method
 (``InputsModifiedError``, naming what changed): a method that changed its inputs in place is recorded as failed.

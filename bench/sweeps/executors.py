@@ -1,7 +1,7 @@
 """Executors: where the jobs of a sweep run.
 
 - :class:`LocalExecutor` (``--executor local --jobs N``): each job in its own Python process
-  (``python -m mergebench.executors JOB_JSON``), at most N at a time. A worker that crashes or
+  (``python -m mergebench.sweeps.executors JOB_JSON``), at most N at a time. A worker that crashes or
   is killed is reported and the others go on.
 - :class:`SubmititExecutor` (``--executor slurm``): one submitit job array on a Slurm cluster,
   with partition, GPUs (none unless asked), time and memory from the command line or the sweep's
@@ -10,7 +10,7 @@
   as missing. ``cluster="local"`` uses ``submitit.LocalExecutor`` on this machine, so the same
   submission path runs in the tests (``--executor submitit-local``).
 
-Every executor calls :func:`mergebench.sweep.run_job`, which writes the job's record.
+Every executor calls :func:`mergebench.sweeps.sweep.run_job`, which writes the job's record.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebench.errors import MergebenchError
-from mergebench.progress import progress
-from mergebench.slurm_queue import SchedulerError, SlurmQueue  # noqa: F401  (the executors' scheduler queries)
-from mergebench.sweep import Job, run_job, write_submitted_markers
+from mergebench.engine.progress import progress
+from mergebench.sweeps.slurm_queue import SchedulerError, SlurmQueue  # noqa: F401  (the executors' scheduler queries)
+from mergebench.sweeps.sweep import Job, run_job, write_submitted_markers
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -69,7 +69,7 @@ class LocalExecutor:
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log_path = log_dir / f"{job.config_hash}.log"
                 with open(log_path, "w") as fh:
-                    proc = subprocess.Popen([sys.executable, "-m", "mergebench.executors", json.dumps(job.to_dict())],
+                    proc = subprocess.Popen([sys.executable, "-m", "mergebench.sweeps.executors", json.dumps(job.to_dict())],
                                             stdout=fh, stderr=subprocess.STDOUT, env=self.env)
                 running.append((job, proc, log_path))
             time.sleep(self.poll_s)

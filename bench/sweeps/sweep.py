@@ -40,9 +40,9 @@ from pathlib import Path
 import yaml
 
 from mergebench.errors import InputError
-from mergebench.io import atomic_write_text, safe_name
-from mergebench.registry import HyperparameterError
-from mergebench.slurm_queue import SchedulerError, SlurmQueue
+from mergebench.engine.io import atomic_write_text, safe_name
+from mergebench.api.registry import HyperparameterError
+from mergebench.sweeps.slurm_queue import SchedulerError, SlurmQueue
 
 STATES = ("done", "queued", "running", "failed", "missing")
 STALE_BEATS = 10  # a worker's marker is stale after this many heartbeat intervals without a beat
@@ -117,8 +117,8 @@ class Job:
         return cls(**d)
 
     def spec(self, suite):
-        """The job's :class:`mergebench.runspec.RunSpec` on ``suite`` (the loaded suite it names)."""
-        from mergebench.runspec import RunSpec
+        """The job's :class:`mergebench.engine.runspec.RunSpec` on ``suite`` (the loaded suite it names)."""
+        from mergebench.engine.runspec import RunSpec
 
         return RunSpec.build(self.pipeline, suite, seed=self.seed, device=self.device, precision=self.precision,
                              time_limit_s=self.time_limit_s, **self.settings)
@@ -150,25 +150,25 @@ class Sweep:
     memory_limit_mb: float | None = None
 
     def __post_init__(self):
-        from mergebench.limits import check_seconds
+        from mergebench.engine.limits import check_seconds
 
         if not self.methods:
             raise HyperparameterError("a sweep needs at least one method")
         if not self.name:
-            from mergebench.records import config_hash
+            from mergebench.engine.records import config_hash
             self.name = "sweep-" + config_hash({"methods": self.methods, "suites": self.suites, "seeds": self.seeds,
                                                 "grid": self.grid})[:8]
         safe_name(self.name, "sweep name")  # it names RESULTS/sweeps/NAME.yaml
         self.time_limit_s = check_seconds(self.time_limit_s, "the sweep's time limit")
-        from mergebench.context import PRECISIONS
+        from mergebench.api.context import PRECISIONS
         if self.precision not in PRECISIONS:
             raise HyperparameterError(f"sweep precision {self.precision!r} is not one of {list(PRECISIONS)}")
 
     # ------------------------------------------------------------ expansion
     def calls(self) -> list:
         """The resolved method calls under the sweep's budget: each method crossed with the grid values it takes."""
-        from mergebench.pipeline import MethodCall
-        from mergebench.registry import close_matches, get_method
+        from mergebench.api.pipeline import MethodCall
+        from mergebench.api.registry import close_matches, get_method
 
         calls, used = [], set()
         for text in self.methods:
@@ -197,8 +197,8 @@ class Sweep:
 
     def jobs(self, build: bool = True) -> list[Job]:
         """Every job of the sweep (loads each suite, building it once here if ``build``)."""
-        from mergebench.context import resolve_precision
-        from mergebench.runspec import resolve_device
+        from mergebench.api.context import resolve_precision
+        from mergebench.engine.runspec import resolve_device
         from mergebench.suites import get_suite
 
         calls = self.calls()
@@ -255,7 +255,7 @@ class Sweep:
         path = Path(results_dir) / "sweeps" / f"{safe_name(name, 'sweep name')}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.exists() else []
-            from mergebench.registry import close_matches
+            from mergebench.api.registry import close_matches
             raise MissingFileError(f"no sweep {name!r} in {path.parent}{close_matches(name, known)} "
                                    f"(sweeps there: {', '.join(known) or 'none'})")
         data = _read_yaml(path, "sweep definition")
@@ -377,10 +377,10 @@ def _holder(info: dict, sched: dict | None, sched_error: str | None, now: float)
 def job_status(jobs: list[Job], queue=None) -> list[dict]:
     """``[{job, state, error?, note?}]`` from the records, the markers and (for Slurm jobs) ``squeue``.
 
-    ``queue`` answers ``states(job_ids) -> {job_id: STATE}`` (default: :class:`mergebench.slurm_queue.SlurmQueue`,
+    ``queue`` answers ``states(job_ids) -> {job_id: STATE}`` (default: :class:`mergebench.sweeps.slurm_queue.SlurmQueue`,
     asked only when a marker names a Slurm job, once for all of them).
     """
-    from mergebench.records import load_records
+    from mergebench.engine.records import load_records
 
     by_hash: dict[tuple, dict] = {}
     for results_dir, suite in {(j.results_dir, j.suite) for j in jobs}:
@@ -488,8 +488,8 @@ def run_job(job: Job | dict) -> dict:
     record itself is written atomically by ``run_method``, so a worker killed at any point
     leaves no partial record and the job reads as ``missing``.
     """
-    from mergebench import worker
-    from mergebench.run import run_method
+    from mergebench.engine import worker
+    from mergebench.engine.run import run_method
     from mergebench.suites import get_suite
 
     job = Job.from_dict(job) if isinstance(job, dict) else job

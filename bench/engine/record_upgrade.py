@@ -1,6 +1,6 @@
 """Give records written before a field existed that field, so that leaderboards read records only.
 
-``python -m mergebench.record_upgrade PATH...`` (files, or folders searched for ``*.json``) adds what a record
+``python -m mergebench.engine.record_upgrade PATH...`` (files, or folders searched for ``*.json``) adds what a record
 lacks: ``method.label`` (the display name plus the hyperparameters that differ from the method's defaults, as the
 registry has them now), ``method.at_defaults`` (whether its pipeline is the method at every default) and ``budget.below_paper`` (the stages below their paper budgets). A record that has them is
 left byte for byte as it is, so running it again changes nothing; a file that is not a readable record is never
@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from mergebench.io import atomic_write_text
-from mergebench.pipeline import MethodCall
-from mergebench.records import COMPANION_FILES, read_record
-from mergebench.registry import UnknownMethodError
-from mergebench.runspec import at_defaults, method_label
+from mergebench.engine.io import atomic_write_text
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.records import COMPANION_FILES, read_record
+from mergebench.api.registry import UnknownMethodError
+from mergebench.engine.runspec import at_defaults, method_label
 
 
 def upgraded(rec: dict) -> dict | None:

@@ -8,11 +8,11 @@ import time
 
 import torch
 
-from mergebench import basecache
-from mergebench.context import MergeContext
-from mergebench.models import MergedModel
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
+from mergebench.engine import basecache
+from mergebench.api.context import MergeContext
+from mergebench.api.models import MergedModel
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
 
 
 class MethodFailed(RuntimeError):
@@ -34,7 +34,7 @@ def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None, re
     """Run a resolved pipeline: bases first, then each add-on on the model its base returned.
 
     Every stage starts from the run's seed, so an add-on draws the same randomness whether its base ran or came
-    from the base cache (:mod:`mergebench.basecache`, used unless ``reuse_bases=False``; ``bases``: another
+    from the base cache (:mod:`mergebench.engine.basecache`, used unless ``reuse_bases=False``; ``bases``: another
     object with its ``lookup`` and ``store``, a worker's view of it).
     """
     spec = get_method(call.name)

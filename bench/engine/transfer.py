@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from mergebench.errors import MergebenchError
-from mergebench.io import atomic_save_tensors
-from mergebench.models import AdaMergedModel, MergedModel, MergeState, SharedModel, encoder_from_weights, freeze
+from mergebench.engine.io import atomic_save_tensors
+from mergebench.api.models import AdaMergedModel, MergedModel, MergeState, SharedModel, encoder_from_weights, freeze
 
 
 class ModelTransferError(MergebenchError, RuntimeError):

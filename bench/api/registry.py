@@ -4,7 +4,7 @@ Built-in methods live in ``mergebench.methods`` and register on import. External
 declare an entry point in the group ``mergebench.methods`` (value: a module, or
 ``module:object``); loading it imports the module, whose ``@register_method`` calls register.
 The lookup, aliases, wildcards and plugin discovery are those of every registry
-(:class:`mergebench.catalog.Registry`): ``METHODS``.
+(:class:`mergebench.api.catalog.Registry`): ``METHODS``.
 
 A method is ``fn(ctx: MergeContext, **hyperparameters) -> MergedModel``. Its hyperparameters
 are its keyword arguments: the defaults are the paper's and the annotations give the types the
@@ -19,10 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mergebench.catalog import Registry, UnknownNameError, close_matches  # noqa: F401  (close_matches: re-exported)
+from mergebench.api.catalog import Registry, UnknownNameError, close_matches  # noqa: F401  (close_matches: re-exported)
 from mergebench.errors import InputError
-from mergebench.needs import NEEDS  # noqa: F401  (what data a method may ask its context for)
-from mergebench.ranges import Interval
+from mergebench.api.needs import NEEDS  # noqa: F401  (what data a method may ask its context for)
+from mergebench.api.ranges import Interval
 
 ENTRY_POINT_GROUP = "mergebench.methods"
 

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mergebench.evaluate import auroc, mid_ranks, prediction_entropy
-from mergebench.activations import as_matrix, gram, iter_sites, lot_linear, regmean_linear
-from mergebench.functional import FunctionalMerge
-from mergebench.progress import progress
+from mergebench.engine.evaluate import auroc, mid_ranks, prediction_entropy
+from mergebench.api.activations import as_matrix, gram, iter_sites, lot_linear, regmean_linear
+from mergebench.engine.functional import FunctionalMerge
+from mergebench.engine.progress import progress
 from mergebench.suites.base import Suite
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 TRIM_LEVELS = (5, 10, 20, 50)        # % of each task vector's entries kept, by magnitude over the whole model
 RANK_LEVELS = (3, 10, 30)            # % of each task matrix's singular components kept

@@ -66,7 +66,7 @@ def {func}(ctx, scaling: float = 0.3):
 
 TEST = '''"""The mergebench conformance kit on the micro suite (seconds; builds micro once into the cache)."""
 
-from mergebench.conformance import check_method
+from mergebench.api.conformance import check_method
 
 
 def test_{func}_conforms():
@@ -95,7 +95,7 @@ def new_method(name: str, directory: str | Path = ".", force: bool = False) -> P
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise ValueError(f"method name {name!r}: use lower-case letters, digits and underscores, starting with a "
                          f"letter (e.g. my_merging)")
-    from mergebench.registry import get_method, list_methods
+    from mergebench.api.registry import get_method, list_methods
 
     if name in list_methods():
         raise ValueError(f"a method named {name!r} is already registered ({get_method(name).source}); pick another name")

@@ -8,8 +8,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from mergebench.models import MergedModel
-from mergebench.progress import progress
+from mergebench.api.models import MergedModel
+from mergebench.engine.progress import progress
 from mergebench.suites.base import Suite
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from mergebench.weights import Weights
+from mergebench.api.weights import Weights
 
 LOGIT_SCALE = 100.0  # CLIP's learned temperature saturates at 100; used for every head
 

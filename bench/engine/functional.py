@@ -25,8 +25,8 @@ from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mergebench.models import Granularity, MergeState, _QuickGELU, freeze
-from mergebench.weights import Weights
+from mergebench.api.models import Granularity, MergeState, _QuickGELU, freeze
+from mergebench.api.weights import Weights
 
 
 class FunctionalMerge(nn.Module):

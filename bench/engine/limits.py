@@ -1,7 +1,7 @@
 """The limits of a run: their checked values, and the error of a run past its time limit.
 
 A method's merge runs in a worker process of its own that the harness watches from outside and kills at its
-time or memory limit (:mod:`mergebench.worker`); nothing inside it can catch or delay that.
+time or memory limit (:mod:`mergebench.engine.worker`); nothing inside it can catch or delay that.
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ from typing import Iterator
 
 import torch
 
-from mergebench.context import MergeContext
+from mergebench.api.context import MergeContext
 from mergebench.errors import InputError
-from mergebench.models import MergedModel
-from mergebench.pipeline import MethodCall
-from mergebench.registry import get_method
-from mergebench.weights import Weights
+from mergebench.api.models import MergedModel
+from mergebench.api.pipeline import MethodCall
+from mergebench.api.registry import get_method
+from mergebench.api.weights import Weights
 
 DEFAULT_ORDERS = 3
 # one-shot methods run through the adapter by `mergebench demo --protocol sequential` (fusion_bench's continual baselines)
@@ -166,7 +166,7 @@ def steps(call: MethodCall, ctx: SequentialContext) -> Iterator[MergedModel]:
 
 def run_order(spec, suite, order: list[str], show_progress: bool, evaluate_fn,
               check_fn) -> tuple[dict, MergedModel, SequentialContext]:
-    """Run one order of ``spec``'s run (a :class:`mergebench.runspec.RunSpec`): after each yielded model, evaluate
+    """Run one order of ``spec``'s run (a :class:`mergebench.engine.runspec.RunSpec`): after each yielded model, evaluate
     it on the tasks seen so far.
 
     Returns (the order's result, the final model, its context). ``evaluate_fn(model, tasks) -> {task: acc}``;

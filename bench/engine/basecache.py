@@ -7,7 +7,7 @@ the base methods' modules (a code change is a new key). Models of one shared enc
 AdaMerging's result with its trained coefficients) are also kept on disk under ``$MERGEBENCH_CACHE/bases``;
 others only in memory. A cached base brings back the data it used, its logs and its merge time, so the add-on's
 record says what the whole pipeline used and cost. Only the harness reads and fills it: it looks a run's bases
-up before the method's worker starts and stores the bases the worker sends back (:func:`mergebench.run.merge_in_worker`).
+up before the method's worker starts and stores the bases the worker sends back (:func:`mergebench.engine.run.merge_in_worker`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from mergebench import transfer
-from mergebench.io import atomic_save_tensors, atomic_write_text, cache_root
-from mergebench.models import MergedModel
-from mergebench.registry import get_method
-from mergebench.records import config_hash
+from mergebench.engine import transfer
+from mergebench.engine.io import atomic_save_tensors, atomic_write_text, cache_root
+from mergebench.api.models import MergedModel
+from mergebench.api.registry import get_method
+from mergebench.engine.records import config_hash
 
 
 @dataclass
@@ -103,7 +103,7 @@ def stored_count() -> int:
 
 def discard_since(count: int) -> None:
     """Forget (in memory and on disk) every base stored after the first ``count``: the bases of a run whose method
-    changed its inputs were computed from inputs that cannot be trusted (``mergebench.integrity``)."""
+    changed its inputs were computed from inputs that cannot be trusted (``mergebench.engine.integrity``)."""
     for key in _STORED[count:]:
         _MEMORY.pop(key, None)
         for suffix in (".safetensors", ".json"):
