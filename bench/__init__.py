@@ -15,6 +15,7 @@ _EXPORTS = {
     "MergeContext": "mergebench.api.context", "DataNotDeclaredError": "mergebench.api.context",
     "MergedModel": "mergebench.api.models", "SharedModel": "mergebench.api.models", "PerTaskModel": "mergebench.api.models",
     "Weights": "mergebench.api.weights", "MethodCall": "mergebench.api.pipeline",
+    "check_method": "mergebench.api.conformance",
 }
 
 __all__ = list(_EXPORTS)

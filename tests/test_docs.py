@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from mergebench.api import docs, registry
-from mergebench.api.conformance import check_method
+from mergebench import check_method
 from mergebench.api.scaffold import new_method
 
 ROOT = Path(__file__).resolve().parents[1]

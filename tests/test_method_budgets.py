@@ -14,7 +14,7 @@ import pytest
 from mergebench import leaderboard
 
 from mergebench.api import registry
-from mergebench.api.conformance import check_method
+from mergebench import check_method
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.record_upgrade import upgraded
 from mergebench.api.registry import HyperparameterError, get_method, list_methods

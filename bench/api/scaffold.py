@@ -66,7 +66,7 @@ def {func}(ctx, scaling: float = 0.3):
 
 TEST = '''"""The mergebench conformance kit on the micro suite (seconds; builds micro once into the cache)."""
 
-from mergebench.api.conformance import check_method
+from mergebench import check_method
 
 
 def test_{func}_conforms():

@@ -1,6 +1,6 @@
 """The conformance kit on this plugin (run with pytest from this folder after pip install -e .)."""
 
-from mergebench.api.conformance import check_method
+from mergebench import check_method
 
 
 def test_model_breadcrumbs_conforms():
