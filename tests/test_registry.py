@@ -2,7 +2,7 @@ import pytest
 
 import mergebench as mb
 from mergebench.api.pipeline import MethodCall
-from mergebench.api.registry import HyperparameterError, UnknownMethodError, get_method, list_methods, register_method
+from mergebench.api.registry import HyperparameterError, UnknownMethodError, get_method, list_methods, register_method, unregister_method
 
 
 def test_builtins_are_listed_with_metadata():
@@ -63,4 +63,4 @@ def test_duplicate_name_from_another_function_is_an_error():
         @register_method("dup_probe")
         def second(ctx):  # pragma: no cover
             return None
-    mb.registry.unregister_method("dup_probe")
+    unregister_method("dup_probe")
