@@ -2,7 +2,9 @@ import pytest
 
 import mergebench as mb
 from mergebench.api.pipeline import MethodCall
-from mergebench.api.registry import HyperparameterError, UnknownMethodError, get_method, list_methods, register_method, unregister_method
+from mergebench.api.registry import (
+    HyperparameterError, UnknownMethodError, get_method, list_methods, register_method, unregister_method,
+)
 
 
 def test_builtins_are_listed_with_metadata():
