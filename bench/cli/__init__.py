@@ -14,6 +14,9 @@
     mergebench status SWEEP_NAME [-v]
     mergebench new-method NAME [--dir D]      mergebench check-plugin NAME      mergebench docs [--out docs/methods]
 
+Each command imports the engine, the suites and torch inside its functions, on purpose: building the parser
+imports nothing heavy, so ``mergebench --help`` and ``--version`` answer at once.
+
 A suite's options are ``--suite-option KEY=VALUE``, and the options its registration names in ``flags`` are flags
 of their own (the real suite's ``--manifest``; :mod:`mergebench.cli.options`).
 """

@@ -1,10 +1,7 @@
 """Arguments several commands share: the suite and its options, the run settings, and the parsers of their values.
 
 The suite's flags come from the suites' registrations (``register_suite(flags=...)``): every registered suite's
-flagged options become flags of every command that loads a suite, so a new suite never touches the command line.
-Commands import the engine inside their functions: building the parser of one command imports nothing heavy, so
-``mergebench --help`` and ``--version`` start without torch.
-"""
+flagged options become flags of every command that loads a suite, so a new suite never touches the command line."""
 
 from __future__ import annotations
 
