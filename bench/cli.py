@@ -124,9 +124,9 @@ def _suite(args):
 def cmd_data(args) -> int:
     """``data check``: per dataset, what is present, missing and how to get it (never downloads).
     ``data prepare``: fill the preprocessing cache (decoded, resized, center-cropped uint8 images)."""
-    from mergebench.suites import cards as cardlib
+    from mergebench.suites.real import cards as cardlib
 
-    from mergebench.suites import imagecache
+    from mergebench.suites.real import imagecache
     from mergebench.suites.base import SPLITS
 
     all_cards = cardlib.load_cards()
@@ -151,7 +151,7 @@ def cmd_data(args) -> int:
                 totals[k] += counts[k]
         print(cardlib.format_check(reports), end="")
         if all(r["status"] == "missing" and not r["present"] for r in reports):
-            from mergebench.suites import hf_cache
+            from mergebench.suites.checkpoints import hf_cache
             repo = next((cardlib.hf_spec(c)["repos"][0] for c in chosen if cardlib.hf_spec(c)), None)
             example = f", e.g. datasets--{repo.replace('/', '--')}" if repo else ""
             print(f"nothing found under {args.root}: looked for each card's layout there (e.g. "
@@ -193,7 +193,7 @@ def _space_line(space: dict, splits: list[str]) -> tuple[str, dict]:
 def cmd_zoo(args) -> int:
     """``zoo init``: write a manifest from a folder of checkpoints or a Hugging Face cache; ``zoo hash``: the sha256
     a manifest entry expects for a file or folder."""
-    from mergebench.suites import zoo_init
+    from mergebench.suites.real import zoo_init
 
     if args.action == "hash":
         if not args.path:
