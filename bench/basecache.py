@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ _STORED: list[str] = []  # keys stored by this process, in order: a run that mod
 def base_key(call, ctx) -> str:
     sources = hashlib.sha256()
     for stage in call.stages():
-        sources.update(Path(get_method(stage.name).fn.__code__.co_filename).read_bytes())
+        sources.update(Path(inspect.getfile(inspect.unwrap(get_method(stage.name).fn))).read_bytes())  # its module
     return config_hash({"pipeline": str(call), "checkpoints": ctx.suite_info.get("checkpoints"),
                         "suite": ctx.suite_info.get("cache_key"), "seed": ctx.seed, "tasks": list(ctx.tasks),
                         "data": {"unlabeled_split": ctx.unlabeled_split, "fraction": ctx.data_fraction},

@@ -94,26 +94,23 @@ def _probe_outputs(model, suite, device) -> dict[str, torch.Tensor]:
 
 def _merge(spec_name, suite, device, seed, budget="smoke", limits=None):
     """The method's merge in its own worker, as ``mergebench run`` does it: (model, worker fields, seconds)."""
-    from mergebench.pipeline import MethodCall
-    from mergebench.registry import get_method
     from mergebench.run import merge_in_worker, sequential_in_worker
+    from mergebench.runspec import RunSpec
 
-    call = MethodCall(spec_name).with_budget(budget).resolve()
     start = time.perf_counter()
-    if get_method(call.name).needs == "sequential":
-        # a sequential method runs over one task order (the suite's); its final model is checked
+    # a sequential method runs over one task order (the suite's); its final model is checked
+    spec = RunSpec.build(spec_name, suite, seed=seed, device=device, budget=budget, orders=[list(suite.tasks)])
+    if spec.sequential:
         last = {}
 
         def keep(i, model, seen):
             last["model"] = model
             return dict.fromkeys(seen, 0.0)
 
-        out = sequential_in_worker(call, suite, [list(suite.tasks)], device, seed, limits=limits, on_step=keep,
-                                   what=f"the checks of {spec_name}")
+        out = sequential_in_worker(spec, suite, limits=limits, on_step=keep, what=f"the checks of {spec_name}")
         out["data_used"] = [u for o in out["orders"] for u in o["data_used"].values()]
         return last.get("model"), out, time.perf_counter() - start
-    model, out = merge_in_worker(call, suite, device, seed, limits=limits, reuse_bases=False,
-                                 what=f"the checks of {spec_name}")
+    model, out = merge_in_worker(spec, suite, limits=limits, reuse_bases=False, what=f"the checks of {spec_name}")
     return model, out, time.perf_counter() - start
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from mergebench.models import MergedModel, SharedModel, encoder_from_weights, freeze
 from mergebench.progress import progress as _progress
 from mergebench.suites.base import Suite
-from mergebench.weights import Weights
+from mergebench.weights import CACHE_PART, Plan, Streamed, Weights, _Env, kth_smallest_
 
 
 class DataNotDeclaredError(PermissionError):
@@ -60,6 +60,14 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 
 class MergeContext:
+    @classmethod
+    def for_run(cls, suite: Suite, spec, show_progress: bool = True, **more) -> "MergeContext":
+        """The context of a run (:class:`mergebench.runspec.RunSpec`: its pipeline's needs, device, seed, data
+        settings and precision) over ``suite``; ``more``: a subclass's own arguments."""
+        return cls(suite, needs=spec.call.needs(), device=spec.device, seed=spec.seed,
+                   unlabeled_split=spec.unlabeled_split, data_fraction=spec.data_fraction,
+                   show_progress=show_progress, precision=spec.precision, **more)
+
     def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
                  seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
                  show_progress: bool = True, tasks: list[str] | None = None, precision: str = "auto"):
@@ -113,10 +121,61 @@ class MergeContext:
         """tau_t = theta_t - theta_0 (new tensors)."""
         return self.expert_weights(task) - self.pretrained_weights
 
-    def task_vectors(self) -> dict[str, Weights]:
-        """{task: tau_t} in task order: every task vector at once (T more copies of the model; ``per_tensor`` and
-        ``task_vector_stacks`` stream instead)."""
-        return {t: self.task_vector(t) for t in self.tasks}
+    def task_vectors(self) -> dict[str, Streamed]:
+        """{task: tau_t} in task order, streamed (:class:`~mergebench.weights.Streamed`): arithmetic on them, e.g.
+        ``ctx.pretrained_weights + 0.3 * sum(ctx.task_vectors().values())``, is evaluated one tensor at a time
+        when it is used (``shared_model``, ``evaluate``); read as a mapping, each is computed whole (new tensors,
+        safe to edit)."""
+        return {t: Streamed(self, lambda env, out, t=t: torch.sub(env.experts[t], env.theta0, out=out),
+                            leaf="task_vector", task=t) for t in self.tasks}
+
+    def evaluate(self, expression: Streamed) -> Weights:
+        """A streamed expression computed, one tensor at a time (new tensors). Elementwise arithmetic of whole
+        models goes by cache-sized parts on the CPU (each part's operations, hence its results, are those on the
+        whole tensors)."""
+        plan, out = Plan(expression), Weights()
+        tasks = plan.tasks_read()
+        rows = list(range(len(self.tasks)))
+        for key, theta0, experts in self.per_tensor(tasks=tasks):
+            experts = dict(zip(tasks, experts))
+            if plan.elementwise and self.device.type == "cpu":
+                result = out[key] = torch.empty_like(theta0, memory_format=torch.contiguous_format)
+                flat = result.view(-1)
+                for start in range(0, result.numel(), CACHE_PART):
+                    part = slice(start, start + CACHE_PART)
+                    env = _Env(key, theta0.reshape(-1)[part], {t: e.reshape(-1)[part] for t, e in experts.items()},
+                               rows, part)
+                    flat[part] = plan.at(env)
+            else:
+                result = plan.at(_Env(key, theta0, experts, rows))
+                out[key] = result.clone() if result.untyped_storage().data_ptr() in self._inputs else result
+        return out
+
+    def evaluate_total(self, expression: Streamed) -> Tensor:
+        """The sum of every entry of a streamed per-model expression (a 0-dim tensor), in one pass."""
+        plan, total = Plan(expression), 0.0
+        tasks = plan.tasks_read()
+        rows = list(range(len(self.tasks)))
+        for key, theta0, experts in self.per_tensor(tasks=tasks):
+            total += plan.at(_Env(key, theta0, dict(zip(tasks, experts)), rows)).sum(dtype=torch.float64).item()
+        return torch.tensor(total, dtype=next(iter(self.pretrained_weights.values())).dtype, device=self.device)
+
+    def evaluate_row_kth(self, expression: Streamed, rank: int) -> Tensor:
+        """Each row's rank-th smallest value over the whole model of a stacked expression ([T]), one row at a time:
+        the row's values of every tensor gathered into one buffer (the only extra memory) and partitioned."""
+        theta0 = self.pretrained_weights
+        flat = torch.empty(theta0.numel(), device=self.device, dtype=next(iter(theta0.values())).dtype)
+        out = []
+        for row in range(len(self.tasks)):
+            plan = Plan(expression, [row])
+            if not all(n._rowwise for n in plan.order):
+                raise ValueError("a streamed k-th value needs an expression computed row by row (no sum over tasks)")
+            tasks, start = plan.tasks_read(), 0
+            for key, v, experts in self.per_tensor(tasks=tasks):
+                flat[start:start + v.numel()] = plan.at(_Env(key, v, dict(zip(tasks, experts)), [row])).reshape(-1)
+                start += v.numel()
+            out.append(kth_smallest_(flat, rank))
+        return torch.stack(out)
 
     def per_tensor(self, keys: Iterable[str] | None = None,
                    tasks: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
@@ -212,9 +271,11 @@ class MergeContext:
     def expert_encoder(self, task: str) -> torch.nn.Module:
         return freeze(self.encoder(self.expert_weights(task)))
 
-    def shared_model(self, weights: Weights) -> MergedModel:
+    def shared_model(self, weights: Weights | Streamed) -> MergedModel:
         """The usual result: one merged encoder for every task. It owns the fresh tensors of ``weights`` (no copy);
-        inputs (theta_0, experts) are copied."""
+        inputs (theta_0, experts) are copied. A streamed expression is computed here, one tensor at a time."""
+        if isinstance(weights, Streamed):
+            weights = weights._weights if weights._weights is not None else self.evaluate(weights)
         return SharedModel(freeze(self.encoder(weights, own=True)))
 
     def head(self, task: str) -> torch.nn.Module:

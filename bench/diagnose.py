@@ -22,10 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mergebench.evaluate import auroc, mid_ranks, prediction_entropy
-from mergebench.methods.activations import as_matrix, gram, iter_sites, psd_pinv
-from mergebench.methods.adaptive import FunctionalMerge
-from mergebench.methods.lot import lot_linear
-from mergebench.methods.regmean import regmean_linear
+from mergebench.activations import as_matrix, gram, iter_sites, lot_linear, regmean_linear
+from mergebench.functional import FunctionalMerge
 from mergebench.progress import progress
 from mergebench.suites.base import Suite
 from mergebench.weights import Weights

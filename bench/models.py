@@ -7,7 +7,8 @@ names on mini8 as on the real ViT-B/32 (``transformer.resblocks.N.attn``, ``ln_p
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,27 @@ class PerTaskModel(MergedModel):
 
     def forward(self, images, task):
         return self.encoders[task](images)
+
+
+Granularity = Literal["task", "layer"]
+
+
+@dataclass
+class MergeState:
+    """How a merged encoder was built from theta_0 and the task vectors (AdaMerging's result)."""
+
+    granularity: Granularity
+    coefficients: Tensor            # clamped, (n_tensors or 1, T), task order of the suite
+    ties_k: float | None = None     # task vectors TIES-processed with this k (AdaMerging++), or raw
+    extra: dict = field(default_factory=dict)
+
+
+class AdaMergedModel(SharedModel):
+    """A SharedModel that remembers its merge coefficients (a plain attribute, so it is not stored/counted)."""
+
+    def __init__(self, encoder: nn.Module, merge_state: MergeState):
+        super().__init__(encoder)
+        self.merge_state = merge_state
 
 
 def load_weights(encoder: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module:

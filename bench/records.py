@@ -14,9 +14,10 @@ import platform
 import re
 import stat
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,84 @@ _REQUIRED_SEQUENTIAL = {("sequential", "orders"): list, ("sequential", "final_av
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Record:
+    """One run's record: what ran (its spec's settings and the method's facts), on what, and its outcome.
+
+    Built by :meth:`ok` or :meth:`failed` alone; :meth:`to_json` is the JSON of ``docs/record-schema.md``. It
+    holds every fact a leaderboard shows (the method's label, its budget, the data it used), so leaderboards read
+    records only, never the method registry.
+    """
+
+    config_hash: str
+    status: str                      # "ok" or "failed"
+    created: str
+    method: dict                     # name, display_name, label, pipeline, hparams, needs, adds_params, paper, ...
+    budget: dict                     # requested, below_paper
+    suite: dict                      # name, tasks and the suite's build info
+    seed: int
+    device: str
+    precision: str
+    config: dict                     # what determines the result; hashed to ``config_hash``
+    env: dict
+    finished: str = ""
+    time_limit_s: float | None = None
+    memory_limit_mb: float | None = None
+    protocol: str | None = None      # "sequential", or absent for one-shot
+    sequential: dict | None = None   # orders, adapter; for an ok run per_order and its averages
+    selection: dict | None = None
+    metrics: dict | None = None
+    params: dict | None = None
+    flops: dict | None = None
+    timing: dict | None = None
+    data_used: list | None = None
+    logs: dict | None = None
+    worker: dict | None = None       # left_running: processes the method's worker left behind
+    error: str | None = None
+    traceback: str | None = None
+
+    # the JSON keys in the order a record file holds them; ``None`` values are left out
+    _ORDER = ("config_hash", "status", "created", "method", "budget", "suite", "seed", "device", "precision",
+              "config", "env", "time_limit_s", "memory_limit_mb", "protocol", "sequential", "selection", "metrics",
+              "params", "flops", "timing", "data_used", "logs", "worker", "error", "traceback", "finished")
+    _OK_FIELDS = frozenset({"flops"})  # null in an ok record when FLOPs were not counted
+
+    @classmethod
+    def ok(cls, header: dict, *, selection: dict, metrics: dict, params: dict, flops: dict | None, timing: dict,
+           data_used: list, logs: dict, worker: dict | None = None, sequential: dict | None = None) -> "Record":
+        """An ok run's record: ``header`` (:func:`record_header`), its measurements, and for the sequential
+        protocol its per-order results and averages (``sequential``, added to the header's orders)."""
+        seq = {**header["sequential"], **sequential} if sequential is not None else header.get("sequential")
+        return cls(**{**header, "sequential": seq}, status="ok", selection=selection, metrics=metrics,
+                   params=params, flops=flops, timing=timing, data_used=data_used, logs=logs, worker=worker,
+                   finished=now())
+
+    @classmethod
+    def failed(cls, header: dict, *, error: str, traceback: str | None = None, selection: dict | None = None,
+               sequential: dict | None = None) -> "Record":
+        """A failed run's record: why (``error``: ``Type: message``, ``traceback``), with what it finished
+        (``selection``; for the sequential protocol the orders done, ``sequential``)."""
+        seq = {**header["sequential"], **sequential} if sequential is not None else header.get("sequential")
+        return cls(**{**header, "sequential": seq}, status="failed", selection=selection, error=error,
+                   traceback=traceback, finished=now())
+
+    def to_json(self) -> dict:
+        """The record as JSON (``docs/record-schema.md``), without the schema version ``write_record`` adds."""
+        shown = self._OK_FIELDS if self.status == "ok" else ()
+        return {k: getattr(self, k) for k in self._ORDER if getattr(self, k) is not None or k in shown}
+
+
+def record_header(config_hash: str, method: dict, budget: dict, suite: dict, seed: int, device: str,
+                  precision: str, config: dict, env: dict, time_limit_s: float | None = None,
+                  memory_limit_mb: float | None = None, sequential: dict | None = None) -> dict:
+    """What a record says of its run before it is measured: the arguments of :meth:`Record.ok` and
+    :meth:`Record.failed` besides the outcome (``sequential``: the orders and adapter of a sequential run)."""
+    return {"config_hash": config_hash, "created": now(), "method": method, "budget": budget, "suite": suite,
+            "seed": seed, "device": device, "precision": precision, "config": config, "env": env,
+            "time_limit_s": time_limit_s or None, "memory_limit_mb": memory_limit_mb or None,
+            "protocol": "sequential" if sequential is not None else None, "sequential": sequential}
 
 
 def record_path(results_dir: str | os.PathLike, suite: str, pipeline: str, chash: str) -> Path:

@@ -21,17 +21,10 @@ from typing import Any, Callable
 
 from mergebench.catalog import Registry, UnknownNameError, close_matches  # noqa: F401  (close_matches: re-exported)
 from mergebench.errors import InputError
+from mergebench.needs import NEEDS  # noqa: F401  (what data a method may ask its context for)
 from mergebench.ranges import Interval
 
 ENTRY_POINT_GROUP = "mergebench.methods"
-
-# What data a method may ask its context for. "labeled" implies the unlabeled images too.
-NEEDS = {
-    "nothing": "weights only (data-free)",
-    "unlabeled": "unlabeled images of each task (test-time or exemplars)",
-    "labeled": "labeled images of each task (training or validation split)",
-    "sequential": "experts arrive one at a time (continual merging)",
-}
 
 
 # The budgets a run can use. "paper": the method's defaults, which are its paper's (steps, batch sizes, amounts of
@@ -140,6 +133,7 @@ class MethodSpec:
     # a smaller value is a smaller budget. The defaults must equal it (a test checks every registered method).
     paper_budget: dict = field(default_factory=dict)
     smoke: dict = field(default_factory=dict)  # hyperparameter -> value of the smoke budget
+    notes: str = ""  # documentation after the docstring that a family of methods shares (budget, deviations)
 
     def below_paper(self, hparams: dict) -> list[str]:
         """``["steps=100 < 500", ...]``: the budget hyperparameters of ``hparams`` below the paper's values."""
@@ -161,7 +155,8 @@ class MethodSpec:
 
     @property
     def doc(self) -> str:
-        return inspect.getdoc(self.fn) or ""
+        """The function's docstring, then the shared ``notes``."""
+        return "\n\n".join(part for part in (inspect.getdoc(self.fn), inspect.cleandoc(self.notes)) if part)
 
     def summary(self) -> dict:
         return {
@@ -191,7 +186,7 @@ def register_method(name: str | Callable | None = None, *, display_name: str | N
                     needs: str = "nothing", adds_params: bool = False, defaults_source: str = "",
                     family: str = "", hyperparameter_help: dict | None = None, sequential_data: str = "nothing",
                     requires: tuple | list = (), paper_budget: dict | None = None, smoke: dict | None = None,
-                    ranges: dict | None = None, aliases: tuple | list = ()):
+                    ranges: dict | None = None, aliases: tuple | list = (), notes: str = ""):
     """Register a merging method (a plain function of ``(ctx, **hyperparameters)``); the name defaults to the
     function's name, ``aliases`` are former names that keep resolving (records store names).
 
@@ -208,6 +203,8 @@ def register_method(name: str | Callable | None = None, *, display_name: str | N
     ``ranges`` declares the valid values of numeric hyperparameters in interval notation, e.g.
     ``ranges={"k": "(0, 100]", "scaling": "[0, inf)", "steps": "[1, inf)"}``; a value outside is an error when
     the method spec is resolved (before any work), naming the method, the value and the range.
+    ``notes``: documentation that follows the docstring, shared by a family of methods (their budget and
+    deviations), written once beside them.
     """
     if callable(name):  # bare @register_method
         return register_method()(name)
@@ -231,13 +228,84 @@ def register_method(name: str | Callable | None = None, *, display_name: str | N
             name=key, fn=fn, display_name=display_name or key, paper=paper, needs=needs,
             adds_params=adds_params, hyperparameters=hyper, defaults_source=defaults_source,
             family=family, source=_source_of(fn), sequential_data=sequential_data, requires=tuple(requires),
-            paper_budget=budget, smoke=smoke_values,
+            paper_budget=budget, smoke=smoke_values, notes=notes,
         )
         METHODS.add(key, spec, aliases=aliases, module=fn.__module__)
         fn.method_spec = spec
         return fn
 
     return decorator
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a method family's table of variants (as timm's ``default_cfgs``): what it is called, its own
+    docstring, the arguments of the family's function it fixes (``fixed``: not hyperparameters), the defaults it
+    changes (``defaults``: still hyperparameters) and registration fields of its own (``register``)."""
+
+    display_name: str
+    doc: str
+    fixed: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    register: dict = field(default_factory=dict)
+
+
+def register_variants(variants: dict[str, Variant], **registration) -> Callable:
+    """Register one function of a family once per row of ``variants`` (name -> :class:`Variant`).
+
+    Each variant is a method of its own (name, display name, hyperparameters, docs: its row's docstring, then the
+    family's ``notes``). The family's ``registration`` (``register_method``'s keywords)
+    applies to every row, its ``ranges``, ``hyperparameter_help``, ``paper_budget`` and ``smoke`` restricted to
+    the row's hyperparameters; a row's ``register`` adds to or overrides it. Example::
+
+        @register_variants({"adamerging_taskwise": Variant("AdaMerging (task-wise)", "...", fixed={"granularity": "task"}),
+                            "adamerging_layerwise": Variant("AdaMerging (layer-wise)", "...", fixed={"granularity": "layer"})},
+                           paper=ADAMERGING, needs="unlabeled")
+        def adamerging(ctx, granularity: str, steps: int = 500): ...
+    """
+    def decorator(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+        for name, row in variants.items():
+            unknown = [k for k in {**row.fixed, **row.defaults} if k not in signature.parameters]
+            if unknown:
+                raise ValueError(f"variant {name!r} of {_qualname(fn)} names {unknown}, not arguments of it")
+            params = [p.replace(default=row.defaults.get(p.name, p.default)) for p in signature.parameters.values()
+                      if p.name not in row.fixed]
+            register_method(name, display_name=row.display_name, **{
+                **{k: ({n: v for n, v in value.items() if n in {p.name for p in params}}
+                       if k in ("ranges", "hyperparameter_help", "paper_budget", "smoke") else value)
+                   for k, value in registration.items()}, **row.register})(
+                _VariantFunction(fn, name, row, signature.replace(parameters=params), hints))
+        return fn
+
+    return decorator
+
+
+class _VariantFunction:
+    """A variant's method: the family's function called with the row's fixed arguments. It pickles as its
+    registered name (a worker process finds it in its own registry)."""
+
+    def __init__(self, fn: Callable, name: str, row: Variant, signature: inspect.Signature, hints: dict):
+        self.__wrapped__ = fn   # the family's function (its module's source keys the base cache)
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = fn.__module__
+        self.__doc__ = row.doc
+        self.__signature__ = signature
+        self.__annotations__ = {k: v for k, v in hints.items() if k in signature.parameters or k == "return"}
+        self._fixed = dict(row.fixed)
+
+    def __call__(self, ctx, **hyperparameters):
+        bound = self.__signature__.bind(ctx, **hyperparameters)
+        bound.apply_defaults()   # the variant's defaults, not the family function's
+        return self.__wrapped__(ctx, **dict(list(bound.arguments.items())[1:]), **self._fixed)
+
+    def __reduce__(self):
+        return _registered_function, (self.__name__,)
+
+
+def _registered_function(name: str) -> Callable:
+    return get_method(name).fn
 
 
 def _qualname(fn):

@@ -5,7 +5,6 @@ The harness does devices, seeds, data, timing, counting and the record; the meth
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -16,12 +15,13 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from mergebench import basecache, integrity, limits, memory, transfer, worker
-from mergebench.context import PRECISIONS, MergeContext, resolve_precision
+from mergebench.context import MergeContext
 from mergebench.errors import InputError, MergebenchError
 from mergebench.evaluate import evaluate
 from mergebench.io import atomic_write_text, cache_root, check_writable
@@ -29,10 +29,11 @@ from mergebench.limits import MethodTimeout  # noqa: F401  (re-exported: the err
 from mergebench.metrics import model_macs, parameter_counts, tensor_bytes
 from mergebench.models import MergedModel
 from mergebench.pipeline import MethodCall
-from mergebench.records import config_hash, environment, find_ok, load_records, now, record_path, write_record
+from mergebench.records import Record, config_hash, environment, find_ok, load_records, record_header, write_record
 from mergebench.registry import get_method
-from mergebench.sequential import (DEFAULT_ORDERS, check_sequential, merge_data_used, order_result, step_result,
-                                   summarize, task_orders)
+from mergebench.runspec import (RunSpec, SuiteIdentity, method_facts, resolve_device, resolve_protocol,  # noqa: F401
+                                uses_precision)
+from mergebench.sequential import merge_data_used, order_result, step_result, summarize
 from mergebench.suites.base import Suite
 
 DEFAULT_RESULTS = Path("results")
@@ -94,12 +95,6 @@ def _check_values(suite: Suite, what: str, weights) -> None:
                 raise InvalidExpertError(
                     f"{what} of suite {suite.name!r}: tensor {key!r} has {bad:,} non-finite values (NaN or inf); the "
                     f"checkpoint is damaged: replace it (every merge on it would fail, whatever the method)")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int):
@@ -192,113 +187,49 @@ def _peak_memory_mb(device: torch.device) -> dict:
     return memory.host_peak_mb()
 
 
-def run_config(call: MethodCall, suite: Suite, seed: int = 0, unlabeled_split: str = "test",
-               data_fraction: float = 1.0, tune: dict[str, list] | None = None,
-               orders: list[list[str]] | None = None, precision: str = "auto") -> dict:
-    """What determines a run's result; its hash (``config_hash``) names the record (sweeps use it too).
-
-    ``orders`` (the task orders of a sequential run) is added only for that protocol, so one-shot hashes are stable;
-    a method declared ``needs="sequential"`` gets the default orders when none are given (as ``run_method`` does).
-    ``precision`` (of the test-time adaptation loops, ``MergeContext.autocast``) is added only for pipelines with a
-    stage of that family, the only ones it can change; "auto" is resolved for this machine's default device
-    (:func:`mergebench.context.resolve_precision`).
-    """
-    if orders is None and get_method(call.name).needs == "sequential":
-        orders = task_orders(suite.tasks, DEFAULT_ORDERS, seed)
-    config = {"pipeline": str(call), "suite": suite.info.get("cache_key") or suite.info.get("checkpoints"),
-              "checkpoints": suite.info.get("checkpoints"), "seed": seed,
-              "data": {"unlabeled_split": unlabeled_split, "fraction": data_fraction},
-              "tune": {k: list(v) for k, v in (tune or {}).items()}}
-    if uses_precision(call):
-        config["precision"] = resolve_precision(precision, resolve_device("auto"))
-    if orders is not None:
-        config.update({"protocol": "sequential", "orders": [list(o) for o in orders]})
-    return config
+def run_one(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESULTS, force: bool = False,
+            show_progress: bool = True, count_flops: bool = True, write: bool = True, **settings) -> dict:
+    """``run_method`` of the spec ``RunSpec.build(method, suite, **settings)`` (seed, device, precision, budget,
+    protocol, orders, unlabeled_split, data_fraction, tune, time_limit_s, memory_limit_mb)."""
+    return run_method(RunSpec.build(method, suite, **settings), suite, results_dir, force=force,
+                      show_progress=show_progress, count_flops=count_flops, write=write)
 
 
-def reusable_hashes(config: dict, requested_precision: str = "auto") -> list[str]:
-    """The configuration hashes whose ok record a run may reuse, its own first. Under ``--precision auto`` a
-    test-time adaptation run also reuses the record of the other precision: auto picks whichever the hardware
-    multiplies fastest, so records made on a machine with bfloat16 hardware serve one without it and the other
-    way round (each record says which it ran at); an explicit precision asks for that one alone."""
-    own = config_hash(config)
-    if requested_precision != "auto" or "precision" not in config:
-        return [own]
-    return [own] + [config_hash({**config, "precision": p}) for p in PRECISIONS
-                    if p not in ("auto", config["precision"])]
+def run_method(spec: RunSpec, suite: Suite, results_dir=DEFAULT_RESULTS, force: bool = False,
+               show_progress: bool = True, count_flops: bool = True, write: bool = True) -> dict:
+    """Merge with ``spec``'s method on ``suite`` (the loaded suite ``spec`` names), evaluate, measure and write
+    one record.
 
+    ``spec.protocol == "sequential"`` (the default for methods declared ``needs="sequential"``) runs the
+    continual protocol of :mod:`mergebench.sequential` over ``spec.orders``; see :func:`_sequential`.
 
-def uses_precision(call: MethodCall) -> bool:
-    """Whether the run's ``precision`` can change ``call``'s result: a stage is a test-time adaptation method."""
-    return any(get_method(s.name).family == "test-time adaptation" for s in call.stages())
-
-
-def resolve_protocol(call: MethodCall, protocol: str | None) -> str:
-    """``None``: a method declared ``needs='sequential'`` runs sequentially, every other one-shot."""
-    native = get_method(call.name).needs == "sequential"
-    if protocol is None:
-        return "sequential" if native else "one-shot"
-    if protocol not in ("one-shot", "sequential"):
-        raise InputError(f"unknown protocol {protocol!r}; use 'one-shot' or 'sequential'")
-    if protocol == "one-shot" and native:
-        raise InputError(f"{call.name} is a sequential method (experts arrive one at a time); run it with "
-                         f"--protocol sequential")
-    return protocol
-
-
-def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESULTS, seed: int = 0,
-               device="auto", force: bool = False, unlabeled_split: str = "test", data_fraction: float = 1.0,
-               tune: dict[str, list] | None = None, show_progress: bool = True, count_flops: bool = True,
-               write: bool = True, time_limit_s: float | None = None, protocol: str | None = None,
-               orders: int | list[list[str]] = DEFAULT_ORDERS, budget: str = "paper",
-               precision: str = "auto", memory_limit_mb: float | None = None) -> dict:
-    """Merge with ``method`` on ``suite``, evaluate, measure and write one record.
-
-    ``protocol="sequential"`` (the default for methods declared ``needs="sequential"``) runs the continual
-    protocol of :mod:`mergebench.sequential` over ``orders`` task orders (a count of seeded random
-    permutations, or the orders themselves); see :func:`_sequential`.
-
-    ``tune`` ({hyperparameter: [values]}) selects those values on the validation split (the
-    task-vectors protocol) before the test evaluation; otherwise hyperparameters are fixed.
-    A configuration that already has an ok record is returned as is unless ``force``.
+    ``spec.tune`` (hyperparameter: values) selects those values on the validation split (the task-vectors
+    protocol) before the test evaluation; otherwise hyperparameters are fixed.
+    A spec that already has an ok record (:meth:`RunSpec.reusable_hashes`) is returned as is unless ``force``.
     The merge runs in a worker process of its own that holds only what the method declared
     (:mod:`mergebench.worker`); the harness evaluates the model it returns, here, on ``suite``. Whatever ends the
     worker without a model (an exception, an exit, a signal, a time or memory limit), a change of its inputs in
     place or of global torch state becomes a record with ``status: failed`` and its reason.
 
-    ``precision``: of the test-time adaptation loops' forward and backward passes, "bf16" (bfloat16 autocast),
-    "fp32" (:meth:`MergeContext.autocast`) or "auto" (the default: bf16 where the device multiplies bfloat16
-    natively, else fp32; :func:`mergebench.context.resolve_precision`); the resolved value is stored in the record
-    (and, for the pipelines it can change, in its configuration).
+    ``spec.precision``: of the test-time adaptation loops' forward and backward passes, "bf16" (bfloat16
+    autocast) or "fp32" (:meth:`MergeContext.autocast`); stored in the record (and, for the pipelines it can
+    change, in its configuration).
 
-    ``time_limit_s``: the merge (validation selection included; for the sequential protocol every order with
+    ``spec.time_limit_s``: the merge (validation selection included; for the sequential protocol every order with
     its evaluations) is killed at the deadline; the run is recorded as failed with "exceeded its time limit of
-    N s". ``memory_limit_mb``: the worker (with every process it started) is killed when its resident memory
+    N s". ``spec.memory_limit_mb``: the worker (with every process it started) is killed when its resident memory
     passes it ("exceeded its memory limit of N MB").
     """
-    device = resolve_device(device)
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
-    requested_precision, precision = precision, resolve_precision(precision, device)
-    time_limit_s = limits.check_seconds(time_limit_s)
-    memory_limit_mb = limits.check_seconds(memory_limit_mb, "memory limit", "MB")
+    if not isinstance(spec, RunSpec):
+        raise TypeError(f"run_method takes a RunSpec (RunSpec.build(method, suite, ...)), not "
+                        f"{type(spec).__name__}; run_one(method, suite, ...) builds one")
+    if (spec.suite.name, spec.suite.key) != (suite.name, SuiteIdentity.of(suite).key):
+        raise InputError(f"the run's spec names suite {spec.suite.name!r} ({spec.suite.key}), not the suite given "
+                         f"({suite.name!r}, {SuiteIdentity.of(suite).key}); build the spec on this suite")
     check_architectures(suite)
-    call = MethodCall.parse(method).with_budget(budget).resolve()
-    for name, values in (tune or {}).items():  # unknown names and out-of-range values are errors before any work
-        for value in values:
-            call.with_hparams(**{name: value}).resolve()
-    protocol = resolve_protocol(call, protocol)
-    order_list = None
-    if protocol == "sequential":
-        if tune:
-            raise InputError("--tune (validation selection) is not available under the sequential protocol")
-        adapter = check_sequential(call)
-        order_list = task_orders(suite.tasks, orders, seed)
-    config = run_config(call, suite, seed, unlabeled_split, data_fraction, tune, order_list, precision)
-    chash = config_hash(config)
-    path = record_path(results_dir, suite.name, ("sequential_" if order_list else "") + str(call), chash)
+    path = spec.record_path(results_dir)
     if not force and write:
-        for h in reusable_hashes(config, requested_precision):
+        for h in spec.reusable_hashes():
             done = find_ok(results_dir, suite.name, h)
             if done is not None:
                 done["skipped"] = True
@@ -306,64 +237,55 @@ def run_method(method: str | MethodCall, suite: Suite, results_dir=DEFAULT_RESUL
     if write:  # before any merge work: a record that cannot be written loses the work
         check_writable(path.parent)
 
-    spec = get_method(call.name)
-    record = {
-        "config_hash": chash, "status": "running", "created": now(),
-        "method": {"name": call.name, "display_name": spec.display_name, "pipeline": str(call),
-                   "hparams": call.plain_hparams(), "needs": sorted(call.needs()),
-                   "adds_params": any(get_method(s.name).adds_params for s in call.stages()),
-                   "paper": spec.paper.cite() if spec.paper else None, "source": spec.source,
-                   "family": spec.family},
-        "budget": {"requested": budget, "below_paper": call.below_paper_budget()},
-        "suite": {"name": suite.name, "tasks": suite.tasks, **suite.info}, "seed": seed, "device": str(device),
-        "precision": precision, "config": config, "env": environment(),
-    }
-    if time_limit_s:
-        record["time_limit_s"] = time_limit_s
-    if memory_limit_mb:
-        record["memory_limit_mb"] = memory_limit_mb
-    if order_list is not None:
-        record["protocol"] = "sequential"
-        record["sequential"] = {"orders": order_list, "adapter": adapter}
-    measure = functools.partial(_measure, call=call, suite=suite, device=device, seed=seed,
-                                unlabeled_split=unlabeled_split, data_fraction=data_fraction, tune=tune,
-                                show_progress=show_progress, count_flops=count_flops, order_list=order_list,
-                                precision=precision)
-    updates = measure(limits=worker.Limits(time_limit_s, memory_limit_mb))
-    changed = updates.pop("_suite_changed", None)
-    updates.pop("_inputs_modified", None)
-    record["env"]["threads"] = updates.pop("_threads", record["env"]["threads"])
-    record["method"].update(updates.pop("method", {}))
-    if "sequential" in updates:
-        record["sequential"].update(updates.pop("sequential"))
-    record.update(updates)
-    if changed:  # the harness's own suite changed (a returned module's code ran here while it was evaluated)
-        restored = integrity.restore(suite, call.name)
-        record["error"] += ("; the suite was loaded again from its files" if restored else
-                            "; the suite cannot be loaded again (no reload), so later runs on it refuse to start")
-    record["finished"] = now()
+    header = record_header(
+        spec.config_hash(), method_facts(spec.call),
+        {"requested": spec.budget, "below_paper": spec.call.below_paper_budget()},
+        {"name": suite.name, "tasks": suite.tasks, **suite.info}, spec.seed, spec.device, spec.precision,
+        spec.config(), environment(), spec.time_limit_s, spec.memory_limit_mb,
+        {"orders": [list(o) for o in spec.orders], "adapter": spec.adapter} if spec.sequential else None)
+    measured = _measure(spec, suite, show_progress, count_flops)
+    if measured.threads is not None:
+        header["env"]["threads"] = measured.threads
+    if measured.call is not None:  # the hyperparameters chosen on the validation split
+        header["method"] = method_facts(measured.call)
+    record = (Record.ok if measured.ok else Record.failed)(header, **measured.fields)
+    if measured.suite_changed:  # the harness's own suite changed (a returned module's code ran here while evaluated)
+        restored = integrity.restore(suite, spec.call.name)
+        record.error += ("; the suite was loaded again from its files" if restored else
+                         "; the suite cannot be loaded again (no reload), so later runs on it refuse to start")
+    out = record.to_json()
     if write:
-        record["_path"] = str(write_record(record, path))
-    return record
+        out["_path"] = str(write_record(out, path))
+    return out
 
 
-def _measure(call: MethodCall, suite: Suite, device: torch.device, seed: int, unlabeled_split: str,
-             data_fraction: float, tune, show_progress: bool, count_flops: bool, order_list,
-             precision: str = "auto", limits: worker.Limits | None = None) -> dict:
-    """The measured part of a run: the record's fields (``status`` ok or failed). The merges run in workers
-    (:mod:`mergebench.worker`) under ``limits``: the time limit covers the merge and the selection (for the
-    sequential protocol every order with its evaluations); evaluation and measurement run here."""
+@dataclass
+class Measured:
+    """The outcome of a run's measured part: the arguments of :meth:`Record.ok` (``ok``) or
+    :meth:`Record.failed`, and what the harness does with besides."""
+
+    ok: bool
+    fields: dict
+    call: MethodCall | None = None  # the call that ran, where validation selection chose it
+    threads: int | None = None      # the threads the merge's worker ran with
+    inputs_modified: object = None  # the method changed its inputs (what it cached is discarded)
+    suite_changed: object = None    # the harness's own suite changed (it is loaded again)
+
+
+def _measure(spec: RunSpec, suite: Suite, show_progress: bool, count_flops: bool) -> Measured:
+    """The measured part of a run (ok or failed). The merges run in workers (:mod:`mergebench.worker`) under the
+    spec's limits: the time limit covers the merge and the selection (for the sequential protocol every order
+    with its evaluations); evaluation and measurement run here."""
+    device = torch.device(spec.device)
     memory.reset_peak(device)
     stored = basecache.stored_count()
-    limits = limits or worker.Limits()
+    limits = worker.Limits(spec.time_limit_s, spec.memory_limit_mb)
     deadline = None if limits.seconds is None else time.monotonic() + limits.seconds
-    if order_list is None:
-        out = _one_shot(call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress,
-                        count_flops, precision, _Budget(limits, deadline))
+    if spec.sequential:
+        out = _sequential(spec, suite, show_progress, count_flops, _Budget(limits, deadline))
     else:
-        out = _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                          count_flops, precision, _Budget(limits, deadline))
-    if out.get("_inputs_modified") or out.get("_suite_changed"):  # what it cached came from untrusted inputs
+        out = _one_shot(spec, suite, show_progress, count_flops, _Budget(limits, deadline))
+    if out.inputs_modified or out.suite_changed:  # what it cached came from untrusted inputs
         basecache.discard_since(stored)
     return out
 
@@ -387,39 +309,21 @@ class _Budget:
 
 
 
-def _specs(call: MethodCall) -> list:
-    seen = {}
-    for stage in call.stages():
-        seen.setdefault(stage.name, get_method(stage.name))
-    return list(seen.values())
+def _job(kind: str, spec: RunSpec, suite: Suite, show_progress: bool, folder: Path, **more) -> dict:
+    """A worker's job: the method (its registrations), the run's spec and the inputs its needs allow."""
+    return {"kind": kind, "name": str(spec.call.name), "spec": spec, "specs": _specs(spec.call),
+            "inputs": worker.method_inputs(suite, worker.data_level(spec.call.needs())),
+            "show_progress": show_progress, "folder": str(folder), **more}
 
 
-def _job(kind: str, call: MethodCall, suite: Suite, device, seed, unlabeled_split, data_fraction, show_progress,
-         precision, folder: Path, **more) -> dict:
-    """A worker's job: the method (its registrations), its run settings and the inputs its needs allow."""
-    return {"kind": kind, "name": str(call.name), "call": call, "specs": _specs(call),
-            "inputs": worker.method_inputs(suite, worker.data_level(call.needs())), "needs": sorted(call.needs()),
-            "device": str(device), "seed": seed, "unlabeled_split": unlabeled_split, "data_fraction": data_fraction,
-            "show_progress": show_progress, "precision": precision, "folder": str(folder), **more}
-
-
-def _returned(note: dict, folder: Path, suite: Suite, call: MethodCall, device) -> MergedModel:
-    """A model a worker returned, built in this process (a saved module: only the methods' own classes)."""
-    modules = {spec.fn.__module__ for spec in _specs(call)}
-    return transfer.load(note, folder, suite.encoder_config, suite.pretrained, device, modules)
-
-
-def merge_in_worker(call: MethodCall, suite: Suite, device, seed: int = 0, unlabeled_split: str = "test",
-                    data_fraction: float = 1.0, show_progress: bool = False, precision: str = "auto",
-                    limits: worker.Limits | None = None, reuse_bases: bool = True,
-                    what: str | None = None) -> tuple[MergedModel, dict]:
-    """Merge ``call`` in a fresh worker holding what it declared; returns the model (built here) and the merge's
-    fields (``merge_s``, ``stages_s``, ``data_used``, ``logs``, ``loops``, ``cached_bases``, ``memory``,
+def merge_in_worker(spec: RunSpec, suite: Suite, show_progress: bool = False, limits: worker.Limits | None = None,
+                    reuse_bases: bool = True, what: str | None = None) -> tuple[MergedModel, dict]:
+    """Merge ``spec``'s call in a fresh worker holding what it declared; returns the model (built here) and the
+    merge's fields (``merge_s``, ``stages_s``, ``data_used``, ``logs``, ``loops``, ``cached_bases``, ``memory``,
     ``threads``, ``left_running``). The bases come from and go to the base cache here, never there.
     Raises :class:`mergebench.worker.WorkerFailed` when the worker ends without a model."""
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    here = MergeContext(suite, call.needs(), device, seed, unlabeled_split, data_fraction, False, precision=precision)
+    call, device = spec.call, torch.device(spec.device)
+    here = MergeContext.for_run(suite, spec, show_progress=False)
     stages = {str(s): s for s in call.stages()[:-1]}
     folder = Path(tempfile.mkdtemp(prefix="mergebench-merge-"))
     try:
@@ -436,12 +340,49 @@ def merge_in_worker(call: MethodCall, suite: Suite, device, seed: int = 0, unlab
                 model = _returned(note, folder, suite, call, device)
                 basecache.store(stages[text], here, basecache.CachedBase(model, seconds, data, logs))
 
-        job = _job("merge", call, suite, device, seed, unlabeled_split, data_fraction, show_progress, precision,
-                   folder, bases=hits, reuse_bases=reuse_bases)
+        job = _job("merge", spec, suite, show_progress, folder, bases=hits, reuse_bases=reuse_bases)
         out = worker.run(job, what or str(call.name), limits, on_message)
         return _returned(out.pop("model"), folder, suite, call, device), out
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _failure(e: BaseException, suite: Suite, call: MethodCall, **fields) -> Measured:
+    """A failed run's outcome (with ``fields`` it finished); a method that also changed its inputs is named for
+    that first."""
+    if isinstance(e, worker.WorkerFailed):
+        out = Measured(False, {**fields, "error": f"{e.type_name}: {e}", "traceback": e.child_traceback})
+        changed = e.extra.get("inputs_modified")
+        if e.type_name == "InputsModifiedError":
+            out.inputs_modified = True
+        elif changed:
+            err = integrity.InputsModifiedError(str(call.name), changed)
+            out.fields["error"] = f"InputsModifiedError: {err} (it also raised {e.type_name}: {e})"
+            out.inputs_modified = changed
+        return out
+    out = Measured(False, {**fields, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)})
+    if isinstance(e, integrity.InputsModifiedError):
+        out.suite_changed = e.changed
+    else:
+        changed = integrity.changes(suite)
+        if changed:
+            err = integrity.InputsModifiedError(str(call.name), changed)
+            out.fields["error"] = f"InputsModifiedError: {err} (it also raised {type(e).__name__}: {e})"
+            out.suite_changed = changed
+    return out
+
+
+def _specs(call: MethodCall) -> list:
+    seen = {}
+    for stage in call.stages():
+        seen.setdefault(stage.name, get_method(stage.name))
+    return list(seen.values())
+
+
+def _returned(note: dict, folder: Path, suite: Suite, call: MethodCall, device) -> MergedModel:
+    """A model a worker returned, built in this process (a saved module: only the methods' own classes)."""
+    modules = {spec.fn.__module__ for spec in _specs(call)}
+    return transfer.load(note, folder, suite.encoder_config, suite.pretrained, device, modules)
 
 
 def _verify_inputs(suite: Suite, call: MethodCall) -> None:
@@ -449,30 +390,6 @@ def _verify_inputs(suite: Suite, call: MethodCall) -> None:
     changed = integrity.changes(suite)
     if changed:
         raise integrity.InputsModifiedError(str(call.name), changed)
-
-
-def _failure(e: BaseException, suite: Suite, call: MethodCall) -> dict:
-    """The record fields of a failed run; a method that also changed its inputs is named for that first."""
-    if isinstance(e, worker.WorkerFailed):
-        out = {"status": "failed", "error": f"{e.type_name}: {e}", "traceback": e.child_traceback}
-        changed = e.extra.get("inputs_modified")
-        if e.type_name == "InputsModifiedError":
-            out["_inputs_modified"] = True
-        elif changed:
-            err = integrity.InputsModifiedError(str(call.name), changed)
-            out.update({"error": f"InputsModifiedError: {err} (it also raised {e.type_name}: {e})",
-                        "_inputs_modified": changed})
-        return out
-    out = {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
-    if isinstance(e, integrity.InputsModifiedError):
-        out["_suite_changed"] = e.changed
-    else:
-        changed = integrity.changes(suite)
-        if changed:
-            err = integrity.InputsModifiedError(str(call.name), changed)
-            out.update({"error": f"InputsModifiedError: {err} (it also raised {type(e).__name__}: {e})",
-                        "_suite_changed": changed})
-    return out
 
 
 def _checked_accuracy(result: dict, when: str = "") -> dict[str, float]:
@@ -500,48 +417,41 @@ def measure_final(model: MergedModel, acc: dict[str, float], suite: Suite, devic
             "params": params, "flops": flops}
 
 
-def _one_shot(call, suite, device, seed, unlabeled_split, data_fraction, tune, show_progress, count_flops,
-              precision, budget: _Budget) -> dict:
-    out: dict = {}
+def _one_shot(spec: RunSpec, suite: Suite, show_progress: bool, count_flops: bool, budget: _Budget) -> Measured:
+    call, device, chosen = spec.call, torch.device(spec.device), None
+    selection = None
     try:
-        selection = {"protocol": "fixed"}
-        if tune:
-            call, selection = _select_on_validation(call, tune, suite, device, seed, unlabeled_split,
-                                                    data_fraction, show_progress, precision, budget)
-            out["method"] = {"pipeline": str(call), "hparams": call.plain_hparams()}
-        out["selection"] = selection
-        model, merged = merge_in_worker(call, suite, device, seed, unlabeled_split, data_fraction, show_progress,
-                                        precision, budget.next(), what=budget.what(call))
+        if spec.tune:
+            chosen, selection = _select_on_validation(spec, suite, show_progress, budget)
+            call = chosen
+        selection = selection or {"protocol": "fixed"}
+        model, merged = merge_in_worker(replace(spec, call=call), suite, show_progress, budget.next(),
+                                        what=budget.what(call))
         _check_finite(model)
         result = evaluate(model, suite, "test", device)
         acc = _checked_accuracy(result)
         _verify_inputs(suite, call)
         final = measure_final(model, acc, suite, device, count_flops)
         final["metrics"]["entropy_auroc"] = result["entropy_auroc"]
-        out.update({
-            "status": "ok",
-            **final,
-            "timing": {"merge_s": round(merged["merge_s"], 3), "stages_s": merged["stages_s"],
-                       "eval_s": round(result["seconds"], 3),
-                       "eval_images_per_s": round(result["images_per_s"], 1), "loops": merged["loops"],
-                       "cached_bases": merged["cached_bases"], **merged["memory"]},
-            "data_used": merged["data_used"],
-            "logs": merged["logs"],
-            "_threads": merged["threads"],
-        })
-        if merged["left_running"]:
-            out["worker"] = {"left_running": merged["left_running"]}
+        timing = {"merge_s": round(merged["merge_s"], 3), "stages_s": merged["stages_s"],
+                  "eval_s": round(result["seconds"], 3), "eval_images_per_s": round(result["images_per_s"], 1),
+                  "loops": merged["loops"], "cached_bases": merged["cached_bases"], **merged["memory"]}
+        left = {"left_running": merged["left_running"]} if merged["left_running"] else None
+        return Measured(True, {"selection": selection, **final, "timing": timing, "data_used": merged["data_used"],
+                               "logs": merged["logs"], "worker": left}, chosen, merged["threads"])
     except Exception as e:  # a failing method is a result, and the suite goes on
-        out.update(_failure(e, suite, call))
-    return out
+        out = _failure(e, suite, call, selection=selection)
+        out.call = chosen
+        return out
 
 
-def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fraction, show_progress,
-                count_flops, precision, budget: _Budget) -> dict:
-    """The fields of a sequential record: per order, the method's model after each arrival evaluated here on
+def _sequential(spec: RunSpec, suite: Suite, show_progress: bool, count_flops: bool, budget: _Budget) -> Measured:
+    """The outcome of a sequential run: per order, the method's model after each arrival evaluated here on
     the tasks seen so far; averages over orders; params and FLOPs of the final model (of the first order).
     The orders run in one worker, which sends each step's model and waits for its evaluation.
     A failure in any order makes the record ``failed`` (with the orders done so far)."""
+    call, device = spec.call, torch.device(spec.device)
+    order_list = [list(o) for o in spec.orders]
     curves: dict[int, list] = {}
     eval_s: dict[int, float] = {}
     final_model = None
@@ -560,8 +470,7 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
     per_order: list[dict] = []
     try:
         try:
-            out = sequential_in_worker(call, suite, order_list, device, seed, unlabeled_split, data_fraction,
-                                       show_progress, precision, budget.next(), on_step,
+            out = sequential_in_worker(spec, suite, show_progress, budget.next(), on_step,
                                        budget.what(call, sequential=True))
         finally:
             per_order = [order_result(order_list[i], curves[i], 0.0, eval_s.get(i, 0.0), {}, {})
@@ -570,33 +479,27 @@ def _sequential(call, suite, order_list, device, seed, unlabeled_split, data_fra
                      for i, (order, o) in enumerate(zip(order_list, out["orders"]))]
         _verify_inputs(suite, call)
         summary = summarize(per_order, suite.tasks)
-        record = {
+        final = measure_final(final_model, summary["final_accuracy"], suite, device, count_flops)
+        timing = {"merge_s": round(sum(o["merge_s"] for o in per_order), 3),
+                  "merge_s_per_order": [o["merge_s"] for o in per_order],
+                  "eval_s": round(sum(o["eval_s"] for o in per_order), 3), **out["memory"]}
+        left = {"left_running": out["left_running"]} if out["left_running"] else None
+        return Measured(True, {
             "sequential": {"per_order": per_order, **{k: v for k, v in summary.items() if k != "final_accuracy"}},
-            "status": "ok", "selection": {"protocol": "fixed"},
-            **measure_final(final_model, summary["final_accuracy"], suite, device, count_flops),
-            "timing": {"merge_s": round(sum(o["merge_s"] for o in per_order), 3),
-                       "merge_s_per_order": [o["merge_s"] for o in per_order],
-                       "eval_s": round(sum(o["eval_s"] for o in per_order), 3), **out["memory"]},
-            "data_used": merge_data_used([o["data_used"] for o in out["orders"]]),
-            "logs": {},
-            "_threads": out["threads"],
-        }
-        if out["left_running"]:
-            record["worker"] = {"left_running": out["left_running"]}
-        return record
+            "selection": {"protocol": "fixed"}, **final, "timing": timing,
+            "data_used": merge_data_used([o["data_used"] for o in out["orders"]]), "logs": {}, "worker": left},
+            threads=out["threads"])
     except Exception as e:  # a failing method is a result, and the suite goes on
-        return {"sequential": {"per_order": per_order}, **_failure(e, suite, call)}
+        return _failure(e, suite, call, sequential={"per_order": per_order})
 
 
-def sequential_in_worker(call: MethodCall, suite: Suite, orders: list[list[str]], device, seed: int = 0,
-                         unlabeled_split: str = "test", data_fraction: float = 1.0, show_progress: bool = False,
-                         precision: str = "auto", limits: worker.Limits | None = None, on_step=None,
-                         what: str | None = None) -> dict:
-    """Every order of a sequential run in one fresh worker; each step's model is built here and given to
+def sequential_in_worker(spec: RunSpec, suite: Suite, show_progress: bool = False,
+                         limits: worker.Limits | None = None, on_step=None, what: str | None = None) -> dict:
+    """Every order of ``spec``'s sequential run in one fresh worker; each step's model is built here and given to
     ``on_step(order index, model, tasks seen)``, whose answer (accuracy per task seen) goes back to the worker.
     Returns the worker's fields (``orders``: merge_s, logs, notes, data_used of each; ``memory``, ``threads``,
     ``left_running``). Raises :class:`mergebench.worker.WorkerFailed` when the worker ends without them."""
-    device = torch.device(device)
+    call, device = spec.call, torch.device(spec.device)
     folder = Path(tempfile.mkdtemp(prefix="mergebench-sequential-"))
 
     def on_message(message, reply):
@@ -607,32 +510,32 @@ def sequential_in_worker(call: MethodCall, suite: Suite, orders: list[list[str]]
         reply(("go", acc))
 
     try:
-        job = _job("sequential", call, suite, device, seed, unlabeled_split, data_fraction, show_progress,
-                   resolve_precision(precision, device), folder, orders=orders)
+        job = _job("sequential", spec, suite, show_progress, folder)
         return worker.run(job, what or str(call.name), limits, on_message)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _select_on_validation(call, tune, suite, device, seed, unlabeled_split, data_fraction, show_progress,
-                          precision, budget: _Budget):
+def _select_on_validation(spec: RunSpec, suite: Suite, show_progress: bool, budget: _Budget):
+    tune = spec.tune_grid
     names = list(tune)
     grid = []
     for values in itertools.product(*(tune[n] for n in names)):
-        candidate = call.with_hparams(**dict(zip(names, values))).resolve()
-        model, _ = merge_in_worker(candidate, suite, device, seed, unlabeled_split, data_fraction, show_progress,
-                                   precision, budget.next(), what=budget.what(call))
-        acc = evaluate(model, suite, "val", device)["accuracy"]
+        candidate = spec.call.with_hparams(**dict(zip(names, values))).resolve()
+        model, _ = merge_in_worker(replace(spec, call=candidate), suite, show_progress, budget.next(),
+                                   what=budget.what(spec.call))
+        acc = evaluate(model, suite, "val", spec.device)["accuracy"]
         chosen_values = {n: candidate.plain_hparams()[n] for n in names}
         grid.append({"hparams": chosen_values, "val_avg_accuracy": sum(acc.values()) / len(acc)})
     best = max(grid, key=lambda g: g["val_avg_accuracy"])
-    chosen = call.with_hparams(**best["hparams"]).resolve()
+    chosen = spec.call.with_hparams(**best["hparams"]).resolve()
     return chosen, {"protocol": "validation grid (average accuracy on the val split)", "grid": grid,
                     "chosen": best["hparams"]}
 
 
 def run_many(methods: list[str], suite: Suite, jobs: int = 1, **kwargs) -> list[dict]:
-    """Run several methods (``run_method`` with ``kwargs``); each failure is recorded and the rest go on. Returns
+    """Run several methods (``run_one`` with ``kwargs``: the harness's options and the run settings of each one's
+    :class:`RunSpec`); each failure is recorded and the rest go on. Returns
     the records in the order of ``methods``.
 
     ``jobs`` > 1 runs them in that many worker processes at once, one thread each (forked from this one: the
@@ -655,7 +558,7 @@ def run_many(methods: list[str], suite: Suite, jobs: int = 1, **kwargs) -> list[
 
 def _run_reporting(method: str, suite: Suite, kwargs: dict) -> dict:
     try:
-        return run_method(method, suite, **kwargs)
+        return run_one(method, suite, **kwargs)
     except Exception as e:  # bad spec (unknown method / hyperparameter): report, continue
         return {"status": "failed", "method": {"pipeline": method}, "error": f"{type(e).__name__}: {e}"}
 

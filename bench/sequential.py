@@ -164,17 +164,16 @@ def steps(call: MethodCall, ctx: SequentialContext) -> Iterator[MergedModel]:
     return gen
 
 
-def run_order(call: MethodCall, suite, order: list[str], device, seed: int, unlabeled_split: str, data_fraction: float,
-              show_progress: bool, evaluate_fn, check_fn,
-              precision: str = "auto") -> tuple[dict, MergedModel, SequentialContext]:
-    """Run one order: after each yielded model, evaluate it on the tasks seen so far.
+def run_order(spec, suite, order: list[str], show_progress: bool, evaluate_fn,
+              check_fn) -> tuple[dict, MergedModel, SequentialContext]:
+    """Run one order of ``spec``'s run (a :class:`mergebench.runspec.RunSpec`): after each yielded model, evaluate
+    it on the tasks seen so far.
 
     Returns (the order's result, the final model, its context). ``evaluate_fn(model, tasks) -> {task: acc}``;
     ``check_fn(model)`` raises on a bad model. Merge time counts only the method's own work between yields.
     """
-    needs = call.needs()
-    ctx = SequentialContext(suite, order, needs, device, seed, unlabeled_split, data_fraction, show_progress,
-                            precision)
+    call = spec.call
+    ctx = SequentialContext.for_run(suite, spec, show_progress, order=order)
     gen = steps(call, ctx)
     curve, merge_s, eval_s, model = [], 0.0, 0.0, None
     while True:

@@ -34,7 +34,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -42,10 +42,16 @@ import yaml
 from mergebench.errors import InputError
 from mergebench.io import atomic_write_text, safe_name
 from mergebench.registry import HyperparameterError
+from mergebench.slurm_queue import SchedulerError, SlurmQueue
 
 STATES = ("done", "queued", "running", "failed", "missing")
 STALE_BEATS = 10  # a worker's marker is stale after this many heartbeat intervals without a beat
-_KEYS = {"methods", "suites", "seeds", "grid", "results_dir", "device", "time_limit_s", "name", "precision"}
+# the settings of every run of a sweep beyond its seed, device, precision and time limit (``RunSpec.build``'s),
+# with their defaults: a sweep's YAML may set them
+RUN_SETTINGS = {"budget": "paper", "protocol": None, "orders": 3, "unlabeled_split": "test", "data_fraction": 1.0,
+                "tune": None, "memory_limit_mb": None}
+_KEYS = {"methods", "suites", "seeds", "grid", "results_dir", "device", "time_limit_s", "name", "precision",
+         *RUN_SETTINGS}
 
 
 def heartbeat_s() -> float:
@@ -101,6 +107,7 @@ class Job:
     # resolved when the sweep is planned (its config hash depends on it), not on the worker; jobs planned before
     # the field existed ran at the then default, bf16
     precision: str = "bf16"
+    settings: dict = field(default_factory=dict)  # the sweep's RUN_SETTINGS that differ from their defaults
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +115,13 @@ class Job:
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
         return cls(**d)
+
+    def spec(self, suite):
+        """The job's :class:`mergebench.runspec.RunSpec` on ``suite`` (the loaded suite it names)."""
+        from mergebench.runspec import RunSpec
+
+        return RunSpec.build(self.pipeline, suite, seed=self.seed, device=self.device, precision=self.precision,
+                             time_limit_s=self.time_limit_s, **self.settings)
 
     def marker(self) -> Path:
         return Path(self.results_dir) / self.suite / ".running" / f"{self.config_hash}.lock"
@@ -127,6 +141,13 @@ class Sweep:
     # of the test-time adaptation loops; "auto" is resolved on the machine that plans the sweep, for ``device``
     # (pin bf16 or fp32 when the workers' devices differ from it, e.g. GPU nodes planned from a CPU login node)
     precision: str = "auto"
+    budget: str = "paper"
+    protocol: str | None = None
+    orders: int | list = 3
+    unlabeled_split: str = "test"
+    data_fraction: float = 1.0
+    tune: dict | None = None
+    memory_limit_mb: float | None = None
 
     def __post_init__(self):
         from mergebench.limits import check_seconds
@@ -145,13 +166,13 @@ class Sweep:
 
     # ------------------------------------------------------------ expansion
     def calls(self) -> list:
-        """The resolved method calls: each method crossed with the grid values it takes."""
+        """The resolved method calls under the sweep's budget: each method crossed with the grid values it takes."""
         from mergebench.pipeline import MethodCall
         from mergebench.registry import close_matches, get_method
 
         calls, used = [], set()
         for text in self.methods:
-            base = MethodCall.parse(text)
+            base = MethodCall.parse(text).with_budget(self.budget)  # its budget fills what the text leaves unset
             spec = get_method(base.name)
             axes = {}
             for key, values in self.grid.items():
@@ -177,28 +198,32 @@ class Sweep:
     def jobs(self, build: bool = True) -> list[Job]:
         """Every job of the sweep (loads each suite, building it once here if ``build``)."""
         from mergebench.context import resolve_precision
-        from mergebench.records import config_hash
-        from mergebench.run import resolve_device, run_config
+        from mergebench.runspec import resolve_device
         from mergebench.suites import get_suite
 
         calls = self.calls()
         precision = resolve_precision(self.precision, resolve_device(self.device))
+        settings = self.run_settings()
         out = []
         for entry in self.suites:
             name, options = suite_entry(entry)
             suite = get_suite(name, build=build, verbose=False, **options)
             for call, seed in itertools.product(calls, self.seeds):
-                chash = config_hash(run_config(call, suite, seed, precision=precision))
-                out.append(Job(str(call), suite.name, int(seed), str(self.results_dir), chash, self.device,
-                               self.time_limit_s, name, options, precision))
+                job = Job(str(call), suite.name, int(seed), str(self.results_dir), "", self.device,
+                          self.time_limit_s, name, options, precision, settings)
+                out.append(replace(job, config_hash=job.spec(suite).config_hash()))
         return out
+
+    def run_settings(self) -> dict:
+        """The sweep's run settings (``RUN_SETTINGS``) that differ from their defaults."""
+        return {k: getattr(self, k) for k, default in RUN_SETTINGS.items() if getattr(self, k) != default}
 
     # ------------------------------------------------------------ manifest
     def manifest_path(self) -> Path:
         return Path(self.results_dir) / "sweeps" / f"{self.name}.yaml"
 
     # what decides a sweep's jobs: a saved definition that differs in one of these is another sweep
-    DEFINITION = ("methods", "suites", "seeds", "grid", "precision")
+    DEFINITION = ("methods", "suites", "seeds", "grid", "precision", *RUN_SETTINGS)
 
     def check_name(self) -> None:
         """A name in use by a saved sweep with another definition is an error (``save`` would replace it): the
@@ -217,7 +242,7 @@ class Sweep:
     def _definition(self) -> dict:
         return {"name": self.name, "methods": self.methods, "suites": self.suites, "seeds": self.seeds,
                 "grid": self.grid, "device": self.device, "time_limit_s": self.time_limit_s,
-                "precision": self.precision}
+                "precision": self.precision, **self.run_settings()}
 
     def save(self) -> Path:
         self.check_name()
@@ -311,8 +336,6 @@ def write_submitted_markers(jobs: list[Job], job_ids: list[str], scheduler: str 
 
 def _holder(info: dict, sched: dict | None, sched_error: str | None, now: float) -> tuple[str | None, str]:
     """Who holds a job, from its marker: ("queued" | "running", note), or (None, why nobody does)."""
-    from mergebench.executors import SlurmQueue
-
     job_id = info.get("job_id") if info.get("scheduler") == "slurm" else None
     pid, host = info.get("pid"), info.get("host")
     if pid is not None and not isinstance(pid, int):
@@ -354,7 +377,7 @@ def _holder(info: dict, sched: dict | None, sched_error: str | None, now: float)
 def job_status(jobs: list[Job], queue=None) -> list[dict]:
     """``[{job, state, error?, note?}]`` from the records, the markers and (for Slurm jobs) ``squeue``.
 
-    ``queue`` answers ``states(job_ids) -> {job_id: STATE}`` (default: :class:`mergebench.executors.SlurmQueue`,
+    ``queue`` answers ``states(job_ids) -> {job_id: STATE}`` (default: :class:`mergebench.slurm_queue.SlurmQueue`,
     asked only when a marker names a Slurm job, once for all of them).
     """
     from mergebench.records import load_records
@@ -371,8 +394,6 @@ def job_status(jobs: list[Job], queue=None) -> list[dict]:
     slurm_ids = sorted({str(m["job_id"]) for m in markers if m and m.get("scheduler") == "slurm" and m.get("job_id")})
     sched, sched_error = None, None
     if slurm_ids:
-        from mergebench.executors import SchedulerError, SlurmQueue
-
         try:
             sched = (queue or SlurmQueue()).states(slurm_ids)
         except SchedulerError as e:
@@ -475,8 +496,7 @@ def run_job(job: Job | dict) -> dict:
     worker.start_server()  # the method's worker comes from it: it imports torch while the suite loads
     with _Heartbeat(job, heartbeat_s()):
         suite = get_suite(job.suite_spec or job.suite, build=False, verbose=False, **job.suite_options)
-        rec = run_method(job.pipeline, suite, results_dir=job.results_dir, seed=job.seed, device=job.device,
-                         time_limit_s=job.time_limit_s, show_progress=False, precision=job.precision)
+        rec = run_method(job.spec(suite), suite, results_dir=job.results_dir, show_progress=False)
     if rec["config_hash"] != job.config_hash:
         raise RuntimeError(f"job {job.pipeline} seed {job.seed}: the suite changed since the sweep was planned "
                            f"(config hash {rec['config_hash']} != {job.config_hash}); run the sweep again")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from mergebench.errors import MergebenchError
 from mergebench.io import atomic_save_tensors
-from mergebench.models import MergedModel, SharedModel, encoder_from_weights, freeze
+from mergebench.models import AdaMergedModel, MergedModel, MergeState, SharedModel, encoder_from_weights, freeze
 
 
 class ModelTransferError(MergebenchError, RuntimeError):
@@ -30,8 +30,6 @@ class ModelTransferError(MergebenchError, RuntimeError):
 
 def kind_of(model: MergedModel) -> str:
     """``shared`` (one encoder: tensors), ``adamerged`` (one encoder and coefficients: tensors), else ``module``."""
-    from mergebench.methods.adaptive import AdaMergedModel
-
     if type(model) is AdaMergedModel:
         return "adamerged"
     if type(model) is SharedModel:
@@ -59,8 +57,6 @@ def from_tensors(tensors: dict, fields: dict, encoder_config: dict, pretrained, 
     weights = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
     encoder = freeze(encoder_from_weights(encoder_config, {**pretrained, **weights}, device))
     if fields["kind"] == "adamerged":
-        from mergebench.methods.adaptive import AdaMergedModel, MergeState
-
         state = MergeState(fields["merge_state"]["granularity"], tensors["merge_state.coefficients"].to(device),
                            fields["merge_state"]["ties_k"])
         return AdaMergedModel(encoder, state).eval()

@@ -582,18 +582,17 @@ def _merge_job(job: dict, conn) -> dict:
     from mergebench.context import MergeContext
     from mergebench.run import _peak_memory_mb, execute, seed_everything
 
-    suite = job["suite"]
-    device = torch.device(job["device"])
+    suite, spec = job["suite"], job["spec"]
+    device = torch.device(spec.device)
     folder = Path(job["folder"])
 
     def work() -> dict:
         memory.reset_peak(device)
-        seed_everything(job["seed"])
-        ctx = MergeContext(suite, job["needs"], device, job["seed"], job["unlabeled_split"], job["data_fraction"],
-                           job["show_progress"], precision=job["precision"])
+        seed_everything(spec.seed)
+        ctx = MergeContext.for_run(suite, spec, job["show_progress"])
         stages: dict = {}
         start = time.perf_counter()
-        model = execute(job["call"], ctx, stages, reuse_bases=job["reuse_bases"],
+        model = execute(spec.call, ctx, stages, reuse_bases=job["reuse_bases"],
                         bases=_Bases(job["bases"], folder, conn))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -624,14 +623,14 @@ def _sequential_job(job: dict, conn) -> dict:
     from mergebench.run import _peak_memory_mb, seed_everything
     from mergebench.sequential import run_order
 
-    suite = job["suite"]
-    device = torch.device(job["device"])
+    suite, spec = job["suite"], job["spec"]
+    device = torch.device(spec.device)
     folder = Path(job["folder"])
 
     def work() -> dict:
         memory.reset_peak(device)
         orders = []
-        for i, order in enumerate(job["orders"]):
+        for i, order in enumerate(spec.orders):
             steps = [0]
 
             def evaluate_fn(model, tasks, i=i, steps=steps):
@@ -640,10 +639,8 @@ def _sequential_job(job: dict, conn) -> dict:
                 answer = conn.recv()
                 return answer[1]
 
-            seed_everything(job["seed"])
-            result, _, ctx = run_order(job["call"], suite, order, device, job["seed"], job["unlabeled_split"],
-                                       job["data_fraction"], job["show_progress"], evaluate_fn, lambda m: None,
-                                       job["precision"])
+            seed_everything(spec.seed)
+            result, _, ctx = run_order(spec, suite, order, job["show_progress"], evaluate_fn, lambda m: None)
             orders.append({"merge_s": result["merge_s"], "logs": result["logs"], "notes": result["notes"],
                            "data_used": ctx.data_used})
         conn.send(("release",))

@@ -9,9 +9,9 @@ disjoint; each task keeps its own vector and lambda).
 
 from __future__ import annotations
 
-from mergebench.methods.adaptive import AdaMergedModel, functional_merge, minimize_entropy, unlabeled_streams
-from mergebench.models import freeze
-from mergebench.registry import Paper, register_method
+from mergebench.methods.adaptive import BF16_DEVIATION, functional_merge, minimize_entropy, unlabeled_streams
+from mergebench.models import AdaMergedModel, freeze
+from mergebench.registry import Paper, Variant, register_variants
 
 ADAMERGING = Paper("AdaMerging: Adaptive Model Merging for Multi-Task Learning", 2024, "2310.02575", "ICLR",
                    "https://github.com/EnnengYang/AdaMerging")
@@ -35,22 +35,7 @@ HELP = {
 }
 
 
-def run_adamerging(ctx, granularity: str, ties_k: float | None, steps: int, lr: float, init: float,
-                   batch_size: int, batches_per_task: int) -> AdaMergedModel:
-    """The official loop (:func:`minimize_entropy`): the loss is the sum of each batch's mean entropy."""
-    streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
-    fm = functional_merge(ctx, granularity, init, ties_k)
-    name = f"AdaMerging{'++' if ties_k is not None else ''} ({granularity}-wise)"
-    key = f"adamerging_{granularity}wise{'_pp' if ties_k is not None else ''}"
-    minimize_entropy(ctx, fm, [fm.lambdas], steps=steps, lr=lr, streams=streams, batches_per_task=batches_per_task,
-                     desc=name, log_key=key)
-    lam = fm.coefficients().detach()
-    for i, t in enumerate(ctx.tasks):
-        ctx.log(f"{key}/lambda_mean/{t}", lam[:, i].mean().item())
-    return AdaMergedModel(freeze(ctx.encoder(fm.final_weights())), fm.state(ties_k))
-
-
-_COMMON_DOC = """
+NOTES = """
 
     Budget: the official 500 Adam steps of 2 x 16 unlabeled test images per task (``--budget smoke``:
     2 steps). Deviations from the official code: the coefficients are over the encoder's own tensors
@@ -60,61 +45,42 @@ _COMMON_DOC = """
     The trained coefficients ride along on the returned model (``merge_state``, not stored as
     tensors: the merged model is one plain encoder, 0 added parameters), so that an add-on such
     as ``intervmerge(joint=True)`` can keep training them.
-    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
-    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
-    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
-    the loss stay in float32.
-    """
+""" + BF16_DEVIATION
 
 
-@register_method("adamerging_taskwise", display_name="AdaMerging (task-wise)", paper=ADAMERGING, needs="unlabeled",
-                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget=PAPER_BUDGET, smoke=SMOKE,
-                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
-                         "batches_per_task": "[1, inf)"})
-def adamerging_taskwise(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
-                        batches_per_task: int = 2):
-    """Task-wise AdaMerging: one coefficient per task, theta = theta_0 + sum_t clamp(l_t, 0, 1) tau_t, trained to
-    minimise the summed prediction entropy of every task's head on unlabeled test batches."""
-    return run_adamerging(ctx, "task", None, steps, lr, init, batch_size, batches_per_task)
-
-
-@register_method("adamerging_layerwise", display_name="AdaMerging (layer-wise)", paper=ADAMERGING, needs="unlabeled",
-                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget=PAPER_BUDGET, smoke=SMOKE,
-                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
-                         "batches_per_task": "[1, inf)"})
-def adamerging_layerwise(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
-                         batches_per_task: int = 2):
-    """Layer-wise AdaMerging: one coefficient per parameter tensor per task (weight and bias separately, as
+@register_variants({
+    "adamerging_taskwise": Variant(
+        "AdaMerging (task-wise)", fixed={"granularity": "task", "k": None},
+        doc="""Task-wise AdaMerging: one coefficient per task, theta = theta_0 + sum_t clamp(l_t, 0, 1) tau_t, trained to
+    minimise the summed prediction entropy of every task's head on unlabeled test batches."""),
+    "adamerging_layerwise": Variant(
+        "AdaMerging (layer-wise)", fixed={"granularity": "layer", "k": None},
+        doc="""Layer-wise AdaMerging: one coefficient per parameter tensor per task (weight and bias separately, as
     the official code), theta[j] = theta_0[j] + sum_t clamp(l[j,t], 0, 1) tau_t[j], trained by entropy
-    minimisation on unlabeled test batches."""
-    return run_adamerging(ctx, "layer", None, steps, lr, init, batch_size, batches_per_task)
-
-
-@register_method("adamerging_taskwise_pp", display_name="AdaMerging++ (task-wise)", paper=ADAMERGING,
-                 needs="unlabeled", family="test-time adaptation", defaults_source=DEFAULTS_SOURCE,
-                 hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
-                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
-                         "batches_per_task": "[1, inf)", "k": "(0, 100]"})
-def adamerging_taskwise_pp(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
-                           batches_per_task: int = 2, k: float = 20.0):
-    """Task-wise AdaMerging++: task-wise AdaMerging on TIES-processed task vectors (top-k % trimmed over the
-    whole model, sign elected, entries disagreeing with the elected sign dropped; one lambda per task)."""
-    return run_adamerging(ctx, "task", k, steps, lr, init, batch_size, batches_per_task)
-
-
-@register_method("adamerging_layerwise_pp", display_name="AdaMerging++ (layer-wise)", paper=ADAMERGING,
-                 needs="unlabeled", family="test-time adaptation", defaults_source=DEFAULTS_SOURCE,
-                 hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
-                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
-                         "batches_per_task": "[1, inf)", "k": "(0, 100]"})
-def adamerging_layerwise_pp(ctx, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
-                            batches_per_task: int = 2, k: float = 20.0):
-    """Layer-wise AdaMerging++: layer-wise AdaMerging on TIES-processed task vectors (top-k % trimmed over the
-    whole model, sign elected, disjoint; one lambda per parameter tensor per task)."""
-    return run_adamerging(ctx, "layer", k, steps, lr, init, batch_size, batches_per_task)
-
-
-for _fn in (adamerging_taskwise, adamerging_layerwise, adamerging_taskwise_pp, adamerging_layerwise_pp):
-    _fn.__doc__ = (_fn.__doc__ or "") + _COMMON_DOC
+    minimisation on unlabeled test batches."""),
+    "adamerging_taskwise_pp": Variant(
+        "AdaMerging++ (task-wise)", fixed={"granularity": "task"},
+        doc="""Task-wise AdaMerging++: task-wise AdaMerging on TIES-processed task vectors (top-k % trimmed over the
+    whole model, sign elected, entries disagreeing with the elected sign dropped; one lambda per task)."""),
+    "adamerging_layerwise_pp": Variant(
+        "AdaMerging++ (layer-wise)", fixed={"granularity": "layer"},
+        doc="""Layer-wise AdaMerging++: layer-wise AdaMerging on TIES-processed task vectors (top-k % trimmed over the
+    whole model, sign elected, disjoint; one lambda per parameter tensor per task)."""),
+}, notes=NOTES, paper=ADAMERGING, needs="unlabeled", family="test-time adaptation", defaults_source=DEFAULTS_SOURCE,
+   hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
+   ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
+           "batches_per_task": "[1, inf)", "k": "(0, 100]"})
+def adamerging(ctx, granularity: str, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,
+               batches_per_task: int = 2, k: float = 20.0) -> AdaMergedModel:
+    """AdaMerging at ``granularity``, on TIES-processed task vectors with top-``k`` trimming (++) or raw (k None).
+    The official loop (:func:`minimize_entropy`): the loss is the sum of each batch's mean entropy."""
+    streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
+    fm = functional_merge(ctx, granularity, init, k)
+    name = f"AdaMerging{'++' if k is not None else ''} ({granularity}-wise)"
+    key = f"adamerging_{granularity}wise{'_pp' if k is not None else ''}"
+    minimize_entropy(ctx, fm, [fm.lambdas], steps=steps, lr=lr, streams=streams, batches_per_task=batches_per_task,
+                     desc=name, log_key=key)
+    lam = fm.coefficients().detach()
+    for i, t in enumerate(ctx.tasks):
+        ctx.log(f"{key}/lambda_mean/{t}", lam[:, i].mean().item())
+    return AdaMergedModel(freeze(ctx.encoder(fm.final_weights())), fm.state(k))

@@ -20,8 +20,9 @@ import re
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.adaptive import FunctionalMerge, minimize_entropy, unlabeled_streams
-from mergebench.registry import Paper, register_method
+from mergebench.functional import FunctionalMerge
+from mergebench.methods.adaptive import BF16_DEVIATION, minimize_entropy, unlabeled_streams
+from mergebench.registry import Paper, Variant, register_variants
 from mergebench.weights import Weights
 
 ADARANK = Paper("AdaRank: Adaptive Rank Pruning for Enhanced Model Merging", 2025, "2503.22178", "arXiv",
@@ -90,8 +91,55 @@ def _block(key: str) -> str:
     return f"block{found.group(1)}" if found else key
 
 
-def run_adarank(ctx, origin: str, steps: int, lr: float, prior: float, initial_rank_ratio: float,
-                temperature: float, batch_size: int, key: str) -> nn.Module:
+DEFAULTS_SOURCE = (
+    "official code (david3684/AdaRank, vision/configs/adarank_B_T8/adarank_{TA,CART}.yaml, hydra_default.yaml, "
+    "vision/src/models/merge_vit/adaptive.py, vision/runner.py): Adam lr 1e-3, betas (0.9, 0.999), batch 16 "
+    "(one batch per task per step, entropy summed over tasks), mask temperature 10, mask logits 0.1 (kept) / "
+    "-0.1 (pruned) with a straight-through estimator, layer-wise coefficients trained jointly and not clamped; "
+    "TA: prior 0.3, initial rank ratio 1.0; CART: prior 2.3, initial rank ratio 0.16, origin = the experts' "
+    "average, 10000 steps (the official schedule)")
+
+HELP = {
+    "steps": "Adam steps on the masks and coefficients (official 10000)",
+    "lr": "Adam learning rate (official 1e-3)",
+    "prior": "initial layer-wise merge coefficient of every task (official: 0.3 on TA, 2.3 on CART)",
+    "initial_rank_ratio": "fraction of each task vector's top singular components kept at the start "
+                          "(official: 1.0 on TA, 0.16 on CART; 0 means 1/T)",
+    "temperature": "mask temperature: keep probability sigmoid(logit / temperature) (official 10)",
+    "batch_size": "unlabeled test images per task per step (official 16)",
+}
+
+NOTES = """
+
+    Budget: the official 10000 steps of 16 unlabeled test images per task (``--budget smoke``: 2).
+    With lr 1e-3 and logits starting at +-0.1, Adam can move a logit by up to about 10 over the
+    schedule. Deviations from the official code: the official runner evaluates on the labeled test
+    set every 500 steps and reports the best checkpoint; mergebench uses no labels and returns the
+    final masks (binarised, as in the forward pass). Coefficients cover the encoder's own floating-point tensors. The data is the test
+    split through ``ctx.unlabeled`` (shuffled, seeded by the run's seed). The kept ranks per task and
+    transformer block are logged (``kept_ranks``, ``kept_fraction``). The result is one plain encoder
+    (0 added parameters).
+""" + BF16_DEVIATION
+
+
+@register_variants({
+    "adarank": Variant(
+        "AdaRank (TA)", fixed={"origin": "pretrained"},
+        doc="""AdaRank on Task Arithmetic: per task and attention/MLP matrix, a learned binary mask over the singular
+    components of tau_t, trained with layer-wise coefficients by test-time entropy minimisation;
+    theta = theta_0 + sum_t lambda_t U_t diag(s_t * mask_t) V_t^T."""),
+    "adarank_cart": Variant(
+        "AdaRank (CART)", fixed={"origin": "average"}, defaults={"prior": 2.3, "initial_rank_ratio": 0.16},
+        doc="""AdaRank on CART: origin = average of the experts, tau_t = theta_t - average, masks starting from the top
+    16% singular components of each; theta = average + sum_t lambda_t U_t diag(s_t * mask_t) V_t^T."""),
+}, notes=NOTES, paper=ADARANK, needs="unlabeled", family="test-time adaptation", defaults_source=DEFAULTS_SOURCE,
+   hyperparameter_help=HELP, paper_budget={"steps": 10000, "batch_size": 16}, smoke={"steps": 2},
+   ranges={"steps": "[1, inf)", "lr": "(0, inf)", "initial_rank_ratio": "(0, 1]", "temperature": "(0, inf)",
+           "batch_size": "[1, inf)"})
+def adarank(ctx, origin: str, steps: int = 10000, lr: float = 1e-3, prior: float = 0.3,
+            initial_rank_ratio: float = 1.0, temperature: float = 10.0, batch_size: int = 16) -> nn.Module:
+    """AdaRank around ``origin``: the pretrained weights (Task Arithmetic) or the experts' average (CART)."""
+    key = "adarank" if origin == "pretrained" else "adarank_cart"
     streams = unlabeled_streams(ctx, batch_size)  # first: a context without data fails before any work
     if origin == "average":  # CART: centre on the experts' average
         experts = [ctx.expert_weights(t) for t in ctx.tasks]
@@ -115,68 +163,3 @@ def run_adarank(ctx, origin: str, steps: int, lr: float, prior: float, initial_r
             ctx.log(f"{key}/kept_ranks/{t}/{block}", n)
         ctx.log(f"{key}/lambda_mean/{t}", merge.lambdas[:, i].mean().item())
     return ctx.shared_model(merge.final_weights())
-
-
-DEFAULTS_SOURCE = (
-    "official code (david3684/AdaRank, vision/configs/adarank_B_T8/adarank_{TA,CART}.yaml, hydra_default.yaml, "
-    "vision/src/models/merge_vit/adaptive.py, vision/runner.py): Adam lr 1e-3, betas (0.9, 0.999), batch 16 "
-    "(one batch per task per step, entropy summed over tasks), mask temperature 10, mask logits 0.1 (kept) / "
-    "-0.1 (pruned) with a straight-through estimator, layer-wise coefficients trained jointly and not clamped; "
-    "TA: prior 0.3, initial rank ratio 1.0; CART: prior 2.3, initial rank ratio 0.16, origin = the experts' "
-    "average, 10000 steps (the official schedule)")
-
-HELP = {
-    "steps": "Adam steps on the masks and coefficients (official 10000)",
-    "lr": "Adam learning rate (official 1e-3)",
-    "prior": "initial layer-wise merge coefficient of every task (official: 0.3 on TA, 2.3 on CART)",
-    "initial_rank_ratio": "fraction of each task vector's top singular components kept at the start "
-                          "(official: 1.0 on TA, 0.16 on CART; 0 means 1/T)",
-    "temperature": "mask temperature: keep probability sigmoid(logit / temperature) (official 10)",
-    "batch_size": "unlabeled test images per task per step (official 16)",
-}
-
-_DEVIATIONS = """
-
-    Budget: the official 10000 steps of 16 unlabeled test images per task (``--budget smoke``: 2).
-    With lr 1e-3 and logits starting at +-0.1, Adam can move a logit by up to about 10 over the
-    schedule. Deviations from the official code: the official runner evaluates on the labeled test
-    set every 500 steps and reports the best checkpoint; mergebench uses no labels and returns the
-    final masks (binarised, as in the forward pass). Coefficients cover the encoder's own floating-point tensors. The data is the test
-    split through ``ctx.unlabeled`` (shuffled, seeded by the run's seed). The kept ranks per task and
-    transformer block are logged (``kept_ranks``, ``kept_fraction``). The result is one plain encoder
-    (0 added parameters).
-    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
-    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
-    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
-    the loss stay in float32.
-    """
-
-
-@register_method("adarank", display_name="AdaRank (TA)", paper=ADARANK, needs="unlabeled",
-                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget={"steps": 10000, "batch_size": 16}, smoke={"steps": 2},
-                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "initial_rank_ratio": "(0, 1]",
-                         "temperature": "(0, inf)", "batch_size": "[1, inf)"})
-def adarank(ctx, steps: int = 10000, lr: float = 1e-3, prior: float = 0.3, initial_rank_ratio: float = 1.0,
-            temperature: float = 10.0, batch_size: int = 16):
-    """AdaRank on Task Arithmetic: per task and attention/MLP matrix, a learned binary mask over the singular
-    components of tau_t, trained with layer-wise coefficients by test-time entropy minimisation;
-    theta = theta_0 + sum_t lambda_t U_t diag(s_t * mask_t) V_t^T."""
-    return run_adarank(ctx, "pretrained", steps, lr, prior, initial_rank_ratio, temperature, batch_size, "adarank")
-
-
-@register_method("adarank_cart", display_name="AdaRank (CART)", paper=ADARANK, needs="unlabeled",
-                 family="test-time adaptation", defaults_source=DEFAULTS_SOURCE, hyperparameter_help=HELP,
-                 paper_budget={"steps": 10000, "batch_size": 16}, smoke={"steps": 2},
-                 ranges={"steps": "[1, inf)", "lr": "(0, inf)", "initial_rank_ratio": "(0, 1]",
-                         "temperature": "(0, inf)", "batch_size": "[1, inf)"})
-def adarank_cart(ctx, steps: int = 10000, lr: float = 1e-3, prior: float = 2.3, initial_rank_ratio: float = 0.16,
-                 temperature: float = 10.0, batch_size: int = 16):
-    """AdaRank on CART: origin = average of the experts, tau_t = theta_t - average, masks starting from the top
-    16% singular components of each; theta = average + sum_t lambda_t U_t diag(s_t * mask_t) V_t^T."""
-    return run_adarank(ctx, "average", steps, lr, prior, initial_rank_ratio, temperature, batch_size,
-                       "adarank_cart")
-
-
-for _fn in (adarank, adarank_cart):
-    _fn.__doc__ = (_fn.__doc__ or "") + _DEVIATIONS

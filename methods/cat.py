@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.methods.activations import as_matrix, from_matrix, gram, lockstep_sites, sq_norms
+from mergebench.activations import as_matrix, from_matrix, gram, lockstep_sites, sq_norms
 from mergebench.models import freeze
 from mergebench.registry import Paper, register_method
 

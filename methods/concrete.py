@@ -17,9 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.adaptive import (
-    FunctionalMerge, entropy_objective, functional_merge, minimize_entropy, unlabeled_streams,
-)
+from mergebench.functional import FunctionalMerge
+from mergebench.methods.adaptive import BF16_DEVIATION, entropy_objective, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.registry import Paper, register_method
 
 CONCRETE = Paper("Concrete Subspace Learning based Interference Elimination for Multi-task Model Merging", 2023,
@@ -111,7 +110,7 @@ HELP = {
     "granularity": "AdaMerging coefficients: 'layer' (one per tensor per task) or 'task' (one per task)",
 }
 
-_DEVIATIONS = """
+NOTES = """
 
     Budget: the official schedule (see ``defaults_source``; ``--budget smoke``: 2 steps per phase).
     Deviations from the official code: the mask covers the encoder's own floating-point tensors
@@ -119,16 +118,12 @@ _DEVIATIONS = """
     same set); the data is the test split through ``ctx.unlabeled`` (shuffled, seeded by the run's
     seed). The returned model is the one evaluation-mask sample drawn under the run's seed, as
     the official code draws one; it is one plain encoder (0 added parameters).
-    Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``
-    picks where the device multiplies bfloat16 in hardware, else ``fp32``, as the official code): the loop's
-    encoder forward and backward passes run under bfloat16 autocast; the merge, the trained parameters, Adam and
-    the loss stay in float32.
-    """
+""" + BF16_DEVIATION
 
 
 @register_method("concrete_task_arithmetic", display_name="Concrete TA", paper=CONCRETE, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_TA, hyperparameter_help=HELP,
-                 paper_budget={"steps": 2000, "batch_size": 16}, smoke={"steps": 2},
+                 paper_budget={"steps": 2000, "batch_size": 16}, smoke={"steps": 2}, notes=NOTES,
                  ranges={"steps": "[1, inf)", "lr": "(0, inf)", "scaling": "[0, inf)", "temperature": "(0, inf)",
                          "batch_size": "[1, inf)"})
 def concrete_task_arithmetic(ctx, steps: int = 2000, lr: float = 1e-3, scaling: float = 0.3, temperature: float = 0.5,
@@ -146,7 +141,7 @@ def concrete_task_arithmetic(ctx, steps: int = 2000, lr: float = 1e-3, scaling: 
 @register_method("concrete_adamerging", display_name="Concrete AdaMerging", paper=CONCRETE, needs="unlabeled",
                  family="test-time adaptation", defaults_source=DEFAULTS_SOURCE_ADA, hyperparameter_help=HELP,
                  paper_budget={"steps": 1000, "adamerging_steps": 1000, "batch_size": 16},
-                 smoke={"steps": 2, "adamerging_steps": 2},
+                 smoke={"steps": 2, "adamerging_steps": 2}, notes=NOTES,
                  ranges={"steps": "[1, inf)", "adamerging_steps": "[1, inf)", "lr": "(0, inf)", "base_lr": "(0, inf)",
                          "adamerging_lr": "(0, inf)", "scaling": "[0, inf)", "temperature": "(0, inf)",
                          "batch_size": "[1, inf)"})
@@ -189,5 +184,3 @@ def concrete_adamerging(ctx, granularity: Literal["layer", "task"] = "layer", st
     return ctx.shared_model(fm.final_weights(final))
 
 
-for _fn in (concrete_task_arithmetic, concrete_adamerging):
-    _fn.__doc__ = (_fn.__doc__ or "") + _DEVIATIONS

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from mergebench.io import atomic_save_tensors, cache_root
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.methods.fisher import diagonal_fisher
 from mergebench.models import encoder_weights
 from mergebench.registry import Paper, register_method

@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from mergebench.context import MergeContext
-from mergebench.methods.baselines import cache_sized_parts
 from mergebench.pipeline import MethodCall
 from mergebench.registry import HyperparameterError, Paper, get_method, register_method
-from mergebench.weights import Weights
+from mergebench.weights import Weights, cache_sized_parts
 
 DARE = Paper("Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch", 2024,
              "2311.03099", "ICML", "https://github.com/yule-BUAA/MergeLM")

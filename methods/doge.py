@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.methods.ties import trim_top_k
 from mergebench.registry import Paper, register_method
 from mergebench.weights import Weights

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.methods.adaptive import (
-    AdaMergedModel, ExpertEmbeddings, FunctionalSharedModel, functional_merge_from_state, l1, single_encoder,
+    ExpertEmbeddings, FunctionalSharedModel, functional_merge_from_state, l1, single_encoder,
 )
-from mergebench.models import MergedModel, SharedModel, freeze
-from mergebench.registry import Paper, register_method
+from mergebench.models import AdaMergedModel, MergedModel, SharedModel, freeze
+from mergebench.registry import Paper, Variant, register_variants
 
 INTERVMERGE = Paper("Parameter-Efficient Interventions for Enhanced Model Merging", 2025, "2412.17023", "SDM",
                     "https://github.com/MarcinOsial/IntervMerge")
@@ -269,7 +269,7 @@ _HELP = {
     "slice_width": "dims each mini intervention acts on (official 64)",
 }
 
-_DEVIATIONS = """
+NOTES = """
 
     Budget: the official 500 iterations of 2 x 16 unlabeled test images per task (``--budget smoke``: 2
     iterations; for the mini variants also a 16-dim slice, which fits the micro suite's 32-wide encoder).
@@ -285,55 +285,35 @@ _DEVIATIONS = """
     """
 
 
-@register_method("intervmerge", display_name="IntervMerge", paper=INTERVMERGE, needs="unlabeled", adds_params=True,
-                 family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE, hyperparameter_help=_HELP,
-                 paper_budget=PAPER_BUDGET, smoke=SMOKE,
-                 ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
-                         "batches_per_task": "[1, inf)"})
-def intervmerge(ctx, base="task_arithmetic", rank: int = 1, steps: int = 500, lr: float = 1e-3,
-                batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
-    """IntervMerge: per task and per transformer block a rank-r NoReFT intervention
+@register_variants({
+    "intervmerge": Variant(
+        "IntervMerge", fixed={"kind": "full", "slice_width": 0, "desc": "IntervMerge"},   # the whole width
+        doc="""IntervMerge: per task and per transformer block a rank-r NoReFT intervention
     Phi(h) = h + W2^T((W1 h + b1) - (W2 h + b2)) on the CLS token of the attention output, before the residual
     add, trained to minimise the L1 distance between the final embedding and the task's expert embedding on
-    unlabeled test batches. Stores T * B * 2r(D + 1) parameters (147,648 for ViT-B/32, 8 tasks, r=1)."""
-    return train_interventions(ctx, base, InterventionTraining(
-        kind="full", rank=rank, steps=steps, lr=lr, batch_size=batch_size, batches_per_task=batches_per_task, joint=joint,
-        desc="IntervMerge", log_key="intervmerge"))
-
-
-@register_method("intervmerge_mini", display_name="IntervMerge (mini)", paper=INTERVMERGE, needs="unlabeled",
-                 adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI,
-                 ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
-                         "batches_per_task": "[1, inf)", "slice_width": "[1, inf)"})
-def intervmerge_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
-                     lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
-    """IntervMerge mini-interventions: the same NoReFT acting only on the first ``slice_width`` dims of the CLS
+    unlabeled test batches. Stores T * B * 2r(D + 1) parameters (147,648 for ViT-B/32, 8 tasks, r=1)."""),
+    "intervmerge_mini": Variant(
+        "IntervMerge (mini)", fixed={"kind": "mini", "desc": "IntervMerge mini"}, register={"smoke": SMOKE_MINI},
+        doc="""IntervMerge mini-interventions: the same NoReFT acting only on the first ``slice_width`` dims of the CLS
     attention output in every block (the rest unchanged), T * B * 2r(w + 1) parameters (12,480 for ViT-B/32 with
-    w=64). On mini8 (width 128) the official 64-dim slice is half of the width, not 1/12 as on ViT-B/32."""
-    return train_interventions(ctx, base, InterventionTraining(
-        kind="mini", rank=rank, slice_width=slice_width, steps=steps, lr=lr, batch_size=batch_size,
-        batches_per_task=batches_per_task, joint=joint, desc="IntervMerge mini", log_key="intervmerge_mini"))
-
-
-@register_method("intervmerge_efficient_mini", display_name="IntervMerge (efficient mini)", paper=INTERVMERGE,
-                 needs="unlabeled", adds_params=True, family="test-time adaptation", defaults_source=_DEFAULTS_SOURCE,
-                 hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE_MINI,
-                 ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
-                         "batches_per_task": "[1, inf)", "slice_width": "[1, inf)"})
-def intervmerge_efficient_mini(ctx, base="task_arithmetic", rank: int = 1, slice_width: int = 64, steps: int = 500,
-                               lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
-    """IntervMerge efficient mini-interventions (official ``miniInterv_best_efficient``): an input-independent
+    w=64). On mini8 (width 128) the official 64-dim slice is half of the width, not 1/12 as on ViT-B/32."""),
+    "intervmerge_efficient_mini": Variant(
+        "IntervMerge (efficient mini)", fixed={"kind": "efficient_mini", "desc": "IntervMerge efficient mini"},
+        register={"smoke": SMOKE_MINI},
+        doc="""IntervMerge efficient mini-interventions (official ``miniInterv_best_efficient``): an input-independent
     shift h + pad(R b) of the CLS attention output, R (w x r) with orthonormal columns (orthogonal init), b
     (r) initialised U[0, 1); block b owns the slice [b*w, (b+1)*w). T * B * r(w + 1) parameters (6,240 for
     ViT-B/32). Deviations: R is orthonormalised by Gram-Schmidt in the forward (same set of matrices as
     torch's orthogonal parametrisation, different optimisation path; traceable by fvcore), and the slices wrap
-    around when blocks x w exceeds the width (mini8: 6 x 64 > 128)."""
+    around when blocks x w exceeds the width (mini8: 6 x 64 > 128)."""),
+}, notes=NOTES, paper=INTERVMERGE, needs="unlabeled", adds_params=True, family="test-time adaptation",
+   defaults_source=_DEFAULTS_SOURCE, hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
+   ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
+           "batches_per_task": "[1, inf)", "slice_width": "[1, inf)"})
+def intervmerge(ctx, kind: str, desc: str, base="task_arithmetic", rank: int = 1, slice_width: int = 64,
+                steps: int = 500, lr: float = 1e-3, batch_size: int = 16, batches_per_task: int = 2, joint: bool = True):
+    """IntervMerge with interventions of ``kind`` (``desc``: its progress bar) on the merge ``base``."""
     return train_interventions(ctx, base, InterventionTraining(
-        kind="efficient_mini", rank=rank, slice_width=slice_width, steps=steps, lr=lr, batch_size=batch_size,
-        batches_per_task=batches_per_task, joint=joint, desc="IntervMerge efficient mini",
-        log_key="intervmerge_efficient_mini"))
-
-
-for _fn in (intervmerge, intervmerge_mini, intervmerge_efficient_mini):
-    _fn.__doc__ = (_fn.__doc__ or "") + _DEVIATIONS
+        kind=kind, rank=rank, slice_width=slice_width, steps=steps, lr=lr, batch_size=batch_size,
+        batches_per_task=batches_per_task, joint=joint, desc=desc,
+        log_key="intervmerge" if kind == "full" else f"intervmerge_{kind}"))

@@ -6,25 +6,11 @@ from typing import Literal
 
 import torch
 
-from mergebench.methods.activations import as_matrix, expert_sites, from_matrix, gram, psd_pinv, sq_norms
+from mergebench.activations import as_matrix, expert_sites, from_matrix, gram, lot_linear, sq_norms
 from mergebench.registry import Paper, register_method
 
 LOT = Paper("Towards Minimizing Feature Drift in Model Merging: Layer-wise Task Vector Fusion for Adaptive "
             "Knowledge Integration", 2025, "2505.23859", "NeurIPS", "https://github.com/SunWenJu123/model-merging")
-
-
-def lot_linear(task_matrices, grams, rtol: float = 1e-8) -> torch.Tensor:
-    """T* = (sum_k T_k G_k)(sum_k G_k)^+ for task matrices ``[out, in]`` and Gram matrices ``[in, in]`` (k = 1..K).
-
-    The minimizer of sum_k ||X_k T^T - X_k T_k^T||_F^2 (G_k = X_k^T X_k), computed in float64. Both arguments
-    are sequences (or stacked tensors); the sums are accumulated so only one Gram matrix is converted at a time.
-    """
-    num, den = 0, 0
-    for t, g in zip(task_matrices, grams):
-        g = g.to(torch.float64)
-        num = num + t.to(torch.float64) @ g
-        den = den + g
-    return num @ psd_pinv(den, rtol)
 
 
 def lot_norm_scale(deltas: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
@@ -62,7 +48,7 @@ def lot_merging(ctx, scaling: float = 1.2, n_exemplars: int = 64, rtol: float = 
     ln_post and the output projection proj (CLS token inputs) are solved in closed form as well.
 
     Layers are processed one at a time: the experts walk through the network in lock step (see
-    ``mergebench.methods.activations``), so only one layer's inputs are held. The pseudo-inverse is an
+    ``mergebench.activations``), so only one layer's inputs are held. The pseudo-inverse is an
     eigendecomposition of sum_k G_k in float64 with a relative eigenvalue cutoff ``rtol``.
 
     Deviations: the Gram matrices are normalized by the token count (identical to the paper's sum when every

@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
-from mergebench.methods.activations import as_matrix, expert_sites, from_matrix, gram, psd_pinv
+from mergebench.activations import as_matrix, expert_sites, from_matrix, gram, regmean_linear
 from mergebench.registry import Paper, register_method
 
 REGMEAN = Paper("Dataless Knowledge Fusion by Merging Weights of Language Models", 2023, "2212.09849", "ICLR",
                 "https://github.com/bloomberg/dataless-model-merging")
-
-
-def shrink_off_diagonal(g: torch.Tensor, alpha: float) -> torch.Tensor:
-    """G ⊙ (alpha * 11^T + (1 - alpha) * I): off-diagonal entries times alpha, the diagonal unchanged."""
-    return alpha * g + (1.0 - alpha) * torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
-
-
-def regmean_linear(task_matrices, grams, alpha: float = 0.95) -> torch.Tensor:
-    """(sum_k T_k G~_k)(sum_k G~_k)^-1 for ``[out, in]`` task matrices and ``[in, in]`` Grams (float64).
-
-    The closed form of min_W sum_k ||X_k W^T - X_k W_k^T||^2 with shrunk Grams. It is written on task
-    vectors T_k = W_k - W_0: since (sum_k W_0 G~_k)(sum_k G~_k)^-1 = W_0 this is the same solution, with less
-    cancellation. The inverse is the eigendecomposition pseudo-inverse (equal to the inverse when the
-    shrunk sum is invertible, which alpha < 1 ensures for any input with non-zero variance per dimension).
-    """
-    num, den = 0, 0
-    for t, g in zip(task_matrices, grams):
-        g = shrink_off_diagonal(g.to(torch.float64), alpha)
-        num = num + t.to(torch.float64) @ g
-        den = den + g
-    return num @ psd_pinv(den, 1e-12)
 
 
 @register_method(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Iterable, Literal
 
 import torch
 
-from mergebench.methods.activations import is_block_linear_weight
-from mergebench.methods.baselines import task_vector_sum
+from mergebench.activations import is_block_linear_weight
 from mergebench.registry import Paper, register_method
 from mergebench.weights import Weights
 
@@ -142,7 +142,7 @@ def wudi_merging(ctx, steps: int = 300, lr: float = 1e-5, others: Literal["pretr
         elif others == "pretrained":
             merged[key] = theta0_k
         else:
-            merged[key] = task_vector_sum(theta0_k, experts).div_(len(experts)).add_(theta0_k)
+            merged[key] = reduce(torch.Tensor.add_, (e - theta0_k for e in experts)).div_(len(experts)).add_(theta0_k)
     for shape, loss in final_loss.items():   # summed over the layers of one shape
         ctx.log(f"wudi_loss/{shape}", loss)
     return ctx.shared_model(merged)

@@ -24,7 +24,7 @@ import torch
 from mergebench.build import mini8 as build_mini8
 from mergebench.build import mini8_lora as build_lora
 from mergebench.io import cache_root
-from mergebench.run import run_method
+from mergebench.run import run_one
 from mergebench.suites.mini8 import CONFIGS, LORA_CONFIGS, Mini8Config, load_mini8, mini8_config_dict
 
 HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
@@ -54,7 +54,7 @@ def main():
            **({"lora": dataclasses.asdict(lora_cfg)} if args.lora is not None else {}), "cache_key": build_mini8.key(cfg),
            "build": suite.info["build"], "load_s": round(time.perf_counter() - t0, 1), "methods": {}}
     for method in HEADLINE + args.methods:
-        rec = run_method(method, suite, write=False, show_progress=False, count_flops=False)
+        rec = run_one(method, suite, write=False, show_progress=False, count_flops=False)
         if rec["status"] != "ok":
             out["methods"][method] = rec["status"]
             continue

@@ -11,7 +11,9 @@ import torch
 
 import mergebench
 from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.methods.adaptive import AdaMergedModel, FunctionalMerge, entropy, functional_merge
+from mergebench.functional import FunctionalMerge
+from mergebench.methods.adaptive import entropy, functional_merge
+from mergebench.models import AdaMergedModel
 from mergebench.methods.intervmerge import (
     EfficientMini, InterventionModel, MiniNoReFT, NoReFT, _orthonormal_columns, efficient_slice_start,
     intervention_param_count,
@@ -20,7 +22,7 @@ from mergebench.methods.surgery import SurgeryModel
 from mergebench.metrics import count_macs, model_macs, parameter_counts, tensor_bytes
 from mergebench.models import SharedModel, build_encoder, encoder_weights
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, run_method, seed_everything
+from mergebench.run import execute, run_one, seed_everything
 
 ADAPTIVE = ["adamerging_taskwise", "adamerging_layerwise", "adamerging_taskwise_pp", "adamerging_layerwise_pp",
             "surgery", "intervmerge", "intervmerge_mini", "intervmerge_efficient_mini"]
@@ -255,7 +257,7 @@ def test_joint_intervmerge_trains_the_adamerging_coefficients(micro):
 
 # ------------------------------------------------------------------ harness integration
 def test_pipeline_record_flops_and_params(micro, results_dir):
-    ta = run_method("task_arithmetic", micro, results_dir=results_dir, show_progress=False)
+    ta = run_one("task_arithmetic", micro, results_dir=results_dir, show_progress=False)
     assert ta["status"] == "ok"
     base_macs = ta["flops"]["mean"]
     d, r = micro.encoder_config["output_dim"], 16
@@ -269,13 +271,13 @@ def test_pipeline_record_flops_and_params(micro, results_dir):
             blocks * 16, intervention_param_count("efficient_mini", 3, blocks, width, 1, 16)),
     }
     for spec, (extra_macs, added) in cases.items():
-        rec = run_method(spec, micro, results_dir=results_dir, show_progress=False)
+        rec = run_one(spec, micro, results_dir=results_dir, show_progress=False)
         assert rec["status"] == "ok", rec.get("error")
         assert rec["params"]["added"] == added, spec
         assert rec["flops"]["mean"] == base_macs + extra_macs, spec  # the added modules' MACs are counted
         assert rec["method"]["adds_params"] is True
-    rec = run_method("surgery(base=adamerging_layerwise(steps=1), steps=1)", micro, results_dir=results_dir,
-                     show_progress=False)
+    rec = run_one("surgery(base=adamerging_layerwise(steps=1), steps=1)", micro, results_dir=results_dir,
+                  show_progress=False)
     assert rec["status"] == "ok", rec.get("error")
     assert rec["method"]["pipeline"].startswith("surgery(base=adamerging_layerwise(")
     assert set(rec["timing"]["stages_s"]) >= {"surgery", "adamerging_layerwise"}
@@ -296,9 +298,9 @@ def test_added_macs_per_task_match_model_macs(micro):
 
 def test_deterministic_under_a_seed(micro):
     spec = "intervmerge(base=adamerging_taskwise(steps=2), steps=2)"
-    a = run_method(spec, micro, seed=3, write=False, show_progress=False)
-    b = run_method(spec, micro, seed=3, write=False, show_progress=False)
-    c = run_method(spec, micro, seed=4, write=False, show_progress=False)
+    a = run_one(spec, micro, seed=3, write=False, show_progress=False)
+    b = run_one(spec, micro, seed=3, write=False, show_progress=False)
+    c = run_one(spec, micro, seed=4, write=False, show_progress=False)
     assert a["status"] == b["status"] == c["status"] == "ok"
     assert a["logs"] == b["logs"] and a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
     assert a["logs"]["intervmerge/loss"] != c["logs"]["intervmerge/loss"]
@@ -317,13 +319,13 @@ def test_methods_needing_data_refuse_without_it(micro, name):
 
 
 def test_missing_data_split_is_a_failed_record(micro):
-    rec = run_method("adamerging_taskwise(steps=1)", micro, unlabeled_split="nosuch", write=False,
-                     show_progress=False)
+    rec = run_one("adamerging_taskwise(steps=1)", micro, unlabeled_split="nosuch", write=False,
+                  show_progress=False)
     assert rec["status"] == "failed" and "nosuch" in rec["error"]
 
 
 def test_intervmerge_needs_a_single_shared_encoder(micro):
-    rec = run_method("intervmerge(base=individual, steps=1)", micro, write=False, show_progress=False)
+    rec = run_one("intervmerge(base=individual, steps=1)", micro, write=False, show_progress=False)
     assert rec["status"] == "failed" and "exactly one shared encoder" in rec["error"]
 
 
@@ -333,7 +335,7 @@ def test_intervmerge_needs_a_single_shared_encoder(micro):
 def test_vit_forward_equals_the_encoders_own_forward_and_gradients(micro, act):
     """The adaptation loops' forward (vit_forward) computes what functional_call on the open_clip skeleton does,
     values and gradients in the coefficients, for both activations."""
-    from mergebench.methods.adaptive import vit_forward, vit_forward_supports
+    from mergebench.functional import vit_forward, vit_forward_supports
     from mergebench.models import encoder_from_weights
 
     ctx = _ctx(micro)
@@ -359,7 +361,7 @@ def test_vit_forward_refuses_encoders_it_does_not_cover(micro):
     FunctionalMerge.embed falls back to the skeleton's own forward."""
     from open_clip.transformer import LayerScale
 
-    from mergebench.methods.adaptive import vit_forward_supports
+    from mergebench.functional import vit_forward_supports
 
     ctx = _ctx(micro)
     fm = functional_merge(ctx, "task", 0.3)
@@ -398,18 +400,21 @@ def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
 def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_dir):
     from mergebench.context import native_bf16
     from mergebench.errors import InputError
-    from mergebench.run import run_config
+    from mergebench.runspec import RunSpec
 
-    ada, ta = (MethodCall.parse(m).with_budget("smoke").resolve() for m in ("adamerging_taskwise", "task_arithmetic"))
-    assert run_config(ada, micro, precision="fp32") != run_config(ada, micro, precision="bf16")
-    assert run_config(ada, micro)["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # "auto", resolved
-    assert run_config(ta, micro, precision="fp32") == run_config(ta, micro, precision="bf16")  # it cannot change TA
-    rec = run_method("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, budget="smoke",
-                     precision="fp32")
+    def config(method, **settings):
+        return RunSpec.build(method, micro, budget="smoke", device="cpu", **settings).config()
+
+    ada, ta = "adamerging_taskwise", "task_arithmetic"
+    assert config(ada, precision="fp32") != config(ada, precision="bf16")
+    assert config(ada)["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # "auto", resolved
+    assert config(ta, precision="fp32") == config(ta, precision="bf16")  # it cannot change TA
+    rec = run_one("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, budget="smoke",
+                  precision="fp32")
     assert rec["status"] == "ok", rec.get("error")
     assert rec["precision"] == "fp32" and rec["config"]["precision"] == "fp32"
     with pytest.raises(InputError, match="unknown precision 'half'"):
-        run_method("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, precision="half")
+        run_one("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, precision="half")
 
 
 def test_auto_precision_reuses_a_record_of_either_precision_and_an_explicit_one_asks_for_its_own(micro, results_dir):
@@ -419,13 +424,13 @@ def test_auto_precision_reuses_a_record_of_either_precision_and_an_explicit_one_
     here = "bf16" if native_bf16("cpu") else "fp32"
     other = {"bf16": "fp32", "fp32": "bf16"}[here]
     kw = dict(results_dir=results_dir, show_progress=False, budget="smoke", count_flops=False)
-    made = run_method("adamerging_taskwise", micro, precision=other, **kw)
+    made = run_one("adamerging_taskwise", micro, precision=other, **kw)
     assert made["status"] == "ok" and not made.get("skipped")
-    reused = run_method("adamerging_taskwise", micro, **kw)  # precision "auto": resolves to `here`, reuses `other`
+    reused = run_one("adamerging_taskwise", micro, **kw)  # precision "auto": resolves to `here`, reuses `other`
     assert reused.get("skipped") and reused["precision"] == other and reused["config_hash"] == made["config_hash"]
-    own = run_method("adamerging_taskwise", micro, precision=here, **kw)  # explicit: runs at its own precision
+    own = run_one("adamerging_taskwise", micro, precision=here, **kw)  # explicit: runs at its own precision
     assert not own.get("skipped") and own["precision"] == here and own["config_hash"] != made["config_hash"]
-    assert run_method("adamerging_taskwise", micro, **kw)["config_hash"] == own["config_hash"]  # its own first
+    assert run_one("adamerging_taskwise", micro, **kw)["config_hash"] == own["config_hash"]  # its own first
 
 
 def test_cli_precision_option(micro, results_dir):

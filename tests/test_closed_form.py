@@ -11,14 +11,14 @@ import torch.nn.functional as F
 
 from mergebench.context import MergeContext
 from mergebench.metrics import parameter_counts, tensor_bytes
-from mergebench.methods.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
+from mergebench.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
 from mergebench.methods import cat as cat_module
 from mergebench.methods.cat import cat_linear_bases, cat_mask, cat_project
 from mergebench.methods.dare import dare_drop_
 from mergebench.methods.fisher import diagonal_fisher, fisher_average
 from mergebench.methods.iso import iso_c_matrix, iso_cts_matrix
-from mergebench.methods.lot import lot_linear, lot_norm_scale
-from mergebench.methods.regmean import regmean_linear, shrink_off_diagonal
+from mergebench.activations import lot_linear, regmean_linear, shrink_off_diagonal
+from mergebench.methods.lot import lot_norm_scale
 from mergebench.methods import tall as tall_module
 from mergebench.methods.tall import TallMaskModel, tall_mask
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
@@ -26,7 +26,7 @@ from mergebench.methods.tsv import tsv_matrix
 from mergebench.methods.wudi import wudi_loss, wudi_matrix, wudi_optimize, wudi_terms
 from mergebench.pipeline import MethodCall
 from mergebench.registry import get_method
-from mergebench.run import execute, run_method
+from mergebench.run import execute, run_one
 from mergebench.weights import Weights
 
 METHODS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "tall_masks", "consensus_ta",
@@ -546,8 +546,8 @@ def test_registered_with_paper_and_defaults_source():
     "iso_cts", "wudi_merging(steps=5)"])
 def test_runs_end_to_end_on_micro(micro, results_dir, spec):
     # FLOPs (fvcore tracing, seconds) only for the task-routing model; the shared encoders are all alike
-    rec = run_method(spec, micro, results_dir=results_dir, force=True, show_progress=False,
-                     count_flops=spec.startswith("tall_masks"))
+    rec = run_one(spec, micro, results_dir=results_dir, force=True, show_progress=False,
+                  count_flops=spec.startswith("tall_masks"))
     assert rec["status"] == "ok", rec.get("traceback")
     assert 0 <= rec["metrics"]["avg_accuracy"] <= 100
     if get_method(MethodCall.parse(spec).name).needs != "nothing" and "lam=" not in spec:

@@ -8,7 +8,7 @@ import torch
 from mergebench import cli
 from mergebench.diagnose import (DiagnoseSettings, _own_share, calibration, diagnose, low_rank, markdown, spearman,
                                  trimmed)
-from mergebench.methods.lot import lot_linear
+from mergebench.activations import lot_linear
 from mergebench.records import load_records
 from mergebench.weights import Weights
 

@@ -102,6 +102,16 @@ def test_readme_is_an_entry_point_whose_links_resolve():
             assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
 
 
+def test_readme_method_is_the_registered_task_arithmetic():
+    import inspect
+
+    from mergebench.registry import get_method
+
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("## A method", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert shown == inspect.getsource(get_method("task_arithmetic").fn)
+
+
 def _table_rows(text: str) -> dict[str, dict[str, str]]:
     """{method: {column: cell}} of the first Markdown table whose header starts with `Method`."""
     lines = [line for line in text.splitlines() if line.startswith("|")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergebench.context import DataNotDeclaredError, MergeContext
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.methods.doge import (
     doge, doge_loss, optimize_delta, project_off, shared_subspace_projector,
 )
@@ -15,7 +15,7 @@ from mergebench.methods.rmm import (
 )
 from mergebench.methods.ties import ties_merging
 from mergebench.registry import get_method
-from mergebench.run import run_method, seed_everything
+from mergebench.run import run_one, seed_everything
 
 FAST_RMM = "rmm(episodes=8, data_scale=0.25, batch_size=8)"
 
@@ -32,8 +32,8 @@ def _state(model):
 # ------------------------------------------------------------------ both, end to end
 @pytest.mark.parametrize("method", ["doge", FAST_RMM])
 def test_runs_end_to_end(micro, results_dir, method):
-    record = run_method(method, micro, results_dir=results_dir, device="cpu", show_progress=False,
-                        count_flops=False)
+    record = run_one(method, micro, results_dir=results_dir, device="cpu", show_progress=False,
+                     count_flops=False)
     assert record["status"] == "ok", record.get("error")
     assert all(0 <= a <= 100 for a in record["metrics"]["accuracy"].values())
     spec = get_method(record["method"]["name"])

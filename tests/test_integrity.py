@@ -25,7 +25,7 @@ from mergebench.io import cache_root
 from mergebench.models import SharedModel
 from mergebench.pipeline import MethodCall
 from mergebench.records import load_records, record_path, write_record
-from mergebench.run import run_many, run_method
+from mergebench.run import run_many, run_one
 from mergebench.suites import checkpoints, get_suite
 from mergebench.suites.real import zoo
 from mergebench.suites.base import Suite
@@ -35,25 +35,6 @@ from mergebench.weights import Weights
 # (what this change adds is imported inside the tests, so each test fails on its own on code without it)
 
 PAPER = registry.Paper("A probe", 2024, "0000.00000")
-
-
-@pytest.fixture
-def probe():
-    """Register probe methods for one test and remove them afterwards."""
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return registry.register_method(name, **kw)
-    yield register
-    for name in names:
-        registry.unregister_method(name)
-
-
-@pytest.fixture
-def fresh(micro):
-    """A micro suite of this test's own (loaded again from the cache), for probes that change it."""
-    return get_suite("micro", verbose=False)
 
 
 def _numbers(rec):
@@ -84,8 +65,8 @@ def test_an_expert_zeroed_in_place_changes_no_other_run_and_no_cache(fresh, micr
     mutated, ta = run_many(["probe_zero_experts", "task_arithmetic"], fresh, results_dir=results_dir,
                            count_flops=False)
     assert ta["status"] == "ok"
-    clean = run_method("task_arithmetic", get_suite("micro", verbose=False), results_dir=tmp_path / "clean",
-                       count_flops=False)
+    clean = run_one("task_arithmetic", get_suite("micro", verbose=False), results_dir=tmp_path / "clean",
+                    count_flops=False)
     assert _numbers(ta) == _numbers(clean)
     assert ta["config_hash"] == clean["config_hash"]
     cached = [json.loads(p.read_text()) for p in (cache_root() / "reference").glob("*.json")]
@@ -119,7 +100,7 @@ def test_a_method_that_changes_its_inputs_in_place_fails_and_the_suite_is_untouc
              "head": f"head {task!r}", "data": f"data test/{task} images"}[what]
     assert named in edited["error"]
     assert json.loads(open(edited["_path"]).read())["status"] == "failed"
-    clean = run_method("task_arithmetic", micro, results_dir=tmp_path / "clean", count_flops=False)
+    clean = run_one("task_arithmetic", micro, results_dir=tmp_path / "clean", count_flops=False)
     assert ta["status"] == "ok" and _numbers(ta) == _numbers(clean)
     assert _same_inputs(fresh, micro)
 
@@ -196,7 +177,7 @@ def _bad_json(rec):
 
 @pytest.mark.parametrize("damage", [_future, _string_schema, _no_metrics, _bad_json])
 def test_a_record_that_cannot_be_read_is_left_alone_named_and_skipped(micro, results_dir, damage):
-    first = run_method("task_arithmetic", micro, results_dir=results_dir, count_flops=False)
+    first = run_one("task_arithmetic", micro, results_dir=results_dir, count_flops=False)
     path = first["_path"]
     saved = {k: v for k, v in json.loads(open(path).read()).items()}
     text = damage(saved)
@@ -272,7 +253,7 @@ def test_an_unwritable_or_full_results_folder_fails_before_any_merge(micro, tmp_
     with pytest.raises(ResultsFolderError, match=f"results folder {not_a_folder}.* not writable"):
         run_many(["probe_counted"], micro, results_dir=not_a_folder)
     with pytest.raises(ResultsFolderError, match="not writable"):
-        run_method("probe_counted", micro, results_dir=not_a_folder)
+        run_one("probe_counted", micro, results_dir=not_a_folder)
     import shutil as _shutil
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: _shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
     with pytest.raises(ResultsFolderError, match=r"results folder .*full.* has 0 bytes free"):
@@ -376,7 +357,7 @@ def test_out_of_range_hyperparameters_are_refused_when_parsed(micro, results_dir
         with pytest.raises(HyperparameterError, match=msg):
             MethodCall.parse(spec).resolve()
     with pytest.raises(HyperparameterError, match=r"k=0.0 is outside"):
-        run_method("ties_merging", micro, results_dir=results_dir, tune={"k": ["10", "0"]})
+        run_one("ties_merging", micro, results_dir=results_dir, tune={"k": ["10", "0"]})
     with pytest.raises(HyperparameterError, match=r"k=0.0 is outside"):
         Sweep(["ties_merging"], suites=["micro"], grid={"k": [20, 0]}).calls()
     assert not results_dir.exists() or not list(results_dir.rglob("*.json"))
@@ -419,7 +400,7 @@ def test_an_expert_with_integer_or_non_finite_tensors_is_refused_at_load(micro, 
                   info=dict(micro.info))
     msg = "torch.int64, not floating point" if bad == "int64" else "non-finite values"
     with pytest.raises(InvalidExpertError, match=rf"expert {task!r} of suite 'micro-badexpert': tensor {key!r}.*{msg}"):
-        run_method("task_arithmetic", suite, results_dir=results_dir)
+        run_one("task_arithmetic", suite, results_dir=results_dir)
     rec, = run_many(["task_arithmetic"], suite, results_dir=results_dir)
     assert rec["status"] == "failed" and "InvalidExpertError" in rec["error"]
     assert not list(results_dir.rglob("*.json")), "no record blames the method"
@@ -559,7 +540,7 @@ def test_time_limits_that_are_not_positive_numbers_are_refused_when_parsed(value
 
 def test_a_time_limited_run_gives_the_numbers_of_one_without(micro, results_dir):
     """A limit changes who watches the worker, not what it computes."""
-    rec = run_method("task_arithmetic", micro, results_dir=results_dir, time_limit_s=300, count_flops=False)
-    clean = run_method("task_arithmetic", micro, results_dir=results_dir / "clean", count_flops=False)
+    rec = run_one("task_arithmetic", micro, results_dir=results_dir, time_limit_s=300, count_flops=False)
+    clean = run_one("task_arithmetic", micro, results_dir=results_dir / "clean", count_flops=False)
     assert rec["status"] == "ok", rec.get("error")
     assert _numbers(rec) == _numbers(clean)

@@ -69,17 +69,21 @@ def _rendered(tmp: Path) -> dict[str, str]:
         os.chdir(cwd)
 
 
-def test_leaderboards_are_byte_identical_to_the_reference(tmp_path):
-    from mergebench.registry import list_methods
-
-    assert "model_breadcrumbs" in list_methods(), \
-        "the example plugin must be installed (make test installs examples/mergebench-example-plugin)"
+def test_leaderboards_are_byte_identical_to_the_reference(tmp_path, repository_methods):
     rendered = stored(_rendered(tmp_path))
     expected = {str(p.relative_to(DATA / "expected")): p.read_bytes().decode("utf-8") for p in (DATA / "expected").rglob("*")
                 if p.is_file()}
     assert sorted(rendered) == sorted(expected)
     different = [name for name in expected if rendered[name] != expected[name]]
     assert not different, f"outputs differ from tests/data/leaderboard/expected: {different}"
+
+
+def test_the_reference_registry_holds_the_repository_methods_only(probe, request):
+    """What the golden test renders with: a method another installed plugin registers is not in it, the example
+    plugin (from its source) is."""
+    probe("foreign_plugin_probe", paper={"title": "A probe"})(lambda ctx: None)
+    methods = request.getfixturevalue("repository_methods")
+    assert "foreign_plugin_probe" not in methods and "model_breadcrumbs" in methods and "ties_merging" in methods
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ HOSTILE_NAME = "<img src=x onerror=alert(1)> a|b & $x_1^2$ 100% #1 {c} ~ \\d"
 
 def _hostile(micro_results):
     def change(rec):
-        rec["method"]["display_name"] = HOSTILE_NAME
+        rec["method"]["display_name"] = rec["method"]["label"] = HOSTILE_NAME
     _edit(micro_results / "micro" / VICTIM, change)
 
     def fail(rec):

@@ -12,11 +12,10 @@ import mergebench
 from mergebench.context import DataNotDeclaredError, MergeContext
 from mergebench.methods.adarank import RankMaskedMerge, is_low_rank_key
 from mergebench.methods.concrete import ConcreteMask, rescaled
-from mergebench.methods.adaptive import (
-    FunctionalMerge, entropy, functional_merge, minimize_entropy, unlabeled_streams,
-)
+from mergebench.functional import FunctionalMerge
+from mergebench.methods.adaptive import entropy, functional_merge, minimize_entropy, unlabeled_streams
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, run_method, seed_everything
+from mergebench.run import execute, run_one, seed_everything
 
 METHODS = ["adarank", "adarank_cart", "concrete_task_arithmetic", "concrete_adamerging"]
 FAST = {"adarank": "steps=3", "adarank_cart": "steps=3", "concrete_task_arithmetic": "steps=3",
@@ -210,9 +209,9 @@ def test_refuses_undeclared_data(micro, name):
 @pytest.mark.parametrize("name", METHODS)
 def test_runs_end_to_end_deterministically(micro, name):
     spec = f"{name}({FAST[name]})"
-    a = run_method(spec, micro, seed=3, write=False, show_progress=False)
-    b = run_method(spec, micro, seed=3, write=False, show_progress=False)
-    c = run_method(spec, micro, seed=4, write=False, show_progress=False)
+    a = run_one(spec, micro, seed=3, write=False, show_progress=False)
+    b = run_one(spec, micro, seed=3, write=False, show_progress=False)
+    c = run_one(spec, micro, seed=4, write=False, show_progress=False)
     assert a["status"] == b["status"] == c["status"] == "ok", a.get("error")
     assert a["params"]["added"] == 0
     assert a["data_used"] and all(d["kind"] == "unlabeled" for d in a["data_used"])

@@ -14,15 +14,10 @@ from mergebench import MergeContext, leaderboard
 from mergebench.lora import OPEN_CLIP_TARGETS, LoraFactor
 from mergebench.methods.copa import NO_LORA, copa_merge_factors, copa_merging
 from mergebench.registry import get_method, unmet_requirements
-from mergebench.run import run_method
+from mergebench.run import run_one
 from mergebench.suites import checkpoints, get_suite
 from mergebench.suites.real import zoo
 from mergebench.suites.base import NoLoraExpertsError
-
-
-@pytest.fixture(scope="module")
-def micro_lora(_isolated_cache):
-    return get_suite("micro-lora", verbose=False)
 
 
 def _adapted(name: str) -> bool:
@@ -132,18 +127,18 @@ def test_copa_on_one_expert_without_pruning_returns_that_expert(micro_lora):
 
 
 def test_copa_runs_end_to_end_and_the_leaderboard_says_lora(micro_lora, results_dir):
-    rec = run_method("copa_merging", micro_lora, results_dir=results_dir, device="cpu", show_progress=False)
+    rec = run_one("copa_merging", micro_lora, results_dir=results_dir, device="cpu", show_progress=False)
     assert rec["status"] == "ok", rec.get("error")
     assert rec["params"]["added"] == 0 and rec["suite"]["name"] == "micro-lora"
     assert rec["suite"]["experts"].startswith("LoRA r=2")
-    ta = run_method("task_arithmetic", micro_lora, results_dir=results_dir, device="cpu", show_progress=False)
+    ta = run_one("task_arithmetic", micro_lora, results_dir=results_dir, device="cpu", show_progress=False)
     assert ta["status"] == "ok"
     md = leaderboard.render(results_dir, "micro-lora")
     assert "CoPA-Merging" in md and "Experts: LoRA r=2" in md
 
 
 def test_copa_needs_lora_experts(micro, results_dir):
-    rec = run_method("copa_merging", micro, results_dir=results_dir, device="cpu", show_progress=False)
+    rec = run_one("copa_merging", micro, results_dir=results_dir, device="cpu", show_progress=False)
     assert rec["status"] == "failed" and NO_LORA in rec["error"]
     with pytest.raises(NoLoraExpertsError, match="no LoRA experts"):
         MergeContext(micro).lora_factors(micro.tasks[0])
@@ -272,7 +267,7 @@ def test_real_suite_with_peft_experts_runs_copa(tiny, tmp_path, results_dir):
     _manifest(folder, cfg, experts)
     suite = get_suite("real", manifest=folder / "manifest.yaml", data_root=tmp_path / "data", verbose=False)
     assert suite.has_lora and suite.info["experts"] == "LoRA (PEFT adapters)"
-    rec = run_method("copa_merging", suite, results_dir=results_dir, device="cpu", show_progress=False)
+    rec = run_one("copa_merging", suite, results_dir=results_dir, device="cpu", show_progress=False)
     assert rec["status"] == "ok", rec.get("error")
 
 

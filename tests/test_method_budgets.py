@@ -16,7 +16,6 @@ from mergebench.conformance import check_method
 from mergebench.pipeline import MethodCall
 from mergebench.registry import HyperparameterError, get_method, list_methods
 from mergebench.run import run_many
-from mergebench.suites import get_suite
 
 BUILT_INS = [n for n in list_methods() if get_method(n).source == "built-in"]
 
@@ -24,11 +23,6 @@ BUILT_INS = [n for n in list_methods() if get_method(n).source == "built-in"]
 # in register_method(..., paper_budget=...): steps / episodes, and anything ending in _steps, _episodes,
 # _exemplars, _examples or _images (n_exemplars, adamerging_steps, val_images, fisher_examples).
 BUDGET_NAME = re.compile(r"^(steps|episodes)$|_(steps|episodes|exemplars|examples|images)$")
-
-
-@pytest.fixture(scope="module")
-def micro_lora(_isolated_cache):
-    return get_suite("micro-lora", verbose=False)
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -33,8 +33,8 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, micro, results_
         spec = registry.get_method("halfway_probe")
         assert spec.source.startswith("plugin") and spec.display_name == "Halfway (plugin)"
         assert "halfway_probe" in registry.list_methods("halfway*")
-        from mergebench.run import run_method
-        rec = run_method("halfway_probe", micro, results_dir=results_dir)
+        from mergebench.run import run_one
+        rec = run_one("halfway_probe", micro, results_dir=results_dir)
         assert rec["status"] == "ok" and rec["method"]["source"].startswith("plugin")
     finally:
         registry.unregister_method("halfway_probe")

@@ -402,10 +402,10 @@ def _open_clip_accuracy(world, visual, task, suite):
 
 
 def test_merge_evaluate_record_with_two_methods(world, suite, results_dir):
-    from mergebench.run import run_method
+    from mergebench.run import run_one
 
-    rec = run_method("task_arithmetic", suite, results_dir=results_dir, device="cpu", show_progress=False,
-                     count_flops=False)
+    rec = run_one("task_arithmetic", suite, results_dir=results_dir, device="cpu", show_progress=False,
+                  count_flops=False)
     assert rec["status"] == "ok", rec.get("error")
     assert rec["suite"]["name"] == "real-tiny"
     assert rec["suite"]["checkpoints"]["backbone"] == checkpoints.sha256_of(world.manifest.parent / "backbone.pt")
@@ -414,7 +414,7 @@ def test_merge_evaluate_record_with_two_methods(world, suite, results_dir):
     for task in ("GTSRB", "EuroSAT", "MNIST"):
         expected, n = _open_clip_accuracy(world, merged, task, suite)
         assert abs(rec["metrics"]["accuracy"][task] - expected) <= 100.0 / n + 1e-9, task
-    ties = run_method("ties_merging", suite, results_dir=results_dir, device="cpu", show_progress=False, count_flops=False)
+    ties = run_one("ties_merging", suite, results_dir=results_dir, device="cpu", show_progress=False, count_flops=False)
     assert ties["status"] == "ok", ties.get("error")
     assert Path(ties["_path"]).exists() and ties["config_hash"] != rec["config_hash"]
     assert ties["metrics"]["reference_accuracy"] == rec["metrics"]["reference_accuracy"]
@@ -525,7 +525,7 @@ def _refile(rec: dict, folder: Path, filename: str, **suite_fields) -> dict:
 
 def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(world, suite, tmp_path):
     from mergebench import leaderboard
-    from mergebench.run import run_method
+    from mergebench.run import run_one
 
     eight = list(cardlib.REAL_TASKS)
     from mergebench.suites import real as real_suite
@@ -539,8 +539,8 @@ def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(worl
         get_method(name)
     assert real_suite.published(None, eight) == [] and real_suite.published("ViT-B-32", eight[:3]) == []
     assert real_suite.published("ViT-B-32", eight, quick_gelu=False) == []  # a GELU backbone is another model
-    rec = run_method("task_arithmetic", suite, results_dir=tmp_path / "r", device="cpu", show_progress=False,
-                     count_flops=False)
+    rec = run_one("task_arithmetic", suite, results_dir=tmp_path / "r", device="cpu", show_progress=False,
+                  count_flops=False)
     assert rec["suite"]["model"] == {"name": None, "open_clip": None, "quick_gelu": True}  # a model_config manifest
     assert "Published numbers" not in leaderboard.render(tmp_path / "r", "real-tiny")
     # the fixtures' splits are far smaller than the cards': the run says so, and is never beside published numbers
@@ -568,13 +568,13 @@ def test_published_numbers_follow_the_model_and_task_set_not_the_suite_name(worl
 
 def test_a_task_subset_run_is_kept_apart_from_the_full_rows(world, suite, tmp_path):
     from mergebench import leaderboard
-    from mergebench.run import run_method
+    from mergebench.run import run_one
 
     results = tmp_path / "r"
-    full = run_method("task_arithmetic", suite, results_dir=results, device="cpu", show_progress=False,
-                      count_flops=False)
-    wa = run_method("weight_averaging", suite, results_dir=results, device="cpu", show_progress=False,
-                    count_flops=False)
+    full = run_one("task_arithmetic", suite, results_dir=results, device="cpu", show_progress=False,
+                   count_flops=False)
+    wa = run_one("weight_averaging", suite, results_dir=results, device="cpu", show_progress=False,
+                 count_flops=False)
     assert full["status"] == wa["status"] == "ok"
     b32 = {"name": "ViT-B-32", "open_clip": "ViT-B-32", "quick_gelu": True}
     for r, name in ((full, "ta.json"), (wa, "wa.json")):  # as if on complete data (the fixtures' splits are small)
@@ -624,14 +624,14 @@ def test_torchscript_backbone_file_is_read(world, tmp_path):
 
 def test_a_run_caches_only_the_splits_it_reads_and_data_check_says_the_space(world, tmp_path, monkeypatch, capsys):
     from mergebench.cli import _gb, main
-    from mergebench.run import run_method
+    from mergebench.run import run_one
     from mergebench.suites import get_suite
 
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
     s = get_suite("real", manifest=world.manifest, data_root=world.data, trust_pickle=True, verbose=False,
                   tasks=["MNIST", "DTD"])
-    assert run_method("task_arithmetic", s, results_dir=tmp_path / "r", device="cpu", show_progress=False,
-                      count_flops=False)["status"] == "ok"
+    assert run_one("task_arithmetic", s, results_dir=tmp_path / "r", device="cpu", show_progress=False,
+                   count_flops=False)["status"] == "ok"
 
     def cached(task):
         return sorted(p.name.split(".")[0] for p in imagecache.cache_dir(world.cards[task], world.data, 32).glob("*.meta.json"))

@@ -12,25 +12,12 @@ import time
 import pytest
 import torch
 
-from mergebench import MergedModel, leaderboard, registry
+from mergebench import MergedModel, leaderboard
 from mergebench.records import load_records, write_record
-from mergebench.run import ArchitectureMismatchError, run_many, run_method
+from mergebench.run import ArchitectureMismatchError, run_many, run_one
 from mergebench.suites import get_suite
 from mergebench.suites.base import Suite
 from mergebench.weights import Weights
-
-
-@pytest.fixture
-def probe():
-    """Register probe methods for one test and remove them afterwards."""
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return registry.register_method(name, **kw)
-    yield register
-    for name in names:
-        registry.unregister_method(name)
 
 
 def test_a_method_over_its_time_limit_is_recorded_as_failed(micro, results_dir, probe):
@@ -42,14 +29,14 @@ def test_a_method_over_its_time_limit_is_recorded_as_failed(micro, results_dir, 
         return ctx.shared_model(ctx.pretrained_weights)
 
     start = time.monotonic()
-    rec = run_method("slow_probe", micro, results_dir=results_dir, time_limit_s=0.5)
+    rec = run_one("slow_probe", micro, results_dir=results_dir, time_limit_s=0.5)
     assert time.monotonic() - start < 30, "the merge was interrupted, not waited out"
     assert rec["status"] == "failed" and "MethodTimeout" in rec["error"] and "time limit of 0.5 s" in rec["error"]
     assert rec["time_limit_s"] == 0.5
     saved = json.loads(open(rec["_path"]).read())
     assert saved["status"] == "failed"
     # the alarm is gone afterwards: a fast method under the same limit succeeds, and nothing fires later
-    ok = run_method("slow_probe(seconds=0.0)", micro, results_dir=results_dir, time_limit_s=30)
+    ok = run_one("slow_probe(seconds=0.0)", micro, results_dir=results_dir, time_limit_s=30)
     assert ok["status"] == "ok"
     assert "slow_probe" in leaderboard.render(results_dir, micro.name).split("## Failed runs")[1]
 
@@ -62,8 +49,8 @@ def test_time_limit_holds_off_the_main_thread_too(micro, results_dir, probe):
         return ctx.shared_model(ctx.pretrained_weights)
 
     out = []
-    t = threading.Thread(target=lambda: out.append(run_method("sleepy_probe", micro, results_dir=results_dir,
-                                                              time_limit_s=0.5, count_flops=False)))
+    t = threading.Thread(target=lambda: out.append(run_one("sleepy_probe", micro, results_dir=results_dir,
+                                                           time_limit_s=0.5, count_flops=False)))
     t.start()
     t.join(120)
     assert out and out[0]["status"] == "failed" and "exceeded its time limit of 0.5 s" in out[0]["error"]
@@ -86,7 +73,7 @@ def test_non_finite_outputs_fail_the_run(micro, results_dir, probe):
     def overflow(ctx):
         return _Overflow(ctx.encoder())
 
-    rec = run_method("overflow_probe", micro, results_dir=results_dir, count_flops=False)
+    rec = run_one("overflow_probe", micro, results_dir=results_dir, count_flops=False)
     assert rec["status"] == "failed"
     assert "non-finite or out-of-range accuracy" in rec["error"] and "non-finite outputs" in rec["error"]
 
@@ -110,7 +97,7 @@ def _mismatched(micro, task, how):
 def test_mismatched_expert_architectures_say_what_to_do(micro, results_dir, how):
     bad = _mismatched(micro, micro.tasks[1], how)
     with pytest.raises(ArchitectureMismatchError) as err:
-        run_method("task_arithmetic", bad, results_dir=results_dir)
+        run_one("task_arithmetic", bad, results_dir=results_dir)
     msg = str(err.value)
     assert f"expert {micro.tasks[1]!r}" in msg and "mlp.c_fc.weight" in msg and "same pretrained backbone" in msg
     assert ("shape" in msg) == (how == "shape") and ("missing" in msg) == (how == "missing")
@@ -185,7 +172,7 @@ def test_a_killed_writer_leaves_no_partial_record(results_dir):
 
 
 def test_corrupt_and_foreign_record_files_are_reported_not_dropped(micro, results_dir):
-    rec = run_method("pretrained", micro, results_dir=results_dir, count_flops=False)
+    rec = run_one("pretrained", micro, results_dir=results_dir, count_flops=False)
     folder = results_dir / micro.name
     (folder / "empty.json").write_text("")
     (folder / "truncated.json").write_text(open(rec["_path"]).read()[:100])

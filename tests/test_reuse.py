@@ -8,7 +8,7 @@ import torch
 from mergebench import basecache
 from mergebench.context import MergeContext
 from mergebench.pipeline import MethodCall
-from mergebench.run import execute, run_method
+from mergebench.run import execute, run_one
 
 
 def _ctx(suite, seed=0):
@@ -68,19 +68,19 @@ def test_a_cached_base_gives_the_addon_what_a_fresh_base_gives(micro, monkeypatc
 def test_the_base_cache_survives_the_process_and_keys_on_the_seed(micro, results_dir):
     basecache.clear_memory()
     spec = "surgery(base=adamerging_taskwise(steps=2), steps=2)"
-    first = run_method(spec, micro, results_dir=results_dir, show_progress=False, count_flops=False)
+    first = run_one(spec, micro, results_dir=results_dir, show_progress=False, count_flops=False)
     basecache.clear_memory()  # only the disk copy is left
-    again = run_method(spec, micro, results_dir=results_dir, show_progress=False, count_flops=False, force=True)
+    again = run_one(spec, micro, results_dir=results_dir, show_progress=False, count_flops=False, force=True)
     assert again["timing"]["cached_bases"] and not first["timing"]["cached_bases"]
     assert again["metrics"]["accuracy"] == first["metrics"]["accuracy"]
     assert again["data_used"] == first["data_used"]
-    other_seed = run_method(spec, micro, results_dir=results_dir, show_progress=False, count_flops=False, seed=1)
+    other_seed = run_one(spec, micro, results_dir=results_dir, show_progress=False, count_flops=False, seed=1)
     assert not other_seed["timing"]["cached_bases"]
 
 
 def test_records_carry_loop_rates(micro, results_dir):
-    rec = run_method("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, count_flops=False,
-                     budget="smoke")
+    rec = run_one("adamerging_taskwise", micro, results_dir=results_dir, show_progress=False, count_flops=False,
+                  budget="smoke")
     loop = rec["timing"]["loops"]["AdaMerging (task-wise)"]
     assert loop["steps"] == 2 and loop["steps_per_s"] > 0
     assert rec["budget"] == {"requested": "smoke", "below_paper": ["adamerging_taskwise: steps=2 < 500"]}

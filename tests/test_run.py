@@ -9,13 +9,13 @@ import torch
 from mergebench import leaderboard, registry
 from mergebench.context import DataNotDeclaredError, MergeContext
 from mergebench.records import load_records
-from mergebench.run import run_many, run_method
+from mergebench.run import run_many, run_one
 
 BASELINES = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging"]
 
 
 def test_record_has_every_measurement(micro, results_dir):
-    rec = run_method("task_arithmetic", micro, results_dir=results_dir)
+    rec = run_one("task_arithmetic", micro, results_dir=results_dir)
     assert rec["status"] == "ok"
     saved = json.loads(open(rec["_path"]).read())
     for key in ["schema", "config_hash", "method", "suite", "seed", "metrics", "params", "flops", "timing", "env"]:
@@ -29,19 +29,19 @@ def test_record_has_every_measurement(micro, results_dir):
 
 
 def test_individual_is_the_normalization_reference(micro, results_dir):
-    rec = run_method("individual", micro, results_dir=results_dir)
+    rec = run_one("individual", micro, results_dir=results_dir)
     assert all(math.isclose(v, 100.0) for v in rec["metrics"]["normalized_accuracy"].values())
     n_backbone = rec["params"]["backbone"]
     assert rec["params"]["added"] == (len(micro.tasks) - 1) * n_backbone
 
 
 def test_resume_skips_finished_configurations(micro, results_dir):
-    first = run_method("weight_averaging", micro, results_dir=results_dir)
-    again = run_method("weight_averaging", micro, results_dir=results_dir)
+    first = run_one("weight_averaging", micro, results_dir=results_dir)
+    again = run_one("weight_averaging", micro, results_dir=results_dir)
     assert again.get("skipped") and again["config_hash"] == first["config_hash"]
-    forced = run_method("weight_averaging", micro, results_dir=results_dir, force=True)
+    forced = run_one("weight_averaging", micro, results_dir=results_dir, force=True)
     assert not forced.get("skipped")
-    other_seed = run_method("weight_averaging", micro, results_dir=results_dir, seed=1)
+    other_seed = run_one("weight_averaging", micro, results_dir=results_dir, seed=1)
     assert other_seed["config_hash"] != first["config_hash"]
 
 
@@ -120,7 +120,7 @@ def test_context_serves_only_declared_data(micro):
 
 
 def test_validation_selection_is_recorded(micro, results_dir):
-    rec = run_method("task_arithmetic", micro, results_dir=results_dir, tune={"scaling": ["0.1", "0.5"]})
+    rec = run_one("task_arithmetic", micro, results_dir=results_dir, tune={"scaling": ["0.1", "0.5"]})
     assert rec["status"] == "ok"
     sel = rec["selection"]
     assert sel["protocol"].startswith("validation") and len(sel["grid"]) == 2

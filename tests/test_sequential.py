@@ -9,7 +9,7 @@ import torch
 from mergebench import leaderboard, register_method
 from mergebench.methods.continual import opcm_project, pam_coefficient
 from mergebench.registry import Paper, unregister_method
-from mergebench.run import run_method
+from mergebench.run import run_one
 from mergebench.sequential import FutureExpertError, SequentialContext, task_orders
 from mergebench.weights import Weights
 
@@ -17,8 +17,8 @@ PROBE = Paper("A probe", 2026, "0000.00000")
 
 
 def _run(method, micro, results_dir, **kw):
-    return run_method(method, micro, results_dir=results_dir, device="cpu", show_progress=False,
-                      **{"protocol": "sequential", "orders": 2, "count_flops": False, **kw})
+    return run_one(method, micro, results_dir=results_dir, device="cpu", show_progress=False,
+                   **{"protocol": "sequential", "orders": 2, "count_flops": False, **kw})
 
 
 def test_context_refuses_future_experts_and_data(micro):
@@ -180,9 +180,9 @@ def test_failing_sequential_method_is_recorded_and_suite_goes_on(micro, results_
 
 def test_bad_protocol_requests_are_clear_errors(micro, results_dir):
     with pytest.raises(ValueError, match="--protocol sequential"):
-        run_method("opcm", micro, results_dir=results_dir, protocol="one-shot")
+        run_one("opcm", micro, results_dir=results_dir, protocol="one-shot")
     with pytest.raises(ValueError, match="cannot run under the sequential protocol"):
-        run_method("fisher_merging", micro, results_dir=results_dir, protocol="sequential")
+        run_one("fisher_merging", micro, results_dir=results_dir, protocol="sequential")
     with pytest.raises(ValueError, match="at least 1"):
         task_orders(micro.tasks, 0)
 

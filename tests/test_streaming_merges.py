@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mergebench.context import MergeContext
-from mergebench.methods.activations import is_block_linear_weight
+from mergebench.activations import is_block_linear_weight
 from mergebench.methods.iso import iso_c_matrix
 from mergebench.methods.tsv import tsv_matrix
 from mergebench.pipeline import MethodCall
@@ -37,7 +37,7 @@ def _merged(suite, spec: str) -> Weights:
 
 # ------------------------------------------------------------------ frozen whole-model references
 def _ref_task_arithmetic(ctx, scaling=0.3):
-    return ctx.pretrained_weights + scaling * sum(ctx.task_vectors().values())
+    return ctx.pretrained_weights + scaling * sum(ctx.task_vector(t) for t in ctx.tasks)   # every tau_t whole
 
 
 def _ref_weight_averaging(ctx):

@@ -12,7 +12,7 @@ from mergebench import leaderboard
 from mergebench.cli import main
 from mergebench.context import MergeContext
 from mergebench.evaluate import evaluate
-from mergebench.run import run_method
+from mergebench.run import run_one
 from mergebench.suites import SUITES, get_suite
 from mergebench.suites.synthetic import SYNTHETIC, split_sizes
 
@@ -66,7 +66,7 @@ def test_bad_fraction_and_encoder_are_clear_errors(capsys):
 
 def test_run_records_say_synthetic_and_the_leaderboard_shows_no_accuracy(tiny, results_dir):
     for spec in ("task_arithmetic", "weight_averaging"):
-        rec = run_method(spec, tiny, results_dir=results_dir, device="cpu", show_progress=False, count_flops=False)
+        rec = run_one(spec, tiny, results_dir=results_dir, device="cpu", show_progress=False, count_flops=False)
         assert rec["status"] == "ok", rec.get("traceback")
         assert rec["suite"]["synthetic"] is True and rec["suite"]["fraction"] == 0.002
         timing = rec["timing"]
@@ -83,10 +83,10 @@ def test_run_records_say_synthetic_and_the_leaderboard_shows_no_accuracy(tiny, r
 
 
 def test_synthetic_records_beside_real_ones_never_enter_the_accuracy_table(micro, tiny, results_dir):
-    run_method("task_arithmetic", micro, results_dir=results_dir, device="cpu", show_progress=False,
-               count_flops=False)
-    rec = run_method("weight_averaging", tiny, results_dir=results_dir, device="cpu", show_progress=False,
-                     count_flops=False)
+    run_one("task_arithmetic", micro, results_dir=results_dir, device="cpu", show_progress=False,
+            count_flops=False)
+    rec = run_one("weight_averaging", tiny, results_dir=results_dir, device="cpu", show_progress=False,
+                  count_flops=False)
     # a synthetic record filed under micro's folder (as a mistaken --results layout would)
     moved = results_dir / "micro" / "synthetic-weight_averaging.json"
     moved.write_text(Path(rec["_path"]).read_text())

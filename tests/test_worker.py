@@ -21,7 +21,7 @@ import torch
 
 from mergebench import conformance, registry
 from mergebench.io import cache_root
-from mergebench.run import run_many, run_method
+from mergebench.run import run_many, run_one
 from mergebench.suites import get_suite
 from mergebench.suites.base import Suite, TaskData
 
@@ -29,20 +29,9 @@ PAPER = registry.Paper("A probe", 2024, "0000.00000")
 
 
 @pytest.fixture
-def probe():
-    names = []
-
-    def register(name, **kw):
-        names.append(name)
-        return registry.register_method(name, display_name=name, paper=PAPER, **kw)
-    yield register
-    for name in names:
-        registry.unregister_method(name)
-
-
-@pytest.fixture
-def fresh(micro):
-    return get_suite("micro", verbose=False)
+def probe(probe):
+    """conftest's probe, with a display name and a paper."""
+    return lambda name, **kw: probe(name, display_name=name, paper=PAPER, **kw)
 
 
 def _suites() -> list[Suite]:
@@ -58,8 +47,8 @@ def _numbers(rec):
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, micro):
     """Task Arithmetic's record from a clean process state (what every run after a probe must equal)."""
-    return run_method("task_arithmetic", get_suite("micro", verbose=False),
-                      results_dir=tmp_path_factory.mktemp("clean"), count_flops=False)
+    return run_one("task_arithmetic", get_suite("micro", verbose=False),
+                   results_dir=tmp_path_factory.mktemp("clean"), count_flops=False)
 
 
 def _check(report, name):
@@ -97,7 +86,7 @@ def test_a_time_limited_run_fills_no_cache_from_the_method_process(clean, fresh,
         return ctx.shared_model(ctx.pretrained_weights)
 
     shutil.rmtree(cache_root() / "reference", ignore_errors=True)
-    run_method("probe_tamper_norm_limited", fresh, results_dir=results_dir, count_flops=False, time_limit_s=120)
+    run_one("probe_tamper_norm_limited", fresh, results_dir=results_dir, count_flops=False, time_limit_s=120)
     cached = [json.loads(p.read_text()) for p in (cache_root() / "reference").glob("*.json")]
     assert cached == [clean["metrics"]["reference_accuracy"]]
 
@@ -240,7 +229,7 @@ def test_threads_and_processes_a_method_leaves_end_with_it(clean, fresh, results
     child = int(left["logs"]["child"][0])
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
-    again = run_method("task_arithmetic", fresh, results_dir=tmp_path / "again", count_flops=False)
+    again = run_one("task_arithmetic", fresh, results_dir=tmp_path / "again", count_flops=False)
     assert _numbers(ta) == _numbers(again) == _numbers(clean)
     report = conformance.check_method("probe_leftovers", time_limit_s=120)
     assert _check(report, "leaves nothing running").status == conformance.FAIL
@@ -265,9 +254,9 @@ def test_sigterm_to_a_time_limited_run_leaves_no_worker(tmp_path, micro):
         sys.path.insert(0, {str(tmp_path)!r})
         import sleeper_probe
         from mergebench.suites import get_suite
-        from mergebench.run import run_method
-        run_method("probe_sleeper", get_suite("micro", verbose=False), results_dir={str(tmp_path / "r")!r},
-                   time_limit_s=300, count_flops=False)
+        from mergebench.run import run_one
+        run_one("probe_sleeper", get_suite("micro", verbose=False), results_dir={str(tmp_path / "r")!r},
+                time_limit_s=300, count_flops=False)
     """))
     harness = subprocess.Popen([sys.executable, str(script)], env={**os.environ})
     deadline = time.monotonic() + 240
@@ -298,7 +287,7 @@ def test_the_worker_holds_the_inputs_copy_on_write(fresh, results_dir, probe):
         return ctx.shared_model(ctx.pretrained_weights)
 
     before = {k: v.clone() for k, v in fresh.expert_weights(fresh.tasks[0]).items()}
-    rec = run_method("probe_zero_streamed", fresh, results_dir=results_dir, count_flops=False)
+    rec = run_one("probe_zero_streamed", fresh, results_dir=results_dir, count_flops=False)
     assert rec["status"] == "failed" and rec["error"].startswith("InputsModifiedError: probe_zero_streamed")
     assert all(torch.equal(before[k], v) for k, v in fresh.expert_weights(fresh.tasks[0]).items())
 
@@ -316,7 +305,7 @@ def test_a_memory_limit_is_enforced_from_outside(fresh, results_dir, probe):
             except BaseException:  # noqa: BLE001 - it catches everything it can
                 pass
 
-    rec = run_method("probe_hog", fresh, results_dir=results_dir, count_flops=False, memory_limit_mb=2000)
+    rec = run_one("probe_hog", fresh, results_dir=results_dir, count_flops=False, memory_limit_mb=2000)
     assert rec["status"] == "failed" and "exceeded its memory limit of 2000 MB" in rec["error"]
     assert rec["memory_limit_mb"] == 2000
 
@@ -337,6 +326,6 @@ def test_a_message_that_would_run_code_in_the_harness_is_refused(fresh, results_
             conn.send(("result", _Forged()))
         os._exit(0)
 
-    rec = run_method("probe_forge", fresh, results_dir=results_dir, count_flops=False)
+    rec = run_one("probe_forge", fresh, results_dir=results_dir, count_flops=False)
     assert rec["status"] == "failed" and rec["error"].startswith("WorkerMessageRefused")
     assert "posix.getcwd" in rec["error"]

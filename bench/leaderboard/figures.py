@@ -11,7 +11,7 @@ import pandas as pd
 
 from mergebench.leaderboard.formats import Format, Page, register_format
 from mergebench.leaderboard.model import FIGURES, equal_costs_note, needs_level, pareto_front, sequential_label
-from mergebench.registry import NEEDS
+from mergebench.needs import NEEDS
 
 
 @register_format("figures")
@@ -65,7 +65,7 @@ def sequential_figure(ok: list[dict], suite: str):
     return fig
 
 
-# one colour per kind of data a method uses, in the order of registry.NEEDS (nothing, unlabeled, labeled, sequential)
+# one colour per kind of data a method uses, in the order of needs.NEEDS (nothing, unlabeled, labeled, sequential)
 _NEEDS_COLOR = dict(zip(NEEDS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")))
 
 

@@ -18,7 +18,8 @@ import pandas as pd
 
 from mergebench.errors import InputError
 from mergebench.records import DIAGNOSTICS_FILE, Items, check_fields, load_records
-from mergebench.registry import NEEDS
+from mergebench.catalog import close_matches
+from mergebench.needs import NEEDS
 
 BUDGET_MARK = "†"
 DATA_MARK = "‡"  # a run on data whose split sizes differ from the dataset cards
@@ -50,7 +51,8 @@ _NUMBER = (int, float)
 # What the tables read of a record beyond what every record has (``records.check_record``): each field, where a record
 # has it, is of this type; a record that has one of another type is listed as unreadable, never shown half-right.
 SHOWN_FIELDS = {
-    ("method", "name"): str, ("method", "display_name"): str, ("method", "hparams"): dict,
+    ("method", "name"): str, ("method", "display_name"): str, ("method", "label"): str,
+    ("method", "at_defaults"): bool, ("method", "family"): str, ("method", "hparams"): dict,
     ("method", "needs"): Items(list, str), ("suite",): dict, ("suite", "tasks"): Items(list, str),
     ("suite", "experts"): str, ("suite", "synthetic"): bool, ("suite", "data_complete"): bool,
     ("suite", "data_short"): list, ("suite", "test_images"): Items(dict, int),
@@ -131,37 +133,17 @@ def subset_label(tasks: tuple[str, ...], main: tuple[str, ...]) -> str:
 
 
 def label(rec: dict) -> str:
-    """Display name, plus the hyperparameters that differ from the method's defaults."""
-    from mergebench.pipeline import MethodCall
-    from mergebench.registry import UnknownMethodError
-
-    name, hparams = rec["method"].get("display_name") or rec["method"].get("name") or rec["method"]["pipeline"], \
-        rec["method"].get("hparams") or {}
-    try:
-        defaults = MethodCall(rec["method"].get("name", "")).resolve().plain_hparams() if hparams else {}
-    except (UnknownMethodError, ValueError):  # method no longer registered: show everything
-        defaults = {}
-    changed = {k: v for k, v in hparams.items() if defaults.get(k) != v}
-    if "base" in changed:  # the full base spec is in the Pipeline column; name its method here
-        changed["base"] = str(changed["base"]).split("(")[0]
-    return name + (f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
+    """The row's method: the record's ``method.label`` (display name, plus the hyperparameters that differ from the
+    method's defaults); a record without one shows its display name."""
+    method = rec["method"]
+    return method.get("label") or method.get("display_name") or method.get("name") or method["pipeline"]
 
 
 def below_budget(rec: dict) -> list[str]:
-    """What of the run fell below its method's paper budget (``["adamerging_layerwise: steps=100 < 500"]``).
-
-    From the record (``record["budget"]``); a record written before budgets were recorded is read against
-    the registry's paper budgets, through its pipeline.
-    """
-    if isinstance(rec.get("budget"), dict):
-        return list(rec["budget"].get("below_paper") or [])
-    from mergebench.pipeline import MethodCall
-    from mergebench.registry import UnknownMethodError
-
-    try:
-        return MethodCall.parse(rec["method"]["pipeline"]).resolve().below_paper_budget()
-    except (UnknownMethodError, ValueError):  # no longer registered / not parseable: nothing to compare with
-        return []
+    """What of the run fell below its method's paper budget (``["adamerging_layerwise: steps=100 < 500"]``), from
+    the record (``budget.below_paper``; none where the record has no budget)."""
+    budget = rec.get("budget")
+    return list(budget.get("below_paper") or []) if isinstance(budget, dict) else []
 
 
 def incomplete_data(rec: dict) -> list[str]:
@@ -531,7 +513,7 @@ def equal_costs_note(df: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------ budget views
-# the data budgets a view takes: the kinds of data (registry.NEEDS, in order of how much a method sees) and
+# the data budgets a view takes: the kinds of data (needs.NEEDS, in order of how much a method sees) and
 # the spellings of "none"
 NEEDS_ORDER = tuple(NEEDS)
 NEEDS_ALIASES = {**{k: k for k in NEEDS_ORDER}, "data-free": "nothing", "datafree": "nothing", "none": "nothing"}
@@ -575,7 +557,6 @@ def _sort_spec(sort: str, columns) -> tuple[str, bool]:
     name, _, direction = sort.rpartition(":") if sort.lower().endswith((":asc", ":desc")) else (sort, "", "")
     match = next((c for c in columns if c.lower() == name.strip().lower()), None)
     if match is None:
-        from mergebench.registry import close_matches
         shown = [c for c in columns if c != "Pipeline"]
         raise InputError(f"cannot sort by {name!r}{close_matches(name, shown)} (columns: {', '.join(shown)})")
     if direction:

@@ -118,14 +118,9 @@ class MergingSanity:
                 lines.append("(d) the test-time signal: the Task Arithmetic record has no entropy AUROC (re-run it "
                              "with `--force`): FAILS")
         if self.span:
-            from mergebench.registry import get_method
-
-            def family(pipeline):
-                try:
-                    return get_method(pipeline.split("(")[0]).family
-                except KeyError:
-                    return None
-            merged = {r["Method"]: r["Avg"] for _, r in rows.iterrows() if family(r["Pipeline"]) in self.SPAN_FAMILIES}
+            family = {r["method"]["pipeline"]: r["method"].get("family") for r in records or []}  # the records'
+            merged = {r["Method"]: r["Avg"] for _, r in rows.iterrows()
+                      if family.get(r["Pipeline"]) in self.SPAN_FAMILIES}
             if len(merged) >= 2:
                 lo, hi = min(merged, key=merged.get), max(merged, key=merged.get)
                 spread = merged[hi] - merged[lo]
@@ -133,7 +128,7 @@ class MergingSanity:
                              f"{spread:.1f} points, {merged[lo]:.1f} ({lo}) to {merged[hi]:.1f} ({hi}) "
                              f"(>= {self.span:g} required): {mark(spread >= self.span)}")
         if self.ranking_tau:
-            lines.append(self._ranking(rows, mark))
+            lines.append(self._ranking(rows, records, mark))
         if self.mechanisms:
             lines.append(self._mechanisms(diagnostics, mark))
         return lines
@@ -161,16 +156,15 @@ class MergingSanity:
         return ("(g) the mechanisms (DIAGNOSTICS.md): " + "; ".join(f"{text}: {mark(ok)}" for text, ok in checks)
                 + f": {mark(all(ok for _, ok in checks))}")
 
-    def _ranking(self, rows, mark) -> str:
-        from mergebench.pipeline import MethodCall
+    def _ranking(self, rows, records, mark) -> str:
         from mergebench.suites.ranking import calibration_set, ranking_agreement
 
         avg = {r["Pipeline"]: r["Avg"] for _, r in rows.iterrows()}
+        defaults = {r["method"]["name"]: r["method"]["pipeline"] for r in records or [] if r["method"].get("at_defaults")}
         measured = {}
         for method in calibration_set()["published"]:
-            default = str(MethodCall(method).resolve())
-            if default in avg:
-                measured[method] = avg[default]
+            if defaults.get(method) in avg:
+                measured[method] = avg[defaults[method]]
         r = ranking_agreement(measured)
         text = (f"(f) the ranking is the real benchmark's: Kendall tau {r['tau']:.2f} between the {r['methods']} of "
                 f"{r['of']} calibration methods at their defaults and their published ViT-B/32 averages "

@@ -1,4 +1,5 @@
-"""Per-layer inputs of an open_clip VisionTransformer, one layer at a time (LOT, RegMean, CAT).
+"""Per-layer inputs of an open_clip VisionTransformer, one layer at a time (LOT, RegMean, CAT), and the closed
+forms over their Gram matrices (LOT's and RegMean's per-layer solutions).
 
 Data-based closed-form merges need, for every linear map and every LayerNorm of the encoder,
 the inputs that layer sees when an expert runs on its task's exemplars. Forward hooks cannot
@@ -221,3 +222,42 @@ def psd_pinv(matrix: Tensor, rtol: float = 1e-10) -> Tensor:
     keep = evals > rtol * top
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
     return (evecs * inv) @ evecs.t()
+
+
+# ------------------------------------------------------------------ closed forms over the layers' Gram matrices
+# LOT's and RegMean's per-layer solutions: the methods' merges, and diagnose's share of each task's update they keep.
+
+
+def lot_linear(task_matrices, grams, rtol: float = 1e-8) -> torch.Tensor:
+    """T* = (sum_k T_k G_k)(sum_k G_k)^+ for task matrices ``[out, in]`` and Gram matrices ``[in, in]`` (k = 1..K).
+
+    The minimizer of sum_k ||X_k T^T - X_k T_k^T||_F^2 (G_k = X_k^T X_k), computed in float64. Both arguments
+    are sequences (or stacked tensors); the sums are accumulated so only one Gram matrix is converted at a time.
+    """
+    num, den = 0, 0
+    for t, g in zip(task_matrices, grams):
+        g = g.to(torch.float64)
+        num = num + t.to(torch.float64) @ g
+        den = den + g
+    return num @ psd_pinv(den, rtol)
+
+
+def shrink_off_diagonal(g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G ⊙ (alpha * 11^T + (1 - alpha) * I): off-diagonal entries times alpha, the diagonal unchanged."""
+    return alpha * g + (1.0 - alpha) * torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
+
+
+def regmean_linear(task_matrices, grams, alpha: float = 0.95) -> torch.Tensor:
+    """(sum_k T_k G~_k)(sum_k G~_k)^-1 for ``[out, in]`` task matrices and ``[in, in]`` Grams (float64).
+
+    The closed form of min_W sum_k ||X_k W^T - X_k W_k^T||^2 with shrunk Grams. It is written on task
+    vectors T_k = W_k - W_0: since (sum_k W_0 G~_k)(sum_k G~_k)^-1 = W_0 this is the same solution, with less
+    cancellation. The inverse is the eigendecomposition pseudo-inverse (equal to the inverse when the
+    shrunk sum is invertible, which alpha < 1 ensures for any input with non-zero variance per dimension).
+    """
+    num, den = 0, 0
+    for t, g in zip(task_matrices, grams):
+        g = shrink_off_diagonal(g.to(torch.float64), alpha)
+        num = num + t.to(torch.float64) @ g
+        den = den + g
+    return num @ psd_pinv(den, 1e-12)
