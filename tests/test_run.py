@@ -152,7 +152,7 @@ def test_evaluation_times_forward_passes_not_data_preparation(micro, monkeypatch
 
     from mergebench import evaluate as ev
     from mergebench.models import SharedModel
-    from mergebench.suites.imagecache import LazyTasks
+    from mergebench.suites.real.imagecache import LazyTasks
 
     events = []
 
