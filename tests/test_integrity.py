@@ -28,7 +28,8 @@ from mergebench.api.models import SharedModel
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.records import load_records, record_path, write_record
 from mergebench.engine.run import run_many, run_one
-from mergebench.suites import get_suite, zoo
+from mergebench.suites import checkpoints, get_suite
+from mergebench.suites.real import zoo
 from mergebench.suites.base import Suite
 from mergebench.sweeps.sweep import Sweep, job_status, run_sweep
 from mergebench.api.weights import Weights
@@ -316,9 +317,9 @@ def test_trust_pickle_refuses_every_global_outside_its_allow_list(tmp_path, monk
     expected = {"system": r"(posix|os)\.system", "exec": r"builtins\.exec", "eval": r"builtins\.eval",
                 "getattr": r"builtins\.getattr", "__import__": r"builtins\.__import__"}
     for name, path in _malicious(tmp_path, marker).items():
-        with pytest.raises(zoo.CheckpointError, match=rf"{path.name}: refused to unpickle the global "
+        with pytest.raises(checkpoints.CheckpointError, match=rf"{path.name}: refused to unpickle the global "
                                                       rf"{expected[name]}") as err:
-            zoo.read_state_dict(path, fmt, trust_pickle=True)
+            checkpoints.read_state_dict(path, fmt, trust_pickle=True)
         assert "inert placeholders" in str(err.value)
         assert not marker.exists(), f"{name}: the payload ran"
     assert not list((tmp_path / "cache").rglob("*.safetensors")), "nothing was converted"
@@ -341,7 +342,7 @@ def test_a_task_vectors_checkpoint_with_its_preprocessing_still_loads(tmp_path, 
     clip.val_preprocess = image_transform(32, is_train=False)
     path = tmp_path / "finetuned.pt"
     write_task_vectors_pickle(path, clip)
-    state = zoo.visual_state(zoo.read_state_dict(path, "task_vectors_pickle", trust_pickle=True))
+    state = checkpoints.visual_state(checkpoints.read_state_dict(path, "task_vectors_pickle", trust_pickle=True))
     for k, v in clip.visual.state_dict().items():
         assert torch.equal(state[k], v), k
 
@@ -412,21 +413,21 @@ def test_garbage_checkpoints_and_malicious_hf_bins_name_the_file(tmp_path, monke
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
     garbage = tmp_path / "expert.safetensors"
     garbage.write_bytes(os.urandom(512))
-    with pytest.raises(zoo.CheckpointError, match=r"expert\.safetensors: cannot read it as safetensors"):
-        zoo.read_state_dict(garbage)
+    with pytest.raises(checkpoints.CheckpointError, match=r"expert\.safetensors: cannot read it as safetensors"):
+        checkpoints.read_state_dict(garbage)
     folder = tmp_path / "hf_expert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
     marker = tmp_path / "pwned"
     torch.save({"vision_model.x": torch.zeros(2), "evil": _Reduce(os.system, f"touch {marker}")},
                folder / "pytorch_model.bin")
-    with pytest.raises(zoo.CheckpointError) as err:
-        zoo.read_state_dict(folder, "hf")
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        checkpoints.read_state_dict(folder, "hf")
     msg = str(err.value)
     assert "pytorch_model.bin is not a plain state dict" in msg and "--trust-pickle only if you trust" in msg
     assert "convert it to model.safetensors" in msg and "weights_only=False" not in msg
-    with pytest.raises(zoo.CheckpointError, match=r"pytorch_model\.bin: refused to unpickle the global (posix|os)\.system"):
-        zoo.read_state_dict(folder, "hf", trust_pickle=True)
+    with pytest.raises(checkpoints.CheckpointError, match=r"pytorch_model\.bin: refused to unpickle the global (posix|os)\.system"):
+        checkpoints.read_state_dict(folder, "hf", trust_pickle=True)
     assert not marker.exists()
 
 

@@ -15,7 +15,8 @@ from mergebench.api.lora import OPEN_CLIP_TARGETS, LoraFactor
 from mergebench.methods.copa import NO_LORA, copa_merge_factors, copa_merging
 from mergebench.api.registry import get_method, unmet_requirements
 from mergebench.engine.run import run_one
-from mergebench.suites import get_suite, zoo
+from mergebench.suites import checkpoints, get_suite
+from mergebench.suites.real import zoo
 from mergebench.suites.base import NoLoraExpertsError
 
 
@@ -177,7 +178,7 @@ def _manifest(folder, tiny_cfg, experts: dict):
 
 
 def test_peft_adapters_load_as_base_plus_scaled_BA(tiny):
-    from mergebench.suites.hf_convert import hf_to_open_clip, open_clip_to_hf
+    from mergebench.suites.checkpoints.hf import hf_to_open_clip, open_clip_to_hf
 
     folder, clip, cfg = tiny
     pre = {k: v.clone() for k, v in clip.visual.state_dict().items()}
@@ -239,19 +240,19 @@ def test_bad_peft_adapters_are_clear_errors(tiny):
     for name, (modules, extra, config, message) in cases.items():
         _write_adapter(folder / name, modules, extra=extra, config=config)
         m = _manifest(folder, cfg, {"MNIST": folder / name})
-        with pytest.raises(zoo.CheckpointError, match=message) as err:
+        with pytest.raises(checkpoints.CheckpointError, match=message) as err:
             zoo.load_expert(m, "MNIST", pre, pre)
         assert "expert MNIST" in str(err.value), name
     (folder / "no_config").mkdir()
     m = _manifest(folder, cfg, {"MNIST": folder / "no_config"})
-    with pytest.raises(zoo.CheckpointError):
+    with pytest.raises(checkpoints.CheckpointError):
         zoo.load_expert(m, "MNIST", pre, pre)
 
 
 def test_real_suite_with_peft_experts_runs_copa(tiny, tmp_path, results_dir):
     from test_real_suite import write_datasets
 
-    from mergebench.suites import cards as cardlib
+    from mergebench.suites.real import cards as cardlib
 
     folder, clip, cfg = tiny
     cards = cardlib.load_cards()

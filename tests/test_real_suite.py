@@ -19,9 +19,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from mergebench.suites import cards as cardlib
-from mergebench.suites import imagecache, zoo
-from mergebench.suites.hf_convert import hf_to_open_clip, open_clip_to_hf
+from mergebench.suites import checkpoints
+from mergebench.suites.checkpoints.hf import hf_to_open_clip, open_clip_to_hf
+from mergebench.suites.real import cards as cardlib
+from mergebench.suites.real import imagecache, zoo
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -205,8 +206,8 @@ def write_zoo(folder: Path):
             c = tiny_clip(0)
             c.visual.load_state_dict(visual)
             write_task_vectors_pickle(path, c)
-        entries[task] = {"path": str(path.relative_to(folder)), "sha256": zoo.sha256_of(path)}
-    manifest = {"name": "tiny", "model_config": TINY, "backbone": {"path": "backbone.pt", "sha256": zoo.sha256_of(folder / "backbone.pt")},
+        entries[task] = {"path": str(path.relative_to(folder)), "sha256": checkpoints.sha256_of(path)}
+    manifest = {"name": "tiny", "model_config": TINY, "backbone": {"path": "backbone.pt", "sha256": checkpoints.sha256_of(folder / "backbone.pt")},
                 "experts": entries}
     (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return folder / "manifest.yaml", clip, pre, experts
@@ -407,7 +408,7 @@ def test_merge_evaluate_record_with_two_methods(world, suite, results_dir):
                   count_flops=False)
     assert rec["status"] == "ok", rec.get("error")
     assert rec["suite"]["name"] == "real-tiny"
-    assert rec["suite"]["checkpoints"]["backbone"] == zoo.sha256_of(world.manifest.parent / "backbone.pt")
+    assert rec["suite"]["checkpoints"]["backbone"] == checkpoints.sha256_of(world.manifest.parent / "backbone.pt")
     assert set(rec["metrics"]["accuracy"]) == set(cardlib.REAL_TASKS)
     merged = {k: world.pre[k] + 0.3 * sum(world.experts[t][k] - world.pre[k] for t in cardlib.REAL_TASKS) for k in world.pre}
     for task in ("GTSRB", "EuroSAT", "MNIST"):
@@ -459,26 +460,26 @@ def test_bad_checkpoints_are_clear_errors(world, tmp_path):
     good = world.experts["MNIST"]
     # sha256 mismatch
     m = _manifest_with(world, tmp_path, "MNIST", world.manifest.parent / "MNIST.safetensors", sha="0" * 64)
-    with pytest.raises(zoo.CheckpointError, match="sha256 mismatch for .*MNIST.safetensors"):
+    with pytest.raises(checkpoints.CheckpointError, match="sha256 mismatch for .*MNIST.safetensors"):
         zoo.load_expert(m, "MNIST", reference, world.pre)
     # missing key
     p = tmp_path / "missing.safetensors"
     save_file({k: v.contiguous() for k, v in good.items() if k != "ln_post.weight"}, p)
-    with pytest.raises(zoo.CheckpointError, match=r"missing\.safetensors.*missing key 'ln_post\.weight'"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"missing\.safetensors.*missing key 'ln_post\.weight'"):
         zoo.load_expert(_manifest_with(world, tmp_path, "MNIST", p), "MNIST", reference, world.pre)
     # wrong shape
     p = tmp_path / "shape.safetensors"
     save_file({**{k: v.contiguous() for k, v in good.items()}, "proj": torch.zeros(32, 8)}, p)
-    with pytest.raises(zoo.CheckpointError, match=r"shape\.safetensors.*key 'proj' has shape \(32, 8\).*\(32, 16\)"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"shape\.safetensors.*key 'proj' has shape \(32, 8\).*\(32, 16\)"):
         zoo.load_expert(_manifest_with(world, tmp_path, "MNIST", p), "MNIST", reference, world.pre)
     # corrupt (truncated) file
     p = tmp_path / "corrupt.pt"
     data = (world.manifest.parent / "DTD.pt").read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(zoo.CheckpointError, match="corrupt.pt.*corrupt or truncated"):
+    with pytest.raises(checkpoints.CheckpointError, match="corrupt.pt.*corrupt or truncated"):
         zoo.load_expert(_manifest_with(world, tmp_path, "MNIST", p), "MNIST", reference, world.pre)
     # a missing file
-    with pytest.raises(zoo.CheckpointError, match="does not exist"):
+    with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
         zoo.load_expert(_manifest_with(world, tmp_path, "MNIST", tmp_path / "nope.pt"), "MNIST", reference, world.pre)
 
 
@@ -486,10 +487,10 @@ def test_pickled_checkpoints_need_trust(world, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))  # no converted copy yet
     path = world.manifest.parent / "EuroSAT" / "finetuned.pt"
     m = _manifest_with(world, tmp_path, "EuroSAT", path)
-    with pytest.raises(zoo.CheckpointError, match="pickled Python object.*--trust-pickle"):
+    with pytest.raises(checkpoints.CheckpointError, match="pickled Python object.*--trust-pickle"):
         zoo.load_expert(m, "EuroSAT", world.pre, world.pre)
     m = _manifest_with(world, tmp_path, "EuroSAT", path, fmt="task_vectors_pickle")
-    with pytest.raises(zoo.CheckpointError, match="needs --trust-pickle"):
+    with pytest.raises(checkpoints.CheckpointError, match="needs --trust-pickle"):
         zoo.load_expert(m, "EuroSAT", world.pre, world.pre)
     state, _, _ = zoo.load_expert(m, "EuroSAT", world.pre, world.pre, trust_pickle=True)
     assert torch.allclose(state["conv1.weight"], world.experts["EuroSAT"]["conv1.weight"])
@@ -610,13 +611,13 @@ def test_torchscript_backbone_file_is_read(world, tmp_path):
     scripted = torch.jit.script(tiny_clip(0))
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(scripted, str(path))
-    assert zoo._guess_format(path) == "openai_jit"
+    assert checkpoints.guess_format(path) == "openai_jit"
     raw = yaml.safe_load(world.manifest.read_text())
-    raw["backbone"] = {"path": str(path), "sha256": zoo.sha256_of(path)}
+    raw["backbone"] = {"path": str(path), "sha256": checkpoints.sha256_of(path)}
     raw["experts"] = {t: {**e, "path": str(world.manifest.parent / e["path"])} for t, e in raw["experts"].items()}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(raw))
     clip, digest = zoo.build_clip(zoo.Manifest.load(tmp_path / "m.yaml"))
-    assert digest == zoo.sha256_of(path)
+    assert digest == checkpoints.sha256_of(path)
     for k, v in world.clip.state_dict().items():
         assert torch.equal(clip.state_dict()[k], v), k
 
@@ -652,3 +653,36 @@ def test_a_run_caches_only_the_splits_it_reads_and_data_check_says_the_space(wor
     test = sum(imagecache.split_bytes(c.sizes["test"], 224) for c in cards_.values())
     every = sum(imagecache.split_bytes(c.sizes[sp], 224) for c in cards_.values() for sp in ("train", "val", "test"))
     assert round(test / 1e9, 1) == 13.2 and round(every / 1e9, 1) == 48.5
+
+
+def test_checkpoint_reading_imports_neither_the_zoo_nor_lora():
+    """Checkpoint reading (mergebench.suites.checkpoints, its trust boundary and the HF key conversion) stands on its
+    own: the zoo and LoRA import it, never the other way round (no import loop between them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mergebench.suites.checkpoints, mergebench.suites.checkpoints.hf_cache; "
+            "print(sorted(m for m in sys.modules if m in ('mergebench.api.lora', 'mergebench.suites.real', "
+            "'mergebench.suites.real.zoo')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded
+
+
+def test_one_converter_maps_both_hf_towers():
+    from mergebench.suites.checkpoints.hf import ConversionError
+
+    state = {"text_model.embeddings.token_embedding.weight": torch.zeros(10, 4),
+             "text_model.encoder.layers.0.self_attn.q_proj.weight": torch.ones(4, 4),
+             "text_model.encoder.layers.0.self_attn.k_proj.weight": 2 * torch.ones(4, 4),
+             "text_model.encoder.layers.0.self_attn.v_proj.weight": 3 * torch.ones(4, 4),
+             "text_projection.weight": torch.arange(8.0).view(2, 4), "logit_scale": torch.tensor(4.6)}
+    text = hf_to_open_clip(state, tower="text")
+    assert set(text) == {"token_embedding.weight", "transformer.resblocks.0.attn.in_proj_weight", "text_projection",
+                         "logit_scale"}
+    assert torch.equal(text["transformer.resblocks.0.attn.in_proj_weight"][4:8], 2 * torch.ones(4, 4))
+    assert torch.equal(text["text_projection"], state["text_projection.weight"].t())
+    with pytest.raises(ConversionError, match="no CLIP vision keys"):  # a text tower alone has no image tower
+        hf_to_open_clip(state)
+    del state["text_model.encoder.layers.0.self_attn.v_proj.weight"]
+    with pytest.raises(ConversionError, match="text layer 0 lacks self_attn.v_proj.weight"):
+        hf_to_open_clip(state, tower="text")

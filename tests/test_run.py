@@ -154,7 +154,7 @@ def test_evaluation_times_forward_passes_not_data_preparation(micro, monkeypatch
 
     from mergebench.engine import evaluate as ev
     from mergebench.api.models import SharedModel
-    from mergebench.suites.imagecache import LazyTasks
+    from mergebench.suites.real.imagecache import LazyTasks
 
     events = []
 

@@ -19,8 +19,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from mergebench.suites import cards as cardlib
-from mergebench.suites import imagecache, zoo, zoo_init
+from mergebench.suites import checkpoints
+from mergebench.suites.real import cards as cardlib
+from mergebench.suites.real import imagecache, zoo, zoo_init
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_real_suite import TINY, hf_config, tiny_clip, world  # noqa: E402,F401  (world: the fixture)
@@ -50,7 +51,7 @@ def test_zoo_hash_is_the_documented_sha256(world, capsys):
     h = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         h.update(f.relative_to(folder).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).hexdigest().encode())
-    assert out[1].split()[0] == h.hexdigest() == zoo.sha256_of(folder)
+    assert out[1].split()[0] == h.hexdigest() == checkpoints.sha256_of(folder)
     assert "folder" in out[1]
     doc = (REPO / "docs" / "manifest.md").read_text()
     assert "NUL" in doc and "zoo hash" in doc
@@ -150,12 +151,12 @@ def test_quick_gelu_comes_from_the_name_the_manifest_or_the_file(world, tmp_path
     assert _b32_manifest(tmp_path, hf).clip_config()["quick_gelu"] is False
     scripted = tmp_path / "jit.pt"
     torch.jit.save(torch.jit.script(tiny_clip(0)), str(scripted))
-    assert zoo.checkpoint_activation(zoo.Entry(scripted)) is True
+    assert checkpoints.checkpoint_activation(scripted) is True
     gelu = open_clip.CLIP(**{**TINY, "quick_gelu": False})
     torch.save(gelu, tmp_path / "pickled.pt")
-    assert zoo.checkpoint_activation(zoo.Entry(tmp_path / "pickled.pt")) is False
-    assert zoo.checkpoint_activation(zoo.Entry(world.manifest.parent / "EuroSAT" / "finetuned.pt")) is True
-    assert zoo.checkpoint_activation(zoo.Entry(world.manifest.parent / "backbone.pt")) is None  # a state dict
+    assert checkpoints.checkpoint_activation(tmp_path / "pickled.pt") is False
+    assert checkpoints.checkpoint_activation(world.manifest.parent / "EuroSAT" / "finetuned.pt") is True
+    assert checkpoints.checkpoint_activation(world.manifest.parent / "backbone.pt") is None  # a state dict
 
 
 def test_zoo_init_writes_an_incomplete_manifest_when_the_activation_is_unknown(world, tmp_path, capsys):
@@ -194,7 +195,7 @@ def test_experts_are_verified_before_the_heads_are_computed(world, tmp_path, mon
     def heads(*a, **k):
         raise AssertionError("computed the heads before checking the experts")
     monkeypatch.setattr(real, "zero_shot_heads", heads)
-    with pytest.raises(zoo.CheckpointError, match="expert DTD: sha256 mismatch"):
+    with pytest.raises(checkpoints.CheckpointError, match="expert DTD: sha256 mismatch"):
         real.load_real(tmp_path / "m.yaml", world.data, trust_pickle=True, verbose=False)
 
 
@@ -334,7 +335,7 @@ def test_hf_cache_zoo_init_data_check_and_evaluation(hf_world, tmp_path, monkeyp
     assert m.backbone.path.name == "c0ffee" and m.backbone.format == "hf"
     assert set(m.experts) == set(cardlib.REAL_TASKS) and all(e.format == "hf" for e in m.experts.values())
     assert m.experts["MNIST"].path.parent.parent.name == "models--tanganke--clip-vit-base-patch32_mnist"
-    assert m.experts["Cars"].sha256 == zoo.sha256_of(hub / "models--tanganke--clip-vit-base-patch32_stanford-cars"
+    assert m.experts["Cars"].sha256 == checkpoints.sha256_of(hub / "models--tanganke--clip-vit-base-patch32_stanford-cars"
                                                      / "snapshots" / "e00001")
     assert m.model is None and m.model_config["vision_cfg"]["width"] == 32  # a tiny model open_clip has no name for
     assert m.clip_config()["quick_gelu"] is True and "quick_gelu: from" in text and "hidden_act" not in printed
@@ -461,7 +462,7 @@ def test_example_manifest_loads_and_every_field_is_documented():
     assert zoo.encoder_config(m.clip_config())["width"] == 768
     doc = (REPO / "docs" / "manifest.md").read_text()
     raw = yaml.safe_load(example.read_text())
-    fields = set(raw) | {"model_config", "data_root", "name", "path", "sha256", "format"} | set(zoo.FORMATS)
+    fields = set(raw) | {"model_config", "data_root", "name", "path", "sha256", "format"} | set(checkpoints.FORMATS)
     for field in fields:
         assert f"`{field}`" in doc, field
     readme = (REPO / "README.md").read_text()

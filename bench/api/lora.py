@@ -17,7 +17,7 @@ and ``adapter_model.safetensors`` holding ``base_model.model.<module>.lora_A.wei
 ``.lora_B.weight``. Module names are open_clip's (``transformer.resblocks.N.attn.in_proj``,
 optionally under ``visual.``) or Hugging Face CLIP's (``vision_model.encoder.layers.N.self_attn.
 q_proj`` ...; q, k and v become three adapters on the row blocks of ``in_proj_weight``, mapped
-with ``hf_convert``'s layer names).
+with ``mergebench.suites.checkpoints.hf``'s layer names).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from mergebench.errors import MergebenchError
+from mergebench.suites.checkpoints.hf import LAYER_KEYS
 from mergebench.api.weights import Weights
 
 # open_clip module -> the weight its LoRA updates (per resblock)
@@ -112,8 +113,6 @@ _OC_LAYER = re.compile(r"^(?:visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 
 def _module_target(module: str, width_rows: int | None) -> tuple[str, str, tuple[int, int] | None]:
     """PEFT module name -> (mergebench adapter name, target tensor, row block)."""
-    from mergebench.suites.hf_convert import _LAYER
-
     m = _OC_LAYER.match(module)
     if m and m.group(2) in OPEN_CLIP_TARGETS:
         name = f"transformer.resblocks.{m.group(1)}.{m.group(2)}"
@@ -129,8 +128,8 @@ def _module_target(module: str, width_rows: int | None) -> tuple[str, str, tuple
             i = "qkv".index(qkv.group(1))
             return (f"transformer.resblocks.{layer}.attn.in_proj.{qkv.group(1)}",
                     f"transformer.resblocks.{layer}.attn.in_proj_weight", (i * width_rows, (i + 1) * width_rows))
-        if f"{rest}.weight" in _LAYER:
-            target = _LAYER[f"{rest}.weight"]
+        if f"{rest}.weight" in LAYER_KEYS:
+            target = LAYER_KEYS[f"{rest}.weight"]
             return f"transformer.resblocks.{layer}.{target.removesuffix('.weight')}", \
                 f"transformer.resblocks.{layer}.{target}", None
     if bare.startswith("text_model."):

@@ -1,5 +1,5 @@
 """``mergebench zoo init DIR | --hf-cache DIR [--out M.yaml]`` and ``mergebench zoo hash PATH``: model-zoo
-manifests (:mod:`mergebench.suites.zoo_init`)."""
+manifests (:mod:`mergebench.suites.real.zoo_init`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def add_arguments(s) -> None:
 
 
 def main(args) -> int:
-    from mergebench.suites import zoo_init
+    from mergebench.suites.real import zoo_init
 
     if args.action == "hash":
         if not args.path:

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from mergebench.errors import InputError, MissingFileError
-from mergebench.suites import cards as cardlib
-from mergebench.suites import hf_cache, imagecache
+from mergebench.suites.real import cards as cardlib
+from mergebench.suites.checkpoints import hf_cache
+from mergebench.suites.real import imagecache
 from mergebench.suites.base import SPLITS
 
 

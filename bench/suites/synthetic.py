@@ -49,14 +49,14 @@ def encoder_config(name: str, encoder: dict | None = None) -> tuple[dict, str]:
         return dict(encoder or TINY_ENCODER), "test encoder"
     import open_clip
 
-    from mergebench.suites.zoo import encoder_config as tower_config
+    from mergebench.suites.real.zoo import encoder_config as tower_config
 
     return tower_config(open_clip.get_model_config(model)), f"open_clip {model}"
 
 
 def split_sizes(fraction: float = 1.0, cards_dir=None) -> dict[str, dict[str, int]]:
     """{split: {task: images}}: the dataset cards' sizes of the eight tasks times ``fraction`` (at least 1)."""
-    from mergebench.suites import cards as cardlib
+    from mergebench.suites.real import cards as cardlib
 
     cards = cardlib.load_cards(cards_dir)
     chosen = [cardlib.resolve_task(t, cards) for t in cardlib.REAL_TASKS]
@@ -76,7 +76,7 @@ def load_synthetic(name: str, fraction: float = 1.0, seed: int = 0, device: str 
     cfg, what = encoder_config(name, encoder)
     sizes = split_sizes(fraction, cards_dir)
     tasks = list(sizes["test"])
-    from mergebench.suites import cards as cardlib
+    from mergebench.suites.real import cards as cardlib
 
     cards = cardlib.load_cards(cards_dir)
     classes = {t: cardlib.resolve_task(t, cards).num_classes for t in tasks}
@@ -99,7 +99,7 @@ def load_synthetic(name: str, fraction: float = 1.0, seed: int = 0, device: str 
         labels = torch.randint(0, classes[task], (n,), generator=gen, device=device)
         return TaskData(images, labels)
 
-    from mergebench.suites.imagecache import LazyTasks
+    from mergebench.suites.real.imagecache import LazyTasks
 
     data = {s: LazyTasks(s, tasks, lambda task, split: make_split(split, task)) for s in SPLITS}
     ident = {"name": name, "encoder": cfg, "seed": seed, "fraction": float(fraction), "expert_scale": expert_scale,

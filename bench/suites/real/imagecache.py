@@ -28,7 +28,7 @@ import torch
 from mergebench.engine.io import atomic_write_text, cache_root, raise_if_disk_full
 from mergebench.engine.progress import progress
 from mergebench.suites.base import SPLITS, TaskData
-from mergebench.suites.cards import (
+from mergebench.suites.real.cards import (
     Card, DatasetError, open_source, protocol_sizes, source_id, split_specs, val_partition,
 )
 

@@ -36,7 +36,7 @@ class DatasetError(InputError):
 def card_dir() -> Path:
     if os.environ.get(CARD_DIR_ENV):
         return Path(os.environ[CARD_DIR_ENV])
-    return Path(__file__).resolve().parents[2] / "datasets"
+    return Path(__file__).resolve().parents[3] / "datasets"
 
 
 @dataclass
@@ -255,7 +255,7 @@ def native_present(card: Card, root: Path) -> bool:
 def hf_location(card: Card, root) -> tuple[str, Path] | None:
     """(repo id, snapshot folder) of the card's Hugging Face dataset in an HF cache under ``root``, when the card's
     own layout is not there (the native layout wins when both are)."""
-    from mergebench.suites import hf_cache
+    from mergebench.suites.checkpoints import hf_cache
 
     spec = hf_spec(card)
     if spec is None or native_present(card, root):

@@ -28,8 +28,9 @@ from pathlib import Path
 import yaml
 
 from mergebench.errors import MergebenchError, MissingFileError
-from mergebench.suites import cards as cardlib
-from mergebench.suites import zoo
+from mergebench.suites import checkpoints
+from mergebench.suites.real import cards as cardlib
+from mergebench.suites.real import zoo
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # a file whose name says this is a pretrained model, never a task's expert (task_vectors keeps <Task>/zeroshot.pt)
@@ -88,11 +89,11 @@ def _mentions(path: Path, needle: bytes) -> bool:
 
 def guess_format(path: Path) -> str:
     """``zoo``'s format guess, plus pickled models (a torch zip whose pickle names classes beyond torch's)."""
-    fmt = zoo._guess_format(path)
+    fmt = checkpoints.guess_format(path)
     if fmt == "torch" and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
-            names = zoo._pickle_globals(z.read(pkl[0])).split() if pkl else []
+            names = checkpoints.pickle_globals(z.read(pkl[0])).split() if pkl else []
         if any(n.split(".")[0] not in _PLAIN_PICKLE for n in names):
             return "task_vectors_pickle"
     return fmt
@@ -213,8 +214,8 @@ def _model_of(backbone: Candidate, model: str | None, model_config: dict | None,
         if names:
             return names[0], None, f"the HF config matches open_clip {names[0]}"
         return None, cfg, "from the HF config (no open_clip config has this architecture)"
-    state = zoo.read_state_dict(backbone.path, backbone.format, trust_pickle)
-    shapes = {zoo._strip(k): tuple(v.shape) for k, v in state.items()}
+    state = checkpoints.read_state_dict(backbone.path, backbone.format, trust_pickle)
+    shapes = {checkpoints.strip_wrappers(k): tuple(v.shape) for k, v in state.items()}
     names = matching_models(signature_of_state(shapes))
     if not names:
         raise InitError(f"the backbone {backbone.path} matches no open_clip model config by its tensor shapes; pass "
@@ -238,7 +239,7 @@ def _activation(backbone: Candidate, model: str | None, model_config: dict | Non
         said[model] = True
     if model_config and "quick_gelu" in model_config:
         said["model_config"] = bool(model_config["quick_gelu"])
-    from_file = zoo.checkpoint_activation(zoo.Entry(backbone.path, None, backbone.format))
+    from_file = checkpoints.checkpoint_activation(backbone.path, backbone.format)
     if from_file is not None:
         said[backbone.path.name] = from_file
     if len(set(said.values())) > 1:
@@ -263,12 +264,12 @@ def write_manifest(out: Path, backbone: Candidate, experts: dict[str, Candidate]
     if model_config:
         raw["model_config"] = {k: v for k, v in model_config.items() if k != "quick_gelu"}
     raw["quick_gelu"] = qg
-    raw["backbone"] = {"path": _rel(backbone.path, base), "sha256": zoo.sha256_of(backbone.path),
+    raw["backbone"] = {"path": _rel(backbone.path, base), "sha256": checkpoints.sha256_of(backbone.path),
                        "format": backbone.format}
     raw["experts"] = {}
     for task in [t for t in cardlib.REAL_TASKS if t in experts] + sorted(t for t in experts if t not in cardlib.REAL_TASKS):
         c = experts[task]
-        raw["experts"][task] = {"path": _rel(c.path, base), "sha256": zoo.sha256_of(c.path), "format": c.format}
+        raw["experts"][task] = {"path": _rel(c.path, base), "sha256": checkpoints.sha256_of(c.path), "format": c.format}
     if data_root is not None:
         raw["data_root"] = _rel(Path(data_root), base)
     header = ["# model-zoo manifest written by `mergebench zoo init` (fields: docs/manifest.md)"] + \
@@ -344,7 +345,7 @@ def init_hf_cache(cache, out=None, model: str | None = None, quick_gelu: bool | 
                   name: str | None = None) -> list[tuple[Path, list[str]]]:
     """One manifest per backbone in the HF cache that has experts (``--model`` picks one): default
     ``./<model>.yaml`` (lower case); paths are absolute (the cache's snapshot folders)."""
-    from mergebench.suites import hf_cache
+    from mergebench.suites.checkpoints import hf_cache
 
     all_cards = cardlib.load_cards()
     if not Path(cache).is_dir():
@@ -401,7 +402,7 @@ def describe_hash(path) -> str:
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"{path} does not exist")
-    digest = zoo.sha256_of(path)
+    digest = checkpoints.sha256_of(path)
     if path.is_dir():
         n = sum(1 for p in path.rglob("*") if p.is_file())
         return f"{digest}  {path}  (folder: sha256 over its {n} files' relative paths and sha256s, docs/manifest.md)"

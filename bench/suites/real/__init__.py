@@ -3,8 +3,9 @@
 ``load_real(manifest, data_root)`` returns the same ``Suite`` as mini8, so every method and
 measurement runs the same code path:
 
-- the backbone (full CLIP) and the experts come from a model-zoo manifest (``zoo.py``), every
-  file checked against its sha256 and against the architecture's keys and shapes;
+- the backbone (full CLIP) and the experts come from a model-zoo manifest (``zoo.py``; the files are read by
+  ``mergebench.suites.checkpoints``), every file checked against its sha256 and against the architecture's keys
+  and shapes;
 - the encoder is the CLIP image tower (an open_clip ``VisionTransformer``, built by
   ``mergebench.api.models.build_encoder`` from the open_clip model config);
 - the heads are zero-shot heads: for each class, the normalized mean of the normalized text
@@ -30,9 +31,10 @@ from mergebench.errors import MissingFileError, NotFoundError
 from mergebench.engine.io import atomic_save_tensors, cache_root
 from mergebench.api.models import build_encoder, encoder_weights
 from mergebench.engine.progress import progress
-from mergebench.suites import cards as cardlib
-from mergebench.suites import imagecache, zoo
+from mergebench.suites.real import cards as cardlib
+from mergebench.suites.real import imagecache, zoo
 from mergebench.suites.base import SPLITS, Suite
+from mergebench.suites.checkpoints import CheckpointError
 from mergebench.suites.registry import MergingSanity, register_suite
 from mergebench.api.weights import Weights
 
@@ -93,7 +95,7 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
               workers: int | None = None, device: str | None = None) -> Suite:
     """The real suite from ``manifest`` (backbone + experts) and the datasets under ``data_root``."""
     if manifest is None:
-        raise zoo.ManifestError("the real suite needs a model-zoo manifest: --manifest M.yaml (see bench/suites/zoo.py)")
+        raise zoo.ManifestError("the real suite needs a model-zoo manifest: --manifest M.yaml (see docs/manifest.md)")
     m = manifest if isinstance(manifest, zoo.Manifest) else zoo.Manifest.load(manifest)
     root = Path(data_root) if data_root else m.data_root
     if root is None:
@@ -156,8 +158,8 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
             heads[name] = zero_shot_heads(clip, card, cfg["text_cfg"].get("context_length", 77), dev, bar=bar)
             atomic_save_tensors({"head": heads[name]}, path)
         if heads[name].shape != (card.num_classes, cfg["embed_dim"]):
-            raise zoo.CheckpointError(f"head of {name} has shape {tuple(heads[name].shape)}, expected "
-                                      f"{(card.num_classes, cfg['embed_dim'])} (a stale file in {path.parent}?)")
+            raise CheckpointError(f"head of {name} has shape {tuple(heads[name].shape)}, expected "
+                                  f"{(card.num_classes, cfg['embed_dim'])} (a stale file in {path.parent}?)")
     bar.close()
     clip.cpu()
     del clip
@@ -207,7 +209,7 @@ def reference_results() -> dict:
     """``datasets/reference_results.yaml``: the published averages, the task set and backbone they were measured on."""
     import yaml
 
-    path = Path(__file__).resolve().parents[2] / "datasets" / "reference_results.yaml"
+    path = Path(__file__).resolve().parents[3] / "datasets" / "reference_results.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
