@@ -3,7 +3,6 @@ does, and the record is built by Record.ok / Record.failed alone."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -176,29 +175,3 @@ def test_the_leaderboard_imports_no_method_registry():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests" / "data" / "leaderboard",
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """Every mergebench module ``path`` imports, at its top or inside a function."""
-    tree = ast.parse(path.read_text())
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith(package))
-    return out
-
-
-def test_sweeps_and_executors_import_no_loop():
-    bench = ROOT / "bench"
-    graph = {f"mergebench.{p.stem}": _imports(p, "mergebench") for p in bench.glob("*.py")}
-    for module in ("mergebench.sweeps.sweep", "mergebench.sweeps.executors", "mergebench.sweeps.slurm_queue"):
-        seen, todo = set(), [m for m in graph[module] if m in graph]
-        while todo:
-            m = todo.pop()
-            if m not in seen:
-                seen.add(m)
-                todo += [n for n in graph.get(m, ()) if n in graph]
-        assert module not in seen, f"{module} imports itself through {sorted(seen)}"
