@@ -202,3 +202,10 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+def parse_bool(text: str) -> bool | None:
+    """True or False for the words a command line spells them with (1/true/yes/on, 0/false/no/off, any case); None
+    for anything else."""
+    word = text.lower()
+    return True if word in ("1", "true", "yes", "on") else False if word in ("0", "false", "no", "off") else None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mergebench.api.catalog import Registry, UnknownNameError, close_matches  # noqa: F401  (close_matches: re-exported)
+from mergebench.api.catalog import parse_bool
 from mergebench.errors import InputError
 from mergebench.api.needs import NEEDS  # noqa: F401  (what data a method may ask its context for)
 from mergebench.api.ranges import Interval
@@ -103,11 +104,9 @@ class Hyperparameter:
                 return None
             target = args[0]
         if target is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise HyperparameterError(f"{self.name} is a bool; got {text!r}")
+            if (flag := parse_bool(text)) is None:
+                raise HyperparameterError(f"{self.name} is a bool; got {text!r}")
+            return flag
         try:
             return target(text)
         except (TypeError, ValueError) as e:

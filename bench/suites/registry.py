@@ -25,7 +25,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mergebench.api.catalog import Registry, UnknownNameError
+from mergebench.api.catalog import Registry, UnknownNameError, parse_bool
 from mergebench.errors import InputError, MissingFileError
 from mergebench.suites.base import Suite
 
@@ -264,11 +264,9 @@ def _coerce(key: str, value: Any, annotation: Any, suite: str) -> Any:
     if origin in (list, tuple):
         return [v.strip() for v in value.split(",") if v.strip()]
     if origin is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise SuiteOptionError(f"suite {suite!r}: option {key} is true or false, got {value!r}")
+        if (flag := parse_bool(value)) is None:
+            raise SuiteOptionError(f"suite {suite!r}: option {key} is true or false, got {value!r}")
+        return flag
     if origin in (int, float):
         try:
             return origin(value)
