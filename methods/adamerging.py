@@ -9,7 +9,9 @@ disjoint; each task keeps its own vector and lambda).
 
 from __future__ import annotations
 
-from mergebench.methods.adaptive import BF16_DEVIATION, functional_merge, minimize_entropy, unlabeled_streams
+from mergebench.methods.adaptive import (
+    BF16_DEVIATION, TWO_BATCH_BUDGET, TWO_BATCH_SMOKE, functional_merge, minimize_entropy, unlabeled_streams,
+)
 from mergebench.api.models import AdaMergedModel, freeze
 from mergebench.api.registry import Paper, Variant, register_variants
 
@@ -21,9 +23,6 @@ DEFAULTS_SOURCE = (
     "betas (0.9, 0.999), no weight decay, lambda prior 0.3, clamp [0, 1], batch 16, two batches per task per "
     "step, entropy summed over the 16 batch means, 500 steps (epochs = 500 in main_{task,layer}_wise_adamerging.py; "
     "the paper's schedule); ++: TIES k=20 (dis-sum tvs)")
-
-PAPER_BUDGET = {"steps": 500, "batch_size": 16, "batches_per_task": 2}
-SMOKE = {"steps": 2}
 
 HELP = {
     "steps": "Adam steps on the coefficients (official 500)",
@@ -67,7 +66,7 @@ NOTES = """
         doc="""Layer-wise AdaMerging++: layer-wise AdaMerging on TIES-processed task vectors (top-k % trimmed over the
     whole model, sign elected, disjoint; one lambda per parameter tensor per task)."""),
 }, notes=NOTES, paper=ADAMERGING, needs="unlabeled", family="test-time adaptation", defaults_source=DEFAULTS_SOURCE,
-   hyperparameter_help=HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
+   hyperparameter_help=HELP, paper_budget=TWO_BATCH_BUDGET, smoke=TWO_BATCH_SMOKE,
    ranges={"steps": "[1, inf)", "lr": "(0, inf)", "init": "[0, inf)", "batch_size": "[1, inf)",
            "batches_per_task": "[1, inf)", "k": "(0, 100]"})
 def adamerging(ctx, granularity: str, steps: int = 500, lr: float = 1e-3, init: float = 0.3, batch_size: int = 16,

@@ -27,6 +27,11 @@ from mergebench.api.models import Granularity, MergedModel, MergeState
 from mergebench.api.weights import Weights
 
 
+# the official loop's budget in EnnengYang/AdaMerging, kept by Representation Surgery's (same authors) and
+# IntervMerge's official scripts: 500 iterations of two batches of 16 unlabeled test images per task
+TWO_BATCH_BUDGET = {"steps": 500, "batch_size": 16, "batches_per_task": 2}
+TWO_BATCH_SMOKE = {"steps": 2}
+
 # the registration notes' paragraph of every method whose loop runs under ``ctx.autocast()``
 BF16_DEVIATION = """\
     Deviation from the official fp32 code when the run's ``precision`` is ``bf16`` (what the default ``auto``

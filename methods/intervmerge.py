@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.methods.adaptive import (
-    ExpertEmbeddings, FunctionalSharedModel, functional_merge_from_state, l1, single_encoder,
+    TWO_BATCH_BUDGET, TWO_BATCH_SMOKE, ExpertEmbeddings, FunctionalSharedModel, functional_merge_from_state, l1,
+    single_encoder,
 )
 from mergebench.api.models import AdaMergedModel, MergedModel, SharedModel, freeze
 from mergebench.api.registry import Paper, Variant, register_variants
@@ -253,10 +254,8 @@ _DEFAULTS_SOURCE = (
     "for AdaMerging bases (intervmerge_adamerging.sh, intervmerge_tw_adamerging.sh), frozen otherwise; mini slice "
     "64 (--model_hidden_size 64)")
 
-PAPER_BUDGET = {"steps": 500, "batch_size": 16, "batches_per_task": 2}
-SMOKE = {"steps": 2}
 # the mini slices' official 64 dims do not fit the micro suite's 32-wide encoder
-SMOKE_MINI = {"steps": 2, "slice_width": 16}
+SMOKE_MINI = {**TWO_BATCH_SMOKE, "slice_width": 16}
 
 _HELP = {
     "base": "the merge to intervene on (any method spec with one shared encoder)",
@@ -307,7 +306,7 @@ NOTES = """
     torch's orthogonal parametrisation, different optimisation path; traceable by fvcore), and the slices wrap
     around when blocks x w exceeds the width (mini8: 6 x 64 > 128)."""),
 }, notes=NOTES, paper=INTERVMERGE, needs="unlabeled", adds_params=True, family="test-time adaptation",
-   defaults_source=_DEFAULTS_SOURCE, hyperparameter_help=_HELP, paper_budget=PAPER_BUDGET, smoke=SMOKE,
+   defaults_source=_DEFAULTS_SOURCE, hyperparameter_help=_HELP, paper_budget=TWO_BATCH_BUDGET, smoke=TWO_BATCH_SMOKE,
    ranges={"rank": "[1, inf)", "steps": "[1, inf)", "lr": "(0, inf)", "batch_size": "[1, inf)",
            "batches_per_task": "[1, inf)", "slice_width": "[1, inf)"})
 def intervmerge(ctx, kind: str, desc: str, base="task_arithmetic", rank: int = 1, slice_width: int = 64,

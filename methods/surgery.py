@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from mergebench.methods.adaptive import ExpertEmbeddings, l1
+from mergebench.methods.adaptive import TWO_BATCH_BUDGET, TWO_BATCH_SMOKE, ExpertEmbeddings, l1
 from mergebench.api.models import MergedModel, freeze
 from mergebench.api.registry import Paper, register_method
 
@@ -49,7 +49,7 @@ class SurgeryModel(MergedModel):
         "src/main_*_with_surgery.py): rank 16, Adam lr 1e-3 betas (0.9, 0.999), batch 16, two batches per task "
         "per iteration with one Adam step per batch, L1 (mean) to the expert's embedding, 500 iterations "
         "(iterations=500 in the official scripts)"),
-    paper_budget={"steps": 500, "batch_size": 16, "batches_per_task": 2}, smoke={"steps": 2},
+    paper_budget=TWO_BATCH_BUDGET, smoke=TWO_BATCH_SMOKE,
     hyperparameter_help={
         "base": "the merge to fix (any method spec; it is frozen)",
         "rank": "adapter rank (official 16)",

@@ -10,7 +10,7 @@ import torch
 
 from mergebench.methods.ties import disjoint_merge, elect_sign, trim_top_k
 from mergebench.api.models import MergedModel, freeze
-from mergebench.api.registry import Paper, register_method
+from mergebench.api.registry import Paper, Variant, register_method, register_variants
 from mergebench.api.weights import Weights
 
 TALL = Paper("Localizing Task Information for Improved Model Merging and Compression", 2024, "2405.07813", "ICML",
@@ -168,19 +168,6 @@ def tune_alpha(ctx, delta: Weights, val: dict) -> float:
     return first_best(ALPHA_GRID, scores)
 
 
-def _consensus(ctx, mtl: str, k: int, scaling: float | None, lam: float | None, val_images: int):
-    val = _val_sets(ctx, val_images) if lam is None or scaling is None else None
-    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, val)
-    votes = torch.stack(list(masks.values())).sum(0)
-    consensus = votes >= k
-    ctx.log("consensus_kept_fraction", consensus.float().mean().item())
-    delta = template.unflatten(torch.where(consensus, flat_mtl, torch.zeros_like(flat_mtl)))
-    if scaling is None:
-        scaling = tune_alpha(ctx, delta, val)
-        ctx.log("consensus_alpha", scaling)
-    return ctx.shared_model(ctx.pretrained_weights + scaling * delta)
-
-
 CONSENSUS_HELP = {"k": "keep weights that at least k TALL masks select (k=2 drops selfish and catastrophic weights)",
                   "scaling": "alpha applied to the pruned multi-task vector; None selects it on the val split from "
                              "{0.1, ..., 1.0} (average normalized accuracy, the smallest on ties)",
@@ -189,36 +176,45 @@ CONSENSUS_HELP = {"k": "keep weights that at least k TALL masks select (k=2 drop
                                 "official: the whole split, capped at 5000)"}
 
 
-@register_method(
-    "consensus_ta", display_name="Consensus Merging (TA)", family="data-free (masks)", paper=TALL, needs="labeled",
-    defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
-                    "config/method/consensus.yaml (prun_thre_k 2); alpha selected on val over {0.1..1.0} by average "
-                    "normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py find_optimal_coef "
-                    "(n_eval_points 21 in config/config.yaml); both on the whole validation split (at most 5000 "
-                    "images: src/datasets/registry.py)",
-    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE,
-    ranges={"k": "[0, inf)", "scaling": "[0, inf)", "lam": "[0, inf)", "val_images": "[1, inf)"})
-def consensus_ta(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 5000):
-    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_MTL), tau_MTL = sum_t tau_t, m_t the TALL masks.
+@register_variants({
+    "consensus_ta": Variant(
+        "Consensus Merging (TA)", fixed={"mtl": "ta"},
+        doc="""theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_MTL), tau_MTL = sum_t tau_t, m_t the TALL masks.
 
     alpha (``scaling=None``) is chosen on the labeled val split as the official code does; deviation: each task's
     val accuracy is normalized by its expert's accuracy on the same val images, not by stored test accuracies.
-    """
-    return _consensus(ctx, "ta", k, scaling, lam, val_images)
-
-
-@register_method(
-    "consensus_ties", display_name="Consensus Merging (TIES)", family="data-free (masks)", paper=TALL,
-    needs="labeled",
-    defaults_source="k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
-                    "config/method/consensus.yaml; tau_MTL = TIES (k 20, disjoint sum); alpha selected on val over "
-                    "{0.1..1.0} by average normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py "
-                    "find_optimal_coef; both on the whole validation split (at most 5000 images)",
-    hyperparameter_help=CONSENSUS_HELP, paper_budget=VAL_BUDGET, smoke=VAL_SMOKE,
-    ranges={"k": "[0, inf)", "scaling": "[0, inf)", "lam": "[0, inf)", "val_images": "[1, inf)"})
-def consensus_ties(ctx, k: int = 2, scaling: float | None = None, lam: float | None = None, val_images: int = 5000):
-    """theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_TIES), m_t the TALL masks built against tau_TIES.
+    """,
+        register={"defaults_source": (
+            "k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
+            "config/method/consensus.yaml (prun_thre_k 2); alpha selected on val over {0.1..1.0} by average "
+            "normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py find_optimal_coef "
+            "(n_eval_points 21 in config/config.yaml); both on the whole validation split (at most 5000 "
+            "images: src/datasets/registry.py)")}),
+    "consensus_ties": Variant(
+        "Consensus Merging (TIES)", fixed={"mtl": "ties"},
+        doc="""theta = theta_0 + alpha * ([sum_t m_t >= k] ⊙ tau_TIES), m_t the TALL masks built against tau_TIES.
 
     alpha as in ``consensus_ta`` (selected on the val split unless ``scaling`` fixes it).
-    """
-    return _consensus(ctx, "ties", k, scaling, lam, val_images)
+    """,
+        register={"defaults_source": (
+            "k 2 and TALL lambda_t selected per task on val from {0.2..0.6}: nik-dim/tall_masks "
+            "config/method/consensus.yaml; tau_MTL = TIES (k 20, disjoint sum); alpha selected on val over "
+            "{0.1..1.0} by average normalized accuracy: src/eval/eval_utils.py + src/utils/utils.py "
+            "find_optimal_coef; both on the whole validation split (at most 5000 images)")}),
+}, family="data-free (masks)", paper=TALL, needs="labeled", hyperparameter_help=CONSENSUS_HELP,
+   paper_budget=VAL_BUDGET, smoke=VAL_SMOKE,
+   ranges={"k": "[0, inf)", "scaling": "[0, inf)", "lam": "[0, inf)", "val_images": "[1, inf)"})
+def consensus(ctx, mtl: Literal["ta", "ties"], k: int = 2, scaling: float | None = None, lam: float | None = None,
+              val_images: int = 5000):
+    """Consensus merging on tau_MTL of kind ``mtl``: the TALL masks' votes keep the weights at least ``k`` tasks
+    select; alpha is selected on the val split unless ``scaling`` fixes it."""
+    val = _val_sets(ctx, val_images) if lam is None or scaling is None else None
+    flat_mtl, masks, _, template = _masks(ctx, mtl, lam, val)
+    votes = torch.stack(list(masks.values())).sum(0)
+    kept = votes >= k
+    ctx.log("consensus_kept_fraction", kept.float().mean().item())
+    delta = template.unflatten(torch.where(kept, flat_mtl, torch.zeros_like(flat_mtl)))
+    if scaling is None:
+        scaling = tune_alpha(ctx, delta, val)
+        ctx.log("consensus_alpha", scaling)
+    return ctx.shared_model(ctx.pretrained_weights + scaling * delta)

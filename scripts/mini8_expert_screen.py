@@ -12,8 +12,6 @@ test sets (no fine-tuning). Writes NAME.json to --out.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ from mergebench.suites.base import Suite, TaskData
 from mergebench.suites.mini8 import CONFIGS
 from mergebench.suites.mini8.data import generate_split
 from mergebench.api.weights import Weights
+
+import mini8_args
 
 
 def pretraining(cfg) -> tuple[dict, dict]:
@@ -50,15 +50,11 @@ def task_data(cfg, task: str, split: str) -> TaskData:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("name")
-    ap.add_argument("overrides", nargs="?", default="{}")
-    ap.add_argument("--base", default="mini8")
+    ap = mini8_args.parser("screens")
     ap.add_argument("--tasks", nargs="*", default=[])
     ap.add_argument("--zero-shot", action="store_true")
-    ap.add_argument("--out", default=str(Path(cache_root()) / "screens"))
     args = ap.parse_args()
-    cfg = dataclasses.replace(CONFIGS[args.base], **json.loads(args.overrides))
+    cfg = mini8_args.configuration(args)
     t0 = time.perf_counter()
     pretrained, classifier = pretraining(cfg)
     heads = build_mini8.zero_shot_heads(cfg, classifier)
@@ -76,7 +72,7 @@ def main():
                   pretrained=Weights(pretrained), heads={t: heads[t] for t in tasks}, data=data,
                   load_expert=lambda t: Weights(experts[t]))
     s = DiagnoseSettings()
-    out = {"name": args.name, "overrides": json.loads(args.overrides), "pretrain_key": build_mini8.pretrain_key(cfg)}
+    out = {"name": args.name, "overrides": args.overrides, "pretrain_key": build_mini8.pretrain_key(cfg)}
     theta0 = Weights({k: v.float() for k, v in pretrained.items()})
     if args.zero_shot:
         out["calibration"] = zero_shot_calibration(suite, theta0, s)

@@ -13,7 +13,6 @@ entropy on the Task Arithmetic model. Writes NAME.json to --out (default $MERGEB
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -23,24 +22,21 @@ import torch
 
 from mergebench.build import mini8 as build_mini8
 from mergebench.build import mini8_lora as build_lora
-from mergebench.engine.io import cache_root
 from mergebench.engine.run import run_one
 from mergebench.suites.mini8 import CONFIGS, LORA_CONFIGS, Mini8Config, load_mini8, mini8_config_dict
+
+import mini8_args
 
 HEADLINE = ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("name")
-    ap.add_argument("overrides", nargs="?", default="{}")
-    ap.add_argument("--base", default="mini8")
+    ap = mini8_args.parser("mini8-builds")
     ap.add_argument("--methods", nargs="*", default=[])
     ap.add_argument("--lora", help="JSON overrides of mini8-lora's LoraConfig: probe LoRA experts on the build")
-    ap.add_argument("--out", default=str(Path(cache_root()) / "mini8-builds"))
     args = ap.parse_args()
-    overrides = json.loads(args.overrides)
-    cfg = dataclasses.replace(CONFIGS[args.base], **overrides)
+    overrides = args.overrides
+    cfg = mini8_args.configuration(args)
     t0 = time.perf_counter()
     # the base itself by name, so its committed artifact is read rather than rebuilt
     suite = load_mini8(args.base) if cfg == CONFIGS[args.base] else build_mini8.load_or_build(cfg, name=args.name)

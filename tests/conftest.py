@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,32 @@ def probe():
     yield register
     for name in names:
         registry.unregister_method(name)
+
+
+@pytest.fixture
+def install_plugin(tmp_path, monkeypatch):
+    """``install_plugin(name, modules, entries=None, group="mergebench.methods")``: an installed distribution
+    ``name`` in a folder of this test's own (returned): the ``modules`` (module name -> source) and a dist-info whose
+    entry points in ``group`` are ``entries`` (entry name -> target; by default each module under its own name).
+    The folder is on this process's path and, through PYTHONPATH, on every process started from here (a sweep's
+    workers, a command line); the modules are imported afresh by the next discovery."""
+    root = tmp_path / "plugin"
+
+    def install(name: str, modules: dict[str, str], entries: dict[str, str] | None = None,
+                group: str = "mergebench.methods") -> Path:
+        root.mkdir(exist_ok=True)
+        for module, source in modules.items():
+            (root / f"{module}.py").write_text(source)
+            monkeypatch.delitem(sys.modules, module, raising=False)
+        dist = root / f"{name}-0.1.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 0.1\n")
+        lines = [f"{entry} = {target}" for entry, target in (entries or {m: m for m in modules}).items()]
+        (dist / "entry_points.txt").write_text("\n".join([f"[{group}]", *lines, ""]))
+        monkeypatch.syspath_prepend(str(root))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        return root
+    return install
 
 
 @pytest.fixture

@@ -42,15 +42,13 @@ parser.parse_args()  # at import: argparse ends the process (SystemExit)
 '''
 
 
-def _broken_dists(root: Path) -> None:
-    (root / "mb_broken_plugin.py").write_text(BROKEN)
-    (root / "mb_exiting_plugin.py").write_text(EXITS)
-    dist = root / "mb_broken_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mb-broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mergebench.methods]\ntask_arithmetic = mb_broken_plugin:merge_fn\n"
-                                           "no_ctx_probe = mb_broken_plugin:no_context\n"
-                                           "exiting_probe = mb_exiting_plugin\n")
+@pytest.fixture
+def broken_plugins(install_plugin) -> Path:
+    """One distribution of three broken entry points: a built-in's name, a function without a context, a module
+    that exits at import."""
+    return install_plugin("mb_broken_plugin", {"mb_broken_plugin": BROKEN, "mb_exiting_plugin": EXITS},
+                          {"task_arithmetic": "mb_broken_plugin:merge_fn", "no_ctx_probe": "mb_broken_plugin:no_context",
+                           "exiting_probe": "mb_exiting_plugin"})
 
 
 def _cli(argv: list[str], path: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -64,9 +62,8 @@ def _cli(argv: list[str], path: Path | None = None, env: dict | None = None) -> 
 
 
 # ------------------------------------------------------------------ broken plugins are never fatal
-def test_each_broken_plugin_is_one_warning_and_the_commands_work(tmp_path):
-    _broken_dists(tmp_path)
-    out = _cli(["list-methods", "task_arith*"], tmp_path)
+def test_each_broken_plugin_is_one_warning_and_the_commands_work(broken_plugins):
+    out = _cli(["list-methods", "task_arith*"], broken_plugins)
     assert out.returncode == 0, out.stderr
     assert "task_arithmetic" in out.stdout and "built-in" in out.stdout  # the built-in keeps its name
     lines = [line for line in out.stderr.splitlines() if line.strip()]
@@ -77,9 +74,7 @@ def test_each_broken_plugin_is_one_warning_and_the_commands_work(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_discovery_reports_every_broken_plugin(tmp_path, monkeypatch):
-    _broken_dists(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_discovery_reports_every_broken_plugin(broken_plugins):
     with pytest.warns(UserWarning):
         errors = registry.discover_plugins(force=True)
     assert {"task_arithmetic", "no_ctx_probe", "exiting_probe"} <= set(errors)

@@ -141,13 +141,9 @@ def probe_plugin_suite(build: bool = True, verbose: bool = True):
 '''
 
 
-def test_entry_point_suite_is_discovered_and_runs(tmp_path, monkeypatch, micro, capsys):
-    (tmp_path / "mb_probe_suite.py").write_text(PLUGIN_SUITE)
-    dist = tmp_path / "mb_probe_suite-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mb-probe-suite\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mergebench.suites]\nprobe = mb_probe_suite\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_entry_point_suite_is_discovered_and_runs(tmp_path, install_plugin, micro, capsys):
+    install_plugin("mb_probe_suite", {"mb_probe_suite": PLUGIN_SUITE}, {"probe": "mb_probe_suite"},
+                   group="mergebench.suites")
     SUITES.discover(force=True)
     try:
         assert "probe-plugin-suite" in list_suites()

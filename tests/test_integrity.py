@@ -487,18 +487,9 @@ def probe_swallows(ctx):
 
 
 @pytest.fixture
-def swallow(tmp_path, monkeypatch):
+def swallow(install_plugin):
     """The looping method, as an entry-point plugin (so a sweep's worker processes have it too)."""
-    root = tmp_path / "plugin"
-    root.mkdir()
-    (root / "swallow_probe.py").write_text(SWALLOW)
-    dist = root / "swallow_probe-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: swallow-probe\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mergebench.methods]\nswallow_probe = swallow_probe\n")
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.delitem(sys.modules, "swallow_probe", raising=False)
+    install_plugin("swallow_probe", {"swallow_probe": SWALLOW})
     registry.discover_plugins(force=True)
     yield "probe_swallows"
     registry.unregister_method("probe_swallows")

@@ -17,17 +17,8 @@ def halfway(ctx, scaling: float = 0.5):
 '''
 
 
-def _install_fake_dist(root, module="mb_probe_plugin", entry="mb_probe_plugin"):
-    (root / f"{module}.py").write_text(PLUGIN)
-    dist = root / "mb_probe_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mb-probe-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[mergebench.methods]\nhalfway_probe = {entry}\n")
-
-
-def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, micro, results_dir):
-    _install_fake_dist(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_entry_point_plugin_is_discovered(install_plugin, micro, results_dir):
+    install_plugin("mb_probe_plugin", {"mb_probe_plugin": PLUGIN}, {"halfway_probe": "mb_probe_plugin"})
     registry.discover_plugins(force=True)
     try:
         spec = registry.get_method("halfway_probe")
@@ -40,21 +31,17 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch, micro, results_
         registry.unregister_method("halfway_probe")
 
 
-def test_broken_plugin_is_reported_not_fatal(tmp_path, monkeypatch):
-    dist = tmp_path / "broken_probe-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-probe\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mergebench.methods]\nbroken = no_such_module_xyz\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_broken_plugin_is_reported_not_fatal(install_plugin):
+    install_plugin("broken_probe", {}, {"broken": "no_such_module_xyz"})
     errors = registry.discover_plugins(force=True)
     assert "broken" in errors and "no_such_module_xyz" in errors["broken"]
     assert "task_arithmetic" in registry.list_methods()
 
 
-def test_cli_lists_plugin_methods(tmp_path):
-    _install_fake_dist(tmp_path)
+def test_cli_lists_plugin_methods(install_plugin):
+    root = install_plugin("mb_probe_plugin", {"mb_probe_plugin": PLUGIN}, {"halfway_probe": "mb_probe_plugin"})
     code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        import sys; sys.path.insert(0, {str(root)!r})
         from mergebench.cli import main
         sys.exit(main(["list-methods", "halfway*"]))
     """)

@@ -1,9 +1,7 @@
 """Sweeps as independent jobs: local processes and submitit's local executor, an injected
 failure, a killed worker, resume, status, and the Slurm submission settings."""
 
-import os
 import shutil
-import sys
 
 import pytest
 
@@ -34,20 +32,11 @@ def kill_probe(ctx, scaling: float = 0.3):
 
 
 @pytest.fixture
-def probes(tmp_path, monkeypatch, micro):
-    root = tmp_path / "plugin"
-    root.mkdir()
-    (root / "sweep_probes.py").write_text(PROBES)
-    dist = root / "sweep_probes-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sweep-probes\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mergebench.methods]\nsweep_probes = sweep_probes\n")
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+def probes(tmp_path, monkeypatch, install_plugin, micro):
+    install_plugin("sweep_probes", {"sweep_probes": PROBES})
     flag = tmp_path / "kill-once"
     flag.write_text("")
     monkeypatch.setenv("SWEEP_KILL_FLAG", str(flag))
-    monkeypatch.delitem(sys.modules, "sweep_probes", raising=False)  # re-import: its decorators register again
     registry.discover_plugins(force=True)
     yield flag
     for name in ("sweep_raise_probe", "sweep_kill_probe"):

@@ -65,23 +65,14 @@ def _accuracies(results):
 
 
 @pytest.fixture
-def env(tmp_path, micro, monkeypatch):
+def env(tmp_path, micro, monkeypatch, install_plugin):
     """The gate probe as a plugin, here and in every process started from here (Slurm jobs inherit the
     environment); heartbeats every second."""
     from mergebench.api import registry
 
-    root = tmp_path / "plugin"
-    root.mkdir()
-    (root / "slurm_probes.py").write_text(GATE_PROBE)
-    dist = root / "slurm_probes-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: slurm-probes\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mergebench.methods]\nslurm_probes = slurm_probes\n")
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    install_plugin("slurm_probes", {"slurm_probes": GATE_PROBE})
     monkeypatch.setenv("SLURM_TEST_GATE", str(tmp_path / "gate"))
     monkeypatch.setenv("MERGEBENCH_HEARTBEAT_S", "1")
-    monkeypatch.delitem(sys.modules, "slurm_probes", raising=False)
     registry.discover_plugins(force=True)
     yield dict(os.environ)
     registry.unregister_method("slurm_gate_probe")
