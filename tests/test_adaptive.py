@@ -11,6 +11,7 @@ import torch
 
 import mergebench
 from mergebench.api.context import DataNotDeclaredError, MergeContext
+from mergebench.engine.runspec import RunSpec
 from mergebench.engine.functional import FunctionalMerge
 from mergebench.methods.adaptive import entropy, functional_merge
 from mergebench.api.models import AdaMergedModel
@@ -32,9 +33,10 @@ VIT_B_32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, o
 FAST = {"steps": 2}
 
 
-def _ctx(suite, needs="unlabeled", seed=0):
+def _ctx(suite, method="adamerging_taskwise", seed=0, **settings):
+    """The context of a run of ``method`` (so the data it declared) on ``suite``, on the CPU."""
     seed_everything(seed)
-    return MergeContext(suite, needs, "cpu", seed, show_progress=False)
+    return MergeContext(suite, RunSpec.build(method, suite, seed=seed, device="cpu", **settings), show_progress=False)
 
 
 def _state(model):
@@ -309,7 +311,7 @@ def test_deterministic_under_a_seed(micro):
 
 @pytest.mark.parametrize("name", ADAPTIVE)
 def test_methods_needing_data_refuse_without_it(micro, name):
-    ctx = _ctx(micro, needs="nothing")
+    ctx = _ctx(micro, "task_arithmetic")
     kwargs = dict(steps=1)
     if name in ("intervmerge_mini", "intervmerge_efficient_mini"):
         kwargs["slice_width"] = 16
@@ -386,16 +388,16 @@ def test_precision_bf16_autocasts_the_encoder_and_stays_close_to_fp32(micro):
     losses = {}
     for precision in ("fp32", "bf16"):
         seed_everything(0)
-        ctx = MergeContext(micro, "unlabeled", "cpu", 0, show_progress=False, precision=precision)
+        ctx = _ctx(micro, precision=precision)
         with ctx.autocast():
             assert torch.is_autocast_enabled("cpu") == (precision == "bf16")
         mergebench.get_method("adamerging_layerwise").fn(ctx, steps=4)
         losses[precision] = torch.tensor(ctx.logs["adamerging_layerwise/loss"])
-    assert MergeContext(micro).precision == ("bf16" if native_bf16("cpu") else "fp32")
+    assert _ctx(micro).precision == ("bf16" if native_bf16("cpu") else "fp32")
     assert torch.allclose(losses["bf16"], losses["fp32"], rtol=2e-2, atol=1e-2), losses
     assert not torch.equal(losses["bf16"], losses["fp32"])
-    with pytest.raises(ValueError, match="precision must be one of"):
-        MergeContext(micro, precision="fp16")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        _ctx(micro, precision="fp16")
 
 
 def test_precision_is_recorded_and_keys_only_the_adaptive_runs(micro, results_dir):

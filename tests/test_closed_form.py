@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mergebench.api.context import MergeContext
+from mergebench.engine.runspec import RunSpec
 from mergebench.engine.metrics import parameter_counts, tensor_bytes
 from mergebench.api.activations import as_matrix, expert_sites, from_matrix, gram, iter_sites, psd_pinv, sq_norms
 from mergebench.methods import cat as cat_module
@@ -34,8 +35,9 @@ METHODS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "t
            "consensus_ties", "tsv_merging", "iso_c", "iso_cts", "wudi_merging"]
 
 
-def _ctx(suite, needs="labeled"):
-    return MergeContext(suite, needs, show_progress=False)
+def _ctx(suite, method="tall_masks", seed=0):
+    """The context of a run of ``method`` (so the data it declared) on ``suite``, on the CPU."""
+    return MergeContext(suite, RunSpec.build(method, suite, seed=seed, device="cpu"), show_progress=False)
 
 
 def _weights_of(model):
@@ -275,7 +277,7 @@ def test_cat_rescales_projections_to_their_norms_and_takes_features_on_the_scale
     p = t * torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)[:, None, None]
     r = cat_module.rescale_to_norms(p, t)
     assert torch.allclose(r[:2], t[:2]) and torch.equal(r[2], p[2])
-    ctx = _ctx(micro, "unlabeled")
+    ctx = _ctx(micro, "cat_merging")
     seen = []
     real = cat_module.lockstep_sites
 
@@ -317,20 +319,20 @@ def test_dare_masks_depend_on_seed_task_and_tensor_not_on_the_reading_order(micr
     from mergebench.methods.dare import DareContext
 
     key = "transformer.resblocks.0.mlp.c_fc.weight"
-    first = DareContext(_ctx(micro, "nothing"), 0.5, True)
+    first = DareContext(_ctx(micro, "dare"), 0.5, True)
     whole = [first.expert_weights(t)[key] for t in reversed(first.tasks)][::-1]      # whole experts, reversed order
-    again = DareContext(_ctx(micro, "nothing"), 0.5, True)
+    again = DareContext(_ctx(micro, "dare"), 0.5, True)
     streamed = next(iter(again.per_tensor([key])))[2]                                # one tensor across the experts
     assert all(torch.equal(a, b) for a, b in zip(whole, streamed))
     theta0 = first.pretrained_weights[key]
     dropped = [(e - theta0).abs() < 1e-12 for e in streamed]
     assert not torch.equal(dropped[0], dropped[1])                                   # each task its own mask
-    other = DareContext(MergeContext(micro, "nothing", seed=1, show_progress=False), 0.5, True)
+    other = DareContext(_ctx(micro, "dare", seed=1), 0.5, True)
     assert not torch.equal(next(iter(other.per_tensor([key])))[2][0], streamed[0])   # and each seed
 
 
 def test_dare_wraps_the_base_merge(micro):
-    ctx = _ctx(micro, "nothing")
+    ctx = _ctx(micro, "dare")
     base = _weights_of(execute(MethodCall.parse("task_arithmetic").resolve(), ctx))
     p0 = _weights_of(execute(MethodCall.parse("dare(p=0.0)").resolve(), ctx))
     assert all(torch.allclose(p0[k], base[k], atol=1e-6) for k in base)
@@ -511,7 +513,7 @@ def test_wudi_descends_towards_its_closed_form():
 
 
 def test_wudi_default_touches_only_block_linear_weights(micro):
-    ctx = _ctx(micro, "nothing")
+    ctx = _ctx(micro, "wudi_merging")
     merged = _weights_of(execute(MethodCall.parse("wudi_merging(steps=3)").resolve(), ctx))
     theta0 = ctx.pretrained_weights
     assert torch.equal(merged["proj"], theta0["proj"]) and torch.equal(merged["ln_post.weight"], theta0["ln_post.weight"])

@@ -17,13 +17,15 @@ from mergebench.methods.ties import ties_merging
 from mergebench.api.registry import get_method
 from mergebench.engine.run import run_one
 from mergebench.engine.execution import seed_everything
+from mergebench.engine.runspec import RunSpec
 
 FAST_RMM = "rmm(episodes=8, data_scale=0.25, batch_size=8)"
 
 
-def _ctx(suite, needs="nothing", seed=0):
+def _ctx(suite, method="doge", seed=0):
+    """The context of a run of ``method`` (so the data it declared) on ``suite``, on the CPU."""
     seed_everything(seed)
-    return MergeContext(suite, needs, "cpu", seed, show_progress=False)
+    return MergeContext(suite, RunSpec.build(method, suite, seed=seed, device="cpu"), show_progress=False)
 
 
 def _state(model):
@@ -144,7 +146,7 @@ def test_assembled_model_is_what_the_plan_describes(micro):
 
 
 def test_rmm_plan_reward_data_and_determinism(micro):
-    ctx = _ctx(micro, "labeled")
+    ctx = _ctx(micro, "rmm")
     model = rmm(ctx, episodes=8, data_scale=0.25, batch_size=8)  # one batch of 8 per task per episode
     n_pool = len(micro.tasks) + 1
     assert model.plan and all(0 <= pos < len(ctx.encoder().transformer.resblocks) and 0 <= src < n_pool
@@ -154,14 +156,14 @@ def test_rmm_plan_reward_data_and_determinism(micro):
     assert set(ctx.data_used["labeled/val"]["images"]) == set(micro.tasks)
     assert all(r == -10.0 or 0 <= r <= 100 for r in ctx.logs["rmm/reward"]) and len(ctx.logs["rmm/reward"]) == 8
     assert len(ctx.logs["rmm/ppo_loss"]) == 2                           # an update every 4 episodes
-    again = rmm(_ctx(micro, "labeled"), episodes=8, data_scale=0.25, batch_size=8)
+    again = rmm(_ctx(micro, "rmm"), episodes=8, data_scale=0.25, batch_size=8)
     assert again.plan == model.plan
     a, b = _state(model), _state(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(DataNotDeclaredError):
-        rmm(_ctx(micro, "unlabeled"), episodes=1)
+        rmm(_ctx(micro, "adamerging_taskwise"), episodes=1)   # declared unlabeled data only
     with pytest.raises(ValueError, match="data-free"):
-        rmm(_ctx(micro, "labeled"), episodes=1, merged="adamerging_taskwise")
+        rmm(_ctx(micro, "rmm"), episodes=1, merged="adamerging_taskwise")
 
 
 def test_dynamic_average_reward():
@@ -190,7 +192,7 @@ def test_ppo_agent_learns_a_rewarded_action():
 def test_rmm_reward_data_is_a_fraction_of_the_batches(micro, data_scale, batch_size, batches):
     """Official validate_CV: int(data_scale * len(loader)) batches per episode (at least one here), the whole
     loader at data_scale 1.0, where a walk's reward is computed once (micro: 32 validation images per task)."""
-    ctx = _ctx(micro, "labeled")
+    ctx = _ctx(micro, "rmm")
     rmm(ctx, episodes=8, data_scale=data_scale, batch_size=batch_size)
     finished = sum(r >= 0 for r in ctx.logs["rmm/reward"])
     used = ctx.data_used["labeled/val"]["images"]

@@ -10,6 +10,7 @@ import torch
 
 import mergebench
 from mergebench.api.context import DataNotDeclaredError, MergeContext
+from mergebench.engine.runspec import RunSpec
 from mergebench.methods.adarank import RankMaskedMerge, is_low_rank_key
 from mergebench.methods.concrete import ConcreteMask, rescaled
 from mergebench.engine.functional import FunctionalMerge
@@ -23,9 +24,10 @@ FAST = {"adarank": "steps=3", "adarank_cart": "steps=3", "concrete_task_arithmet
         "concrete_adamerging": "steps=2, adamerging_steps=2"}
 
 
-def _ctx(suite, needs="unlabeled", seed=0):
+def _ctx(suite, method="adamerging_taskwise", seed=0, **settings):
+    """The context of a run of ``method`` (so the data it declared) on ``suite``, on the CPU."""
     seed_everything(seed)
-    return MergeContext(suite, needs, "cpu", seed, show_progress=False)
+    return MergeContext(suite, RunSpec.build(method, suite, seed=seed, device="cpu", **settings), show_progress=False)
 
 
 def _weights(model):
@@ -204,7 +206,7 @@ def test_bad_hyperparameters_are_clear_errors(micro):
 @pytest.mark.parametrize("name", METHODS)
 def test_refuses_undeclared_data(micro, name):
     with pytest.raises(DataNotDeclaredError, match="unlabeled"):
-        mergebench.get_method(name).fn(_ctx(micro, needs="nothing"), steps=1)
+        mergebench.get_method(name).fn(_ctx(micro, "task_arithmetic"), steps=1)
 
 
 @pytest.mark.parametrize("name", METHODS)

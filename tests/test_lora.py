@@ -15,6 +15,7 @@ from mergebench.api.lora import OPEN_CLIP_TARGETS, LoraFactor
 from mergebench.methods.copa import NO_LORA, copa_merge_factors, copa_merging
 from mergebench.api.registry import get_method, unmet_requirements
 from mergebench.engine.run import run_one
+from mergebench.engine.runspec import RunSpec
 from mergebench.suites import checkpoints, get_suite
 from mergebench.suites.real import zoo
 from mergebench.suites.base import NoLoraExpertsError
@@ -118,11 +119,12 @@ def test_copa_without_pruning_is_sum_of_A_and_mean_of_B():
 def test_copa_on_one_expert_without_pruning_returns_that_expert(micro_lora):
     task = micro_lora.tasks[1]
     single = dataclasses.replace(micro_lora, tasks=[task])
-    model = copa_merging(MergeContext(single, show_progress=False), keep=1.0, fuse_weight=1.0)
+    spec = RunSpec.build("copa_merging", single, device="cpu")
+    model = copa_merging(MergeContext(single, spec, show_progress=False), keep=1.0, fuse_weight=1.0)
     merged = model.encoder.state_dict()
     expert = micro_lora.expert_weights(task)
     assert all(torch.allclose(merged[k], expert[k], atol=1e-6) for k in expert)
-    default = copa_merging(MergeContext(single, show_progress=False)).encoder.state_dict()
+    default = copa_merging(MergeContext(single, spec, show_progress=False)).encoder.state_dict()
     assert not all(torch.allclose(default[k], expert[k], atol=1e-6) for k in expert), "pruning changes it"
 
 
@@ -141,7 +143,7 @@ def test_copa_needs_lora_experts(micro, results_dir):
     rec = run_one("copa_merging", micro, results_dir=results_dir, device="cpu", show_progress=False)
     assert rec["status"] == "failed" and NO_LORA in rec["error"]
     with pytest.raises(NoLoraExpertsError, match="no LoRA experts"):
-        MergeContext(micro).lora_factors(micro.tasks[0])
+        MergeContext(micro, RunSpec.build("copa_merging", micro, device="cpu")).lora_factors(micro.tasks[0])
     assert unmet_requirements(get_method("copa_merging"), micro) == ["lora"]
 
 

@@ -10,10 +10,12 @@ from mergebench.api.context import MergeContext
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.run import run_one
 from mergebench.engine.execution import execute
+from mergebench.engine.runspec import RunSpec
 
 
 def _ctx(suite, seed=0):
-    return MergeContext(suite, "unlabeled", "cpu", seed, show_progress=False)
+    """The context of an AdaMerging run (unlabeled data) on ``suite``, on the CPU."""
+    return MergeContext(suite, RunSpec.build("adamerging_taskwise", suite, seed=seed, device="cpu"), show_progress=False)
 
 
 def test_stream_through_frozen_functions_equals_calling_them_on_each_batch(micro):

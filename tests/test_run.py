@@ -10,6 +10,7 @@ from mergebench import leaderboard
 
 from mergebench.api import registry
 from mergebench.api.context import DataNotDeclaredError, MergeContext
+from mergebench.engine.runspec import RunSpec
 from mergebench.engine.records import load_records
 from mergebench.engine.run import run_many, run_one
 
@@ -108,15 +109,16 @@ def test_parallel_workers_give_the_records_of_one_process_in_the_given_order(mic
 
 
 def test_context_serves_only_declared_data(micro):
-    ctx = MergeContext(micro, needs="nothing")
+    ctx = MergeContext(micro, RunSpec.build("task_arithmetic", micro, device="cpu"))
     with pytest.raises(DataNotDeclaredError):
         ctx.exemplars(micro.tasks[0], 4)
-    ctx = MergeContext(micro, needs="unlabeled", seed=3)
+    unlabeled = RunSpec.build("adamerging_taskwise", micro, seed=3, device="cpu")
+    ctx = MergeContext(micro, unlabeled)
     batch = next(ctx.unlabeled(micro.tasks[0], batch_size=8))
     assert batch.shape == (8, 3, 32, 32) and batch.dtype == torch.float32
     with pytest.raises(DataNotDeclaredError):
         ctx.labeled(micro.tasks[0])
-    again = next(MergeContext(micro, needs="unlabeled", seed=3).unlabeled(micro.tasks[0], batch_size=8))
+    again = next(MergeContext(micro, unlabeled).unlabeled(micro.tasks[0], batch_size=8))
     assert torch.equal(batch, again), "streams are deterministic under a seed"
     assert ctx.data_used["unlabeled/test"]["images"][micro.tasks[0]] == 8
 

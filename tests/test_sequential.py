@@ -10,6 +10,7 @@ from mergebench import leaderboard, register_method
 from mergebench.methods.continual import opcm_project, pam_coefficient
 from mergebench.api.registry import Paper, unregister_method
 from mergebench.engine.run import run_one
+from mergebench.engine.runspec import RunSpec
 from mergebench.engine.sequential import FutureExpertError, SequentialContext, task_orders
 from mergebench.api.weights import Weights
 
@@ -23,7 +24,8 @@ def _run(method, micro, results_dir, **kw):
 
 def test_context_refuses_future_experts_and_data(micro):
     order = [micro.tasks[2], micro.tasks[0], micro.tasks[1]]
-    ctx = SequentialContext(micro, order, {"sequential", "labeled"})
+    spec = RunSpec.build("perturb_and_merge", micro, device="cpu", orders=[order])   # labeled data, sequentially
+    ctx = SequentialContext(micro, spec, order)
     seq = ctx.sequence()
     task, expert = next(seq)
     assert task == order[0] and ctx.tasks == [order[0]]
@@ -38,7 +40,7 @@ def test_context_refuses_future_experts_and_data(micro):
         ctx.exemplars(order[0], 4, labels=True)  # a past task's data: refused
     assert set(ctx.task_vectors()) == set(order[:2])
     with pytest.raises(ValueError, match="permutation"):
-        SequentialContext(micro, order[:2], "sequential")
+        SequentialContext(micro, spec, order[:2])
 
 
 def test_evaluates_seen_tasks_after_every_step_and_averages_orders(micro, results_dir):
@@ -65,11 +67,12 @@ def test_sequential_task_arithmetic_ends_at_one_shot(micro, results_dir):
     from mergebench.methods.baselines import task_arithmetic
 
     order = [micro.tasks[1], micro.tasks[2], micro.tasks[0]]
-    ctx = SequentialContext(micro, order, "nothing")
+    ctx = SequentialContext(micro, RunSpec.build("task_arithmetic", micro, device="cpu", protocol="sequential",
+                                                 orders=[order]), order)
     from mergebench.api.pipeline import MethodCall
     from mergebench.engine.sequential import steps
     models = list(steps(MethodCall("task_arithmetic").resolve(), ctx))
-    one_shot = task_arithmetic(MergeContext(micro), scaling=0.3)
+    one_shot = task_arithmetic(MergeContext(micro, RunSpec.build("task_arithmetic", micro, device="cpu")), scaling=0.3)
     a, b = models[-1].state_dict(), one_shot.state_dict()
     assert len(models) == 3 and all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
 

@@ -22,12 +22,13 @@ from mergebench.methods.tsv import tsv_matrix
 from mergebench.api.pipeline import MethodCall
 from mergebench.api.registry import get_method
 from mergebench.engine.execution import execute, seed_everything
+from mergebench.engine.runspec import RunSpec
 from mergebench.api.weights import Weights
 
 
 def _ctx(suite):
     seed_everything(0)
-    return MergeContext(suite, "nothing", "cpu", 0, show_progress=False)
+    return MergeContext(suite, RunSpec.build("task_arithmetic", suite, device="cpu"), show_progress=False)
 
 
 def _merged(suite, spec: str) -> Weights:
@@ -214,6 +215,7 @@ from mergebench.engine import memory
 from mergebench.api.context import MergeContext
 from mergebench.api.pipeline import MethodCall
 from mergebench.api.registry import get_method
+from mergebench.engine.runspec import RunSpec
 from mergebench.suites import get_suite
 
 encoder = dict(image_size=224, patch_size=16, width=256, layers=12, heads=4, output_dim=128, act="quick_gelu")
@@ -225,7 +227,7 @@ for spec in sys.argv[1:]:
     call = MethodCall.parse(spec).resolve()
     peaks = []
     for _ in range(2):  # the lower of two runs: what a merge holds shows in both, the allocator's timing in one
-        ctx = MergeContext(suite, call.needs(), "cpu", 0, show_progress=False)
+        ctx = MergeContext(suite, RunSpec.build(call, suite, device="cpu"), show_progress=False)
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap memory would hide new allocations from the RSS peak
         start = memory.rss_bytes()

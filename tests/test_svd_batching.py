@@ -15,6 +15,7 @@ from mergebench.api.context import MergeContext
 from mergebench.methods.adarank import RankMaskedMerge, is_low_rank_key
 from mergebench.methods.continual import is_linear_weight
 from mergebench.api.models import build_encoder, encoder_weights
+from mergebench.engine.runspec import RunSpec
 from mergebench.engine.sequential import SequentialContext
 from mergebench.api.shape_batches import same_shape_batches
 from mergebench.suites.base import Suite, TaskData
@@ -58,7 +59,7 @@ def _merged_weights(model) -> Weights:
 
 
 def _ctx(suite):
-    return MergeContext(suite, "nothing", "cpu", 0, show_progress=False)
+    return MergeContext(suite, RunSpec.build("task_arithmetic", suite, device="cpu"), show_progress=False)
 
 
 # ------------------------------------------------------------------ frozen per-matrix references
@@ -159,7 +160,8 @@ def test_batched_data_free_svd_merge_equals_per_matrix_loop(suite, name, layer_f
 
 
 def test_batched_opcm_equals_per_matrix_loop(suite):
-    ctx = SequentialContext(suite, list(suite.tasks), "sequential", "cpu", 0, show_progress=False)
+    order = list(suite.tasks)
+    ctx = SequentialContext(suite, RunSpec.build("opcm", suite, device="cpu", orders=[order]), order, show_progress=False)
     *_, last = mergebench.get_method("opcm").fn(ctx)
     assert _max_difference(_merged_weights(last), _ref_opcm(suite)) <= TOL
 

@@ -11,6 +11,7 @@ import torch
 from mergebench import leaderboard
 from mergebench.cli import main
 from mergebench.api.context import MergeContext
+from mergebench.engine.runspec import RunSpec
 from mergebench.engine.evaluate import evaluate
 from mergebench.engine.run import run_one
 from mergebench.suites import SUITES, get_suite
@@ -105,7 +106,7 @@ def test_cli_runs_a_synthetic_suite_at_a_fraction(results_dir, capsys):
 
 # ------------------------------------------------------------------ the evaluation path bench-gpu uses
 def test_evaluate_resident_and_padded_batches_give_the_same_accuracy(tiny):
-    ctx = MergeContext(tiny, "nothing", "cpu", 0, show_progress=False)
+    ctx = MergeContext(tiny, RunSpec.build("weight_averaging", tiny, device="cpu"), show_progress=False)
     model = ctx.shared_model(ctx.pretrained_weights)
     plain = evaluate(model, tiny, "test", "cpu", batch_size=16)
     resident = evaluate(model, tiny, "test", "cpu", batch_size=16, resident=True)
@@ -116,7 +117,7 @@ def test_evaluate_resident_and_padded_batches_give_the_same_accuracy(tiny):
 def test_bf16_evaluation_runs_attention_through_fused_sdpa(tiny):
     from torch.profiler import ProfilerActivity, profile
 
-    ctx = MergeContext(tiny, "nothing", "cpu", 0, show_progress=False)
+    ctx = MergeContext(tiny, RunSpec.build("weight_averaging", tiny, device="cpu"), show_progress=False)
     model = ctx.shared_model(ctx.pretrained_weights)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = evaluate(model, tiny, "test", "cpu", batch_size=64, tasks=["DTD"], bf16=True)
@@ -136,7 +137,7 @@ def test_evaluate_pads_the_last_batch_for_a_compiled_model(tiny, monkeypatch):
         return forward
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    ctx = MergeContext(tiny, "nothing", "cpu", 0, show_progress=False)
+    ctx = MergeContext(tiny, RunSpec.build("weight_averaging", tiny, device="cpu"), show_progress=False)
     model = ctx.shared_model(ctx.pretrained_weights)
     compiled = evaluate(model, tiny, "test", "cpu", batch_size=16, tasks=["SUN397"], compile=True)
     assert len(tiny.split("test", "SUN397")) % 16 and {s[0] for s in shapes} == {16}

@@ -148,8 +148,9 @@ def test_a_data_free_method_holds_no_image_and_no_label(fresh, results_dir, prob
 
 def test_a_labeled_method_is_refused_test_labels(micro, probe):
     from mergebench.api.context import DataNotDeclaredError, MergeContext
+    from mergebench.engine.runspec import RunSpec
 
-    ctx = MergeContext(micro, "labeled")
+    ctx = MergeContext(micro, RunSpec.build("tall_masks", micro, device="cpu"))   # declares labeled data
     with pytest.raises(DataNotDeclaredError, match="test labels"):
         ctx.exemplars(micro.tasks[0], 4, split="test", labels=True)
     ctx.exemplars(micro.tasks[0], 4, split="val", labels=True)

@@ -60,26 +60,19 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 
 class MergeContext:
-    @classmethod
-    def for_run(cls, suite: Suite, spec, show_progress: bool = True, **more) -> "MergeContext":
-        """The context of a run (:class:`mergebench.engine.runspec.RunSpec`: its pipeline's needs, device, seed, data
-        settings and precision) over ``suite``; ``more``: a subclass's own arguments."""
-        return cls(suite, needs=spec.call.needs(), device=spec.device, seed=spec.seed,
-                   unlabeled_split=spec.unlabeled_split, data_fraction=spec.data_fraction,
-                   show_progress=show_progress, precision=spec.precision, **more)
-
-    def __init__(self, suite: Suite, needs: set[str] | str = "nothing", device: str | torch.device = "cpu",
-                 seed: int = 0, unlabeled_split: str = "test", data_fraction: float = 1.0,
-                 show_progress: bool = True, tasks: list[str] | None = None, precision: str = "auto"):
+    def __init__(self, suite: Suite, spec, show_progress: bool = True, *, tasks: list[str] | None = None):
+        """The context of the run ``spec`` (a :class:`mergebench.engine.runspec.RunSpec`: its pipeline's needs,
+        device, seed, data settings and precision) over ``suite``; ``tasks``: the tasks it serves, all of the
+        suite's unless a sequential step's view narrows them to those arrived so far."""
         self._source = suite  # the suite, or in a worker process the part of it the method declared
-        self.precision = resolve_precision(precision, device)
-        # the tasks this context serves (all of the suite's; a sequential step's view: those arrived so far)
+        self.spec = spec
+        self.precision = resolve_precision(spec.precision, spec.device)
         self.tasks: list[str] = list(suite.tasks if tasks is None else tasks)
-        self.needs = {needs} if isinstance(needs, str) else set(needs)
-        self.device = torch.device(device)
-        self.seed = seed
-        self.unlabeled_split = unlabeled_split
-        self.data_fraction = data_fraction
+        self.needs = spec.call.needs()
+        self.device = torch.device(spec.device)
+        self.seed = spec.seed
+        self.unlabeled_split = spec.unlabeled_split
+        self.data_fraction = spec.data_fraction
         self.show_progress = show_progress
         self.logs: dict[str, list] = defaultdict(list)
         self.data_used: dict[str, dict] = {}

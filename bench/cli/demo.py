@@ -20,7 +20,7 @@ def main(args) -> int:
     """Build the suite if needed, run every registered method, write and print the leaderboard."""
     from mergebench import leaderboard
     from mergebench.api.registry import list_methods
-    from mergebench.engine.run import resolve_device
+    from mergebench.engine.runspec import resolve_device
     from mergebench.engine.sequential import SEQUENTIAL_BASELINES
 
     args.methods, args.all, args.set, args.tune, args.leaderboard = [], True, [], [], True

@@ -26,6 +26,13 @@ from pathlib import Path
 
 import torch
 
+from mergebench.api.context import MergeContext
+from mergebench.engine import memory
+from mergebench.engine.evaluate import evaluate
+from mergebench.engine.execution import execute, seed_everything
+from mergebench.engine.runspec import RunSpec, resolve_device
+from mergebench.suites import get_suite
+
 GPU_METHODS = ["task_arithmetic", "weight_averaging", "ties_merging", "tsv_merging", "iso_c", "wudi_merging"]
 CPU_METHODS = ["task_arithmetic", "weight_averaging", "ties_merging"]
 CPU_FRACTION = 0.002   # reduced mode: 0.2 % of the test sets (175 images for the eight ViT-B/32 tasks)
@@ -43,9 +50,6 @@ def _device_name(device: torch.device) -> str:
 
 def measure_eval(model, suite, device, batch_size: int, compile_mode: str | None) -> dict:
     """One warm-up pass on the smallest task (compiles the graph), then the timed pass over every test set."""
-    from mergebench.engine import memory
-    from mergebench.engine.evaluate import evaluate
-
     kwargs = dict(batch_size=batch_size, bf16=True, resident=True, compile=compile_mode or False)
     smallest = min(suite.tasks, key=lambda t: len(suite.split("test", t)))
     start = time.perf_counter()
@@ -64,17 +68,12 @@ def measure_eval(model, suite, device, batch_size: int, compile_mode: str | None
 
 def measure_merge(suite, spec: str, device) -> dict:
     """Merge once with ``spec`` (harness path: MergeContext + execute) on ``device``; seconds and peak memory."""
-    from mergebench.engine import memory
-    from mergebench.api.context import MergeContext
-    from mergebench.api.pipeline import MethodCall
-    from mergebench.engine.execution import execute, seed_everything
-
-    call = MethodCall.parse(spec).resolve()
+    run = RunSpec.build(spec, suite, device=device)
     seed_everything(0)
-    ctx = MergeContext(suite, call.needs(), device, 0, show_progress=False)
+    ctx = MergeContext(suite, run, show_progress=False)
     memory.reset_peak(device)
     start = time.perf_counter()
-    model = execute(call, ctx)
+    model = execute(run.call, ctx)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     out = {"merge_s": round(time.perf_counter() - start, 3),
@@ -100,9 +99,6 @@ def run(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    from mergebench.engine.run import resolve_device
-    from mergebench.suites import get_suite
-
     device = resolve_device(args.device)
     full = device.type == "cuda"
     fraction = args.fraction if args.fraction is not None else (1.0 if full else CPU_FRACTION)
@@ -143,9 +139,8 @@ def run(argv: list[str] | None = None) -> dict:
         except Exception as e:  # a method's failure is a result, the rest go on
             report["merge"][spec] = {"error": f"{type(e).__name__}: {e}"}
             _log(f"  merge {spec} failed: {e}")
-    if model is None:
-        from mergebench.api.context import MergeContext
-        ctx = MergeContext(suite, "nothing", device, 0, show_progress=False)
+    if model is None:   # the pretrained model, as a run's context builds it
+        ctx = MergeContext(suite, RunSpec.build("weight_averaging", suite, device=device), show_progress=False)
         model = ctx.shared_model(ctx.pretrained_weights)
     for cm in compile_modes:
         name = "eager" if cm is None else f"compile-{cm}"

@@ -19,20 +19,18 @@ from pathlib import Path
 
 import torch
 
-from mergebench.engine import basecache, integrity, limits, memory, transfer, worker
+from mergebench.engine import basecache, integrity, memory, transfer, worker
 from mergebench.api.context import MergeContext
-from mergebench.engine.execution import MethodFailed, execute, loop_rates, seed_everything  # noqa: F401  (MethodFailed: re-exported)
+from mergebench.engine.execution import MethodFailed
 from mergebench.errors import InputError, MergebenchError
 from mergebench.engine.evaluate import evaluate
 from mergebench.engine.io import atomic_write_text, cache_root, check_writable
-from mergebench.engine.limits import MethodTimeout  # noqa: F401  (re-exported: the error of a run past its time limit)
 from mergebench.engine.metrics import model_macs, parameter_counts, tensor_bytes
 from mergebench.api.models import MergedModel
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.records import Record, config_hash, environment, find_ok, load_records, record_header, write_record
 from mergebench.api.registry import get_method
-from mergebench.engine.runspec import (RunSpec, SuiteIdentity, method_facts, resolve_device, resolve_protocol,  # noqa: F401
-                                uses_precision)
+from mergebench.engine.runspec import RunSpec, SuiteIdentity, method_facts, resolve_device
 from mergebench.engine.sequential import merge_data_used, order_result, step_result, summarize
 from mergebench.suites.base import Suite
 
@@ -251,7 +249,7 @@ def merge_in_worker(spec: RunSpec, suite: Suite, show_progress: bool = False, li
     ``threads``, ``left_running``). The bases come from and go to the base cache here, never there.
     Raises :class:`mergebench.engine.worker.WorkerFailed` when the worker ends without a model."""
     call, device = spec.call, torch.device(spec.device)
-    here = MergeContext.for_run(suite, spec, show_progress=False)
+    here = MergeContext(suite, spec, show_progress=False)
     stages = {str(s): s for s in call.stages()[:-1]}
     folder = Path(tempfile.mkdtemp(prefix="mergebench-merge-"))
     try:

@@ -56,13 +56,11 @@ class SequentialContext(MergeContext):
     reports about its own run (stored in the record).
     """
 
-    def __init__(self, suite, order: list[str], needs, device="cpu", seed: int = 0, unlabeled_split: str = "test",
-                 data_fraction: float = 1.0, show_progress: bool = True, precision: str = "auto"):
+    def __init__(self, suite, spec, order: list[str], show_progress: bool = True):
         unknown = [t for t in order if t not in suite.tasks]
         if unknown or sorted(order) != sorted(suite.tasks):
             raise InputError(f"a task order must be a permutation of the suite's tasks {suite.tasks}, got {order}")
-        super().__init__(suite, needs, device, seed, unlabeled_split, data_fraction, show_progress, tasks=[],
-                         precision=precision)
+        super().__init__(suite, spec, show_progress, tasks=[])
         self._order = list(order)
         self._started = False
         self.notes: dict = {}
@@ -97,8 +95,7 @@ class SequentialContext(MergeContext):
 
     def seen_view(self) -> MergeContext:
         """An ordinary context over the tasks arrived so far (what a one-shot method sees in the adapter)."""
-        return MergeContext(self._source, self.needs, self.device, self.seed, self.unlabeled_split, self.data_fraction,
-                            self.show_progress, tasks=list(self.tasks), precision=self.precision)
+        return MergeContext(self._source, self.spec, self.show_progress, tasks=list(self.tasks))
 
     def note(self, key: str, value) -> None:
         """Record a fact about this run (e.g. which path a method took); stored in the record."""
@@ -173,7 +170,7 @@ def run_order(spec, suite, order: list[str], show_progress: bool, evaluate_fn,
     ``check_fn(model)`` raises on a bad model. Merge time counts only the method's own work between yields.
     """
     call = spec.call
-    ctx = SequentialContext.for_run(suite, spec, show_progress, order=order)
+    ctx = SequentialContext(suite, spec, order, show_progress)
     gen = steps(call, ctx)
     curve, merge_s, eval_s, model = [], 0.0, 0.0, None
     while True:

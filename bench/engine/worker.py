@@ -590,7 +590,7 @@ def _merge_job(job: dict, conn) -> dict:
     def work() -> dict:
         memory.reset_peak(device)
         seed_everything(spec.seed)
-        ctx = MergeContext.for_run(suite, spec, job["show_progress"])
+        ctx = MergeContext(suite, spec, job["show_progress"])
         stages: dict = {}
         start = time.perf_counter()
         model = execute(spec.call, ctx, stages, reuse_bases=job["reuse_bases"],

@@ -35,6 +35,7 @@ from mergebench.engine import memory
 from mergebench.api.context import MergeContext
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.execution import execute, seed_everything
+from mergebench.engine.runspec import RunSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = DEVICE == "cuda" or os.environ.get("MERGEBENCH_BENCH_VITB32") == "1"
@@ -100,7 +101,7 @@ def test_data_free_merge(benchmark, experts_suite, spec):
 
     def merge():
         seed_everything(0)
-        return execute(call, MergeContext(experts_suite, call.needs(), DEVICE, 0, show_progress=False))
+        return execute(call, MergeContext(experts_suite, RunSpec.build(call, experts_suite, device=DEVICE), show_progress=False))
 
     model = _measured(benchmark, experts_suite, merge)
     benchmark.extra_info["spec"] = spec

@@ -33,8 +33,9 @@ SUITE = {"ViT-B-32": "synthetic-vitb32", "ViT-L-14": "synthetic-vitl14"}
 
 def _model(suite):
     from mergebench.api.context import MergeContext
+    from mergebench.engine.runspec import RunSpec
 
-    ctx = MergeContext(suite, "nothing", "cpu", 0, show_progress=False)
+    ctx = MergeContext(suite, RunSpec.build("weight_averaging", suite, device="cpu"), show_progress=False)
     return ctx.shared_model(ctx.pretrained_weights)
 
 

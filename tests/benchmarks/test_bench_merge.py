@@ -24,6 +24,7 @@ from mergebench.api.models import MergedModel, build_encoder, encoder_weights
 from mergebench.api.pipeline import MethodCall
 from mergebench.api.registry import get_method
 from mergebench.engine.execution import seed_everything
+from mergebench.engine.runspec import RunSpec
 from mergebench.suites.base import Suite, TaskData
 
 SPECS = ["lot_merging", "regmean", "fisher_merging", "cat_merging", "dare", "dare(merge='ties_merging(scaling=0.5)')",
@@ -69,7 +70,7 @@ def vit_b32_shaped():
 def _merge_once(suite, spec: str) -> MergedModel:
     call = MethodCall.parse(spec).resolve()
     seed_everything(0)
-    ctx = MergeContext(suite, call.needs(), DEVICE, 0, show_progress=False)
+    ctx = MergeContext(suite, RunSpec.build(call, suite, device=DEVICE), show_progress=False)
     model = get_method(call.name).fn(ctx, **call.hparams)
     if DEVICE == "cuda":
         torch.cuda.synchronize()

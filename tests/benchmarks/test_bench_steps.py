@@ -24,6 +24,7 @@ from mergebench.api.models import MergedModel, build_encoder, encoder_weights
 from mergebench.api.pipeline import MethodCall
 from mergebench.api.registry import get_method
 from mergebench.engine.execution import execute, seed_everything
+from mergebench.engine.runspec import RunSpec
 from mergebench.suites.base import Suite, TaskData
 
 STEPS = 10
@@ -60,7 +61,7 @@ def mini8_shaped():
 
 def _ctx(suite):
     seed_everything(0)
-    return MergeContext(suite, "unlabeled", "cpu", 0, show_progress=False)
+    return MergeContext(suite, RunSpec.build("adamerging_taskwise", suite, device="cpu"), show_progress=False)
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -17,6 +17,7 @@ from mergebench.api.context import MergeContext
 from mergebench.api.pipeline import MethodCall
 from mergebench.api.registry import get_method
 from mergebench.engine.execution import execute, seed_everything
+from mergebench.engine.runspec import RunSpec
 from mergebench.engine.sequential import SequentialContext
 
 from test_bench_merge import mini8_shaped  # noqa: F401  (the fixture; tests/benchmarks is on sys.path)
@@ -28,10 +29,12 @@ def _merge_once(suite, spec: str):
     call = MethodCall.parse(spec).resolve()
     seed_everything(0)
     if call.name == "opcm":
-        ctx = SequentialContext(suite, list(suite.tasks), call.needs(), "cpu", 0, show_progress=False)
+        order = list(suite.tasks)
+        ctx = SequentialContext(suite, RunSpec.build(call, suite, device="cpu", orders=[order]), order,
+                                show_progress=False)
         *_, model = get_method("opcm").fn(ctx, **call.hparams)   # the model after the last arrival
         return model
-    ctx = MergeContext(suite, call.needs(), "cpu", 0, show_progress=False)
+    ctx = MergeContext(suite, RunSpec.build(call, suite, device="cpu"), show_progress=False)
     return execute(call, ctx)
 
 

@@ -47,6 +47,7 @@ from mergebench.methods.baselines import cache_sized_parts
 from mergebench.api.models import build_encoder
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.execution import execute, seed_everything
+from mergebench.engine.runspec import RunSpec
 
 # imported only by the test itself: importing fusion_bench (lightning, transformers) changes global state
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("fusion_bench") is None,
@@ -157,7 +158,7 @@ def _measured(fn):
 
 def _ours(suite, spec: str):
     call = MethodCall.parse(spec).resolve()
-    ctx = MergeContext(suite, call.needs(), "cpu", 0, show_progress=False)
+    ctx = MergeContext(suite, RunSpec.build(call, suite, device="cpu"), show_progress=False)
     seed_everything(0)
     return execute(call, ctx).encoder
 
