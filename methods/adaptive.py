@@ -25,6 +25,7 @@ from mergebench.engine.evaluate import prediction_entropy
 from mergebench.engine.functional import FunctionalMerge
 from mergebench.api.models import Granularity, MergedModel, MergeState
 from mergebench.api.weights import Weights
+from mergebench.methods.ties import ties_task_vectors
 
 
 # the official loop's budget in EnnengYang/AdaMerging, kept by Representation Surgery's (same authors) and
@@ -46,7 +47,6 @@ def task_vectors_for(ctx, ties_k: float | None = None) -> list[Weights]:
     tvs = [ctx.task_vector(t) for t in ctx.tasks]
     if ties_k is None:
         return tvs
-    from mergebench.methods.ties import ties_task_vectors
 
     selected, _ = ties_task_vectors(tvs, ties_k)
     return [tvs[0].unflatten(row.clone()) for row in selected]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -21,6 +22,7 @@ from mergebench.api.models import encoder_weights
 from mergebench.api.registry import Paper, register_method
 from mergebench.api.shape_batches import same_shape_batches
 from mergebench.api.weights import Weights
+from mergebench.suites.mini8 import CONFIGS, mini8_config_dict
 
 OPCM = Paper("Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable Continual Model "
              "Merging", 2025, "2501.09522", None, "https://github.com/tanganke/fusion_bench (fusion_bench/method/opcm)")
@@ -150,8 +152,6 @@ class PerturbedEncoder(nn.Module):
 def finetune_recipe(name: str, info: dict):
     """The expert fine-tuning settings of the suite ``name`` (with ``info``) when it can fine-tune (mini8 and
     micro), else None."""
-    from mergebench.suites.mini8 import CONFIGS, mini8_config_dict
-
     cfg = CONFIGS.get(name)
     if cfg is None or info.get("mini8_config") != mini8_config_dict(cfg):
         return None
@@ -163,7 +163,7 @@ PERTURB_VERSION = 1  # bump when the perturbed training changes
 
 def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
     """The expert of ``task`` re-fine-tuned from theta_0 with the perturbation, cached by suite key and settings."""
-    from mergebench.build.train import train
+    from mergebench.build.train import train  # lazy: the build tool loads only when P&M re-fine-tunes an expert
 
     settings = {"suite": ctx.suite_info["cache_key"], "task": task, "epsilon": epsilon, "seed": cfg.seed,
                 "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "batch_size": cfg.batch_size,
@@ -172,7 +172,6 @@ def perturbed_expert(ctx, task: str, epsilon: float, cfg) -> Weights:
     path = Path(cache_root()) / "perturb_and_merge" / f"{key}.safetensors"
     images, labels = ctx.training_set(task)  # counted as used data even when cached: the cache was built from it
     if path.exists():
-        from safetensors.torch import load_file
         return Weights(load_file(path)).to(ctx.device)
     encoder = ctx.encoder(device="cpu")  # a fresh copy of theta_0, on the CPU (as the suite's experts were trained)
     start = encoder_weights(encoder)

@@ -12,6 +12,7 @@ from mergebench.api.context import MergeContext
 from mergebench.api.pipeline import MethodCall
 from mergebench.api.registry import HyperparameterError, Paper, get_method, register_method
 from mergebench.api.weights import Weights, cache_sized_parts
+from mergebench.engine.execution import execute
 
 DARE = Paper("Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch", 2024,
              "2311.03099", "ICML", "https://github.com/yule-BUAA/MergeLM")
@@ -116,6 +117,5 @@ def dare(ctx, p: float = 0.5, merge: str = "task_arithmetic", rescale: bool = Tr
     if spec.is_addon or spec.needs != "nothing" or call.name == "dare":
         raise HyperparameterError(f"dare(merge=...) needs a data-free, non-add-on merge method; {call.name!r} is "
                                   f"{'an add-on' if spec.is_addon else 'needs=' + spec.needs}")
-    from mergebench.engine.execution import execute  # through the harness: the method's result is checked as any run's
 
     return execute(call, DareContext(ctx, p, rescale))

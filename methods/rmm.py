@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from mergebench.api.models import SharedModel, freeze
 from mergebench.api.registry import Paper, get_method, register_method
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine.execution import execute
 
 RMM = Paper("Reinforced Model Merging", 2025, "2503.21272", None,
             "https://github.com/WuDiHJQ/Reinforced-Model-Merging")
@@ -213,9 +215,6 @@ class LayerPlanModel(SharedModel):
 
 
 def merged_pool_members(ctx, merged: str) -> tuple[list[nn.Module], list[str]]:
-    from mergebench.api.pipeline import MethodCall
-    from mergebench.engine.execution import execute
-
     names = [n.strip() for n in merged.split("+") if n.strip()]
     if not names:
         raise ValueError("rmm needs at least one merged model in its pool (merged='ties_merging')")

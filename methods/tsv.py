@@ -30,7 +30,7 @@ def robust_svd(a: torch.Tensor, full_matrices: bool = False):
         if x.is_cuda:
             factors = torch.linalg.svd(x, full_matrices=full_matrices, driver="gesvd")
         else:
-            import scipy.linalg
+            import scipy.linalg  # lazy: a costly import for the rare CPU fallback
             flat = x.reshape(-1, *x.shape[-2:]).numpy()
             parts = [scipy.linalg.svd(m, full_matrices=full_matrices, lapack_driver="gesvd") for m in flat]
             factors = [torch.from_numpy(np.stack(f)).reshape(*x.shape[:-2], *f[0].shape) for f in zip(*parts)]

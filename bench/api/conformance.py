@@ -32,10 +32,20 @@ import hashlib
 import time
 import typing
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 
 import torch
 
 from mergebench.engine import limits
+from mergebench.api.models import MergedModel
+from mergebench.api.registry import (
+    ENTRY_POINT_GROUP, Hyperparameter, METHODS, NEEDS, discover_plugins, get_method, list_methods,
+)
+from mergebench.engine.metrics import parameter_counts, tensor_bytes
+from mergebench.engine.run import merge_in_worker, sequential_in_worker
+from mergebench.engine.runspec import RunSpec
+from mergebench.engine.worker import Limits, WorkerFailed
+from mergebench.suites import get_suite
 
 DEFAULT_TIME_LIMIT_S = 600.0
 
@@ -94,9 +104,6 @@ def _probe_outputs(model, suite, device) -> dict[str, torch.Tensor]:
 
 def _merge(spec_name, suite, device, seed, budget="smoke", limits=None):
     """The method's merge in its own worker, as ``mergebench run`` does it: (model, worker fields, seconds)."""
-    from mergebench.engine.run import merge_in_worker, sequential_in_worker
-    from mergebench.engine.runspec import RunSpec
-
     start = time.perf_counter()
     # a sequential method runs over one task order (the suite's); its final model is checked
     spec = RunSpec.build(spec_name, suite, seed=seed, device=device, budget=budget, orders=[list(suite.tasks)])
@@ -115,8 +122,6 @@ def _merge(spec_name, suite, device, seed, budget="smoke", limits=None):
 
 
 def _metadata(spec, report: Report):
-    from mergebench.api.registry import NEEDS, Hyperparameter
-
     problems = []
     if not spec.display_name or spec.display_name == spec.name:
         problems.append("give it a display name: register_method(..., display_name='My Method')")
@@ -163,8 +168,6 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
 
     The checks that run the method do so in a child process killed after ``time_limit_s`` seconds (``None``: in
     this process, without a limit)."""
-    from mergebench.api.registry import discover_plugins, get_method, list_methods
-
     time_limit_s = limits.check_seconds(time_limit_s)
 
     report = Report(name)
@@ -182,7 +185,6 @@ def check_method(name: str, suite=None, seed: int = 0, devices: list[str] | None
     _metadata(spec, report)
 
     if suite is None:
-        from mergebench.suites import get_suite
         suite = get_suite("micro-lora" if "lora" in spec.requires else "micro", verbose=False)
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     report.checks += _running_checks(name, suite, seed, devices, budget, time_limit_s)
@@ -206,11 +208,6 @@ _ENDINGS = {
 def _running_checks(name, suite, seed, devices, budget, time_limit_s) -> list[Check]:
     """The checks that run the method (3-8 of the module docstring), each merge in a worker process of its own
     (:mod:`mergebench.engine.worker`), as a run does it."""
-    from mergebench.engine.metrics import parameter_counts, tensor_bytes
-    from mergebench.api.models import MergedModel
-    from mergebench.api.registry import get_method
-    from mergebench.engine.worker import Limits, WorkerFailed
-
     spec = get_method(name)
     report = Report(name)
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
@@ -303,10 +300,6 @@ def _running_checks(name, suite, seed, devices, budget, time_limit_s) -> list[Ch
 
 def check_plugin(name: str, **kwargs) -> list[Report]:
     """Check a method by name, or every method a plugin distribution / entry point registers."""
-    from importlib.metadata import entry_points
-
-    from mergebench.api.registry import ENTRY_POINT_GROUP, METHODS, discover_plugins, list_methods
-
     discover_plugins()
     if name in METHODS or any(ch in name for ch in "*?["):
         names = list_methods(name) or [name]

@@ -9,6 +9,7 @@ object. Every data access is counted so that the record says what the method use
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections import defaultdict
 from typing import Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,7 @@ from mergebench.api.models import MergedModel, SharedModel, encoder_from_weights
 from mergebench.engine.progress import progress as _progress
 from mergebench.suites.base import Suite
 from mergebench.api.weights import CACHE_PART, Plan, Streamed, Weights, _Env, kth_smallest_
+from mergebench.engine import transfer
 
 
 class DataNotDeclaredError(PermissionError):
@@ -217,7 +219,6 @@ class MergeContext:
     @property
     def suite_info(self) -> dict:
         """The suite's identity (ids and hashes that go into every record): a copy."""
-        import copy
         return copy.deepcopy(self._source.info)
 
     def class_embeddings(self, task: str) -> Tensor:
@@ -228,7 +229,6 @@ class MergeContext:
 
     def model_from_tensors(self, tensors: dict, fields: dict) -> MergedModel:
         """A model of one shared encoder written by :func:`mergebench.engine.transfer.tensors_of` (the base cache's)."""
-        from mergebench.engine import transfer
         return transfer.from_tensors(tensors, fields, self._source.encoder_config, self._source.pretrained,
                                      self.device)
 
@@ -406,7 +406,6 @@ class MergeContext:
 
     def usage_snapshot(self) -> tuple[dict, dict]:
         """Copies of the data counts and logs so far (with ``usage_since``: what one stage used)."""
-        import copy
         return copy.deepcopy(self.data_used), {k: len(v) for k, v in self.logs.items()}
 
     def usage_since(self, used: dict, logged: dict) -> tuple[dict, dict]:

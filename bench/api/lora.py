@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mergebench.errors import MergebenchError
 from mergebench.suites.checkpoints.hf import LAYER_KEYS
 from mergebench.api.weights import Weights
+from mergebench.engine.io import atomic_save_tensors, atomic_write_text
 
 # open_clip module -> the weight its LoRA updates (per resblock)
 OPEN_CLIP_TARGETS = {"attn.in_proj": "attn.in_proj_weight", "attn.out_proj": "attn.out_proj.weight",
@@ -91,8 +95,6 @@ def apply_lora(base: Mapping[str, Tensor], factors: Mapping[str, LoraFactor]) ->
 def save_peft(folder: str | Path, factors: Mapping[str, LoraFactor], rank: int, alpha: float,
               base_model: str = "", prefix: str = "") -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout, open_clip names)."""
-    from mergebench.engine.io import atomic_save_tensors, atomic_write_text
-
     folder = Path(folder)
     tensors = {}
     for name, f in factors.items():
@@ -155,15 +157,12 @@ def read_peft(folder: str | Path, reference: Mapping[str, Tensor]) -> dict[str, 
         bins = folder / "adapter_model.bin"
         if not bins.exists():
             raise LoraError(f"{folder}: no adapter_model.safetensors (or adapter_model.bin)")
-        import pickle
         try:
             state = torch.load(bins, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
             raise LoraError(f"{bins}: not a readable state dict of adapter weights ({str(e).splitlines()[0][:160]}); "
                             f"save the adapter as adapter_model.safetensors") from None
     else:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             state = load_file(weights_file)
         except (SafetensorError, OSError) as e:

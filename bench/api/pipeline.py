@@ -11,7 +11,7 @@ import ast
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergebench.api.registry import HyperparameterError, close_matches, get_method
+from mergebench.api.registry import BUDGETS, HyperparameterError, close_matches, get_method
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,6 @@ class MethodCall:
     def with_budget(self, budget: str = "paper") -> "MethodCall":
         """The call under a named budget (``registry.BUDGETS``): ``"paper"`` keeps the defaults (the paper's);
         ``"smoke"`` fills every stage's smoke values (bases included) where the call does not set them."""
-        from mergebench.api.registry import BUDGETS
-
         if budget not in BUDGETS:
             raise HyperparameterError(f"unknown budget {budget!r}; use one of {', '.join(BUDGETS)}")
         if budget == "paper":

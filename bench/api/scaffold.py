@@ -12,6 +12,8 @@ import keyword
 import re
 from pathlib import Path
 
+from mergebench.api.registry import get_method, list_methods
+
 PYPROJECT = '''[build-system]
 requires = ["setuptools>=68", "wheel"]
 build-backend = "setuptools.build_meta"
@@ -95,7 +97,6 @@ def new_method(name: str, directory: str | Path = ".", force: bool = False) -> P
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise ValueError(f"method name {name!r}: use lower-case letters, digits and underscores, starting with a "
                          f"letter (e.g. my_merging)")
-    from mergebench.api.registry import get_method, list_methods
 
     if name in list_methods():
         raise ValueError(f"a method named {name!r} is already registered ({get_method(name).source}); pick another name")

@@ -22,9 +22,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -35,13 +37,14 @@ from mergebench.build import artifact as artifact_writer
 from mergebench.build import train as train_module
 from mergebench.build.train import train
 from mergebench.engine.io import atomic_save_tensors, atomic_write_text, cache_root, file_sha256
-from mergebench.api.models import build_encoder, encoder_weights
+from mergebench.api.models import SharedModel, build_encoder, encoder_weights
 from mergebench.suites.base import Suite
 from mergebench.suites.mini8 import data as data_module
 from mergebench.suites.mini8 import tasks
 from mergebench.suites.mini8.config import CONFIGS, Mini8Config, mini8_config_dict
 from mergebench.suites.mini8.data import generate_data, tensors_sha256
 from mergebench.suites.mini8.load import load_built, load_mini8
+from mergebench.engine.evaluate import evaluate
 
 # the fields that decide the pretrained backbone
 PRETRAIN_FIELDS = ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_per_task_overrides", "pretrain_generic",
@@ -154,9 +157,6 @@ def parallel_map(fn, calls: list[tuple], jobs: int, on_done=lambda result: None)
     """``[fn(*call) for call in calls]``, calling ``on_done(result)`` as each finishes: in this process for one job,
     else in ``jobs`` fresh (spawned) processes with this process's thread count each. Spawned, not forked: the
     parent has used its OpenMP pool (pretraining), which a forked child cannot use again."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     if jobs == 1:
         results = []
         for call in calls:
@@ -240,9 +240,6 @@ def build_artifact(name: str = "mini8", verbose: bool = True, jobs: int | None =
     the committed artifact ``bench/suites/artifacts/<name>``: the pretrained backbone, the heads and the experts in
     float16 when that changes no accuracy by more than 0.5 points (else float32), with the configuration, the
     data's sha256 and the accuracies of the pretrained model and of each expert as loaded from the artifact."""
-    from mergebench.engine.evaluate import evaluate
-    from mergebench.api.models import SharedModel
-
     cfg = CONFIGS[name]
 
     def accuracies(suite):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 
+import numpy as np
 import torch
 
 from mergebench.engine import basecache
@@ -22,11 +23,7 @@ class MethodFailed(RuntimeError):
 def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:  # numpy is optional
-        pass
+    np.random.seed(seed)
 
 
 def execute(call: MethodCall, ctx: MergeContext, timings: dict | None = None, reuse_bases: bool = True,

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from mergebench.errors import DiskFullError, MergebenchError, UnsafeNameError, disk_full_message
 
 # a results folder needs room for a few records (tens of kB each) before any merge work starts
@@ -107,8 +109,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def atomic_save_tensors(tensors: dict, path: str | os.PathLike) -> Path:
     """safetensors.save_file through a temporary file and a rename (no half-written checkpoints)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

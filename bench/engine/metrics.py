@@ -85,7 +85,7 @@ def count_macs(model: nn.Module, image_shape: tuple, task: str | None = None, de
     """MACs per image of ``model`` (a MergedModel with ``task``, or a plain encoder)."""
     with warnings.catch_warnings():  # fvcore.nn scripts its focal losses at import, which torch warns is deprecated
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
-        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn import FlopCountAnalysis  # lazy: only runs that count FLOPs load fvcore
 
     wrapped = _TaskForward(model, task) if task is not None else model
     x = torch.zeros(1, *image_shape, device=device)

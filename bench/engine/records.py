@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mergebench.engine.io import atomic_write_text, safe_name
+from mergebench import __version__
 
 SCHEMA_VERSION = 1
 
@@ -124,9 +125,8 @@ def record_path(results_dir: str | os.PathLike, suite: str, pipeline: str, chash
 
 
 def environment() -> dict:
-    import open_clip
+    import open_clip  # lazy: a run records its version; the leaderboard reads records without loading it
 
-    from mergebench import __version__
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
            "mergebench": __version__, "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),

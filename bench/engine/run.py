@@ -8,12 +8,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from mergebench.errors import InputError, MergebenchError
 from mergebench.engine.evaluate import evaluate
 from mergebench.engine.io import atomic_write_text, cache_root, check_writable
 from mergebench.engine.metrics import model_macs, parameter_counts, tensor_bytes
-from mergebench.api.models import MergedModel
+from mergebench.api.models import MergedModel, SharedModel
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.records import Record, config_hash, environment, find_ok, load_records, record_header, write_record
 from mergebench.api.registry import get_method
@@ -103,7 +105,6 @@ def reference_accuracy(suite: Suite, device="cpu", split: str = "test") -> dict[
     path = cache_root() / "reference" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    from mergebench.api.models import SharedModel
 
     acc = {}
     for task in suite.tasks:
@@ -535,9 +536,6 @@ def _parallel_one(method: str) -> dict:
 
 
 def _run_parallel(methods: list[str], suite: Suite, jobs: int, kwargs: dict) -> list[dict]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     global _PARALLEL
     if resolve_device(kwargs.get("device", "auto")).type != "cpu":
         raise InputError("--jobs runs methods in forked CPU workers; on a GPU run them in one process (--jobs 1)")

@@ -23,7 +23,7 @@ from mergebench.errors import InputError
 from mergebench.engine.limits import check_seconds
 from mergebench.api.pipeline import MethodCall
 from mergebench.engine.records import config_hash, record_path
-from mergebench.api.registry import get_method
+from mergebench.api.registry import UnknownMethodError, get_method
 from mergebench.engine.sequential import DEFAULT_ORDERS, check_sequential, task_orders
 
 PROTOCOLS = ("one-shot", "sequential")
@@ -56,8 +56,6 @@ def resolve_protocol(call: MethodCall, protocol: str | None) -> str:
 def method_label(name: str, display_name: str | None, hparams: dict) -> str:
     """A leaderboard row's method: its display name, plus the hyperparameters that differ from its defaults (a
     method no longer registered shows them all)."""
-    from mergebench.api.registry import UnknownMethodError
-
     try:
         defaults = MethodCall(name).resolve().plain_hparams() if hparams else {}
     except (UnknownMethodError, ValueError):
@@ -71,8 +69,6 @@ def method_label(name: str, display_name: str | None, hparams: dict) -> str:
 def at_defaults(call: MethodCall | str) -> bool:
     """Whether ``call`` (a resolved call or its text) is its method at every default (a method no longer
     registered: no)."""
-    from mergebench.api.registry import UnknownMethodError
-
     try:
         call = MethodCall.parse(call)
         return str(call) == str(MethodCall(call.name).resolve())

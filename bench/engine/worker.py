@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import ctypes
 import io
 import multiprocessing
 import os
@@ -37,13 +38,26 @@ import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Callable
 
+import cloudpickle
 import numpy as np
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.api import registry
+from mergebench.api.context import MergeContext
+from mergebench.api.lora import LoraFactor
+from mergebench.api.weights import Weights
+from mergebench.engine import integrity, memory, transfer
+from mergebench.engine.basecache import CachedBase
+from mergebench.engine.execution import execute, loop_rates, seed_everything
+from mergebench.engine.limits import MethodTimeout
+from mergebench.engine.memory import peak_mb
+from mergebench.engine.sequential import run_order
+from mergebench.suites.base import Suite, TaskData
 
 # what the fork server imports once, so that a worker starts in milliseconds with torch and the methods loaded
 PRELOAD = ["mergebench.engine.worker", "mergebench.engine.run", "mergebench.methods"]
@@ -117,10 +131,6 @@ def _parts(suite, level: str) -> tuple[dict, dict, dict]:
 
 def _assemble(meta: dict, tensors: dict) -> Any:
     """A Suite holding exactly ``tensors`` (named as :func:`_parts` names them)."""
-    from mergebench.api.lora import LoraFactor
-    from mergebench.suites.base import Suite, TaskData
-    from mergebench.api.weights import Weights
-
     tasks = meta["tasks"]
     experts = {t: Weights({k[len(f"e/{t}/"):]: v for k, v in tensors.items() if k.startswith(f"e/{t}/")})
                for t in tasks}
@@ -168,8 +178,6 @@ _FOLDERS: list[str] = []
 
 def method_inputs(suite, level: str) -> Inputs:
     """The files a worker of ``level`` reads (written once per suite object and level; removed at exit)."""
-    from mergebench.engine import integrity
-
     cache = suite.__dict__.setdefault("_worker_inputs", {})
     if level in cache and Path(cache[level].folder).is_dir():
         return cache[level]
@@ -215,8 +223,6 @@ def _context():
 
 def start_server() -> None:
     """Start the fork server now (before forking processes that will start workers: they share it)."""
-    from multiprocessing import forkserver
-
     _context()
     forkserver.ensure_running()
 
@@ -224,8 +230,6 @@ def start_server() -> None:
 def use_inherited_server() -> None:
     """In a process forked from one that started the fork server: start workers from that server (this process
     cannot wait for it, not being its parent, so it must not check it as the standard library would)."""
-    from multiprocessing import forkserver
-
     server = forkserver._forkserver
     if getattr(server, "_forkserver_address", None) is not None:
         server.ensure_running = lambda: None
@@ -341,8 +345,6 @@ def run(job: dict, what: str, limits: Limits | None = None,
     ``on_message(message, reply)`` receives every message that is not the result (a base to cache, a model of a
     sequential step); ``reply`` answers the worker. Raises :class:`WorkerFailed` for everything that ends the
     worker without a result. The worker and everything it started are ended before this returns."""
-    import cloudpickle
-
     limits = limits or Limits()
     _watch_sigterm()
     mp = _context()
@@ -383,7 +385,6 @@ def run(job: dict, what: str, limits: Limits | None = None,
             if not proc.is_alive() and not here.poll(0):
                 raise _ended(proc, what)
             if deadline is not None and time.monotonic() >= deadline:
-                from mergebench.engine.limits import MethodTimeout
                 raise WorkerFailed(str(MethodTimeout(f"{what} exceeded its time limit of "
                                                  f"{limits.stated_seconds or limits.seconds:g} s")),
                                    "MethodTimeout")
@@ -453,7 +454,6 @@ def _worker_main(conn, payload: bytes) -> None:
     job and send back its result or error."""
     os.setpgid(0, 0)
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the server
     except (OSError, AttributeError):
         pass
@@ -479,19 +479,13 @@ def _worker_main(conn, payload: bytes) -> None:
 def _prepare(payload: bytes) -> dict:
     """Take the harness's environment, folder, import path and threads, then read the job (its methods may live in
     modules that only that path finds) and register its methods as the harness knows them."""
-    import pickle
-
     settings = pickle.loads(payload)
     os.environ.clear()
     os.environ.update(settings["env"])
     os.chdir(settings["cwd"])
     sys.path[:] = settings["sys_path"]
     torch.set_num_threads(settings["threads"])
-    import cloudpickle  # noqa: F401 - the job's functions may be pickled by value
-
-    job = pickle.loads(settings["job"])
-    from mergebench.api import registry
-
+    job = pickle.loads(settings["job"])  # functions pickled by value load through cloudpickle (imported above)
     registry.METHODS._discovered = True  # the job carries its methods; no entry point is imported here
     for spec in job["specs"]:
         registry.METHODS.unregister(spec.name)
@@ -523,19 +517,14 @@ class _Bases:
         self.hits, self.folder, self.conn, self.sent = hits, folder, conn, 0
 
     def lookup(self, call, ctx):
-        from mergebench.engine.basecache import CachedBase
-
         hit = self.hits.get(str(call))
         if hit is None:
             return None
-        from mergebench.engine import transfer
         model = transfer.load(hit["model"], self.folder, ctx._source.encoder_config, ctx._source.pretrained,
                               ctx.device, set())
         return CachedBase(model, hit["seconds"], copy.deepcopy(hit["data_used"]), copy.deepcopy(hit["logs"]))
 
     def store(self, call, ctx, entry):
-        from mergebench.engine import transfer
-
         self.sent += 1
         note = transfer.save(entry.model, self.folder, f"base-{self.sent}")
         self.conn.send(("base", str(call), note, entry.seconds, entry.data_used, entry.logs))
@@ -544,8 +533,6 @@ class _Bases:
 def _watched(job: dict, work: Callable[[], dict]) -> dict:
     """Run ``work`` (the method's part) and check what it left: its inputs, global torch state, threads and
     processes. Anything that fails names what the method changed in its inputs as well."""
-    from mergebench.engine import integrity
-
     suite = job["suite"]
     state = _global_state()
     threads, children = {t.ident for t in threading.enumerate()}, set(_tree(os.getpid()))
@@ -578,11 +565,6 @@ def _watched(job: dict, work: Callable[[], dict]) -> dict:
 @job("merge")
 def _merge_job(job: dict, conn) -> dict:
     """One merge (a pipeline: its bases first): the model and what the merge used and cost."""
-    from mergebench.engine import integrity, memory, transfer
-    from mergebench.api.context import MergeContext
-    from mergebench.engine.execution import execute, seed_everything
-    from mergebench.engine.memory import peak_mb
-
     suite, spec = job["suite"], job["spec"]
     device = torch.device(spec.device)
     folder = Path(job["folder"])
@@ -612,7 +594,6 @@ def _merge_job(job: dict, conn) -> dict:
 
 
 def _loops(ctx) -> dict:
-    from mergebench.engine.execution import loop_rates
     return loop_rates(ctx)
 
 
@@ -620,11 +601,6 @@ def _loops(ctx) -> dict:
 def _sequential_job(job: dict, conn) -> dict:
     """Every task order of a sequential run: after each arrival the model goes to the harness, which evaluates it
     and answers with its accuracy on the tasks seen so far."""
-    from mergebench.engine import memory, transfer
-    from mergebench.engine.execution import seed_everything
-    from mergebench.engine.memory import peak_mb
-    from mergebench.engine.sequential import run_order
-
     suite, spec = job["suite"], job["spec"]
     device = torch.device(spec.device)
     folder = Path(job["folder"])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergebench.errors import InputError
+from mergebench.errors import InputError, MissingFileError
 
 from mergebench.leaderboard.formats import (
     FORMATS, Format, Page, UnknownFormatError, get_format, register_format, sequential_formats, text_formats,
@@ -28,6 +28,7 @@ from mergebench.leaderboard.model import (  # noqa: F401  (the public table mode
     BUDGET_MARK, NEEDS_ALIASES, Board, below_budget, budget_note, describe_view, parse_budget, pareto_front,
     precision_note, sequential_table, speed_table, table, table_note, task_columns, task_set, task_sets, view,
 )
+from mergebench.suites import REGISTRY
 
 
 def resolve_suite(results_dir, suite: str) -> str:
@@ -35,9 +36,6 @@ def resolve_suite(results_dir, suite: str) -> str:
     holds records, else the one folder of the registered suite's runs (``real`` -> ``real-ViT-B-32``: a real suite's
     runs go to a folder named after its backbone). Several such folders, or none at all, are an error naming what
     there is."""
-    from mergebench.errors import MissingFileError
-    from mergebench.suites import REGISTRY
-
     root = Path(results_dir)
 
     def holds_records(folder: Path) -> bool:

@@ -3,6 +3,7 @@ the Pareto front, accuracy versus MACs per image, and the sequential runs' accur
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -41,7 +42,7 @@ class Figures(Format):
 
 def sequential_figure(ok: list[dict], suite: str):
     """Per method, the accuracy on the tasks seen after each expert: mean over orders, ± std band."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib loads only for pages with plots
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.5))
@@ -155,7 +156,7 @@ def _legend(ax, handles):
 def figures(df: pd.DataFrame, suite: str) -> dict:
     """{'pareto_params': Figure, 'accuracy_flops': Figure} (Agg canvas; no pyplot state); accuracy versus MACs only
     where the methods' costs differ (``equal_costs_note``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib loads only for pages with plots
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -206,7 +207,7 @@ def figures(df: pd.DataFrame, suite: str) -> dict:
 
 def save_figure(fig, path: Path) -> Path:
     """Save through a temporary file (atomic); SVG without dates and with fixed ids (reproducible files)."""
-    import matplotlib
+    import matplotlib  # lazy: loaded only where plots are drawn
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -220,9 +221,7 @@ def save_figure(fig, path: Path) -> Path:
 
 def svg_text(fig) -> str:
     """``fig`` as inline SVG (for the HTML page): reproducible like ``save_figure``'s files."""
-    import io
-
-    import matplotlib
+    import matplotlib  # lazy: loaded only where plots are drawn
 
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": "mergebench", "svg.fonttype": "none"}):

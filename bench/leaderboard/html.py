@@ -14,6 +14,7 @@ from mergebench.leaderboard.model import (
     SEQUENTIAL_NOTE, SPEED_NOTE, SUBSET_NOTE, column_notes, display, display_sequential, equal_costs_note,
     explain_columns, over_other_tasks, subset_label, table_note, task_columns,
 )
+from mergebench.leaderboard.figures import plot_svgs, sequential_svg
 
 e = html.escape
 
@@ -24,8 +25,6 @@ class Html(Format):
     with_plots = True  # the page holds the plots: ``write`` makes it with them
 
     def render(self, page: Page) -> str:
-        from mergebench.leaderboard.figures import plot_svgs, sequential_svg
-
         board, df = page.board, page.df
         parts = [f"<p>{e(explain_columns())} Pareto = &#9733; (bold rows) {e(column_notes()['Pareto'])}. "
                  "Click a column header to sort.</p>"]

@@ -7,6 +7,7 @@ Every number in a table comes from a record, and every record from a run. The ou
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from mergebench.errors import InputError
 from mergebench.engine.records import DIAGNOSTICS_FILE, Items, check_fields, load_records
 from mergebench.api.catalog import close_matches
 from mergebench.api.needs import NEEDS
+from mergebench.suites import suite_for_results
 
 BUDGET_MARK = "†"
 DATA_MARK = "‡"  # a run on data whose split sizes differ from the dataset cards
@@ -306,8 +308,6 @@ class Board:
     @cached_property
     def spec(self):
         """The registered suite these records belong to (its sanity checks and published numbers), or None."""
-        from mergebench.suites import suite_for_results
-
         return suite_for_results(self.suite)
 
     @cached_property
@@ -373,7 +373,6 @@ class Board:
         """The suite's own checks of its measured numbers (``register_suite(sanity=...)``)."""
         if self.spec is None or df.empty:
             return []
-        import inspect
 
         params = len(inspect.signature(self.spec.sanity).parameters)
         if params > 2:

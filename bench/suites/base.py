@@ -16,6 +16,7 @@ from torch import Tensor
 from mergebench.errors import MergebenchError, NotFoundError
 from mergebench.api.models import ClassificationHead, build_encoder, load_weights
 from mergebench.api.weights import Weights
+from mergebench.api.registry import close_matches
 
 SPLITS = ("train", "val", "test")
 
@@ -112,5 +113,4 @@ class Suite:
 
     def _check_task(self, task: str):
         if task not in self.tasks:
-            from mergebench.api.registry import close_matches
             raise NotFoundError(f"suite {self.name!r} has no task {task!r}{close_matches(task, self.tasks)}")

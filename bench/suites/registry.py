@@ -22,12 +22,15 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mergebench.api.catalog import Registry, UnknownNameError, parse_bool
+from mergebench.api.catalog import Registry, UnknownNameError, close_matches, parse_bool
 from mergebench.errors import InputError, MissingFileError
 from mergebench.suites.base import Suite
+from mergebench.suites.ranking import calibration_set, ranking_agreement
 
 ENTRY_POINT_GROUP = "mergebench.suites"
 
@@ -159,8 +162,6 @@ class MergingSanity:
                 + f": {mark(all(ok for _, ok in checks))}")
 
     def _ranking(self, rows, records, mark) -> str:
-        from mergebench.suites.ranking import calibration_set, ranking_agreement
-
         avg = {r["Pipeline"]: r["Avg"] for _, r in rows.iterrows()}
         defaults = {r["method"]["name"]: r["method"]["pipeline"] for r in records or [] if r["method"].get("at_defaults")}
         measured = {}
@@ -203,7 +204,6 @@ class SuiteSpec:
     def load(self, build: bool = True, verbose: bool = True, **options) -> Suite:
         unknown = [k for k in options if k not in self.options]
         if unknown:
-            from mergebench.api.catalog import close_matches
             raise SuiteOptionError(f"suite {self.name!r} takes no option {unknown[0]!r}"
                             f"{close_matches(unknown[0], self.options)} (its options: "
                             f"{', '.join(self.options) or 'none'})")
@@ -224,7 +224,6 @@ class SuiteSpec:
         out = {}
         for key, value in values.items():
             if key not in self.options:
-                from mergebench.api.catalog import close_matches
                 raise SuiteOptionError(f"suite {self.name!r} takes no option {key!r}{close_matches(key, self.options)} "
                                        f"(its options: {', '.join(self.options) or 'none'})")
             out[key] = _coerce(key, value, self.option_type(key), self.name)
@@ -232,8 +231,6 @@ class SuiteSpec:
 
     def option_type(self, key: str) -> Any:
         """The annotated type of option ``key`` (the type of its default where the annotation cannot be resolved)."""
-        import typing
-
         try:
             hints = typing.get_type_hints(self.loader)
         except Exception:  # unresolvable annotations: the defaults' types
@@ -250,9 +247,6 @@ class SuiteSpec:
 
 
 def _coerce(key: str, value: Any, annotation: Any, suite: str) -> Any:
-    import types
-    import typing
-
     if not isinstance(value, str):
         return value
     args = [a for a in typing.get_args(annotation) if a is not type(None)]

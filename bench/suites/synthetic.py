@@ -23,13 +23,18 @@ from __future__ import annotations
 import hashlib
 import json
 
+import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from mergebench.errors import InputError, NotFoundError
 from mergebench.api.models import build_encoder, encoder_weights
 from mergebench.suites.base import SPLITS, Suite, TaskData
 from mergebench.suites.registry import register_suite
 from mergebench.api.weights import Weights
+from mergebench.suites.real import cards as cardlib
+from mergebench.suites.real.imagecache import LazyTasks
+from mergebench.suites.real.zoo import encoder_config as tower_config
 
 # suite name -> open_clip model config (None: the tiny test encoder below)
 SYNTHETIC = {"synthetic-vitb32": "ViT-B-32-quickgelu", "synthetic-vitb16": "ViT-B-16-quickgelu",
@@ -47,17 +52,13 @@ def encoder_config(name: str, encoder: dict | None = None) -> tuple[dict, str]:
         raise InputError(f"{name} has the architecture of open_clip's {model}; only synthetic-tiny takes encoder=")
     if model is None:
         return dict(encoder or TINY_ENCODER), "test encoder"
-    import open_clip
 
-    from mergebench.suites.real.zoo import encoder_config as tower_config
 
     return tower_config(open_clip.get_model_config(model)), f"open_clip {model}"
 
 
 def split_sizes(fraction: float = 1.0, cards_dir=None) -> dict[str, dict[str, int]]:
     """{split: {task: images}}: the dataset cards' sizes of the eight tasks times ``fraction`` (at least 1)."""
-    from mergebench.suites.real import cards as cardlib
-
     cards = cardlib.load_cards(cards_dir)
     chosen = [cardlib.resolve_task(t, cards) for t in cardlib.REAL_TASKS]
     return {s: {c.name: max(1, round(c.sizes[s] * fraction)) for c in chosen} for s in SPLITS}
@@ -76,7 +77,6 @@ def load_synthetic(name: str, fraction: float = 1.0, seed: int = 0, device: str 
     cfg, what = encoder_config(name, encoder)
     sizes = split_sizes(fraction, cards_dir)
     tasks = list(sizes["test"])
-    from mergebench.suites.real import cards as cardlib
 
     cards = cardlib.load_cards(cards_dir)
     classes = {t: cardlib.resolve_task(t, cards).num_classes for t in tasks}
@@ -99,13 +99,11 @@ def load_synthetic(name: str, fraction: float = 1.0, seed: int = 0, device: str 
         labels = torch.randint(0, classes[task], (n,), generator=gen, device=device)
         return TaskData(images, labels)
 
-    from mergebench.suites.real.imagecache import LazyTasks
 
     data = {s: LazyTasks(s, tasks, lambda task, split: make_split(split, task)) for s in SPLITS}
     ident = {"name": name, "encoder": cfg, "seed": seed, "fraction": float(fraction), "expert_scale": expert_scale,
              "sizes": sizes, "version": VERSION}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     if verbose:
         print(f"{name}: {what}, random weights, {sum(sizes['test'].values()):,} random test images "

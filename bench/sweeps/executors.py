@@ -25,6 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import submitit
+import torch
+from submitit.core.utils import FailedSubmissionError, UncompletedJobError
+from submitit.slurm.slurm import _make_sbatch_string
+
 from mergebench.errors import MergebenchError
 from mergebench.engine.progress import progress
 from mergebench.sweeps.slurm_queue import SchedulerError, SlurmQueue  # noqa: F401  (the executors' scheduler queries)
@@ -118,8 +123,6 @@ class SlurmOptions:
 
     def sbatch_script(self, folder: str | os.PathLike, n_jobs: int) -> str:
         """The sbatch file submitit writes for an array of ``n_jobs`` tasks with these options (to check them)."""
-        from submitit.slurm.slurm import _make_sbatch_string
-
         return _make_sbatch_string(command="<submitit command>", folder=str(folder), job_name="mergebench",
                                    map_count=n_jobs, **self.submitit_parameters())
 
@@ -145,8 +148,6 @@ class SubmititExecutor:
 
     def __init__(self, folder: str | os.PathLike, cluster: str = "slurm", options: SlurmOptions | None = None,
                  wait: bool | None = None, poll_s: float = 5.0, queue: SlurmQueue | None = None):
-        import submitit
-
         self.cluster, self.options = cluster, options or SlurmOptions()
         self.poll_s, self.queue = poll_s, queue or (SlurmQueue() if cluster == "slurm" else None)
         self.folder = Path(folder)
@@ -159,8 +160,6 @@ class SubmititExecutor:
                                  f"node, or use --executor local / submitit-local on this machine") from e
             self.executor.update_parameters(job_name="mergebench", **self.options.submitit_parameters())
         elif cluster == "local":
-            import torch
-
             self.executor = submitit.LocalExecutor(folder=self.folder)
             self.executor.update_parameters(timeout_min=int(self.options.time),
                                             gpus_per_node=min(self.options.gpus or 0, torch.cuda.device_count()))
@@ -169,8 +168,6 @@ class SubmititExecutor:
 
     def _submit(self, jobs: list[Job]) -> list:
         """``map_array`` with sbatch's errors as one line, and the folder as it was when it fails."""
-        from submitit.core.utils import FailedSubmissionError, UncompletedJobError
-
 
         before = set(self.folder.rglob("*")) if self.folder.exists() else set()
         existed = self.folder.exists()

@@ -38,11 +38,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
+from tabulate import tabulate
 
-from mergebench.errors import InputError
+from mergebench.errors import InputError, MissingFileError
 from mergebench.engine.io import atomic_write_text, safe_name
-from mergebench.api.registry import HyperparameterError
+from mergebench.api.registry import HyperparameterError, close_matches, get_method
 from mergebench.sweeps.slurm_queue import SchedulerError, SlurmQueue
+from mergebench.api.context import PRECISIONS, resolve_precision
+from mergebench.api.pipeline import MethodCall
+from mergebench.engine import worker
+from mergebench.engine.limits import check_seconds
+from mergebench.engine.records import config_hash, load_records
+from mergebench.engine.run import run_method
+from mergebench.engine.runspec import RunSpec, resolve_device
+from mergebench.suites import get_suite, get_suite_spec
 
 STATES = ("done", "queued", "running", "failed", "missing")
 STALE_BEATS = 10  # a worker's marker is stale after this many heartbeat intervals without a beat
@@ -118,8 +127,6 @@ class Job:
 
     def spec(self, suite):
         """The job's :class:`mergebench.engine.runspec.RunSpec` on ``suite`` (the loaded suite it names)."""
-        from mergebench.engine.runspec import RunSpec
-
         return RunSpec.build(self.pipeline, suite, seed=self.seed, device=self.device, precision=self.precision,
                              time_limit_s=self.time_limit_s, **self.settings)
 
@@ -150,26 +157,19 @@ class Sweep:
     memory_limit_mb: float | None = None
 
     def __post_init__(self):
-        from mergebench.engine.limits import check_seconds
-
         if not self.methods:
             raise HyperparameterError("a sweep needs at least one method")
         if not self.name:
-            from mergebench.engine.records import config_hash
             self.name = "sweep-" + config_hash({"methods": self.methods, "suites": self.suites, "seeds": self.seeds,
                                                 "grid": self.grid})[:8]
         safe_name(self.name, "sweep name")  # it names RESULTS/sweeps/NAME.yaml
         self.time_limit_s = check_seconds(self.time_limit_s, "the sweep's time limit")
-        from mergebench.api.context import PRECISIONS
         if self.precision not in PRECISIONS:
             raise HyperparameterError(f"sweep precision {self.precision!r} is not one of {list(PRECISIONS)}")
 
     # ------------------------------------------------------------ expansion
     def calls(self) -> list:
         """The resolved method calls under the sweep's budget: each method crossed with the grid values it takes."""
-        from mergebench.api.pipeline import MethodCall
-        from mergebench.api.registry import close_matches, get_method
-
         calls, used = [], set()
         for text in self.methods:
             base = MethodCall.parse(text).with_budget(self.budget)  # its budget fills what the text leaves unset
@@ -197,10 +197,6 @@ class Sweep:
 
     def jobs(self, build: bool = True) -> list[Job]:
         """Every job of the sweep (loads each suite, building it once here if ``build``)."""
-        from mergebench.api.context import resolve_precision
-        from mergebench.engine.runspec import resolve_device
-        from mergebench.suites import get_suite
-
         calls = self.calls()
         precision = resolve_precision(self.precision, resolve_device(self.device))
         settings = self.run_settings()
@@ -250,12 +246,9 @@ class Sweep:
 
     @classmethod
     def load(cls, name: str, results_dir: str | os.PathLike = "results") -> "Sweep":
-        from mergebench.errors import MissingFileError
-
         path = Path(results_dir) / "sweeps" / f"{safe_name(name, 'sweep name')}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.exists() else []
-            from mergebench.api.registry import close_matches
             raise MissingFileError(f"no sweep {name!r} in {path.parent}{close_matches(name, known)} "
                                    f"(sweeps there: {', '.join(known) or 'none'})")
         data = _read_yaml(path, "sweep definition")
@@ -284,8 +277,6 @@ class Sweep:
 
 def suite_entry(entry) -> tuple[str, dict]:
     """(registered name, options) of one of a sweep's suites: ``"mini8"`` or ``{"name": "real", "manifest": ...}``."""
-    from mergebench.suites import get_suite_spec
-
     if isinstance(entry, str):
         return entry, {}
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -380,8 +371,6 @@ def job_status(jobs: list[Job], queue=None) -> list[dict]:
     ``queue`` answers ``states(job_ids) -> {job_id: STATE}`` (default: :class:`mergebench.sweeps.slurm_queue.SlurmQueue`,
     asked only when a marker names a Slurm job, once for all of them).
     """
-    from mergebench.engine.records import load_records
-
     by_hash: dict[tuple, dict] = {}
     for results_dir, suite in {(j.results_dir, j.suite) for j in jobs}:
         for rec in load_records(results_dir, suite).records:
@@ -430,8 +419,6 @@ def pending(jobs: list[Job], queue=None) -> list[Job]:
 
 
 def render_status(sweep: Sweep, status: list[dict], verbose: bool = False) -> str:
-    from tabulate import tabulate
-
     counts = summarize(status)
     lines = [f"sweep {sweep.name}: {len(status)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATES)]
     rows = [[e["state"], e["job"].suite, e["job"].pipeline, e["job"].seed, e.get("error") or e.get("note", "")]
@@ -488,10 +475,6 @@ def run_job(job: Job | dict) -> dict:
     record itself is written atomically by ``run_method``, so a worker killed at any point
     leaves no partial record and the job reads as ``missing``.
     """
-    from mergebench.engine import worker
-    from mergebench.engine.run import run_method
-    from mergebench.suites import get_suite
-
     job = Job.from_dict(job) if isinstance(job, dict) else job
     worker.start_server()  # the method's worker comes from it: it imports torch while the suite loads
     with _Heartbeat(job, heartbeat_s()):

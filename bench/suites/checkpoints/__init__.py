@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mergebench.errors import MergebenchError
@@ -108,7 +109,6 @@ def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -
             return {**{f"visual.{k}": v for k, v in hf.hf_to_open_clip(raw, str(path)).items()},
                     **hf.hf_to_open_clip(raw, str(path), tower="text")}
         if fmt == "safetensors":
-            from safetensors.torch import load_file
             return load_file(path)
         if fmt == "openai_jit":
             return {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()
@@ -137,8 +137,6 @@ def read_state_dict(path: Path, fmt: str = "auto", trust_pickle: bool = False) -
 
 
 def _converted_pickle(path: Path, trust_pickle: bool) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     digest = sha256_of(path)
     out = cache_root() / "real" / "converted" / f"{digest}.safetensors"
     if out.exists():

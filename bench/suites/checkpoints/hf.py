@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mergebench.errors import MergebenchError
@@ -160,7 +161,6 @@ def read_hf_folder(folder: str | Path, trust_pickle: bool = False) -> dict[str, 
         raise ConversionError(f"{folder} is not a Hugging Face model folder (no config.json)")
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
-        from safetensors.torch import load_file
         state = {}
         for shard in shards:
             state.update(load_file(shard))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from pathlib import Path
 
 import torch
@@ -113,8 +114,6 @@ def as_state_dict(obj, path: Path) -> dict[str, Tensor]:
 
 def pickle_globals(data: bytes) -> str:
     """The ``module.name`` of every class a pickle references (read from its opcodes; nothing is unpickled)."""
-    import pickletools
-
     out, strings = [], []
     try:
         for op, arg, _ in pickletools.genops(data):

@@ -20,12 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
+import yaml
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from safetensors.torch import load_file
 
 from mergebench.errors import MissingFileError, NotFoundError
 from mergebench.engine.io import atomic_save_tensors, cache_root
@@ -35,7 +40,7 @@ from mergebench.suites.real import cards as cardlib
 from mergebench.suites.real import imagecache, zoo
 from mergebench.suites.base import SPLITS, Suite
 from mergebench.suites.checkpoints import CheckpointError
-from mergebench.suites.registry import MergingSanity, register_suite
+from mergebench.suites.registry import MergingSanity, References, register_suite
 from mergebench.api.weights import Weights
 
 HEADS_VERSION = 1
@@ -46,8 +51,6 @@ def zero_shot_heads(clip, card: cardlib.Card, context_length: int, device="cpu",
                     bar=None) -> torch.Tensor:
     """(classes, embed_dim): per class, normalize(mean over templates of normalize(text embedding)); ``bar`` (a
     progress bar) advances by the prompts of each batch."""
-    import open_clip
-
     clip = clip.to(device).eval()
     prompts = [p for name in card.classnames for p in card.prompts(name)]  # class-major, templates inner
     emb = []
@@ -149,7 +152,6 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
     for name, card in task_cards.items():
         path = paths[name]
         if path.exists():
-            from safetensors.torch import load_file
             heads[name] = load_file(path)["head"]
         else:
             log(f"zero-shot head for {name}: {plural(card.num_classes, 'class', 'classes')} x "
@@ -188,7 +190,6 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
     # cached reference accuracies are keyed by both.
     checkpoints["data"] = hashlib.sha256(json.dumps(data_id, sort_keys=True).encode()).hexdigest()[:16]
     suite_id = hashlib.sha256(json.dumps({"ck": checkpoints, "cfg": enc_cfg}, sort_keys=True).encode()).hexdigest()[:16]
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     return Suite(
         name=f"real-{m.name}", tasks=list(task_cards), encoder_config=enc_cfg, pretrained=pretrained,
@@ -207,16 +208,12 @@ def load_real(manifest: str | os.PathLike | zoo.Manifest, data_root: str | os.Pa
 # ------------------------------------------------------------------ what the real suite knows about its results
 def reference_results() -> dict:
     """``datasets/reference_results.yaml``: the published averages, the task set and backbone they were measured on."""
-    import yaml
-
     path = Path(__file__).resolve().parents[3] / "datasets" / "reference_results.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
 def record_model(rec: dict) -> tuple[str | None, bool | None]:
     """(open_clip architecture without the -quickgelu suffix, QuickGELU?) of a real-suite record, else (None, None)."""
-    import re
-
     info = rec.get("suite") or {}
     model = info.get("model")
     if isinstance(model, dict):
@@ -243,8 +240,6 @@ def published(model: str | None, tasks, quick_gelu: bool | None = True) -> list[
 def published_references(records: list[dict]):
     """The published numbers beside a leaderboard's main table, whose rows are ``records``: they must all come
     from one model (and the published task set, which ``published`` checks)."""
-    from mergebench.suites.registry import References
-
     models = {record_model(r) for r in records}
     if len(models) != 1 or any((r.get("suite") or {}).get("data_complete") is False for r in records):
         return None  # rows run on data that differ from the cards are never shown beside published numbers

@@ -7,16 +7,26 @@ Nothing here downloads: a missing file is an error that says what is missing and
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import io
+import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import yaml
+from PIL import Image
+from torchvision.datasets import GTSRB, MNIST, StanfordCars
+from torchvision.datasets.folder import find_classes, make_dataset
 
 from mergebench.errors import InputError, MissingFileError, NotFoundError
+from mergebench.api.registry import close_matches
+from mergebench.suites.checkpoints import hf_cache
 
 CARD_DIR_ENV = "MERGEBENCH_CARDS"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -108,7 +118,6 @@ def resolve_task(name: str, cards: dict[str, Card]) -> Card:
     for card in cards.values():
         if name == card.name or name.lower() in {a.lower() for a in card.aliases} | {card.name.lower()}:
             return card
-    from mergebench.api.registry import close_matches
     raise NotFoundError(f"no dataset card for task {name!r}{close_matches(name, list(cards))} (cards: {', '.join(cards)})")
 
 
@@ -131,7 +140,6 @@ class FileSource(Source):
         self.labels = np.asarray([y for _, y in samples], dtype=np.int64)
 
     def image(self, i):
-        from PIL import Image
         with Image.open(self.paths[i]) as im:
             return im.convert("RGB")
 
@@ -143,7 +151,6 @@ class ArraySource(Source):
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
 
     def image(self, i):
-        from PIL import Image
         return Image.fromarray(np.ascontiguousarray(self.images[i])).convert("RGB")
 
 
@@ -153,10 +160,6 @@ class ParquetSource(Source):
 
     def __init__(self, files: list[Path], image_column: str = "image", label_column: str = "label",
                  label_map: np.ndarray | None = None, description: str = ""):
-        import threading
-
-        import pyarrow.parquet as pq
-
         self.files, self.image_column, self.description = [Path(f) for f in files], image_column, description
         self._groups = []  # (first row, rows, file index, row group)
         labels, start = [], 0
@@ -182,7 +185,6 @@ class ParquetSource(Source):
     def _rows(self, k: int) -> list:
         with self._lock:  # pyarrow file handles are not shared across threads; a few row groups stay decoded
             if k not in self._cache:
-                import pyarrow.parquet as pq
                 _, _, i, g = self._groups[k]
                 self._cache[k] = pq.ParquetFile(self.files[i]).read_row_group(g, columns=[self.image_column]) \
                     .column(0).to_pylist()
@@ -191,11 +193,6 @@ class ParquetSource(Source):
             return self._cache[k]
 
     def image(self, i):
-        import bisect
-        import io
-
-        from PIL import Image
-
         k = bisect.bisect_right(self._starts, i) - 1
         cell = self._rows(k)[i - self._groups[k][0]]
         data = cell.get("bytes") if isinstance(cell, dict) else cell
@@ -255,8 +252,6 @@ def native_present(card: Card, root: Path) -> bool:
 def hf_location(card: Card, root) -> tuple[str, Path] | None:
     """(repo id, snapshot folder) of the card's Hugging Face dataset in an HF cache under ``root``, when the card's
     own layout is not there (the native layout wins when both are)."""
-    from mergebench.suites.checkpoints import hf_cache
-
     spec = hf_spec(card)
     if spec is None or native_present(card, root):
         return None
@@ -283,10 +278,6 @@ def hf_split_files(card: Card, snap: Path, split: str) -> list[Path]:
 def hf_classnames(files: list[Path], snap: Path, label_column: str) -> list[str] | None:
     """The dataset's own class names: the ``huggingface`` features in the parquet schema metadata (what ``datasets``
     writes), else the ``dataset_info`` of the snapshot's README.md front matter."""
-    import json
-
-    import pyarrow.parquet as pq
-
     if files:
         meta = pq.read_schema(files[0]).metadata or {}
         if b"huggingface" in meta:
@@ -395,8 +386,6 @@ def _check_classes(card: Card, derived: list[str], where: Path):
 
 
 def _image_folder(card: Card, root: Path, rel: str, keep=None) -> FileSource:
-    from torchvision.datasets.folder import find_classes, make_dataset
-
     directory = _need(card, root, rel)
     folders, class_to_idx = find_classes(str(directory))
     _check_classes(card, _classnames_from_folders(card, folders), directory)
@@ -426,19 +415,17 @@ def open_source(card: Card, root: str | os.PathLike, split: str) -> Source:
         keep = {line.strip() for line in split_file.read_text().splitlines() if line.strip()}
         return _image_folder(card, root, card.layout["image_dir"], keep=keep)
     if reader == "torchvision.MNIST":
-        from torchvision.datasets import MNIST
         for rel in card.layout["files"]:
             _need(card, root, rel)
         ds = MNIST(str(root), train=(split == "train"), download=False)
         return ArraySource(ds.data.numpy(), ds.targets.numpy())
     if reader == "svhn_mat":
-        import scipy.io as sio
+        import scipy.io as sio  # lazy: a costly import (about 0.4 s) that only SVHN's .mat files need
         mat = sio.loadmat(str(_need(card, root, f"{card.layout['root']}/{split}_32x32.mat")))
         labels = mat["y"].astype(np.int64).squeeze()
         labels[labels == 10] = 0  # as torchvision: label 10 is the digit 0
         return ArraySource(np.transpose(mat["X"], (3, 0, 1, 2)), labels)
     if reader == "torchvision.GTSRB":
-        from torchvision.datasets import GTSRB
         _need(card, root, "gtsrb/GTSRB/Training" if split == "train" else "gtsrb/GT-final_test.csv")
         ds = GTSRB(str(root), split=split, download=False)
         source = FileSource(ds._samples)
@@ -448,7 +435,6 @@ def open_source(card: Card, root: str | os.PathLike, split: str) -> Source:
                 raise DatasetError(f"{card.name}: {n} class folders in gtsrb/GTSRB/Training, the card has {card.num_classes}")
         return source
     if reader == "torchvision.StanfordCars":
-        from torchvision.datasets import StanfordCars
         for rel in ("stanford_cars/devkit/cars_meta.mat",
                     "stanford_cars/devkit/cars_train_annos.mat" if split == "train" else "stanford_cars/cars_test_annos_withlabels.mat",
                     "stanford_cars/cars_train" if split == "train" else "stanford_cars/cars_test"):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 from mergebench.engine.io import atomic_write_text, cache_root, raise_if_disk_full
 from mergebench.engine.progress import progress
@@ -37,8 +38,6 @@ CACHE_VERSION = 1  # bump when the preprocessing changes
 
 def preprocess(image, size: int) -> np.ndarray:
     """RGB PIL image -> (3, size, size) uint8: shorter side to ``size`` (bicubic), center crop."""
-    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-
     image = CenterCrop(size)(Resize(size, interpolation=InterpolationMode.BICUBIC)(image.convert("RGB")))
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 

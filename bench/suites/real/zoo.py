@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import open_clip
 import yaml
 from torch import Tensor
 
@@ -125,7 +126,6 @@ class Manifest:
             cfg = json.loads(json.dumps(self.model_config))
             said = {"model_config": cfg["quick_gelu"]} if "quick_gelu" in cfg else {}
         else:
-            import open_clip
             cfg = open_clip.get_model_config(self.model)
             if cfg is None:
                 raise ManifestError(f"manifest {self.path}: open_clip has no model config {self.model!r}")
@@ -203,8 +203,6 @@ def encoder_config(clip_cfg: dict) -> dict:
 
 def build_clip(manifest: Manifest, trust_pickle: bool = False):
     """The full open_clip CLIP of the manifest holding its backbone file (strict), and the file's sha256."""
-    import open_clip
-
     digest = verify(manifest.backbone, "backbone")
     cfg = manifest.clip_config()
     model = open_clip.CLIP(**cfg)

@@ -25,12 +25,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
 import yaml
 
 from mergebench.errors import MergebenchError, MissingFileError
 from mergebench.suites import checkpoints
 from mergebench.suites.real import cards as cardlib
 from mergebench.suites.real import zoo
+from mergebench.engine.io import atomic_write_text
+from mergebench.suites.checkpoints import hf_cache
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # a file whose name says this is a pretrained model, never a task's expert (task_vectors keeps <Task>/zeroshot.pt)
@@ -171,8 +174,6 @@ def signature_of_state(shapes: dict[str, tuple]) -> dict:
 
 def matching_models(signature: dict, heads: tuple[int, int] | None = None) -> list[str]:
     """open_clip model config names whose architecture has these shapes (and heads, when known), best first."""
-    import open_clip
-
     found = []
     for name in open_clip.list_models():
         cfg = open_clip.get_model_config(name)
@@ -282,7 +283,6 @@ def write_manifest(out: Path, backbone: Candidate, experts: dict[str, Candidate]
     else:
         header.append(f"# quick_gelu: from {qg_from}")
     text = "\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False, width=120)
-    from mergebench.engine.io import atomic_write_text
     atomic_write_text(out, text)
     m = zoo.Manifest.load(out)  # what `run` will read: it must load (and, when complete, resolve the model)
     if qg is not None:
@@ -345,8 +345,6 @@ def init_hf_cache(cache, out=None, model: str | None = None, quick_gelu: bool | 
                   name: str | None = None) -> list[tuple[Path, list[str]]]:
     """One manifest per backbone in the HF cache that has experts (``--model`` picks one): default
     ``./<model>.yaml`` (lower case); paths are absolute (the cache's snapshot folders)."""
-    from mergebench.suites.checkpoints import hf_cache
-
     all_cards = cardlib.load_cards()
     if not Path(cache).is_dir():
         raise InitError(f"{cache} does not exist (or is not a folder): give the Hugging Face home (~/.cache/huggingface)"
