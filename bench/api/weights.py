@@ -285,7 +285,6 @@ class Plan:
 
         visit(root)
         self.order = order
-        self.elementwise = not any(n.stacked or not n._rowwise for n in order)
         last_reader = {}
         for i, node in enumerate(order):
             if node._weights is None and not node._leaf:
@@ -355,7 +354,7 @@ class Plan:
                     values[i] = node._op(*args, **node._kwargs)
                 for j in frees:
                     if spare is not None and self.owned[j] and not (written and j == operands[0][1]) \
-                            and values[j].shape == env.theta0.shape:
+                            and values[j].shape == env.theta0.shape and values[j].dtype == env.theta0.dtype:
                         spare.append(values[j])
                     values[j] = None
         return values[-1]
