@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.api.linalg import polar, svd, top_singular
+from mergebench.api.linalg import polar, polar_and_singular_values, svd, top_singular
 from mergebench.api.registry import Paper, register_method
 from mergebench.api.shape_batches import same_shape_batches
 from mergebench.api.weights import Weights
@@ -16,8 +16,8 @@ ISO = Paper("No Task Left Behind: Isotropic Model Merging with Common and Task-S
 def iso_c_matrix(task_matrices: torch.Tensor) -> torch.Tensor:
     """Iso-C for one layer: Delta = sum_t T_t = U S V^T -> mean(S) U V^T (every singular value equal).
     ``[T, m, n]`` -> ``[m, n]``, or ``[..., T, m, n]`` -> ``[..., m, n]`` (same-shaped layers at once)."""
-    u, s, vh = svd(task_matrices.float().sum(-3))
-    return s.mean(-1)[..., None, None] * (u @ vh)
+    rotation, s = polar_and_singular_values(task_matrices.float().sum(-3))    # U V^T and S
+    return s.mean(-1)[..., None, None] * rotation
 
 
 def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) -> torch.Tensor:
