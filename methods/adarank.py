@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mergebench.engine.functional import FunctionalMerge
 from mergebench.methods.adaptive import BF16_DEVIATION, minimize_entropy, unlabeled_streams
+from mergebench.api.linalg import svd
 from mergebench.api.registry import Paper, Variant, register_variants
 from mergebench.api.shape_batches import same_shape_batches
 from mergebench.api.weights import Weights
@@ -53,7 +54,7 @@ class RankMaskedMerge(FunctionalMerge):
         if not self.mask_keys:
             raise ValueError("no attention/MLP weight matrices to decompose: AdaRank needs a transformer encoder")
         for keys, taus in same_shape_batches((k, self.tau.pop(k)) for k in self.mask_keys):  # [layers, T, m, n]
-            for k, *factors in zip(keys, *torch.linalg.svd(taus, full_matrices=False)):  # batched: layers, tasks
+            for k, *factors in zip(keys, *svd(taus)):  # batched: layers, tasks
                 self.svd[k] = tuple(factors)
         logits = []
         for k in self.mask_keys:

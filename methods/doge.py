@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mergebench.api.activations import is_block_linear_weight
+from mergebench.api.linalg import svd, top_singular
 from mergebench.methods.ties import trim_top_k
 from mergebench.api.registry import Paper, register_method
 from mergebench.api.weights import Weights
@@ -70,12 +71,12 @@ def shared_subspace_projector(task_matrices: torch.Tensor, subspace: float) -> t
     num, m, n = t.shape[-3:]
     r = min(m, n)
     per_task = r // num
-    u = torch.linalg.svd(t, full_matrices=False)[0]                      # [..., T, m, r]
     stacked = torch.zeros(*t.shape[:-3], m, r, dtype=t.dtype, device=t.device)
     if per_task > 0:
-        cols = u[..., :per_task].transpose(-3, -2).reshape(*t.shape[:-3], m, num * per_task)
+        u = top_singular(t, per_task)[0]                                 # [..., T, m, per_task]
+        cols = u.transpose(-3, -2).reshape(*t.shape[:-3], m, num * per_task)
         stacked[..., : num * per_task] = cols
-    basis = torch.linalg.svd(stacked, full_matrices=False)[0][..., : int(r / subspace)]
+    basis = svd(stacked)[0][..., : int(r / subspace)]
     return basis @ basis.transpose(-1, -2)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.methods.tsv import polar, robust_svd
+from mergebench.api.linalg import polar, polar_and_singular_values, svd, top_singular
 from mergebench.api.registry import Paper, register_method
 from mergebench.api.shape_batches import same_shape_batches
 from mergebench.api.weights import Weights
@@ -16,8 +16,8 @@ ISO = Paper("No Task Left Behind: Isotropic Model Merging with Common and Task-S
 def iso_c_matrix(task_matrices: torch.Tensor) -> torch.Tensor:
     """Iso-C for one layer: Delta = sum_t T_t = U S V^T -> mean(S) U V^T (every singular value equal).
     ``[T, m, n]`` -> ``[m, n]``, or ``[..., T, m, n]`` -> ``[..., m, n]`` (same-shaped layers at once)."""
-    u, s, vh = robust_svd(task_matrices.float().sum(-3))
-    return s.mean(-1)[..., None, None] * (u @ vh)
+    rotation, s = polar_and_singular_values(task_matrices.float().sum(-3))    # U V^T and S
+    return s.mean(-1)[..., None, None] * rotation
 
 
 def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) -> torch.Tensor:
@@ -28,7 +28,7 @@ def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) ->
     t = task_matrices.float()
     *batch, num, m, n = t.shape
     total = t.sum(-3)
-    u, s, vh = robust_svd(total)
+    u, s, vh = svd(total)
     r = s.shape[-1]
     k_c = int(r * common_fraction)
     per_task = round((r - k_c) / num)
@@ -37,10 +37,10 @@ def iso_cts_matrix(task_matrices: torch.Tensor, common_fraction: float = 0.8) ->
     if per_task > 0:
         uc = u[..., None, :, :k_c]                              # [..., 1, m, k_c]: the same for every task
         residual = t - uc @ (uc.mT @ t)                         # remove the common space (left side), batched
-        ut, st, vht = robust_svd(residual)
-        us = [ut[..., :per_task].transpose(-3, -2).reshape(*batch, m, num * per_task)] + us
-        ss = [st[..., :per_task].reshape(*batch, num * per_task)] + ss
-        vhs = [vht[..., :per_task, :].reshape(*batch, num * per_task, n)] + vhs
+        ut, st, vht = top_singular(residual, per_task)
+        us = [ut.transpose(-3, -2).reshape(*batch, m, num * per_task)] + us
+        ss = [st.reshape(*batch, num * per_task)] + ss
+        vhs = [vht.reshape(*batch, num * per_task, n)] + vhs
     u_all, s_all, vh_all = torch.cat(us, -1), torch.cat(ss, -1), torch.cat(vhs, -2)
     return s_all.mean(-1)[..., None, None] * (polar(u_all) @ polar(vh_all))
 
@@ -66,7 +66,7 @@ def iso_c(ctx, scaling: float = 1.5):
 
     theta = theta_0 + alpha * Delta_iso. The sum (not the mean) is flattened, as in the official code, so the
     paper's alpha applies. An SVD that fails to converge is retried in float64, then with the gesvd algorithm
-    (``tsv.robust_svd``) instead of failing the run.
+    (``mergebench.api.linalg.svd``) instead of failing the run.
     """
     return _iso(ctx, scaling, iso_c_matrix)
 

@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from mergebench.api.linalg import polar, top_singular
 from mergebench.api.registry import Paper, register_method
 from mergebench.api.shape_batches import same_shape_batches
 from mergebench.api.weights import Weights
 
 TSV = Paper("Task Singular Vectors: Reducing Task Interference in Model Merging", 2025, "2412.00081", "CVPR",
             "https://github.com/AntoAndGar/task_singular_vectors")
-
-
-def robust_svd(a: torch.Tensor, full_matrices: bool = False):
-    """``torch.linalg.svd(a)``, retried where LAPACK fails to converge (seen on CPU for ViT-B/32-shaped task sums).
-
-    Retries in float64, then with the slower but more robust ``gesvd`` algorithm (torch's ``driver='gesvd'`` on
-    CUDA, scipy's ``lapack_driver='gesvd'`` on CPU, batched by a loop). The factors come back in ``a``'s dtype.
-    """
-    try:
-        return torch.linalg.svd(a, full_matrices=full_matrices)
-    except torch.linalg.LinAlgError:
-        pass
-    x = a.double()
-    try:
-        factors = torch.linalg.svd(x, full_matrices=full_matrices)
-    except torch.linalg.LinAlgError:
-        if x.is_cuda:
-            factors = torch.linalg.svd(x, full_matrices=full_matrices, driver="gesvd")
-        else:
-            import scipy.linalg  # lazy: a costly import for the rare CPU fallback
-            flat = x.reshape(-1, *x.shape[-2:]).numpy()
-            parts = [scipy.linalg.svd(m, full_matrices=full_matrices, lapack_driver="gesvd") for m in flat]
-            factors = [torch.from_numpy(np.stack(f)).reshape(*x.shape[:-2], *f[0].shape) for f in zip(*parts)]
-    return tuple(f.to(a.dtype) for f in factors)
-
-
-def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The nearest matrix with orthonormal columns (or rows): P Q^T from the SVD P S Q^T."""
-    p, _, qh = robust_svd(matrix)
-    return p @ qh
 
 
 def tsv_matrix(task_matrices: torch.Tensor, fraction: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -56,10 +26,10 @@ def tsv_matrix(task_matrices: torch.Tensor, fraction: float | None = None) -> tu
     k = int(min(m, n) * (fraction if fraction is not None else 1.0 / num))
     if k < 1:
         return t.mean(-3), {}
-    u, s, vh = torch.linalg.svd(t, full_matrices=False)                  # batched over layers and tasks
-    u_cat = u[..., :k].transpose(-3, -2).reshape(*batch, m, num * k)     # [m, T*k], task blocks in order
-    s_cat = s[..., :k].reshape(*batch, num * k)
-    vh_cat = vh[..., :k, :].reshape(*batch, num * k, n)                  # [T*k, n]
+    u, s, vh = top_singular(t, k)                                        # batched over layers and tasks
+    u_cat = u.transpose(-3, -2).reshape(*batch, m, num * k)              # [m, T*k], task blocks in order
+    s_cat = s.reshape(*batch, num * k)
+    vh_cat = vh.reshape(*batch, num * k, n)                              # [T*k, n]
     u_orth, vh_orth = polar(u_cat), polar(vh_cat)
     return (u_orth * s_cat.unsqueeze(-2)) @ vh_orth, {"u": u_orth, "s": s_cat, "vh": vh_orth}
 

@@ -121,12 +121,20 @@ def test_streamed_arithmetic_is_bitwise_the_whole_model_expression(micro, spec, 
 
 
 @pytest.mark.parametrize("spec,reference", [
-    ("tsv_merging", _ref_tsv), ("iso_c", _ref_iso_c), ("ties_merging", _ref_ties),
-    ("ties_merging(k=100, merge='mean', scaling=1.0)", lambda c: _ref_ties(c, 100, 1.0, "mean")),
+    ("ties_merging", _ref_ties), ("ties_merging(k=100, merge='mean', scaling=1.0)", lambda c: _ref_ties(c, 100, 1.0, "mean")),
     ("ties_merging(k=5)", lambda c: _ref_ties(c, 5))])
-def test_streamed_svd_merges_equal_the_whole_model_form(micro, spec, reference):
+def test_streamed_ties_equals_the_whole_model_form_bitwise(micro, spec, reference):
     merged, expected = _merged(micro, spec), reference(_ctx(micro))
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("spec,reference", [("tsv_merging", _ref_tsv), ("iso_c", _ref_iso_c)])
+def test_streamed_svd_merges_equal_the_layer_by_layer_form(micro, spec, reference):
+    """Same-shaped layers share one batched decomposition, which rounds differently from one call per layer: the
+    weights agree to float32 rounding (1e-6 of each tensor's largest entry), not bit for bit."""
+    merged, expected = _merged(micro, spec), reference(_ctx(micro))
+    for k in expected:
+        assert (merged[k] - expected[k]).abs().max() <= 1e-6 * expected[k].abs().max(), k
 
 
 @pytest.mark.parametrize("steps,lr,others", [(300, 1e-5, "pretrained"), (40, 1e-3, "pretrained"), (40, 1e-3, "mean")])

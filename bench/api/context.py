@@ -20,7 +20,7 @@ from torch import Tensor
 from mergebench.api.models import MergedModel, SharedModel, encoder_from_weights, freeze
 from mergebench.engine.progress import progress as _progress
 from mergebench.suites.base import Suite
-from mergebench.api.weights import CACHE_PART, Plan, Streamed, Weights, _Env, kth_smallest_
+from mergebench.api.weights import CACHE_PART, Plan, Streamed, Weights, _Env, kth_smallest_, map_parts
 from mergebench.engine import transfer
 
 
@@ -125,34 +125,26 @@ class MergeContext:
                             leaf="task_vector", task=t) for t in self.tasks}
 
     def evaluate(self, expression: Streamed) -> Weights:
-        """A streamed expression computed, one tensor at a time (new tensors). Elementwise arithmetic of whole
-        models goes by cache-sized parts on the CPU (each part's operations, hence its results, are those on the
-        whole tensors)."""
+        """A streamed expression computed, one tensor at a time (new tensors). On the CPU each tensor goes by
+        cache-sized parts (each part's operations, hence its results, are those on the whole tensors)."""
         plan, out = Plan(expression), Weights()
-        tasks = plan.tasks_read()
-        rows = list(range(len(self.tasks)))
-        for key, theta0, experts in self.per_tensor(tasks=tasks):
-            experts = dict(zip(tasks, experts))
-            if plan.elementwise and self.device.type == "cpu":
+        for key, theta0, envs in self._plan_inputs(plan, list(range(len(self.tasks)))):
+            if self.device.type == "cpu":
                 result = out[key] = torch.empty_like(theta0, memory_format=torch.contiguous_format)
                 flat = result.view(-1)
-                for start in range(0, result.numel(), CACHE_PART):
-                    part = slice(start, start + CACHE_PART)
-                    env = _Env(key, theta0.reshape(-1)[part], {t: e.reshape(-1)[part] for t, e in experts.items()},
-                               rows, part)
-                    flat[part] = plan.at(env)
+                map_parts(lambda env: flat[env.part].copy_(plan.at(env)), envs, plan.stacked)
             else:
-                result = plan.at(_Env(key, theta0, experts, rows))
+                result = plan.at(envs[0])
                 out[key] = result.clone() if result.untyped_storage().data_ptr() in self._inputs else result
         return out
 
     def evaluate_total(self, expression: Streamed) -> Tensor:
         """The sum of every entry of a streamed per-model expression (a 0-dim tensor), in one pass."""
         plan, total = Plan(expression), 0.0
-        tasks = plan.tasks_read()
-        rows = list(range(len(self.tasks)))
-        for key, theta0, experts in self.per_tensor(tasks=tasks):
-            total += plan.at(_Env(key, theta0, dict(zip(tasks, experts)), rows)).sum(dtype=torch.float64).item()
+        for _, _, envs in self._plan_inputs(plan, list(range(len(self.tasks)))):
+            for part_total in map_parts(lambda env: plan.at(env).sum(dtype=torch.float64).item(), envs,
+                                        plan.stacked):
+                total += part_total
         return torch.tensor(total, dtype=next(iter(self.pretrained_weights.values())).dtype, device=self.device)
 
     def evaluate_row_kth(self, expression: Streamed, rank: int) -> Tensor:
@@ -165,12 +157,30 @@ class MergeContext:
             plan = Plan(expression, [row])
             if not all(n._rowwise for n in plan.order):
                 raise ValueError("a streamed k-th value needs an expression computed row by row (no sum over tasks)")
-            tasks, start = plan.tasks_read(), 0
-            for key, v, experts in self.per_tensor(tasks=tasks):
-                flat[start:start + v.numel()] = plan.at(_Env(key, v, dict(zip(tasks, experts)), [row])).reshape(-1)
+            start = 0
+            for _, v, envs in self._plan_inputs(plan, [row]):
+                into = flat[start:start + v.numel()]
+                map_parts(lambda env: into[env.part].copy_(plan.at(env).reshape(-1)), envs, plan.stacked)
                 start += v.numel()
             out.append(kth_smallest_(flat, rank))
         return torch.stack(out)
+
+    def _plan_inputs(self, plan: Plan, rows: list[int]) -> Iterator[tuple[str, Tensor, list[_Env]]]:
+        """``(key, theta_0[key], environments)`` for every key: the experts ``plan`` reads at that key, whole (off
+        the CPU), or in parts of ``CACHE_PART`` elements that stay in the cache while every operation of the plan
+        runs on them (the expression's operations are elementwise or sums over the tasks, so the parts' results
+        are the whole tensor's)."""
+        tasks = plan.tasks_read()
+        for key, theta0, experts in self.per_tensor(tasks=tasks):
+            experts = dict(zip(tasks, experts))
+            if self.device.type != "cpu":
+                yield key, theta0, [_Env(key, theta0, experts, rows)]
+                continue
+            flat0 = theta0.reshape(-1)
+            flats = {t: e.reshape(-1) for t, e in experts.items()}
+            yield key, theta0, [_Env(key, flat0[part], {t: e[part] for t, e in flats.items()}, rows, part)
+                                for part in (slice(start, min(start + CACHE_PART, theta0.numel()))
+                                             for start in range(0, theta0.numel(), CACHE_PART))]
 
     def per_tensor(self, keys: Iterable[str] | None = None,
                    tasks: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
