@@ -230,19 +230,18 @@ def test_a_sweep_name_in_use_is_refused(tmp_path):
 
 
 def test_jobs_are_bounded_by_the_work_and_the_memory(micro, results_dir, monkeypatch, capsys):
-    import concurrent.futures
-
     from mergebench.engine import memory
+    from mergebench.engine import run as runner
     from mergebench.engine.run import bounded_workers, run_many
 
     started = []
-    real_pool = concurrent.futures.ProcessPoolExecutor
+    real_pool = runner.ProcessPoolExecutor
 
     def pool(max_workers=None, **kwargs):
         started.append(max_workers)
         return real_pool(max_workers, **kwargs)
 
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", pool)
     records = run_many(["weight_averaging", "task_arithmetic"], micro, jobs=1000, results_dir=results_dir,
                        device="cpu", show_progress=False, count_flops=False)
     assert [r["status"] for r in records] == ["ok", "ok"]
