@@ -16,7 +16,7 @@ from torch import Tensor
 from mergebench.errors import MergebenchError, NotFoundError
 from mergebench.api.models import ClassificationHead, build_encoder, load_weights
 from mergebench.api.weights import Weights
-from mergebench.api.registry import close_matches
+from mergebench.api.catalog import close_matches
 
 SPLITS = ("train", "val", "test")
 

@@ -25,7 +25,7 @@ from torchvision.datasets import GTSRB, MNIST, StanfordCars
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from mergebench.errors import InputError, MissingFileError, NotFoundError
-from mergebench.api.registry import close_matches
+from mergebench.api.catalog import close_matches
 from mergebench.suites.checkpoints import hf_cache
 
 CARD_DIR_ENV = "MERGEBENCH_CARDS"
