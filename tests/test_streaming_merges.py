@@ -169,10 +169,10 @@ class _CancellingContext(MergeContext):
 
 @pytest.mark.parametrize("merge", ["sum", "mean"])
 def test_streamed_ties_completes_exact_cancellations_with_the_majority_sign(micro, merge):
-    ctx = _CancellingContext(micro, "nothing", "cpu", 0, show_progress=False)
+    ctx = _CancellingContext(micro, RunSpec.build("ties_merging", micro, device="cpu"), show_progress=False)
     model = get_method("ties_merging").fn(ctx, merge=merge)
     merged = model.encoder.state_dict()
-    expected = _ref_ties(_CancellingContext(micro, "nothing", "cpu", 0, show_progress=False), merge=merge)
+    expected = _ref_ties(_CancellingContext(micro, RunSpec.build("ties_merging", micro, device="cpu"), show_progress=False), merge=merge)
     key, rows = _CancellingContext.KEY, _CancellingContext.ROWS
     moved = merged[key][rows] - micro.pretrained[key][rows]
     assert moved.abs().min() > 0.1            # decided by the majority sign, not left at theta_0
