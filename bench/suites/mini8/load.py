@@ -97,7 +97,7 @@ def _splits(cfg, data_file):
 def _suite(cfg, name, data, pretrained, heads, load_expert, info) -> Suite:
     return Suite(
         name=name, tasks=list(cfg.tasks), encoder_config=dict(cfg.encoder),
-        pretrained=Weights(pretrained), heads=dict(heads), data=data,
+        pretrained=Weights(pretrained), heads=dict(heads), data=data, logit_scale=cfg.logit_scale,
         load_expert=lambda task: Weights(load_expert(task)),
         info={"suite": name, "backbone": "open_clip VisionTransformer " + json.dumps(cfg.encoder, sort_keys=True),
               "mini8_config": mini8_config_dict(cfg), **info},
