@@ -95,6 +95,12 @@ def mini8_config_dict(cfg: Mini8Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def stored_config(stored: dict) -> dict:
+    """A stored configuration (an artifact's suite.json) as :class:`Mini8Config` reads it today: a field it lacks,
+    added to the class after it was written, at that field's default (the value the artifact was built with)."""
+    return {**mini8_config_dict(Mini8Config()), **stored}
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA experts on a mini8 configuration's backbone, heads and data: adapters of rank ``rank`` (scale
