@@ -68,7 +68,7 @@ def main():
             build_mini8.finetune_expert(cfg, pretrained, heads[t], data["train"][t].images,
                                         data["train"][t].labels, f"fine-tune {t}", path, True)
         experts[t] = load_file(path)
-    suite = Suite(name=f"screen-{args.name}", tasks=tasks, encoder_config=dict(cfg.encoder),
+    suite = Suite(name=f"screen-{args.name}", tasks=tasks, encoder_config=dict(cfg.encoder), logit_scale=cfg.logit_scale,
                   pretrained=Weights(pretrained), heads={t: heads[t] for t in tasks}, data=data,
                   load_expert=lambda t: Weights(experts[t]))
     s = DiagnoseSettings()

@@ -66,3 +66,27 @@ def test_duplicate_name_from_another_function_is_an_error():
         def second(ctx):  # pragma: no cover
             return None
     unregister_method("dup_probe")
+
+
+def test_run_all_adds_the_suites_showcase_specs(monkeypatch, tmp_path):
+    """`mergebench run --all` runs every method's defaults and the suite's showcase (mini8: Surgery and IntervMerge on
+    layer-wise AdaMerging, their papers' headline configurations)."""
+    import dataclasses
+
+    import mergebench.engine.run as engine_run
+    import mergebench.suites.registry as suite_registry
+    from mergebench.cli import main
+    from mergebench.suites.registry import get_suite_spec
+
+    assert "surgery(base=adamerging_layerwise)" in get_suite_spec("mini8").showcase
+    ran = {}
+
+    def fake_run_many(specs, suite, **kwargs):
+        ran["specs"] = list(specs)
+        return []
+
+    monkeypatch.setattr(engine_run, "run_many", fake_run_many)
+    micro = dataclasses.replace(get_suite_spec("micro"), showcase=("task_arithmetic(scaling=0.5)",))
+    monkeypatch.setattr(suite_registry, "get_suite_spec", lambda name: micro if name == "micro" else get_suite_spec(name))
+    assert main(["run", "--suite", "micro", "--all", "--results", str(tmp_path), "-q"]) == 0
+    assert "task_arithmetic(scaling=0.5)" in ran["specs"] and "task_arithmetic" in ran["specs"]

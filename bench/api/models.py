@@ -42,12 +42,13 @@ class _QuickGELU(nn.Module):
 class ClassificationHead(nn.Module):
     """A frozen cosine classifier, like CLIP's zero-shot heads: logits = s * <f/|f|, w_c/|w_c|>."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, scale: float = LOGIT_SCALE):
         super().__init__()
         self.register_buffer("weight", F.normalize(weight.float(), dim=-1))
+        self.scale = scale
 
     def forward(self, features: Tensor) -> Tensor:
-        return LOGIT_SCALE * F.normalize(features, dim=-1) @ self.weight.t()
+        return self.scale * F.normalize(features, dim=-1) @ self.weight.t()
 
 
 class MergedModel(nn.Module):

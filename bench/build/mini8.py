@@ -48,7 +48,7 @@ from mergebench.engine.evaluate import evaluate
 
 # the fields that decide the pretrained backbone
 PRETRAIN_FIELDS = ("seed", "encoder", "tasks", "pretrain_per_task", "pretrain_per_task_overrides", "pretrain_generic",
-                   "pretrain_epochs", "pretrain_lr", "pretrain_label_smoothing", "batch_size", "weight_decay",
+                   "pretrain_epochs", "pretrain_lr", "pretrain_label_smoothing", "logit_scale", "batch_size", "weight_decay",
                    "pretrain_hue_shift", "pretrain_hue_per", "pretrain_hue_overrides", "generator_dtype")
 
 

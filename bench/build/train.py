@@ -8,7 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mergebench.api.models import LOGIT_SCALE
 from mergebench.engine.progress import progress
 
 
@@ -33,7 +32,7 @@ def train(encoder, head_weight, x, y, epochs, lr, cfg, desc, verbose, label_smoo
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(cfg.batch_size):
             feats = F.normalize(encoder(normalize(x[idx])), dim=-1)
-            logits = LOGIT_SCALE * feats @ F.normalize(head_weight, dim=-1).t()
+            logits = cfg.logit_scale * feats @ F.normalize(head_weight, dim=-1).t()
             loss = F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

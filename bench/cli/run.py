@@ -28,8 +28,9 @@ def main(args) -> int:
     from mergebench.engine.run import run_many
 
     specs = list(args.methods)
-    if args.all:
-        specs += [m for m in list_methods() if m not in specs]
+    if args.all:  # every method at its defaults, and the suite's showcase (its seed papers' headline configurations)
+        from mergebench.suites.registry import get_suite_spec
+        specs += [m for m in list_methods() + list(get_suite_spec(args.suite).showcase) if m not in specs]
     if not specs:
         print("name at least one method (or --all); `mergebench list-methods` lists them", file=sys.stderr)
         return 2
@@ -47,9 +48,10 @@ def main(args) -> int:
                 call.with_hparams(**{name: value}).resolve()
     suite = options.load_suite(args)
     if args.all:  # --all runs what the suite can run; a method named explicitly still reports its own error
-        for name in [m for m in specs if m not in args.methods and unmet_requirements(get_method(m), suite)]:
+        unmet = {m: unmet_requirements(get_method(MethodCall.parse(m).name), suite) for m in specs}
+        for name in [m for m in specs if m not in args.methods and unmet[m]]:
             specs.remove(name)
-            print(f"skipped {name}: needs {', '.join(unmet_requirements(get_method(name), suite))} experts, "
+            print(f"skipped {name}: needs {', '.join(unmet[name])} experts, "
                   f"which suite {suite.name} does not have", file=sys.stderr)
     records = run_many(specs, suite, results_dir=args.results, seed=args.seed, device=args.device, force=args.force,
                        unlabeled_split=args.unlabeled_split, data_fraction=args.data_fraction, tune=tune,

@@ -124,7 +124,7 @@ def _parts(suite, level: str) -> tuple[dict, dict, dict]:
         if labels:
             packs["labels"] = labels
     meta = {"name": suite.name, "tasks": list(suite.tasks), "encoder_config": copy.deepcopy(suite.encoder_config),
-            "mean": tuple(suite.mean), "std": tuple(suite.std), "info": copy.deepcopy(suite.info),
+            "mean": tuple(suite.mean), "std": tuple(suite.std), "logit_scale": suite.logit_scale, "info": copy.deepcopy(suite.info),
             "provides": sorted(suite.provides), "lora": lora, "splits": list(suite.data) if level != "nothing" else []}
     return packs, files, meta
 
@@ -142,7 +142,7 @@ def _assemble(meta: dict, tensors: dict) -> Any:
     return Suite(name=meta["name"], tasks=list(tasks), encoder_config=meta["encoder_config"],
                  pretrained=Weights({k[2:]: v for k, v in tensors.items() if k.startswith("p/")}),
                  heads={t: tensors[f"h/{t}"] for t in tasks}, data=data, load_expert=experts.__getitem__,
-                 mean=tuple(meta["mean"]), std=tuple(meta["std"]), info=meta["info"],
+                 mean=tuple(meta["mean"]), std=tuple(meta["std"]), logit_scale=meta["logit_scale"], info=meta["info"],
                  load_lora=lora.__getitem__ if meta["lora"] else None, provides=frozenset(meta["provides"]))
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mergebench.errors import MergebenchError, NotFoundError
-from mergebench.api.models import ClassificationHead, build_encoder, load_weights
+from mergebench.api.models import LOGIT_SCALE, ClassificationHead, build_encoder, load_weights
 from mergebench.api.weights import Weights
 from mergebench.api.catalog import close_matches
 
@@ -55,6 +55,7 @@ class Suite:
     # loads this suite again from its files (``get_suite`` sets it; picklable): restores it after a method changed
     # its inputs, and rebuilds it in a fresh process (a time-limited run on CUDA)
     reload: Callable[[], "Suite"] | None = None
+    logit_scale: float = LOGIT_SCALE  # the heads' s: logits = s * cos(features, class vector)
     provides: frozenset = frozenset()  # requirements it meets beyond full weights (keys of registry.REQUIREMENTS)
     _norm: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> (mean, std)
 
@@ -95,7 +96,7 @@ class Suite:
 
     def head(self, task: str) -> ClassificationHead:
         self._check_task(task)
-        return ClassificationHead(self.heads[task])
+        return ClassificationHead(self.heads[task], self.logit_scale)
 
     def split(self, split: str, task: str) -> TaskData:
         if split not in self.data:

@@ -200,6 +200,8 @@ class SuiteSpec:
     sanity: Callable = _no_sanity            # rows (the leaderboard's main table) -> lines
     references: Callable = _no_references    # the main table's records -> References | None
     flags: dict = field(default_factory=dict)  # option -> help: the options with a command-line flag of their own
+    # method specs run by ``--all`` beside every method's defaults: the seed papers' headline configurations
+    showcase: tuple = ()
 
     def load(self, build: bool = True, verbose: bool = True, **options) -> Suite:
         unknown = [k for k in options if k not in self.options]
@@ -276,14 +278,16 @@ SUITES: Registry[SuiteSpec] = Registry(
 
 def register_suite(name: str | Callable | None = None, *, description: str | None = None, builds: bool = True,
                    results: str | tuple | list = (), sanity: Callable | None = None,
-                   references: Callable | None = None, aliases: tuple | list = (), flags: dict | None = None):
+                   references: Callable | None = None, aliases: tuple | list = (), flags: dict | None = None,
+                   showcase: tuple | list = ()):
     """Register a suite loader ``fn(build=True, verbose=True, **options) -> Suite`` (see the module docstring).
 
     ``description`` defaults to the first line of the loader's docstring; ``builds=False`` for suites read from
     the user's files (not built by ``mergebench build``); ``results`` the wildcards of the results folders its
     runs go to when they differ from its name (the real suite: ``real-*``, after the manifest's name); ``flags``
     the options that get a command-line flag of their own, with the flag's help (``{"manifest": "the model-zoo
-    manifest"}``: ``--manifest``)."""
+    manifest"}``: ``--manifest``); ``showcase`` method specs that ``mergebench run --all`` (and ``demo``) run beside
+    every method's defaults (``("surgery(base=adamerging_layerwise)",)``: a paper's headline configuration)."""
     if callable(name):  # bare @register_suite
         return register_suite()(name)
 
@@ -303,7 +307,7 @@ def register_suite(name: str | Callable | None = None, *, description: str | Non
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
         spec = SuiteSpec(key, fn, description if description is not None else (doc[0] if doc else ""), options,
                          builds, (results,) if isinstance(results, str) else tuple(results),
-                         sanity or _no_sanity, references or _no_references, dict(flags or {}))
+                         sanity or _no_sanity, references or _no_references, dict(flags or {}), tuple(showcase))
         SUITES.add(key, spec, aliases=aliases, module=fn.__module__)
         fn.suite_spec = spec
         return fn

@@ -26,7 +26,12 @@ SANITY = MergingSanity(expert_gap=35.0, task_gap=20.0, interference=10.0, recove
 RANKED = dataclasses.replace(SANITY, ranking_tau=0.8, mechanisms=True)
 
 
-@register_suite(sanity=RANKED)
+# the seed methods' headline configurations, on the leaderboard beside their defaults: Representation Surgery and
+# IntervMerge on layer-wise AdaMerging (Surgery's Table 1 and IntervMerge's main table report them on AdaMerging)
+SHOWCASE = ("surgery(base=adamerging_layerwise)", "intervmerge(base=adamerging_layerwise)")
+
+
+@register_suite(sanity=RANKED, showcase=SHOWCASE)
 def mini8(build: bool = True, verbose: bool = True, cache_dir: str | None = None) -> Suite:
     """eight procedural 32-px tasks, analogues of the real benchmark's, from a committed artifact (the default)"""
     return load_mini8("mini8", cache_dir=cache_dir)

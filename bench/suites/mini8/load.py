@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mergebench.engine.io import atomic_save_tensors, cache_root
 from mergebench.suites import artifact
 from mergebench.suites.base import SPLITS, Suite, TaskData
-from mergebench.suites.mini8.config import CONFIGS, Mini8Config, mini8_config_dict
+from mergebench.suites.mini8.config import CONFIGS, Mini8Config, mini8_config_dict, stored_config
 from mergebench.suites.mini8.data import generate_data, tensors_sha256
 from mergebench.api.weights import Weights
 
@@ -31,8 +31,8 @@ def load_mini8(name: str = "mini8", cache_dir: str | os.PathLike | None = None) 
     cfg = CONFIGS[name]
     meta = artifact.read(name)
     expected = mini8_config_dict(cfg)
-    if meta["config"] != expected:
-        stored = meta["config"]
+    stored = stored_config(meta["config"])
+    if stored != expected:
         changed = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
         raise artifact.ArtifactError(
             f"the {name} configuration (CONFIGS[{name!r}] in bench/suites/mini8/config.py) differs from the one its "
@@ -97,7 +97,7 @@ def _splits(cfg, data_file):
 def _suite(cfg, name, data, pretrained, heads, load_expert, info) -> Suite:
     return Suite(
         name=name, tasks=list(cfg.tasks), encoder_config=dict(cfg.encoder),
-        pretrained=Weights(pretrained), heads=dict(heads), data=data,
+        pretrained=Weights(pretrained), heads=dict(heads), data=data, logit_scale=cfg.logit_scale,
         load_expert=lambda task: Weights(load_expert(task)),
         info={"suite": name, "backbone": "open_clip VisionTransformer " + json.dumps(cfg.encoder, sort_keys=True),
               "mini8_config": mini8_config_dict(cfg), **info},

@@ -70,6 +70,6 @@ def lora_suite(cfg: LoraConfig, base: Suite, root: Path, name: str, key: str, ad
             "experts": f"LoRA r={cfg.rank} alpha={cfg.alpha:g} on {targets} of every resblock (PEFT layout); "
                        f"{cfg.epochs} epochs at lr {cfg.lr:g}",
             "lora": dataclasses.asdict(cfg), "build": {**base.info["build"], "lora": build}}
-    return Suite(name=name, tasks=list(base.tasks), encoder_config=dict(base.encoder_config),
+    return Suite(name=name, tasks=list(base.tasks), encoder_config=dict(base.encoder_config), logit_scale=base.logit_scale,
                  pretrained=base.pretrained, heads=base.heads, data=base.data, load_expert=load_expert,
                  mean=base.mean, std=base.std, info=info, load_lora=load_lora)
