@@ -196,3 +196,19 @@ def test_same_shape_batches_groups_by_shape_within_the_budget():
     assert got[("e",)].dtype == torch.float64
     big = [("x", torch.zeros(100)), ("y", torch.zeros(100))]
     assert [k for k, _ in same_shape_batches(big, max_bytes=10)] == [["x"], ["y"]]   # each alone, never dropped
+
+
+def test_gram_routes_fall_back_to_the_svd_on_degenerate_matrices():
+    """A task matrix LoRA never touched (all zeros) and rank-8 LoRA updates asked for 16 triplets: the Gram
+    eigendecomposition cannot determine those vectors, so the factors are the SVD's own, finite."""
+    from mergebench.api.linalg import polar_and_singular_values, svd, top_singular
+
+    zero = torch.zeros(2, 50, 128)
+    rotation, s = polar_and_singular_values(zero)
+    u, s_svd, vh = svd(zero)
+    assert torch.equal(rotation, u @ vh) and torch.equal(s, s_svd)
+    g = torch.Generator().manual_seed(0)
+    lora = torch.randn(3, 128, 8, generator=g) @ torch.randn(3, 8, 512, generator=g)
+    u, s, vh = top_singular(lora, 16)
+    u_svd, s_svd, vh_svd = svd(lora)
+    assert torch.equal(u, u_svd[..., :16]) and torch.equal(s, s_svd[..., :16]) and torch.equal(vh, vh_svd[..., :16, :])

@@ -60,12 +60,13 @@ def top_singular(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     if k >= min(a.shape[-2:]):
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
-    x, values, vectors, tall = _gram_eigh(a)
-    top = vectors[..., -k:].flip(-1)
-    s = values[..., -k:].flip(-1).sqrt()
-    if not bool((s[..., -1] >= GRAM_MIN_RATIO * s[..., 0]).all()):
+    gram = _gram_eigh(a)
+    if gram is None or not _well_conditioned(gram[1][..., -k].sqrt(), gram[1][..., -1].sqrt()):
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
+    x, values, vectors, tall = gram
+    top = vectors[..., -k:].flip(-1)
+    s = values[..., -k:].flip(-1).sqrt()
     if tall:
         u, vh = (x @ top) / s.unsqueeze(-2), top.mT
     else:
@@ -73,23 +74,33 @@ def top_singular(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
-def _gram_eigh(a: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """(a in float64, the eigenvalues (ascending) and eigenvectors of its smaller Gram matrix, whether a is tall)."""
+def _gram_eigh(a: Tensor) -> tuple[Tensor, Tensor, Tensor, bool] | None:
+    """(a in float64, the eigenvalues (ascending) and eigenvectors of its smaller Gram matrix, whether a is tall), or
+    None where LAPACK does not converge (a Gram matrix with many repeated eigenvalues: a rank-deficient LoRA sum)."""
     x = a.double()
     tall = a.shape[-2] >= a.shape[-1]
-    values, vectors = torch.linalg.eigh(x.mT @ x if tall else x @ x.mT)
+    try:
+        values, vectors = torch.linalg.eigh(x.mT @ x if tall else x @ x.mT)
+    except torch.linalg.LinAlgError:
+        return None
     return x, values.clamp(min=0), vectors, tall
+
+
+def _well_conditioned(smallest: Tensor, largest: Tensor) -> bool:
+    """Whether every needed singular value is above ``GRAM_MIN_RATIO`` of the largest (and that is not zero)."""
+    return bool((smallest > GRAM_MIN_RATIO * largest).all())
 
 
 def polar_and_singular_values(a: Tensor) -> tuple[Tensor, Tensor]:
     """``(U V^T, S)`` of the SVD ``a = U S V^T`` (``S`` descending): ``a V S^-1 V^T`` (or ``U S^-1 U^T a``) from
     the Gram matrix's eigenvectors; from :func:`svd` when the smallest singular value is below ``GRAM_MIN_RATIO``
     of the largest."""
-    x, values, vectors, tall = _gram_eigh(a)
-    s = values.sqrt()
-    if not bool((s[..., 0] >= GRAM_MIN_RATIO * s[..., -1]).all()):
+    gram = _gram_eigh(a)
+    if gram is None or not _well_conditioned(gram[1][..., 0].sqrt(), gram[1][..., -1].sqrt()):
         u, s, vh = svd(a)
         return u @ vh, s
+    x, values, vectors, tall = gram
+    s = values.sqrt()
     scaled = vectors / s.unsqueeze(-2)                                  # V S^-1 (or U S^-1)
     q = (x @ scaled) @ vectors.mT if tall else vectors @ (scaled.mT @ x)
     return q.to(a.dtype), s.flip(-1).to(a.dtype)
