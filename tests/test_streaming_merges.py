@@ -265,3 +265,12 @@ def test_data_free_merges_stay_near_the_experts_size():
     # SVD factors of a layer at once), varying by a tenth from run to run with experts handed out as copies (read-
     # only inputs). 0.75 still fails a merge that holds every task vector at once (1.0 or more).
     assert all(v <= 0.75 for v in overhead.values()), overhead
+
+
+def test_a_merge_by_parts_on_threads_leaves_no_thread_running(micro, tmp_path):
+    """TIES shares its parts among threads (mergebench.api.weights.map_parts); none outlives the merge, so the
+    worker finds nothing left running."""
+    from mergebench.engine.run import run_one
+
+    record = run_one("ties_merging", micro, results_dir=tmp_path, count_flops=False, show_progress=False)
+    assert record["status"] == "ok" and not record.get("worker", {}).get("left_running")

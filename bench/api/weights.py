@@ -387,9 +387,6 @@ def kth_smallest_(values: Tensor, rank: int) -> Tensor:
 CACHE_PART = 1 << 15
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
 def map_parts(fn: Callable, parts: Iterable, parallel: bool = True) -> list:
     """``[fn(part) for part in parts]``, with ``parallel`` the parts shared among ``torch.get_num_threads()``
     threads.
@@ -402,9 +399,8 @@ def map_parts(fn: Callable, parts: Iterable, parallel: bool = True) -> list:
     threads = torch.get_num_threads()
     if threads <= 1 or not parallel:
         return [fn(part) for part in parts]
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mergebench-parts")
-    return list(_POOLS[threads].map(fn, parts))
+    with ThreadPoolExecutor(threads, thread_name_prefix="mergebench-parts") as pool:   # no thread outlives the call
+        return list(pool.map(fn, parts))
 
 
 def cache_sized_parts(out: Tensor, *inputs: Tensor):
