@@ -20,7 +20,7 @@ from torch import Tensor
 from mergebench.api.models import MergedModel, SharedModel, encoder_from_weights, freeze
 from mergebench.engine.progress import progress as _progress
 from mergebench.suites.base import Suite
-from mergebench.api.weights import CACHE_PART, Plan, Streamed, Weights, _Env, kth_smallest_, map_parts
+from mergebench.api.weights import Plan, Streamed, Weights, _Env, kth_smallest_, map_parts, part_slices
 from mergebench.engine import transfer
 
 
@@ -179,8 +179,7 @@ class MergeContext:
             flat0 = theta0.reshape(-1)
             flats = {t: e.reshape(-1) for t, e in experts.items()}
             yield key, theta0, [_Env(key, flat0[part], {t: e[part] for t, e in flats.items()}, rows, part)
-                                for part in (slice(start, min(start + CACHE_PART, theta0.numel()))
-                                             for start in range(0, theta0.numel(), CACHE_PART))]
+                                for part in part_slices(theta0.numel())]
 
     def per_tensor(self, keys: Iterable[str] | None = None,
                    tasks: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor, list[Tensor]]]:

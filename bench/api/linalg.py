@@ -57,16 +57,13 @@ def top_singular(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     fraction of the full SVD on the CPU; the other factor is ``a v / s``. Falls back to :func:`svd` when a kept
     singular value is below ``GRAM_MIN_RATIO`` of the largest (its vectors would not be determined by the Gram
     matrix)."""
-    if k >= min(a.shape[-2:]):
+    gram = _gram_eigh(a) if k < min(a.shape[-2:]) else None
+    if gram is None or not _well_conditioned(gram[1][..., -k], gram[1][..., -1]):
         u, s, vh = svd(a)
         return u[..., :k], s[..., :k], vh[..., :k, :]
-    gram = _gram_eigh(a)
-    if gram is None or not _well_conditioned(gram[1][..., -k].sqrt(), gram[1][..., -1].sqrt()):
-        u, s, vh = svd(a)
-        return u[..., :k], s[..., :k], vh[..., :k, :]
-    x, values, vectors, tall = gram
+    x, singular, vectors, tall = gram
     top = vectors[..., -k:].flip(-1)
-    s = values[..., -k:].flip(-1).sqrt()
+    s = singular[..., -k:].flip(-1)
     if tall:
         u, vh = (x @ top) / s.unsqueeze(-2), top.mT
     else:
@@ -75,15 +72,16 @@ def top_singular(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _gram_eigh(a: Tensor) -> tuple[Tensor, Tensor, Tensor, bool] | None:
-    """(a in float64, the eigenvalues (ascending) and eigenvectors of its smaller Gram matrix, whether a is tall), or
-    None where LAPACK does not converge (a Gram matrix with many repeated eigenvalues: a rank-deficient LoRA sum)."""
+    """(a in float64, its singular values (ascending: the square roots of its smaller Gram matrix's eigenvalues),
+    that Gram matrix's eigenvectors, whether a is tall), or None where LAPACK does not converge (a Gram matrix with
+    many repeated eigenvalues: a rank-deficient LoRA sum)."""
     x = a.double()
     tall = a.shape[-2] >= a.shape[-1]
     try:
         values, vectors = torch.linalg.eigh(x.mT @ x if tall else x @ x.mT)
     except torch.linalg.LinAlgError:
         return None
-    return x, values.clamp(min=0), vectors, tall
+    return x, values.clamp(min=0).sqrt(), vectors, tall
 
 
 def _well_conditioned(smallest: Tensor, largest: Tensor) -> bool:
@@ -96,11 +94,10 @@ def polar_and_singular_values(a: Tensor) -> tuple[Tensor, Tensor]:
     the Gram matrix's eigenvectors; from :func:`svd` when the smallest singular value is below ``GRAM_MIN_RATIO``
     of the largest."""
     gram = _gram_eigh(a)
-    if gram is None or not _well_conditioned(gram[1][..., 0].sqrt(), gram[1][..., -1].sqrt()):
+    if gram is None or not _well_conditioned(gram[1][..., 0], gram[1][..., -1]):
         u, s, vh = svd(a)
         return u @ vh, s
-    x, values, vectors, tall = gram
-    s = values.sqrt()
+    x, s, vectors, tall = gram
     scaled = vectors / s.unsqueeze(-2)                                  # V S^-1 (or U S^-1)
     q = (x @ scaled) @ vectors.mT if tall else vectors @ (scaled.mT @ x)
     return q.to(a.dtype), s.flip(-1).to(a.dtype)

@@ -411,5 +411,10 @@ def cache_sized_parts(out: Tensor, *inputs: Tensor):
     if flat[0].data_ptr() != out.data_ptr() or not out.is_contiguous():
         raise ValueError("cache_sized_parts writes into a contiguous output")
     step = CACHE_PART if out.device.type == "cpu" else max(out.numel(), 1)
-    for start in range(0, out.numel(), step):
-        yield [t[start:start + step] for t in flat]
+    for part in part_slices(out.numel(), step):
+        yield [t[part] for t in flat]
+
+
+def part_slices(numel: int, step: int = CACHE_PART) -> list[slice]:
+    """The consecutive slices of ``step`` elements (the last one shorter) that cover ``numel`` elements."""
+    return [slice(start, min(start + step, numel)) for start in range(0, numel, step)]
